@@ -1,0 +1,446 @@
+//! `CpuBackend`: the reference implementation of every backend operation.
+
+use std::sync::Arc;
+
+use flint_tensor::{Backend, DType, Device, Error, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::CpuStorage;
+
+/// Below this many multiply-adds a matrix product runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// The CPU backend. Stateless: it owns no memory beyond the tensors it hands out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn storage<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
+    t.storage().as_any().downcast_ref::<CpuStorage>().ok_or(Error::WrongDevice {
+        op,
+        expected: Device::Cpu,
+        found: t.device(),
+    })
+}
+
+fn new_tensor(shape: Shape, data: Vec<f32>) -> Tensor {
+    debug_assert_eq!(shape.elem_count(), data.len());
+    Tensor::from_storage(shape, DType::F32, Arc::new(CpuStorage::new(data)))
+}
+
+fn mismatch(op: &'static str, detail: String) -> Error {
+    Error::ShapeMismatch { op, detail }
+}
+
+/// Rounds `x` to the nearest value representable in `dtype` (round-to-nearest-even).
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// Dot product with eight independent accumulators, so the compiler can vectorise it.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let chunks_a = a.chunks_exact(8);
+    let chunks_b = b.chunks_exact(8);
+    let tail: f32 = chunks_a.remainder().iter().zip(chunks_b.remainder()).map(|(x, y)| x * y).sum();
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let pairs = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
+}
+
+fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn from_f32(&self, data: &[f32], shape: Shape, dtype: DType) -> Result<Tensor> {
+        if data.len() != shape.elem_count() {
+            return Err(Error::DataLength { op: "from_f32", len: data.len(), shape });
+        }
+        if !dtype.is_plain_float() {
+            return Err(Error::UnsupportedDType { op: "from_f32", dtype, device: Device::Cpu });
+        }
+        let values = if dtype == DType::F32 {
+            data.to_vec()
+        } else {
+            data.iter().map(|&x| round_to(dtype, x)).collect()
+        };
+        Ok(Tensor::from_storage(shape, dtype, Arc::new(CpuStorage::new(values))))
+    }
+
+    fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
+        if !dtype.is_plain_float() {
+            return Err(Error::UnsupportedDType { op: "zeros", dtype, device: Device::Cpu });
+        }
+        let n = shape.elem_count();
+        Ok(Tensor::from_storage(shape, dtype, Arc::new(CpuStorage::new(vec![0.0; n]))))
+    }
+
+    fn to_f32_vec(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        Ok(storage("to_f32_vec", tensor)?.read().clone())
+    }
+
+    fn embedding(&self, table: &Tensor, token_ids: &[u32]) -> Result<Tensor> {
+        let [vocab, hidden] = *table.dims() else {
+            return Err(mismatch("embedding", format!("table must be [vocab, hidden], got {}", table.shape())));
+        };
+        let data = storage("embedding", table)?.read();
+        let mut out = Vec::with_capacity(token_ids.len() * hidden);
+        for &id in token_ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::OutOfRange { op: "embedding", index: id, limit: vocab });
+            }
+            out.extend_from_slice(&data[id * hidden..(id + 1) * hidden]);
+        }
+        Ok(new_tensor(Shape::from([token_ids.len(), hidden]), out))
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (n_rows, n_cols) = x.shape().as_rows();
+        let data = storage("gather_rows", x)?.read();
+        let mut out = Vec::with_capacity(rows.len() * n_cols);
+        for &r in rows {
+            if r >= n_rows {
+                return Err(Error::OutOfRange { op: "gather_rows", index: r, limit: n_rows });
+            }
+            out.extend_from_slice(&data[r * n_cols..(r + 1) * n_cols]);
+        }
+        Ok(new_tensor(Shape::from([rows.len(), n_cols]), out))
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+        let (_, hidden) = x.shape().as_rows();
+        if weight.dims() != [hidden] {
+            return Err(mismatch("rms_norm", format!("x {} with weight {}", x.shape(), weight.shape())));
+        }
+        let xs = storage("rms_norm", x)?.read();
+        let w = storage("rms_norm", weight)?.read();
+        let mut out = vec![0.0; xs.len()];
+        if hidden > 0 {
+            out.par_chunks_mut(hidden)
+                .zip(xs.par_chunks(hidden))
+                .for_each(|(o, row)| rms_norm_row(row, &w, eps, o));
+        }
+        Ok(new_tensor(x.shape().clone(), out))
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let sum = self.add(residual, x)?;
+        let normed = self.rms_norm(&sum, weight, eps)?;
+        Ok((sum, normed))
+    }
+
+    fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (n_tokens, in_features) = x.shape().as_rows();
+        let [out_features, w_in] = *weight.dims() else {
+            return Err(mismatch("linear", format!("weight must be [out, in], got {}", weight.shape())));
+        };
+        if w_in != in_features {
+            return Err(mismatch("linear", format!("x {} with weight {}", x.shape(), weight.shape())));
+        }
+        if let Some(b) = bias {
+            if b.dims() != [out_features] {
+                return Err(mismatch("linear", format!("bias {} for {out_features} outputs", b.shape())));
+            }
+        }
+        let xs = storage("linear", x)?.read();
+        let w = storage("linear", weight)?.read();
+        let bias_data = bias.map(|b| storage("linear", b).map(|s| s.read())).transpose()?;
+        // Output laid out [n_tokens, out_features]; work is split over output features so each
+        // weight row is read once and reused for every token.
+        let mut out_t = vec![0.0f32; out_features * n_tokens];
+        let compute = |(o, w_row): (&mut [f32], &[f32])| {
+            for (t, slot) in o.iter_mut().enumerate() {
+                *slot = dot(&xs[t * in_features..(t + 1) * in_features], w_row);
+            }
+        };
+        if n_tokens > 0 && in_features > 0 {
+            if n_tokens * in_features * out_features >= PARALLEL_MIN_WORK {
+                out_t
+                    .par_chunks_mut(n_tokens)
+                    .zip(w.par_chunks(in_features))
+                    .with_min_len(16)
+                    .for_each(compute);
+            } else {
+                out_t.chunks_mut(n_tokens).zip(w.chunks(in_features)).for_each(compute);
+            }
+        }
+        let mut out = vec![0.0f32; n_tokens * out_features];
+        for f in 0..out_features {
+            let b = bias_data.as_ref().map_or(0.0, |b| b[f]);
+            for t in 0..n_tokens {
+                out[t * out_features + f] = out_t[f * n_tokens + t] + b;
+            }
+        }
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_features;
+        }
+        Ok(new_tensor(Shape::new(dims), out))
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if a.shape() != b.shape() {
+            return Err(mismatch("add", format!("{} + {}", a.shape(), b.shape())));
+        }
+        let xa = storage("add", a)?.read();
+        let xb = storage("add", b)?.read();
+        let out = xa.iter().zip(xb.iter()).map(|(p, q)| p + q).collect();
+        Ok(new_tensor(a.shape().clone(), out))
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if gate.shape() != up.shape() {
+            return Err(mismatch("silu_mul", format!("gate {} with up {}", gate.shape(), up.shape())));
+        }
+        let g = storage("silu_mul", gate)?.read();
+        let u = storage("silu_mul", up)?.read();
+        let out = g.iter().zip(u.iter()).map(|(&g, &u)| silu(g) * u).collect();
+        Ok(new_tensor(gate.shape().clone(), out))
+    }
+
+    fn rope(&self, x: &Tensor, positions: &[u32], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let [n_tokens, n_heads, head_dim] = *x.dims() else {
+            return Err(mismatch("rope", format!("x must be [n_tokens, n_heads, head_dim], got {}", x.shape())));
+        };
+        let half = head_dim / 2;
+        let [max_positions, table_half] = *cos.dims() else {
+            return Err(mismatch("rope", format!("cos must be [max_positions, head_dim/2], got {}", cos.shape())));
+        };
+        if head_dim % 2 != 0 || table_half != half || sin.shape() != cos.shape() {
+            return Err(mismatch(
+                "rope",
+                format!("head_dim {head_dim} with cos {} and sin {}", cos.shape(), sin.shape()),
+            ));
+        }
+        if positions.len() != n_tokens {
+            return Err(mismatch("rope", format!("{} positions for {n_tokens} tokens", positions.len())));
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_positions) {
+            return Err(Error::OutOfRange { op: "rope", index: p as usize, limit: max_positions });
+        }
+        let xs = storage("rope", x)?.read();
+        let cos = storage("rope", cos)?.read();
+        let sin = storage("rope", sin)?.read();
+        let mut out = vec![0.0f32; xs.len()];
+        for (t, &pos) in positions.iter().enumerate() {
+            let c = &cos[pos as usize * half..(pos as usize + 1) * half];
+            let s = &sin[pos as usize * half..(pos as usize + 1) * half];
+            for h in 0..n_heads {
+                let base = (t * n_heads + h) * head_dim;
+                let (x1, x2) = xs[base..base + head_dim].split_at(half);
+                let (o1, o2) = out[base..base + head_dim].split_at_mut(half);
+                for i in 0..half {
+                    o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                    o2[i] = x2[i] * c[i] + x1[i] * s[i];
+                }
+            }
+        }
+        Ok(new_tensor(x.shape().clone(), out))
+    }
+
+    fn write_kv(&self, cache: &Tensor, values: &Tensor, start_pos: usize) -> Result<()> {
+        let [capacity, n_kv_heads, head_dim] = *cache.dims() else {
+            return Err(mismatch("write_kv", format!("cache must be [capacity, n_kv_heads, head_dim], got {}", cache.shape())));
+        };
+        let [n_tokens, v_heads, v_dim] = *values.dims() else {
+            return Err(mismatch("write_kv", format!("values must be [n_tokens, n_kv_heads, head_dim], got {}", values.shape())));
+        };
+        if (v_heads, v_dim) != (n_kv_heads, head_dim) {
+            return Err(mismatch("write_kv", format!("values {} into cache {}", values.shape(), cache.shape())));
+        }
+        if start_pos + n_tokens > capacity {
+            return Err(Error::OutOfRange { op: "write_kv", index: start_pos + n_tokens, limit: capacity });
+        }
+        if Arc::ptr_eq(cache.storage(), values.storage()) {
+            return Err(mismatch("write_kv", "values alias the cache".to_string()));
+        }
+        let src = storage("write_kv", values)?.read();
+        let mut dst = storage("write_kv", cache)?.write();
+        let row = n_kv_heads * head_dim;
+        let cache_dtype = cache.dtype();
+        for (d, s) in dst[start_pos * row..(start_pos + n_tokens) * row].iter_mut().zip(src.iter()) {
+            *d = round_to(cache_dtype, *s);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        start_pos: usize,
+        softmax_scale: f32,
+    ) -> Result<Tensor> {
+        let [n_tokens, n_heads, head_dim] = *q.dims() else {
+            return Err(mismatch("attention", format!("q must be [n_tokens, n_heads, head_dim], got {}", q.shape())));
+        };
+        let [capacity, n_kv_heads, kv_dim] = *k_cache.dims() else {
+            return Err(mismatch("attention", format!("k_cache must be [capacity, n_kv_heads, head_dim], got {}", k_cache.shape())));
+        };
+        if v_cache.shape() != k_cache.shape() || kv_dim != head_dim {
+            return Err(mismatch(
+                "attention",
+                format!("q {} with k_cache {} and v_cache {}", q.shape(), k_cache.shape(), v_cache.shape()),
+            ));
+        }
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(mismatch("attention", format!("{n_heads} query heads over {n_kv_heads} kv heads")));
+        }
+        if start_pos + n_tokens > capacity {
+            return Err(Error::OutOfRange { op: "attention", index: start_pos + n_tokens, limit: capacity });
+        }
+        let group = n_heads / n_kv_heads;
+        let qs = storage("attention", q)?.read();
+        let ks = storage("attention", k_cache)?.read();
+        let vs = storage("attention", v_cache)?.read();
+        let kv_row = n_kv_heads * head_dim;
+        let mut out = vec![0.0f32; qs.len()];
+        out.par_chunks_mut(head_dim).enumerate().for_each(|(idx, o)| {
+            let t = idx / n_heads;
+            let h = idx % n_heads;
+            let kv_h = h / group;
+            let q_vec = &qs[idx * head_dim..(idx + 1) * head_dim];
+            let n_keys = start_pos + t + 1;
+            let mut scores: Vec<f32> = (0..n_keys)
+                .map(|p| {
+                    let k = &ks[p * kv_row + kv_h * head_dim..p * kv_row + (kv_h + 1) * head_dim];
+                    dot(q_vec, k) * softmax_scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut denom = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                denom += *s;
+            }
+            for (p, &w) in scores.iter().enumerate() {
+                let v = &vs[p * kv_row + kv_h * head_dim..p * kv_row + (kv_h + 1) * head_dim];
+                let w = w / denom;
+                for (acc, &val) in o.iter_mut().zip(v) {
+                    *acc += w * val;
+                }
+            }
+        });
+        Ok(new_tensor(q.shape().clone(), out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(b: &CpuBackend, data: &[f32], dims: &[usize]) -> Tensor {
+        b.from_f32(data, Shape::from(dims), DType::F32).expect("valid tensor")
+    }
+
+    #[test]
+    fn linear_matches_hand_computed() {
+        let b = CpuBackend::new();
+        let x = t(&b, &[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let w = t(&b, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]);
+        let bias = t(&b, &[0.5, 0.0, -1.0], &[3]);
+        let y = b.linear(&x, &w, Some(&bias)).expect("linear");
+        assert_eq!(y.dims(), [2, 3]);
+        assert_eq!(b.to_f32_vec(&y).expect("read"), vec![1.5, 2.0, 2.0, 3.5, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let b = CpuBackend::new();
+        let x = t(&b, &[3.0; 4], &[1, 4]);
+        let w = t(&b, &[1.0, 2.0, 3.0, 4.0], &[4]);
+        let y = b.to_f32_vec(&b.rms_norm(&x, &w, 0.0).expect("norm")).expect("read");
+        for (got, want) in y.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            assert!((got - want).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let b = CpuBackend::new();
+        let q = t(&b, &[1.0, 0.0, 0.0, 1.0], &[1, 2, 2]);
+        let k = b.zeros(Shape::from([4, 1, 2]), DType::F32).expect("zeros");
+        let v = b.zeros(Shape::from([4, 1, 2]), DType::F32).expect("zeros");
+        b.write_kv(&k, &t(&b, &[0.3, 0.7], &[1, 1, 2]), 0).expect("write k");
+        b.write_kv(&v, &t(&b, &[5.0, -2.0], &[1, 1, 2]), 0).expect("write v");
+        let out = b.to_f32_vec(&b.attention(&q, &k, &v, 0, 1.0).expect("attn")).expect("read");
+        assert_eq!(out, vec![5.0, -2.0, 5.0, -2.0]);
+    }
+
+    #[test]
+    fn shape_errors_are_reported_not_panicked() {
+        let b = CpuBackend::new();
+        let x = t(&b, &[1.0; 6], &[2, 3]);
+        let w = t(&b, &[1.0; 4], &[2, 2]);
+        assert!(matches!(b.linear(&x, &w, None), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(b.embedding(&w, &[5]), Err(Error::OutOfRange { .. })));
+        assert!(b.from_f32(&[1.0], Shape::from([2]), DType::F32).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn dot_matches_naive_sum(v in proptest::collection::vec(-4.0f32..4.0, 0..100)) {
+            let w: Vec<f32> = v.iter().map(|x| x * 0.5 - 1.0).collect();
+            let naive: f64 = v.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
+            prop_assert!((dot(&v, &w) as f64 - naive).abs() < 1e-3);
+        }
+
+        #[test]
+        fn rope_preserves_pair_norms(
+            x in proptest::collection::vec(-2.0f32..2.0, 8),
+            pos in 0u32..4,
+        ) {
+            let b = CpuBackend::new();
+            let angles: Vec<f32> = (0..4 * 2).map(|i| i as f32 * 0.37).collect();
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let cos = t(&b, &cos, &[4, 2]);
+            let sin = t(&b, &sin, &[4, 2]);
+            let y = b.to_f32_vec(&b.rope(&t(&b, &x, &[1, 2, 4]), &[pos], &cos, &sin).unwrap()).unwrap();
+            for head in 0..2 {
+                for i in 0..2 {
+                    let (a, c) = (x[head * 4 + i], x[head * 4 + i + 2]);
+                    let (ya, yc) = (y[head * 4 + i], y[head * 4 + i + 2]);
+                    prop_assert!(((a * a + c * c) - (ya * ya + yc * yc)).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}

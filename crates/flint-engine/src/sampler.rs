@@ -1,0 +1,280 @@
+//! Logits processing and token sampling: repetition, frequency and presence penalties,
+//! temperature, top-k, top-p and min-p, with a seeded generator so a run can be repeated.
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// How the next token is chosen. Defaults: greedy, no penalties.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Hugging Face-style penalty on tokens already in the prompt or the output: positive logits
+    /// are divided by it, negative ones multiplied. 1 is off.
+    pub repetition_penalty: f32,
+    /// OpenAI-style: subtract `frequency_penalty * count` for each generated token.
+    pub frequency_penalty: f32,
+    /// OpenAI-style: subtract `presence_penalty` once for each token generated so far.
+    pub presence_penalty: f32,
+    /// Seed for sampling; `None` picks one at random (reported back so the run can be repeated).
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field's range; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, why: &str| Err(Error::InvalidRequest(format!("{field} {why}")));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", &format!("must be a number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", &format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", &format!("must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", &format!("must be > 0, got {}", self.repetition_penalty));
+        }
+        for (field, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, &format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// Per-sequence sampling state.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: ChaCha8Rng,
+    /// Tokens of the prompt and the output, for the repetition penalty.
+    seen: HashMap<u32, ()>,
+    /// Counts of generated tokens, for frequency and presence penalties.
+    generated: HashMap<u32, u32>,
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+impl Sampler {
+    /// A sampler for one sequence whose prompt is `prompt_ids`.
+    pub fn new(params: SamplingParams, prompt_ids: &[u32]) -> Result<Self> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(random_seed);
+        let seen = prompt_ids.iter().map(|&id| (id, ())).collect();
+        Ok(Sampler { params, seed, rng: ChaCha8Rng::seed_from_u64(seed), seen, generated: HashMap::new() })
+    }
+
+    /// The seed in use.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Picks the next token from `logits` (one per vocabulary entry) and records it.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::Internal("sampling from empty logits".to_string()));
+        }
+        self.apply_penalties(logits);
+        let token = if self.params.is_greedy() { argmax(logits) } else { self.sample_from(logits) };
+        self.seen.insert(token, ());
+        *self.generated.entry(token).or_insert(0) += 1;
+        Ok(token)
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &id in self.seen.keys() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&id, &count) in &self.generated {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        // Candidates sorted by logit, highest first; ties keep the lower id first.
+        let mut cands: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cands.truncate(p.top_k);
+        }
+        cands.sort_unstable_by(by_logit);
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        let max = cands[0].1 as f64;
+        let inv_t = 1.0 / p.temperature as f64;
+        let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| ((l as f64 - max) * inv_t).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                cum += q;
+                if cum >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let threshold = p.min_p as f64 * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&q| q >= threshold).count().max(1));
+        }
+        let kept_total: f64 = probs[..keep].iter().sum();
+        let mut r = self.rng.random::<f64>() * kept_total;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if r < *q {
+                return cands[i].0;
+            }
+            r -= q;
+        }
+        cands[keep - 1].0
+    }
+}
+
+/// Index of the largest logit; the lowest index wins ties, NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_val = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best_val {
+            best = i;
+            best_val = l;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, seed: Some(7), ..SamplingParams::default() }
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_first_of_ties() {
+        let mut s = Sampler::new(params(0.0), &[]).expect("valid");
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]).expect("ok"), 1);
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        let bad = SamplingParams { top_p: 1.5, ..SamplingParams::default() };
+        assert!(bad.validate().expect_err("bad").to_string().contains("top_p"));
+        let bad = SamplingParams { temperature: -1.0, ..SamplingParams::default() };
+        assert!(bad.validate().expect_err("bad").to_string().contains("temperature"));
+    }
+
+    #[test]
+    fn repetition_penalty_changes_greedy_choice() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..params(0.0) };
+        let mut s = Sampler::new(p, &[0]).expect("valid");
+        assert_eq!(s.sample(&mut [2.0, 1.5]).expect("ok"), 1);
+    }
+
+    #[test]
+    fn presence_penalty_applies_after_first_use() {
+        let p = SamplingParams { presence_penalty: 1.0, ..params(0.0) };
+        let mut s = Sampler::new(p, &[]).expect("valid");
+        assert_eq!(s.sample(&mut [2.0, 1.5]).expect("ok"), 0);
+        assert_eq!(s.sample(&mut [2.0, 1.5]).expect("ok"), 1);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        for p in [SamplingParams { top_k: 1, ..params(1.0) }, SamplingParams { top_p: 1e-6, ..params(1.0) }] {
+            let mut s = Sampler::new(p, &[]).expect("valid");
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut [0.0, 1.0, 0.5]).expect("ok"), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let p = SamplingParams { min_p: 0.5, ..params(1.0) };
+        let mut s = Sampler::new(p, &[]).expect("valid");
+        for _ in 0..200 {
+            // exp(-3) < 0.5: token 2 is never drawn.
+            assert_ne!(s.sample(&mut [0.0, 0.0, -3.0]).expect("ok"), 2);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let mut s = Sampler::new(params(1.0), &[]).expect("valid");
+        let logits = [0.0f32, (3.0f32).ln()];
+        let ones = (0..4000).filter(|_| s.sample(&mut logits.clone()).expect("ok") == 1).count();
+        // Expected 3000 of 4000; five standard deviations is about 137.
+        assert!((ones as i64 - 3000).abs() < 140, "{ones}");
+    }
+
+    proptest! {
+        #[test]
+        fn same_seed_same_tokens(seed in any::<u64>(), logits in proptest::collection::vec(-5.0f32..5.0, 2..50)) {
+            let p = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 20, seed: Some(seed), ..SamplingParams::default() };
+            let mut a = Sampler::new(p.clone(), &[]).unwrap();
+            let mut b = Sampler::new(p, &[]).unwrap();
+            for _ in 0..5 {
+                let ta = a.sample(&mut logits.clone()).unwrap();
+                let tb = b.sample(&mut logits.clone()).unwrap();
+                prop_assert_eq!(ta, tb);
+                prop_assert!((ta as usize) < logits.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Models for Flint: configs, checkpoint readers and architectures.
+//!
+//! - [`gguf`]: a memory-mapped GGUF v2/v3 reader;
+//! - [`ModelSource`]: a GGUF file or a Hugging Face safetensors directory, yielding a validated
+//!   [`ModelConfig`] and weights under Hugging Face names;
+//! - [`Llama`]: the Llama family's forward pass over any `flint_tensor::Backend`, with a [`KvCache`].
+
+mod config;
+mod error;
+pub mod gguf;
+mod llama;
+mod source;
+
+pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use llama::{KvCache, Llama, LoadProgress, rope_inv_freq};
+pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

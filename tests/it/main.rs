@@ -1,0 +1,155 @@
+//! End-to-end tests on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) on the CPU,
+//! against an independent reference: Hugging Face transformers' GGUF loader in f32
+//! (`tests/data/make_reference.py` made `tests/data/smollm2_reference.json`).
+
+use flint_e2e::{cpu_engine, smollm2_reference};
+use flint_engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, SamplingParams};
+
+/// Below this top-2 logit margin the reference's own f32 rounding could flip the choice, so a
+/// divergence there is not evidence of a bug. No step of the committed cases is that close.
+const TIE_MARGIN: f32 = 1e-3;
+
+#[test]
+fn tokenizer_matches_reference_ids() {
+    let engine = cpu_engine();
+    let reference = smollm2_reference();
+    for case in &reference.tokenizer {
+        let ids = engine.tokenizer().encode(&case.text, true).expect("encodes");
+        assert_eq!(ids, case.ids, "token ids of {:?}", case.text);
+        let text = engine.tokenizer().decode(&ids, false).expect("decodes");
+        assert_eq!(text, case.text, "round trip of {:?}", case.text);
+    }
+}
+
+#[test]
+fn prompts_tokenize_like_the_reference() {
+    let engine = cpu_engine();
+    for case in smollm2_reference().cases {
+        let prompt = match case.kind.as_str() {
+            "raw" => Prompt::Raw(case.prompt.clone()),
+            _ => {
+                let messages = vec![ChatMessage::new("user", case.prompt.clone())];
+                let rendered = engine.tokenizer().apply_chat_template(&messages).expect("renders");
+                assert_eq!(Some(&rendered), case.rendered.as_ref(), "chat template of {:?}", case.prompt);
+                Prompt::Chat(messages)
+            }
+        };
+        assert_eq!(engine.prompt_ids(&prompt).expect("tokenizes"), case.prompt_token_ids, "{:?}", case.prompt);
+    }
+}
+
+#[test]
+fn prefill_logits_match_reference() {
+    let engine = cpu_engine();
+    let reference = smollm2_reference();
+    let ids = &reference.cases[0].prompt_token_ids;
+    let mut cache = engine.model().new_kv_cache(engine.backend(), ids.len()).expect("cache");
+    let logits = engine.model().forward(engine.backend(), ids, &mut cache, false).expect("forward");
+    let logits = engine.backend().to_f32_vec(&logits).expect("read");
+    let top = &reference.first_prompt_top10;
+    for (id, want) in top.ids.iter().zip(&top.logits) {
+        let got = logits[*id as usize];
+        assert!((got - want).abs() < 2e-3 * want.abs().max(1.0), "logit of {id}: {got} vs {want}");
+    }
+    let argmax = flint_engine::argmax(&logits);
+    assert_eq!(argmax, top.ids[0]);
+}
+
+#[test]
+fn greedy_generation_matches_reference_token_for_token() {
+    let engine = cpu_engine();
+    let reference = smollm2_reference();
+    assert!(reference.generator.contains("transformers"));
+    let long_cases = reference.cases.iter().filter(|c| c.token_ids.len() >= 48).count();
+    assert!(long_cases >= 4, "the reference must hold several generations of 48+ tokens");
+    for case in &reference.cases {
+        let prompt = match case.kind.as_str() {
+            "raw" => Prompt::Raw(case.prompt.clone()),
+            _ => Prompt::Chat(vec![ChatMessage::new("user", case.prompt.clone())]),
+        };
+        let request = GenerateRequest {
+            max_tokens: case.token_ids.len(),
+            sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+            ..GenerateRequest::new(prompt)
+        };
+        let generation = engine.generate(&request, &mut |_| {}).expect("generates");
+        assert_eq!(generation.prompt_token_ids, case.prompt_token_ids);
+        let first_diff = generation.token_ids.iter().zip(&case.token_ids).position(|(a, b)| a != b);
+        if let Some(step) = first_diff {
+            assert!(
+                case.margins[step] < TIE_MARGIN,
+                "{:?}: token {step} differs ({} vs reference {}), reference margin {}\n ours: {:?}\n  ref: {:?}",
+                case.prompt,
+                generation.token_ids[step],
+                case.token_ids[step],
+                case.margins[step],
+                generation.text,
+                case.text,
+            );
+        } else {
+            assert_eq!(generation.token_ids, case.token_ids, "{:?}", case.prompt);
+        }
+        let ended_on_eos = case.token_ids.last().is_some_and(|t| engine.tokenizer().stop_ids().contains(t));
+        let want_reason = if ended_on_eos { FinishReason::Stop } else { FinishReason::Length };
+        assert_eq!(generation.finish_reason, want_reason, "{:?}", case.prompt);
+        // The streamed text is the decoded ids without the EOS.
+        let ids_without_eos = if ended_on_eos { &case.token_ids[..case.token_ids.len() - 1] } else { &case.token_ids[..] };
+        let want_text = engine.tokenizer().decode(ids_without_eos, true).expect("decodes");
+        assert_eq!(generation.text, want_text);
+    }
+}
+
+#[test]
+fn streamed_pieces_concatenate_to_the_text() {
+    let engine = cpu_engine();
+    let request = GenerateRequest {
+        max_tokens: 24,
+        sampling: SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), ..SamplingParams::default() },
+        ..GenerateRequest::new(Prompt::Raw("Emoji and accents: café 🦀".to_string()))
+    };
+    let mut streamed = String::new();
+    let generation = engine.generate(&request, &mut |piece| streamed.push_str(piece)).expect("generates");
+    assert_eq!(streamed, generation.text);
+    // The same seed gives the same tokens.
+    let again = engine.generate(&request, &mut |_| {}).expect("generates");
+    assert_eq!(again.token_ids, generation.token_ids);
+    assert_eq!(generation.seed, 11);
+}
+
+#[test]
+fn stop_strings_end_generation_before_the_match() {
+    let engine = cpu_engine();
+    let case = &smollm2_reference().cases[2];
+    let full = &case.text;
+    // Stop at the first "return" of the reference continuation.
+    let cut = full.find("return").expect("reference continuation has a return");
+    let request = GenerateRequest {
+        max_tokens: case.token_ids.len(),
+        stop: vec!["return".to_string()],
+        ..GenerateRequest::new(Prompt::Raw(case.prompt.clone()))
+    };
+    let generation = engine.generate(&request, &mut |_| {}).expect("generates");
+    assert_eq!(generation.finish_reason, FinishReason::Stop);
+    assert_eq!(generation.stop_string.as_deref(), Some("return"));
+    assert_eq!(generation.text, full[..cut]);
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let engine = cpu_engine();
+    let empty = GenerateRequest::new(Prompt::Raw(String::new()));
+    assert!(engine.generate(&empty, &mut |_| {}).is_err());
+    let zero = GenerateRequest { max_tokens: 0, ..GenerateRequest::new(Prompt::Raw("hi".into())) };
+    assert!(engine.generate(&zero, &mut |_| {}).is_err());
+    let bad_id = GenerateRequest::new(Prompt::TokenIds(vec![1, 999_999]));
+    let err = engine.generate(&bad_id, &mut |_| {}).expect_err("out of vocabulary");
+    assert!(err.to_string().contains("999999"), "{err}");
+    let too_long = GenerateRequest::new(Prompt::TokenIds(vec![42; 8192]));
+    let err = engine.generate(&too_long, &mut |_| {}).expect_err("longer than the context");
+    assert!(err.to_string().contains("8192"), "{err}");
+    let bad_temp = GenerateRequest {
+        sampling: SamplingParams { temperature: f32::NAN, ..SamplingParams::default() },
+        ..GenerateRequest::new(Prompt::Raw("hi".into()))
+    };
+    assert!(engine.generate(&bad_temp, &mut |_| {}).expect_err("nan").to_string().contains("temperature"));
+}
