@@ -1,1 +1,76 @@
-fn main() {}
+//! The `flint` command: `generate` text with a model, `inspect` a checkpoint.
+
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Flint: fast LLM inference.
+#[derive(Debug, Parser)]
+#[command(name = "flint", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Print a checkpoint's architecture, shapes, tensor types and memory needs.
+    Inspect(inspect::InspectArgs),
+}
+
+/// File name of the default model, fetched by `cargo xtask fetch-model` into `models/`.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model path to use: the flag, else `$FLINT_MODEL`, else the default model.
+pub fn resolve_model(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = flag.or_else(|| std::env::var_os("FLINT_MODEL").map(PathBuf::from)) {
+        anyhow::ensure!(path.exists(), "model not found: {}", path.display());
+        return Ok(path);
+    }
+    let path = PathBuf::from(DEFAULT_MODEL);
+    anyhow::ensure!(
+        path.exists(),
+        "model file not found: {DEFAULT_MODEL} (run `cargo xtask fetch-model` from the repository root, or pass --model PATH)"
+    );
+    Ok(path)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.exit();
+            }
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see `flint --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

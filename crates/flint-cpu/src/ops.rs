@@ -233,40 +233,35 @@ impl Backend for CpuBackend {
         Ok(new_tensor(gate.shape().clone(), out))
     }
 
-    fn rope(&self, x: &Tensor, positions: &[u32], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn rope(&self, x: &Tensor, positions: &[u32], inv_freq: &Tensor) -> Result<Tensor> {
         let [n_tokens, n_heads, head_dim] = *x.dims() else {
             return Err(mismatch("rope", format!("x must be [n_tokens, n_heads, head_dim], got {}", x.shape())));
         };
         let half = head_dim / 2;
-        let [max_positions, table_half] = *cos.dims() else {
-            return Err(mismatch("rope", format!("cos must be [max_positions, head_dim/2], got {}", cos.shape())));
-        };
-        if head_dim % 2 != 0 || table_half != half || sin.shape() != cos.shape() {
-            return Err(mismatch(
-                "rope",
-                format!("head_dim {head_dim} with cos {} and sin {}", cos.shape(), sin.shape()),
-            ));
+        if head_dim % 2 != 0 || inv_freq.dims() != [half] {
+            return Err(mismatch("rope", format!("head_dim {head_dim} with inv_freq {}", inv_freq.shape())));
         }
         if positions.len() != n_tokens {
             return Err(mismatch("rope", format!("{} positions for {n_tokens} tokens", positions.len())));
         }
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_positions) {
-            return Err(Error::OutOfRange { op: "rope", index: p as usize, limit: max_positions });
-        }
         let xs = storage("rope", x)?.read();
-        let cos = storage("rope", cos)?.read();
-        let sin = storage("rope", sin)?.read();
+        let freqs = storage("rope", inv_freq)?.read();
         let mut out = vec![0.0f32; xs.len()];
+        let mut cos = vec![0.0f32; half];
+        let mut sin = vec![0.0f32; half];
         for (t, &pos) in positions.iter().enumerate() {
-            let c = &cos[pos as usize * half..(pos as usize + 1) * half];
-            let s = &sin[pos as usize * half..(pos as usize + 1) * half];
+            for i in 0..half {
+                let angle = pos as f32 * freqs[i];
+                cos[i] = angle.cos();
+                sin[i] = angle.sin();
+            }
             for h in 0..n_heads {
                 let base = (t * n_heads + h) * head_dim;
                 let (x1, x2) = xs[base..base + head_dim].split_at(half);
                 let (o1, o2) = out[base..base + head_dim].split_at_mut(half);
                 for i in 0..half {
-                    o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                    o2[i] = x2[i] * c[i] + x1[i] * s[i];
+                    o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                    o2[i] = x2[i] * cos[i] + x1[i] * sin[i];
                 }
             }
         }
@@ -425,15 +420,11 @@ mod tests {
         #[test]
         fn rope_preserves_pair_norms(
             x in proptest::collection::vec(-2.0f32..2.0, 8),
-            pos in 0u32..4,
+            pos in 0u32..5000,
         ) {
             let b = CpuBackend::new();
-            let angles: Vec<f32> = (0..4 * 2).map(|i| i as f32 * 0.37).collect();
-            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-            let cos = t(&b, &cos, &[4, 2]);
-            let sin = t(&b, &sin, &[4, 2]);
-            let y = b.to_f32_vec(&b.rope(&t(&b, &x, &[1, 2, 4]), &[pos], &cos, &sin).unwrap()).unwrap();
+            let inv_freq = t(&b, &[1.0, 0.01], &[2]);
+            let y = b.to_f32_vec(&b.rope(&t(&b, &x, &[1, 2, 4]), &[pos], &inv_freq).unwrap()).unwrap();
             for head in 0..2 {
                 for i in 0..2 {
                     let (a, c) = (x[head * 4 + i], x[head * 4 + i + 2]);

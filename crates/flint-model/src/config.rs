@@ -97,6 +97,25 @@ impl ModelConfig {
                 return Err(fail(format!("{name} must be positive")));
             }
         }
+        // Every size a loader or kernel derives must fit comfortably in memory arithmetic.
+        const MAX_ELEMENTS: usize = 1 << 40;
+        let products = [
+            ("num_attention_heads x head_dim", self.n_heads.checked_mul(self.head_dim)),
+            ("vocab_size x hidden_size", self.vocab_size.checked_mul(self.hidden_size)),
+            ("intermediate_size x hidden_size", self.intermediate_size.checked_mul(self.hidden_size)),
+            (
+                "layers x kv heads x head_dim x context",
+                self.n_layers
+                    .checked_mul(self.n_kv_heads)
+                    .and_then(|v| v.checked_mul(self.head_dim))
+                    .and_then(|v| v.checked_mul(self.max_position_embeddings)),
+            ),
+        ];
+        for (what, product) in products {
+            if product.is_none_or(|p| p > MAX_ELEMENTS) {
+                return Err(fail(format!("{what} is implausibly large")));
+            }
+        }
         if self.n_heads % self.n_kv_heads != 0 {
             return Err(fail(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -125,15 +144,17 @@ impl ModelConfig {
 
     /// Parameters in the model (embedding and LM head counted once when tied).
     pub fn n_parameters(&self) -> usize {
-        let h = self.hidden_size;
-        let q = self.n_heads * self.head_dim;
-        let kv = self.n_kv_heads * self.head_dim;
+        // u128 so that no config, however corrupt, overflows; saturates at usize::MAX.
+        let h = self.hidden_size as u128;
+        let q = self.n_heads as u128 * self.head_dim as u128;
+        let kv = self.n_kv_heads as u128 * self.head_dim as u128;
         let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
-        let mlp = 3 * h * self.intermediate_size;
+        let mlp = 3 * h * self.intermediate_size as u128;
         let per_layer = attn + mlp + 2 * h;
-        let embed = self.vocab_size * h;
+        let embed = self.vocab_size as u128 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + self.n_layers * per_layer + h
+        let total = embed + head + self.n_layers as u128 * per_layer + h;
+        usize::try_from(total).unwrap_or(usize::MAX)
     }
 
     /// Reads the config from GGUF metadata (`<arch>.*` keys).

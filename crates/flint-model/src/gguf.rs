@@ -239,7 +239,11 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let max = self.remaining() / min_item_size.max(1);
         if n > max as u64 {
-            return Err(format!("{what} is {n}, more than the {} remaining bytes can hold", self.remaining()));
+            return Err(format!(
+                "file truncated or corrupt: {what} is {n}, more than the {} bytes left at offset {} can hold",
+                self.remaining(),
+                self.pos
+            ));
         }
         Ok(n as usize)
     }

@@ -39,8 +39,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
-    rope_cos: Tensor,
-    rope_sin: Tensor,
+    rope_inv_freq: Tensor,
 }
 
 /// Per-sequence key/value cache: one `[capacity, n_kv_heads, head_dim]` tensor per layer for
@@ -159,7 +158,8 @@ impl Llama {
         let mut ld = Loader { source, config: c, backend, dtype, loaded_bytes: 0, total_bytes, progress };
 
         let embed_tokens = ld.required("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // Not preallocated from the config: a corrupt file could claim any layer count.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
             let bias = |ld: &mut Loader<'_>, name: &str, n: usize| -> Result<Option<Tensor>> {
@@ -192,21 +192,9 @@ impl Llama {
         };
 
         let inv_freq = rope_inv_freq(c);
-        let half = c.head_dim / 2;
-        let n_pos = c.max_position_embeddings;
-        let mut cos = Vec::with_capacity(n_pos * half);
-        let mut sin = Vec::with_capacity(n_pos * half);
-        for pos in 0..n_pos {
-            for &f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let rope_cos = backend.from_f32(&cos, Shape::from([n_pos, half]), DType::F32)?;
-        let rope_sin = backend.from_f32(&sin, Shape::from([n_pos, half]), DType::F32)?;
+        let rope_inv_freq = backend.from_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
 
-        Ok(Llama { config, dtype, embed_tokens, layers, norm, lm_head, rope_cos, rope_sin })
+        Ok(Llama { config, dtype, embed_tokens, layers, norm, lm_head, rope_inv_freq })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -221,9 +209,9 @@ impl Llama {
     pub fn new_kv_cache(&self, backend: &dyn Backend, capacity: usize) -> Result<KvCache> {
         let capacity = capacity.min(self.config.max_position_embeddings);
         let shape = Shape::from([capacity, self.config.n_kv_heads, self.config.head_dim]);
-        let mut keys = Vec::with_capacity(self.config.n_layers);
-        let mut values = Vec::with_capacity(self.config.n_layers);
-        for _ in 0..self.config.n_layers {
+        let mut keys = Vec::with_capacity(self.layers.len());
+        let mut values = Vec::with_capacity(self.layers.len());
+        for _ in 0..self.layers.len() {
             keys.push(backend.zeros(shape.clone(), DType::F32)?);
             values.push(backend.zeros(shape.clone(), DType::F32)?);
         }
@@ -275,8 +263,8 @@ impl Llama {
             let q = backend.linear(&normed, &layer.q_proj, layer.q_bias.as_ref())?;
             let k = backend.linear(&normed, &layer.k_proj, layer.k_bias.as_ref())?;
             let v = backend.linear(&normed, &layer.v_proj, layer.v_bias.as_ref())?;
-            let q = backend.rope(&flat(q, &q_shape)?, &positions, &self.rope_cos, &self.rope_sin)?;
-            let k = backend.rope(&flat(k, &kv_shape)?, &positions, &self.rope_cos, &self.rope_sin)?;
+            let q = backend.rope(&flat(q, &q_shape)?, &positions, &self.rope_inv_freq)?;
+            let k = backend.rope(&flat(k, &kv_shape)?, &positions, &self.rope_inv_freq)?;
             backend.write_kv(&cache.keys[i], &k, start)?;
             backend.write_kv(&cache.values[i], &flat(v, &kv_shape)?, start)?;
             let attn = backend.attention(&q, &cache.keys[i], &cache.values[i], start, scale)?;

@@ -70,9 +70,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
 
     /// Rotary position embedding, rotate-half (GPT-NeoX / Hugging Face) layout, applied to
-    /// `x: [n_tokens, n_heads, head_dim]` at `positions[token]`, with `cos` and `sin` tables
-    /// of shape `[max_positions, head_dim / 2]`.
-    fn rope(&self, x: &Tensor, positions: &[u32], cos: &Tensor, sin: &Tensor) -> Result<Tensor>;
+    /// `x: [n_tokens, n_heads, head_dim]` at `positions[token]`. `inv_freq` is `[head_dim / 2]`
+    /// (f32); pair `i` of a token at position `p` turns by the f32 angle `p * inv_freq[i]`.
+    fn rope(&self, x: &Tensor, positions: &[u32], inv_freq: &Tensor) -> Result<Tensor>;
 
     /// Writes `values: [n_tokens, n_kv_heads, head_dim]` into `cache: [capacity, n_kv_heads,
     /// head_dim]` at rows `start_pos..start_pos + n_tokens`.

@@ -22,11 +22,12 @@ pub enum DType {
 }
 
 impl DType {
-    /// Bytes needed to store `n_elements` values of this type (scales of block formats excluded).
+    /// Bytes needed to store `n_elements` values of this type (scales of block formats excluded),
+    /// saturating at `usize::MAX`.
     pub fn size_in_bytes(self, n_elements: usize) -> usize {
         match self {
-            DType::F32 => n_elements * 4,
-            DType::BF16 | DType::F16 => n_elements * 2,
+            DType::F32 => n_elements.saturating_mul(4),
+            DType::BF16 | DType::F16 => n_elements.saturating_mul(2),
             DType::F8E4M3 | DType::F8E5M2 => n_elements,
             DType::NvFp4 | DType::Int4 => n_elements.div_ceil(2),
         }

@@ -1,1 +1,6 @@
+//! flint-model integration tests: GGUF and safetensors loading of the same tiny random Llama,
+//! and a fuzz of the GGUF reader with truncated and mutated files.
 
+mod fuzz;
+mod loaders;
+mod support;

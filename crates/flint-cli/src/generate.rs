@@ -1,0 +1,178 @@
+//! `flint generate`: load a model, run one prompt, stream the text (or print one JSON object).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use flint_cpu::CpuBackend;
+use flint_engine::{ChatMessage, Engine, GenerateRequest, Prompt, SamplingParams};
+use flint_model::ModelSource;
+use flint_tensor::{Backend, DType};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt. Wrapped in the model's chat template as a user message unless --raw.
+    #[arg(long)]
+    prompt: String,
+    /// A GGUF file or a Hugging Face model directory [default: $FLINT_MODEL, else the fetched SmolLM2]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens; 0 keeps all.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalty on tokens already seen (1 is off; 1.1 is typical).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Subtracted from a token's logit once it has been generated.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Seed for sampling, for reproducible runs [default: random, reported with --json].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// A system message for the chat template.
+    #[arg(long, conflicts_with = "raw")]
+    system: Option<String>,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object with the text, token ids, finish reason and timings.
+    #[arg(long)]
+    json: bool,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+fn backend_for(device: DeviceArg) -> anyhow::Result<Box<dyn Backend>> {
+    match device {
+        DeviceArg::Auto | DeviceArg::Cpu => Ok(Box::new(CpuBackend::new())),
+        DeviceArg::Cuda => bail!("device cuda is not available: this build has no CUDA backend yet (use --device cpu)"),
+    }
+}
+
+#[derive(Serialize)]
+struct JsonOutput<'a> {
+    model: String,
+    device: String,
+    #[serde(flatten)]
+    generation: &'a flint_engine::Generation,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        frequency_penalty: args.frequency_penalty,
+        presence_penalty: args.presence_penalty,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    let model_path = crate::resolve_model(args.model)?;
+    let backend = backend_for(args.device)?;
+    let device = backend.device();
+
+    let source = ModelSource::open(&model_path)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let engine = Engine::load(&source, backend, DType::F32, &mut |p| {
+        bar.set_length(p.total_bytes as u64);
+        bar.set_position(p.loaded_bytes as u64);
+    })
+    .with_context(|| format!("loading {}", model_path.display()))?;
+    bar.finish_and_clear();
+    drop(source);
+
+    let prompt = if args.raw {
+        Prompt::Raw(args.prompt)
+    } else if engine.tokenizer().chat_template().is_none() {
+        bail!("the model has no chat template: pass --raw to use the prompt as is")
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", args.prompt));
+        Prompt::Chat(messages)
+    };
+    let request = GenerateRequest {
+        prompt,
+        max_tokens: args.max_tokens as usize,
+        sampling,
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+    };
+
+    let generation = if args.json {
+        engine.generate(&request, &mut |_| {})?
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        let mut write_error = None;
+        let generation = engine.generate(&request, &mut |piece| {
+            if write_error.is_none() {
+                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+                    write_error = Some(e);
+                }
+            }
+        })?;
+        if let Some(e) = write_error {
+            return Err(e).context("writing to stdout");
+        }
+        writeln!(stdout).context("writing to stdout")?;
+        generation
+    };
+    let t = &generation.timings;
+    tracing::info!(
+        prompt_tokens = generation.prompt_token_ids.len(),
+        generated = generation.token_ids.len(),
+        prefill_ms = format!("{:.1}", t.prefill_ms),
+        decode_tok_s = format!("{:.1}", t.decode_tokens_per_s),
+        finish = ?generation.finish_reason,
+        "done"
+    );
+    if args.json {
+        let out = JsonOutput { model: model_path.display().to_string(), device: device.to_string(), generation: &generation };
+        let mut stdout = std::io::stdout().lock();
+        serde_json::to_writer(&mut stdout, &out).context("writing JSON")?;
+        writeln!(stdout).context("writing to stdout")?;
+    }
+    Ok(())
+}

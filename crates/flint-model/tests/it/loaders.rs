@@ -1,0 +1,132 @@
+//! The same tiny model loaded from GGUF, a single safetensors file and sharded safetensors gives
+//! the same logits; a hand-written single-token forward pass agrees with the model.
+
+use flint_cpu::CpuBackend;
+use flint_model::{Llama, ModelSource};
+use flint_tensor::{Backend, DType};
+
+use crate::support::*;
+
+fn logits_of(source: &ModelSource, tokens: &[u32]) -> Vec<f32> {
+    let backend = CpuBackend::new();
+    let config = source.config().expect("config");
+    let model = Llama::load(source, config, &backend, DType::F32, &mut |_| {}).expect("loads");
+    let mut cache = model.new_kv_cache(&backend, CONTEXT).expect("cache");
+    // Prefill all but the last token, then decode the last one, to cover both paths.
+    let (head, last) = tokens.split_at(tokens.len() - 1);
+    model.forward(&backend, head, &mut cache, false).expect("prefill");
+    let logits = model.forward(&backend, last, &mut cache, true).expect("decode");
+    backend.to_f32_vec(&logits).expect("read")
+}
+
+const TOKENS: [u32; 7] = [1, 5, 17, 3, 39, 22, 8];
+
+#[test]
+fn gguf_and_safetensors_give_the_same_logits() {
+    let dir = temp_dir("equiv");
+    let gguf_path = dir.join("tiny.gguf");
+    std::fs::write(&gguf_path, tiny_gguf()).expect("write gguf");
+    let single = dir.join("single");
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&single).expect("dir");
+    std::fs::create_dir_all(&sharded).expect("dir");
+    write_hf_dir(&single, 1);
+    write_hf_dir(&sharded, 3);
+
+    let from_gguf = logits_of(&ModelSource::open(&gguf_path).expect("gguf opens"), &TOKENS);
+    let from_single = logits_of(&ModelSource::open(&single).expect("dir opens"), &TOKENS);
+    let from_sharded = logits_of(&ModelSource::open(&sharded).expect("sharded opens"), &TOKENS);
+    assert_eq!(from_gguf.len(), VOCAB);
+    for i in 0..VOCAB {
+        assert!((from_gguf[i] - from_single[i]).abs() < 1e-5, "logit {i}: {} vs {}", from_gguf[i], from_single[i]);
+        assert_eq!(from_single[i], from_sharded[i]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Prefill of all tokens at once and token-by-token decoding agree.
+#[test]
+fn prefill_and_incremental_decode_agree() {
+    let dir = temp_dir("incremental");
+    write_hf_dir(&dir, 1);
+    let source = ModelSource::open(&dir).expect("opens");
+    let backend = CpuBackend::new();
+    let model = Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
+    let mut all = model.new_kv_cache(&backend, CONTEXT).expect("cache");
+    let batch = backend.to_f32_vec(&model.forward(&backend, &TOKENS, &mut all, true).expect("prefill")).expect("read");
+    let mut one = model.new_kv_cache(&backend, CONTEXT).expect("cache");
+    for (i, &t) in TOKENS.iter().enumerate() {
+        let step = backend.to_f32_vec(&model.forward(&backend, &[t], &mut one, true).expect("step")).expect("read");
+        for (a, b) in step.iter().zip(&batch[i * VOCAB..(i + 1) * VOCAB]) {
+            assert!((a - b).abs() < 1e-5, "position {i}: {a} vs {b}");
+        }
+    }
+    // The cache refuses to overflow.
+    let mut small = model.new_kv_cache(&backend, 4).expect("cache");
+    let err = model.forward(&backend, &TOKENS, &mut small, false).expect_err("overflow");
+    assert!(err.to_string().contains("capacity"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A single token at position 0 attends only to itself, so attention returns its own value
+/// vector: the whole forward pass can be written out by hand.
+#[test]
+fn first_token_matches_a_hand_written_forward() {
+    let weights = tiny_weights();
+    let get = |name: &str| weights.iter().find(|(n, _, _)| n == name).map(|(_, _, d)| d.clone()).expect("weight");
+    let matvec = |w: &[f32], x: &[f32]| -> Vec<f32> {
+        w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    };
+    let rms = |x: &[f32], w: &[f32]| -> Vec<f32> {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        x.iter().zip(w).map(|(v, g)| v / (ms + 1e-5).sqrt() * g).collect()
+    };
+    let token = 7usize;
+    let mut h: Vec<f32> = get("model.embed_tokens.weight")[token * HIDDEN..(token + 1) * HIDDEN].to_vec();
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        let x = rms(&h, &get(&format!("{p}.input_layernorm.weight")));
+        let v = matvec(&get(&format!("{p}.self_attn.v_proj.weight")), &x);
+        // Each query head reads the value of its KV head (group of HEADS / KV_HEADS).
+        let attn: Vec<f32> = (0..HEADS).flat_map(|hd| v[(hd / (HEADS / KV_HEADS)) * HEAD_DIM..][..HEAD_DIM].to_vec()).collect();
+        let o = matvec(&get(&format!("{p}.self_attn.o_proj.weight")), &attn);
+        h = h.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let x = rms(&h, &get(&format!("{p}.post_attention_layernorm.weight")));
+        let g = matvec(&get(&format!("{p}.mlp.gate_proj.weight")), &x);
+        let u = matvec(&get(&format!("{p}.mlp.up_proj.weight")), &x);
+        let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let d = matvec(&get(&format!("{p}.mlp.down_proj.weight")), &act);
+        h = h.iter().zip(&d).map(|(a, b)| a + b).collect();
+    }
+    let want = matvec(&get("lm_head.weight"), &rms(&h, &get("model.norm.weight")));
+
+    let dir = temp_dir("by-hand");
+    write_hf_dir(&dir, 1);
+    let got = logits_of(&ModelSource::open(&dir).expect("opens"), &[token as u32, 3]);
+    let backend = CpuBackend::new();
+    let source = ModelSource::open(&dir).expect("opens");
+    let model = Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
+    let mut cache = model.new_kv_cache(&backend, 4).expect("cache");
+    let first = backend.to_f32_vec(&model.forward(&backend, &[token as u32], &mut cache, false).expect("fwd")).expect("read");
+    for (a, b) in first.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    assert_eq!(got.len(), VOCAB);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn missing_and_malformed_files_are_errors() {
+    let dir = temp_dir("malformed");
+    assert!(ModelSource::open(&dir.join("absent.gguf")).is_err());
+    std::fs::write(dir.join("config.json"), "{not json").expect("write");
+    std::fs::write(dir.join("model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").expect("write");
+    let source = ModelSource::open(&dir);
+    match source {
+        Ok(s) => assert!(s.config().is_err()),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+    std::fs::write(dir.join("model.safetensors"), b"garbage").expect("write");
+    assert!(ModelSource::open(&dir).is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}
