@@ -93,7 +93,8 @@ fn greedy_generation_matches_reference_token_for_token() {
         let want_reason = if ended_on_eos { FinishReason::Stop } else { FinishReason::Length };
         assert_eq!(generation.finish_reason, want_reason, "{:?}", case.prompt);
         // The streamed text is the decoded ids without the EOS.
-        let ids_without_eos = if ended_on_eos { &case.token_ids[..case.token_ids.len() - 1] } else { &case.token_ids[..] };
+        let ids_without_eos =
+            if ended_on_eos { &case.token_ids[..case.token_ids.len() - 1] } else { &case.token_ids[..] };
         let want_text = engine.tokenizer().decode(ids_without_eos, true).expect("decodes");
         assert_eq!(generation.text, want_text);
     }
@@ -152,4 +153,45 @@ fn bad_requests_are_errors() {
         ..GenerateRequest::new(Prompt::Raw("hi".into()))
     };
     assert!(engine.generate(&bad_temp, &mut |_| {}).expect_err("nan").to_string().contains("temperature"));
+}
+
+mod streaming {
+    use flint_e2e::cpu_engine;
+    use flint_engine::StreamDecoder;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Streaming the ids of any text, one id at a time, gives pieces that are whole
+        /// characters and that concatenate to the text decoded at once.
+        #[test]
+        fn pieces_concatenate_to_the_full_decode(text in "[a-z ]{0,6}[é東京🦀👩‍👩‍👧ß\u{300}]{1,4}[a-z0-9 ]{0,6}[😀-🙏]{0,3}") {
+            let tokenizer = cpu_engine().tokenizer();
+            let ids = tokenizer.encode(&text, false).unwrap();
+            let mut decoder = StreamDecoder::new();
+            let mut streamed = String::new();
+            for &id in &ids {
+                let piece = decoder.push(tokenizer, id).unwrap();
+                prop_assert!(!piece.contains('\u{FFFD}'), "replacement character in {:?}", piece);
+                streamed.push_str(&piece);
+            }
+            streamed.push_str(&decoder.finish(tokenizer).unwrap());
+            prop_assert_eq!(&streamed, &tokenizer.decode(&ids, true).unwrap());
+            prop_assert_eq!(&streamed, &text);
+        }
+    }
+
+    /// Ids that stop mid-character hold the partial character back until the end.
+    #[test]
+    fn a_split_character_is_held_back() {
+        let tokenizer = cpu_engine().tokenizer();
+        let ids = tokenizer.encode("🦀", false).unwrap();
+        assert!(ids.len() > 1, "the crab emoji spans several byte-level tokens: {ids:?}");
+        let mut decoder = StreamDecoder::new();
+        for &id in &ids[..ids.len() - 1] {
+            assert_eq!(decoder.push(tokenizer, id).unwrap(), "");
+        }
+        assert_eq!(decoder.push(tokenizer, ids[ids.len() - 1]).unwrap(), "🦀");
+    }
 }

@@ -32,25 +32,25 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_tokens: u32,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Keep only the K most likely tokens; 0 keeps all.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Drop tokens less likely than this fraction of the most likely one.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Penalty on tokens already seen (1 is off; 1.1 is typical).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Subtracted from a token's logit per time it was generated.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
     /// Subtracted from a token's logit once it has been generated.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     presence_penalty: f32,
     /// Seed for sampling, for reproducible runs [default: random, reported with --json].
     #[arg(long)]
@@ -169,7 +169,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         "done"
     );
     if args.json {
-        let out = JsonOutput { model: model_path.display().to_string(), device: device.to_string(), generation: &generation };
+        let out =
+            JsonOutput { model: model_path.display().to_string(), device: device.to_string(), generation: &generation };
         let mut stdout = std::io::stdout().lock();
         serde_json::to_writer(&mut stdout, &out).context("writing JSON")?;
         writeln!(stdout).context("writing to stdout")?;

@@ -88,7 +88,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     if args.tensors {
         writeln!(out, "\n{:<48} {:<8} {:<20} {:>10}", "tensor", "type", "shape", "bytes")?;
         for t in &tensors {
-            writeln!(out, "{:<48} {:<8} {:<20} {:>10}", t.name, t.type_name, format!("{:?}", t.dims), human(t.size_in_bytes))?;
+            writeln!(
+                out,
+                "{:<48} {:<8} {:<20} {:>10}",
+                t.name,
+                t.type_name,
+                format!("{:?}", t.dims),
+                human(t.size_in_bytes)
+            )?;
         }
     }
     if args.metadata {
@@ -107,7 +114,9 @@ fn summarize_scaling(s: &flint_model::RopeScaling) -> String {
     match s {
         flint_model::RopeScaling::None => "none".to_string(),
         flint_model::RopeScaling::Linear(f) => format!("linear x{f}"),
-        flint_model::RopeScaling::Llama3(l) => format!("llama3 x{} (original context {})", l.factor, l.original_max_position_embeddings),
+        flint_model::RopeScaling::Llama3(l) => {
+            format!("llama3 x{} (original context {})", l.factor, l.original_max_position_embeddings)
+        }
         flint_model::RopeScaling::FreqFactors(f) => format!("{} stored frequency factors", f.len()),
     }
 }

@@ -80,18 +80,15 @@ impl Backend for CpuBackend {
         Device::Cpu
     }
 
-    fn from_f32(&self, data: &[f32], shape: Shape, dtype: DType) -> Result<Tensor> {
+    fn upload_f32(&self, data: &[f32], shape: Shape, dtype: DType) -> Result<Tensor> {
         if data.len() != shape.elem_count() {
-            return Err(Error::DataLength { op: "from_f32", len: data.len(), shape });
+            return Err(Error::DataLength { op: "upload_f32", len: data.len(), shape });
         }
         if !dtype.is_plain_float() {
-            return Err(Error::UnsupportedDType { op: "from_f32", dtype, device: Device::Cpu });
+            return Err(Error::UnsupportedDType { op: "upload_f32", dtype, device: Device::Cpu });
         }
-        let values = if dtype == DType::F32 {
-            data.to_vec()
-        } else {
-            data.iter().map(|&x| round_to(dtype, x)).collect()
-        };
+        let values =
+            if dtype == DType::F32 { data.to_vec() } else { data.iter().map(|&x| round_to(dtype, x)).collect() };
         Ok(Tensor::from_storage(shape, dtype, Arc::new(CpuStorage::new(values))))
     }
 
@@ -145,20 +142,12 @@ impl Backend for CpuBackend {
         let w = storage("rms_norm", weight)?.read();
         let mut out = vec![0.0; xs.len()];
         if hidden > 0 {
-            out.par_chunks_mut(hidden)
-                .zip(xs.par_chunks(hidden))
-                .for_each(|(o, row)| rms_norm_row(row, &w, eps, o));
+            out.par_chunks_mut(hidden).zip(xs.par_chunks(hidden)).for_each(|(o, row)| rms_norm_row(row, &w, eps, o));
         }
         Ok(new_tensor(x.shape().clone(), out))
     }
 
-    fn add_rms_norm(
-        &self,
-        residual: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)> {
+    fn add_rms_norm(&self, residual: &Tensor, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         let sum = self.add(residual, x)?;
         let normed = self.rms_norm(&sum, weight, eps)?;
         Ok((sum, normed))
@@ -190,11 +179,7 @@ impl Backend for CpuBackend {
         };
         if n_tokens > 0 && in_features > 0 {
             if n_tokens * in_features * out_features >= PARALLEL_MIN_WORK {
-                out_t
-                    .par_chunks_mut(n_tokens)
-                    .zip(w.par_chunks(in_features))
-                    .with_min_len(16)
-                    .for_each(compute);
+                out_t.par_chunks_mut(n_tokens).zip(w.par_chunks(in_features)).with_min_len(16).for_each(compute);
             } else {
                 out_t.chunks_mut(n_tokens).zip(w.chunks(in_features)).for_each(compute);
             }
@@ -270,10 +255,16 @@ impl Backend for CpuBackend {
 
     fn write_kv(&self, cache: &Tensor, values: &Tensor, start_pos: usize) -> Result<()> {
         let [capacity, n_kv_heads, head_dim] = *cache.dims() else {
-            return Err(mismatch("write_kv", format!("cache must be [capacity, n_kv_heads, head_dim], got {}", cache.shape())));
+            return Err(mismatch(
+                "write_kv",
+                format!("cache must be [capacity, n_kv_heads, head_dim], got {}", cache.shape()),
+            ));
         };
         let [n_tokens, v_heads, v_dim] = *values.dims() else {
-            return Err(mismatch("write_kv", format!("values must be [n_tokens, n_kv_heads, head_dim], got {}", values.shape())));
+            return Err(mismatch(
+                "write_kv",
+                format!("values must be [n_tokens, n_kv_heads, head_dim], got {}", values.shape()),
+            ));
         };
         if (v_heads, v_dim) != (n_kv_heads, head_dim) {
             return Err(mismatch("write_kv", format!("values {} into cache {}", values.shape(), cache.shape())));
@@ -306,7 +297,10 @@ impl Backend for CpuBackend {
             return Err(mismatch("attention", format!("q must be [n_tokens, n_heads, head_dim], got {}", q.shape())));
         };
         let [capacity, n_kv_heads, kv_dim] = *k_cache.dims() else {
-            return Err(mismatch("attention", format!("k_cache must be [capacity, n_kv_heads, head_dim], got {}", k_cache.shape())));
+            return Err(mismatch(
+                "attention",
+                format!("k_cache must be [capacity, n_kv_heads, head_dim], got {}", k_cache.shape()),
+            ));
         };
         if v_cache.shape() != k_cache.shape() || kv_dim != head_dim {
             return Err(mismatch(
@@ -362,7 +356,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn t(b: &CpuBackend, data: &[f32], dims: &[usize]) -> Tensor {
-        b.from_f32(data, Shape::from(dims), DType::F32).expect("valid tensor")
+        b.upload_f32(data, Shape::from(dims), DType::F32).expect("valid tensor")
     }
 
     #[test]
@@ -406,7 +400,7 @@ mod tests {
         let w = t(&b, &[1.0; 4], &[2, 2]);
         assert!(matches!(b.linear(&x, &w, None), Err(Error::ShapeMismatch { .. })));
         assert!(matches!(b.embedding(&w, &[5]), Err(Error::OutOfRange { .. })));
-        assert!(b.from_f32(&[1.0], Shape::from([2]), DType::F32).is_err());
+        assert!(b.upload_f32(&[1.0], Shape::from([2]), DType::F32).is_err());
     }
 
     proptest! {

@@ -32,9 +32,7 @@ const TEMPLATE_NAME: &str = "chat";
 /// `strftime_now(format)`: today's UTC date, for templates that print it (Llama 3.2).
 /// Supports the directives such templates use: `%d %m %Y %y %b %B %H %M %S %%`.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -48,8 +46,18 @@ fn strftime_now(format: String) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
@@ -110,10 +118,7 @@ impl ChatTemplate {
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::ChatTemplate(e.to_string()))?;
         template
             .render(context! {
                 messages => Serde(messages),
@@ -135,7 +140,10 @@ mod tests {
     fn chatml_renders_like_transformers() {
         let t = ChatTemplate::new(CHATML.to_string()).expect("compiles");
         let text = t.render(&[ChatMessage::new("user", "Hi")], true, None, None).expect("renders");
-        assert_eq!(text, "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

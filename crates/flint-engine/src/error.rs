@@ -8,7 +8,9 @@ pub enum Error {
     InvalidRequest(String),
 
     /// The prompt does not fit the model's context.
-    #[error("prompt of {prompt_tokens} tokens does not fit the context of {context} tokens (at least one new token must fit)")]
+    #[error(
+        "prompt of {prompt_tokens} tokens does not fit the context of {context} tokens (at least one new token must fit)"
+    )]
     PromptTooLong { prompt_tokens: usize, context: usize },
 
     #[error("tokenizer: {0}")]

@@ -38,7 +38,13 @@ pub struct GenerateRequest {
 
 impl GenerateRequest {
     pub fn new(prompt: Prompt) -> Self {
-        GenerateRequest { prompt, max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
+        GenerateRequest {
+            prompt,
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -223,7 +229,11 @@ impl Engine {
             timings: Timings {
                 prefill_ms: prefill.as_secs_f64() * 1e3,
                 decode_ms,
-                decode_tokens_per_s: if decode_ms > 0.0 { decoded_after_first as f64 / decode.as_secs_f64() } else { 0.0 },
+                decode_tokens_per_s: if decode_ms > 0.0 {
+                    decoded_after_first as f64 / decode.as_secs_f64()
+                } else {
+                    0.0
+                },
                 prompt_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
             },
         })

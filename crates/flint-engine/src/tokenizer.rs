@@ -19,7 +19,8 @@ const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
 /// Pre-tokenizer regexes of the BPE families llama.cpp names in `tokenizer.ggml.pre`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A model's tokenizer, its special tokens and its chat template.
 #[derive(Debug)]
@@ -96,12 +97,8 @@ impl Tokenizer {
             })
             .collect::<Result<_>>()?;
 
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        let split = |regex: &str| {
-            json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
         let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let pre_tokenizer = match pre {
             "llama3" | "llama-v3" | "llama-bpe" => {
@@ -152,7 +149,8 @@ impl Tokenizer {
                 "ignore_merges": false, "vocab": vocab, "merges": merges,
             },
         });
-        let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(tok_err("building the GGUF tokenizer"))?;
+        let inner =
+            tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(tok_err("building the GGUF tokenizer"))?;
 
         let mut stop_ids: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -173,7 +171,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::Tokenizer(format!("{} not found: the model directory needs its tokenizer", path.display())));
+            return Err(Error::Tokenizer(format!(
+                "{} not found: the model directory needs its tokenizer",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -191,8 +192,8 @@ impl Tokenizer {
             let text = v.as_str().or_else(|| v.get("content").and_then(Json::as_str))?;
             Some((inner.token_to_id(text)?, text.to_string()))
         };
-        let bos_token = token_named("bos_token")
-            .or_else(|| config.bos_token_id.and_then(|id| Some((id, inner.id_to_token(id)?))));
+        let bos_token =
+            token_named("bos_token").or_else(|| config.bos_token_id.and_then(|id| Some((id, inner.id_to_token(id)?))));
         let eos_token = token_named("eos_token").or_else(|| {
             let id = *config.eos_token_ids.first()?;
             Some((id, inner.id_to_token(id)?))

@@ -177,9 +177,8 @@ impl ModelConfig {
                     .ok_or_else(|| fail(format!("{} must be an unsigned integer, got {v:?}", key(k)))),
             }
         };
-        let required = |k: &str| -> Result<usize> {
-            usize_of(k)?.ok_or_else(|| fail(format!("{} is missing", key(k))))
-        };
+        let required =
+            |k: &str| -> Result<usize> { usize_of(k)?.ok_or_else(|| fail(format!("{} is missing", key(k)))) };
         let float_of = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32);
 
         let hidden_size = required("embedding_length")?;

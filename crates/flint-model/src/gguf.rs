@@ -366,14 +366,10 @@ fn parse(bytes: &[u8]) -> Result<Header, String> {
             .bytes_for(n_elements as usize)
             .map_err(|e| format!("tensor {name}: {e}"))?
             .ok_or_else(|| format!("tensor {name}: size overflows"))? as u64;
-        let start = data_start
-            .checked_add(offset)
-            .ok_or_else(|| format!("tensor {name}: offset overflows"))?;
+        let start = data_start.checked_add(offset).ok_or_else(|| format!("tensor {name}: offset overflows"))?;
         let end = start.checked_add(size).ok_or_else(|| format!("tensor {name}: size overflows"))?;
         if end > file_len {
-            return Err(format!(
-                "file truncated: tensor {name} needs bytes {start}..{end}, the file has {file_len}"
-            ));
+            return Err(format!("file truncated: tensor {name} needs bytes {start}..{end}, the file has {file_len}"));
         }
         tensors.push(TensorInfo {
             name,

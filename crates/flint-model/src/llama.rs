@@ -77,8 +77,7 @@ impl KvCache {
 /// in f32 as the Hugging Face reference does.
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
     let d = config.head_dim;
-    let base: Vec<f32> =
-        (0..d / 2).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
+    let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
     match &config.rope_scaling {
         RopeScaling::None => base,
         RopeScaling::Linear(factor) => base.iter().map(|f| f / factor).collect(),
@@ -127,7 +126,7 @@ impl Loader<'_> {
         expect_dims(name, &host, dims)?;
         // Norm weights and biases stay f32: they are tiny and every backend keeps them so.
         let dtype = if dims.len() == 1 { DType::F32 } else { self.dtype };
-        let tensor = self.backend.from_f32(&host.data, Shape::new(dims), dtype)?;
+        let tensor = self.backend.upload_f32(&host.data, Shape::new(dims), dtype)?;
         self.loaded_bytes += self.dtype.size_in_bytes(host.data.len());
         (self.progress)(LoadProgress { loaded_bytes: self.loaded_bytes, total_bytes: self.total_bytes });
         Ok(Some(tensor))
@@ -192,7 +191,7 @@ impl Llama {
         };
 
         let inv_freq = rope_inv_freq(c);
-        let rope_inv_freq = backend.from_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
+        let rope_inv_freq = backend.upload_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
 
         Ok(Llama { config, dtype, embed_tokens, layers, norm, lm_head, rope_inv_freq })
     }
@@ -245,7 +244,10 @@ impl Llama {
         let kv_shape = Shape::from([n, c.n_kv_heads, c.head_dim]);
         let flat = |t: Tensor, shape: &Shape| {
             t.reshape(shape.clone()).ok_or_else(|| {
-                Error::Backend(flint_tensor::Error::ShapeMismatch { op: "forward", detail: format!("reshape to {shape}") })
+                Error::Backend(flint_tensor::Error::ShapeMismatch {
+                    op: "forward",
+                    detail: format!("reshape to {shape}"),
+                })
             })
         };
 

@@ -215,10 +215,8 @@ impl SafetensorsDir {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let json = std::fs::read_to_string(&index_path).map_err(io(&index_path))?;
-            let index: SafetensorsIndex = serde_json::from_str(&json).map_err(|e| Error::Safetensors {
-                path: index_path.clone(),
-                message: format!("bad index: {e}"),
-            })?;
+            let index: SafetensorsIndex = serde_json::from_str(&json)
+                .map_err(|e| Error::Safetensors { path: index_path.clone(), message: format!("bad index: {e}") })?;
             let mut names: Vec<String> = index.weight_map.into_values().collect();
             names.sort();
             names.dedup();
@@ -246,7 +244,10 @@ impl SafetensorsDir {
         let mut data_size = 0;
         for (i, name) in shard_names.iter().enumerate() {
             if name.contains('/') || name.contains("..") {
-                return Err(Error::Safetensors { path: index_path.clone(), message: format!("shard name {name:?} leaves the directory") });
+                return Err(Error::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("shard name {name:?} leaves the directory"),
+                });
             }
             let path = dir.join(name);
             let file = File::open(&path).map_err(io(&path))?;
@@ -271,9 +272,8 @@ impl SafetensorsDir {
             let mut names = st.names();
             names.sort();
             for name in names {
-                let view = st
-                    .tensor(name)
-                    .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+                let view =
+                    st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
                 out.push(StoredTensor {
                     name: name.to_string(),
                     dims: view.shape().to_vec(),
@@ -290,9 +290,7 @@ impl SafetensorsDir {
         let (path, mmap) = &self.shards[shard];
         let st = SafeTensors::deserialize(mmap)
             .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
             StDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
@@ -340,7 +338,10 @@ mod tests {
     #[test]
     fn names_map_to_gguf() {
         assert_eq!(gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(), Some("blk.12.attn_k.weight"));
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
     }
 }

@@ -33,7 +33,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// A tensor of `dtype` holding `data` (row-major, `shape.elem_count()` values), converted
     /// from f32 with round-to-nearest-even.
-    fn from_f32(&self, data: &[f32], shape: Shape, dtype: DType) -> Result<Tensor>;
+    fn upload_f32(&self, data: &[f32], shape: Shape, dtype: DType) -> Result<Tensor>;
 
     /// A zero-filled tensor.
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor>;
@@ -51,13 +51,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor>;
 
     /// Residual add fused with RMSNorm: returns `(residual + x, rms_norm(residual + x))`.
-    fn add_rms_norm(
-        &self,
-        residual: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)>;
+    fn add_rms_norm(&self, residual: &Tensor, x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)>;
 
     /// `x @ weightᵀ (+ bias)`: `x` is `[n_tokens, in_features]`, `weight` is
     /// `[out_features, in_features]`, `bias` is `[out_features]`; result `[n_tokens, out_features]`.

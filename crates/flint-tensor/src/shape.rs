@@ -40,7 +40,7 @@ impl Shape {
     /// The shape seen as a matrix: (product of all outer axes, innermost axis).
     pub fn as_rows(&self) -> (usize, usize) {
         let cols = self.last_dim();
-        let rows = if cols == 0 { 0 } else { self.elem_count() / cols };
+        let rows = self.elem_count().checked_div(cols).unwrap_or(0);
         (rows, cols)
     }
 }

@@ -51,7 +51,8 @@ fn prefill_and_incremental_decode_agree() {
     write_hf_dir(&dir, 1);
     let source = ModelSource::open(&dir).expect("opens");
     let backend = CpuBackend::new();
-    let model = Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
+    let model =
+        Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
     let mut all = model.new_kv_cache(&backend, CONTEXT).expect("cache");
     let batch = backend.to_f32_vec(&model.forward(&backend, &TOKENS, &mut all, true).expect("prefill")).expect("read");
     let mut one = model.new_kv_cache(&backend, CONTEXT).expect("cache");
@@ -88,7 +89,8 @@ fn first_token_matches_a_hand_written_forward() {
         let x = rms(&h, &get(&format!("{p}.input_layernorm.weight")));
         let v = matvec(&get(&format!("{p}.self_attn.v_proj.weight")), &x);
         // Each query head reads the value of its KV head (group of HEADS / KV_HEADS).
-        let attn: Vec<f32> = (0..HEADS).flat_map(|hd| v[(hd / (HEADS / KV_HEADS)) * HEAD_DIM..][..HEAD_DIM].to_vec()).collect();
+        let attn: Vec<f32> =
+            (0..HEADS).flat_map(|hd| v[(hd / (HEADS / KV_HEADS)) * HEAD_DIM..][..HEAD_DIM].to_vec()).collect();
         let o = matvec(&get(&format!("{p}.self_attn.o_proj.weight")), &attn);
         h = h.iter().zip(&o).map(|(a, b)| a + b).collect();
         let x = rms(&h, &get(&format!("{p}.post_attention_layernorm.weight")));
@@ -105,9 +107,11 @@ fn first_token_matches_a_hand_written_forward() {
     let got = logits_of(&ModelSource::open(&dir).expect("opens"), &[token as u32, 3]);
     let backend = CpuBackend::new();
     let source = ModelSource::open(&dir).expect("opens");
-    let model = Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
+    let model =
+        Llama::load(&source, source.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
     let mut cache = model.new_kv_cache(&backend, 4).expect("cache");
-    let first = backend.to_f32_vec(&model.forward(&backend, &[token as u32], &mut cache, false).expect("fwd")).expect("read");
+    let first =
+        backend.to_f32_vec(&model.forward(&backend, &[token as u32], &mut cache, false).expect("fwd")).expect("read");
     for (a, b) in first.iter().zip(&want) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }

@@ -1,0 +1,211 @@
+//! The `flint` binary as a user runs it: output on the real default model, and a clear one-line
+//! error with a non-zero exit for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use flint_e2e::{default_model_path, smollm2_reference};
+
+fn flint(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("FLINT_MODEL")
+        .output()
+        .expect("flint runs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flint-cli-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Asserts the run failed with one line on stderr containing `needle`, and did not panic.
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "error is not one line: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+}
+
+fn model() -> String {
+    default_model_path().display().to_string()
+}
+
+#[test]
+fn json_greedy_output_matches_the_reference() {
+    let reference = smollm2_reference();
+    let case = reference.cases.iter().find(|c| c.kind == "chat").expect("a chat case");
+    let max = case.token_ids.len().to_string();
+    let out = flint(&["generate", "--model", &model(), "--prompt", &case.prompt, "--max-tokens", &max, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+    let prompt_ids: Vec<u32> = serde_json::from_value(json["prompt_token_ids"].clone()).expect("prompt ids");
+    assert_eq!(ids, case.token_ids);
+    assert_eq!(prompt_ids, case.prompt_token_ids);
+    assert_eq!(json["text"], "The capital of France is Paris.");
+    assert_eq!(json["finish_reason"], "stop");
+    assert!(json["timings"]["prefill_ms"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(json["timings"]["decode_tokens_per_s"].as_f64().is_some());
+}
+
+#[test]
+fn text_streams_to_stdout_and_raw_skips_the_template() {
+    let reference = smollm2_reference();
+    let case = reference.cases.iter().find(|c| c.kind == "raw" && c.token_ids.len() >= 48).expect("a raw case");
+    let out = flint(&["generate", "--model", &model(), "--raw", "--prompt", &case.prompt, "--max-tokens", "48"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let json_out =
+        flint(&["generate", "--model", &model(), "--raw", "--prompt", &case.prompt, "--max-tokens", "48", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json_out.stdout).expect("valid JSON");
+    assert_eq!(stdout, format!("{}\n", json["text"].as_str().expect("text")));
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("ids");
+    assert_eq!(ids, case.token_ids[..48]);
+    assert_eq!(json["finish_reason"], "length");
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let args = [
+        "generate",
+        "--prompt",
+        "Tell me a joke.",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "1234",
+        "--max-tokens",
+        "16",
+        "--json",
+    ];
+    let mut with_model: Vec<&str> = args.to_vec();
+    let model = model();
+    with_model.extend(["--model", &model]);
+    let a: serde_json::Value = serde_json::from_slice(&flint(&with_model).stdout).expect("json");
+    let b: serde_json::Value = serde_json::from_slice(&flint(&with_model).stdout).expect("json");
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_eq!(a["seed"], 1234);
+}
+
+#[test]
+fn inspect_describes_the_model() {
+    let out = flint(&["inspect", &model()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    for needle in
+        ["architecture    llama", "layers          30", "Q4_1", "Q8_0", "heads           9 query, 3 key/value"]
+    {
+        assert!(text.contains(needle), "inspect output lacks {needle:?}:\n{text}");
+    }
+}
+
+#[test]
+fn invalid_flags_fail_cleanly() {
+    assert_clean_failure(&flint(&["generate", "--prompt", "hi", "--bogus"]), "--bogus");
+    assert_clean_failure(&flint(&["generate", "--prompt", "hi", "--max-tokens", "-3"]), "-3");
+    assert_clean_failure(&flint(&["generate", "--prompt", "hi", "--max-tokens=0"]), "--max-tokens");
+    assert_clean_failure(&flint(&["generate", "--prompt", "hi", "--max-tokens", "many"]), "many");
+    assert_clean_failure(&flint(&["generate", "--prompt", "hi", "--device", "tpu"]), "tpu");
+    assert_clean_failure(&flint(&["generate"]), "--prompt");
+    assert_clean_failure(&flint(&["frobnicate"]), "frobnicate");
+    let model = model();
+    assert_clean_failure(&flint(&["generate", "--model", &model, "--prompt", "hi", "--top-p", "1.5"]), "top_p");
+    assert_clean_failure(
+        &flint(&["generate", "--model", &model, "--prompt", "hi", "--temperature", "-1"]),
+        "temperature",
+    );
+}
+
+#[test]
+fn unavailable_device_is_a_clear_error() {
+    assert_clean_failure(&flint(&["generate", "--model", &model(), "--prompt", "hi", "--device", "cuda"]), "cuda");
+}
+
+#[test]
+fn missing_and_truncated_models_fail_cleanly() {
+    assert_clean_failure(&flint(&["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"]), "not found");
+    let dir = temp_dir("truncated");
+    let full = std::fs::read(default_model_path()).expect("model");
+    for (name, len) in [("header.gguf", 2_000), ("tokenizer.gguf", 900_000), ("data.gguf", 40_000_000)] {
+        let path = dir.join(name);
+        std::fs::write(&path, &full[..len]).expect("write");
+        let p = path.display().to_string();
+        assert_clean_failure(&flint(&["generate", "--model", &p, "--prompt", "hi"]), "truncated");
+        assert_clean_failure(&flint(&["inspect", &p]), "truncated");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A GGUF file with one tensor of `ggml_type` and the given architecture.
+fn write_gguf(path: &Path, architecture: &str, ggml_type: u32) {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    let key = "general.architecture";
+    b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    b.extend_from_slice(key.as_bytes());
+    b.extend_from_slice(&8u32.to_le_bytes());
+    b.extend_from_slice(&(architecture.len() as u64).to_le_bytes());
+    b.extend_from_slice(architecture.as_bytes());
+    let name = "token_embd.weight";
+    b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&256u64.to_le_bytes());
+    b.extend_from_slice(&ggml_type.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(path, b).expect("write gguf");
+}
+
+#[test]
+fn unsupported_types_and_architectures_fail_cleanly() {
+    let dir = temp_dir("unsupported");
+    let iq = dir.join("iq2.gguf");
+    write_gguf(&iq, "llama", 16);
+    assert_clean_failure(&flint(&["inspect", &iq.display().to_string()]), "IQ2_XXS");
+    let arch = dir.join("arch.gguf");
+    write_gguf(&arch, "rwkv6", 0);
+    let p = arch.display().to_string();
+    assert_clean_failure(&flint(&["inspect", &p]), "rwkv6");
+    assert_clean_failure(&flint(&["generate", "--model", &p, "--prompt", "hi"]), "rwkv6");
+
+    let hf = dir.join("hf");
+    std::fs::create_dir_all(&hf).expect("dir");
+    std::fs::write(
+        hf.join("config.json"),
+        r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10, "hidden_size": 4,
+        "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}"#,
+    )
+    .expect("config");
+    let mut st = 8u64.to_le_bytes().to_vec();
+    st.extend_from_slice(b"{}      ");
+    std::fs::write(hf.join("model.safetensors"), st).expect("safetensors");
+    assert_clean_failure(
+        &flint(&["generate", "--model", &hf.display().to_string(), "--prompt", "hi"]),
+        "GPT2LMHeadModel",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_fails_cleanly() {
+    let long = "hello ".repeat(9000);
+    assert_clean_failure(&flint(&["generate", "--model", &model(), "--raw", "--prompt", &long]), "8192");
+}
