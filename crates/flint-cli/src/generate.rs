@@ -147,10 +147,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
         let mut write_error = None;
         let generation = engine.generate(&request, &mut |piece| {
-            if write_error.is_none() {
-                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
-                    write_error = Some(e);
-                }
+            if write_error.is_none()
+                && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush())
+            {
+                write_error = Some(e);
             }
         })?;
         if let Some(e) = write_error {

@@ -98,12 +98,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             )?;
         }
     }
-    if args.metadata {
-        if let ModelSource::Gguf(f) = &source {
-            writeln!(out, "\nmetadata")?;
-            for (k, v) in f.metadata() {
-                writeln!(out, "  {k:<44} {}", v.summary())?;
-            }
+    if args.metadata
+        && let ModelSource::Gguf(f) = &source
+    {
+        writeln!(out, "\nmetadata")?;
+        for (k, v) in f.metadata() {
+            writeln!(out, "  {k:<44} {}", v.summary())?;
         }
     }
     print!("{out}");

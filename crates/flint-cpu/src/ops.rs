@@ -161,10 +161,10 @@ impl Backend for CpuBackend {
         if w_in != in_features {
             return Err(mismatch("linear", format!("x {} with weight {}", x.shape(), weight.shape())));
         }
-        if let Some(b) = bias {
-            if b.dims() != [out_features] {
-                return Err(mismatch("linear", format!("bias {} for {out_features} outputs", b.shape())));
-            }
+        if let Some(b) = bias
+            && b.dims() != [out_features]
+        {
+            return Err(mismatch("linear", format!("bias {} for {out_features} outputs", b.shape())));
         }
         let xs = storage("linear", x)?.read();
         let w = storage("linear", weight)?.read();

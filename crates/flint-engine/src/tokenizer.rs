@@ -203,13 +203,13 @@ impl Tokenizer {
             stop_ids.insert(*id);
         }
         let gen_config = dir.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gen_config) {
-            if let Ok(value) = serde_json::from_str::<Json>(&text) {
-                match value.get("eos_token_id") {
-                    Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|v| v as u32)),
-                    Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(Json::as_u64).map(|v| v as u32)),
-                    _ => {}
-                }
+        if let Ok(text) = std::fs::read_to_string(&gen_config)
+            && let Ok(value) = serde_json::from_str::<Json>(&text)
+        {
+            match value.get("eos_token_id") {
+                Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|v| v as u32)),
+                Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(Json::as_u64).map(|v| v as u32)),
+                _ => {}
             }
         }
         let template_text = match tok_config.get("chat_template") {

@@ -116,13 +116,13 @@ impl ModelConfig {
                 return Err(fail(format!("{what} is implausibly large")));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(fail(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(fail(format!("head_dim {} must be even for rotary embeddings", self.head_dim)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
@@ -131,10 +131,10 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(fail(format!("rope_theta {} must be positive", self.rope_theta)));
         }
-        if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
-            if f.len() != self.head_dim / 2 {
-                return Err(fail(format!("{} rope frequency factors for head_dim {}", f.len(), self.head_dim)));
-            }
+        if let RopeScaling::FreqFactors(f) = &self.rope_scaling
+            && f.len() != self.head_dim / 2
+        {
+            return Err(fail(format!("{} rope frequency factors for head_dim {}", f.len(), self.head_dim)));
         }
         if let Some(&id) = self.eos_token_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return Err(fail(format!("eos token id {id} is outside the vocabulary of {}", self.vocab_size)));
@@ -186,8 +186,7 @@ impl ModelConfig {
         let n_kv_heads = usize_of("attention.head_count_kv")?.unwrap_or(n_heads);
         let head_dim = match usize_of("attention.key_length")? {
             Some(d) => d,
-            None if n_heads > 0 => hidden_size / n_heads,
-            None => 0,
+            None => hidden_size.checked_div(n_heads).unwrap_or(0),
         };
         let embed = file
             .tensor_info("token_embd.weight")
@@ -241,7 +240,7 @@ impl ModelConfig {
             .ok_or_else(|| fail("neither architectures nor model_type is set".to_string()))?;
         let architecture = Architecture::from_name(&arch_name)?;
         let n_heads = raw.num_attention_heads;
-        let head_dim = raw.head_dim.unwrap_or(if n_heads > 0 { raw.hidden_size / n_heads } else { 0 });
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size.checked_div(n_heads).unwrap_or(0));
         let rope_scaling = match &raw.rope_scaling {
             None => RopeScaling::None,
             Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {

@@ -146,7 +146,7 @@ impl GgmlType {
     /// Returns `None` inside the `Ok` when the size overflows `usize`.
     pub fn bytes_for(self, n_elements: usize) -> Result<Option<usize>> {
         let block = self.block_size();
-        if n_elements % block != 0 {
+        if !n_elements.is_multiple_of(block) {
             return Err(Error::PartialBlock { ty: self.name(), n_elements, block_size: block });
         }
         Ok((n_elements / block).checked_mul(self.type_size()))

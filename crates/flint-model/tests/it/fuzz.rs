@@ -17,10 +17,10 @@ fn try_everything(bytes: &[u8], name: &str) {
         let _ = source.stored_tensors();
         if let Ok(config) = source.config() {
             let backend = CpuBackend::new();
-            if let Ok(model) = Llama::load(&source, config, &backend, DType::F32, &mut |_| {}) {
-                if let Ok(mut cache) = model.new_kv_cache(&backend, 8) {
-                    let _ = model.forward(&backend, &[1, 2, 3], &mut cache, false);
-                }
+            if let Ok(model) = Llama::load(&source, config, &backend, DType::F32, &mut |_| {})
+                && let Ok(mut cache) = model.new_kv_cache(&backend, 8)
+            {
+                let _ = model.forward(&backend, &[1, 2, 3], &mut cache, false);
             }
         }
     }
