@@ -195,3 +195,33 @@ mod streaming {
         assert_eq!(decoder.push(tokenizer, ids[ids.len() - 1]).unwrap(), "🦀");
     }
 }
+
+/// The same tokenizer and chat template loaded from a Hugging Face directory (`tokenizer.json`,
+/// `tokenizer_config.json`) encode and render exactly as the GGUF-built one.
+#[test]
+fn hugging_face_tokenizer_files_load_the_same_tokenizer() {
+    use flint_engine::Tokenizer;
+    use flint_model::ModelConfig;
+
+    let engine = cpu_engine();
+    let dir = std::env::temp_dir().join(format!("flint-e2e-hf-tokenizer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = flint_model::ModelSource::open(&flint_e2e::default_model_path()).unwrap();
+    let flint_model::ModelSource::Gguf(gguf) = &source else { panic!("the default model is a GGUF file") };
+    let template = gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap().to_string();
+    std::fs::write(dir.join("tokenizer.json"), engine.tokenizer().to_json().unwrap()).unwrap();
+    let tok_config = serde_json::json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
+    let config: &ModelConfig = engine.config();
+    let hf = Tokenizer::from_hf_dir(&dir, config).unwrap();
+    for case in smollm2_reference().tokenizer {
+        assert_eq!(hf.encode(&case.text, true).unwrap(), case.ids, "{:?}", case.text);
+    }
+    let messages = vec![ChatMessage::new("user", "Hi there")];
+    assert_eq!(hf.apply_chat_template(&messages).unwrap(), engine.tokenizer().apply_chat_template(&messages).unwrap());
+    assert_eq!(hf.stop_ids(), engine.tokenizer().stop_ids());
+    let _ = std::fs::remove_dir_all(&dir);
+}

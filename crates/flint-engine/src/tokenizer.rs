@@ -239,6 +239,11 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(tok_err("decode"))
     }
 
+    /// The tokenizer in the `tokenizer.json` format.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(tok_err("serializing"))
+    }
+
     /// Number of ids the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -289,3 +289,40 @@ impl Llama {
         Ok(backend.linear(&hidden, &self.lm_head, None)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Llama3RopeScaling;
+
+    /// Values of `transformers`' `ROPE_INIT_FUNCTIONS["llama3"]` for the Llama-3.1-8B config.
+    #[test]
+    fn llama3_rope_scaling_matches_transformers() {
+        let json = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 131072}"#;
+        let mut config = ModelConfig::from_hf_json(json, "test").expect("valid");
+        config.rope_scaling = RopeScaling::Llama3(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let inv = rope_inv_freq(&config);
+        assert_eq!(inv.len(), 64);
+        let want = [
+            (0, 1.0),
+            (10, 0.12868738174438477),
+            (20, 0.016560440883040428),
+            (30, 0.0013718936825171113),
+            (40, 3.428102354519069e-05),
+            (45, 1.2297638932068367e-05),
+            (50, 4.411534519022098e-06),
+            (63, 3.068925877869333e-07),
+        ];
+        for (i, w) in want {
+            let rel = (inv[i] as f64 - w).abs() / w;
+            assert!(rel < 1e-5, "inv_freq[{i}] = {} vs {w}", inv[i]);
+        }
+    }
+}
