@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use flint_tensor::{Backend, DType, Device, Error, Result, Shape, Tensor};
+use flint_tensor::{AttentionBatch, Backend, DType, Device, Error, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::CpuStorage;
@@ -253,11 +253,11 @@ impl Backend for CpuBackend {
         Ok(new_tensor(x.shape().clone(), out))
     }
 
-    fn write_kv(&self, cache: &Tensor, values: &Tensor, start_pos: usize) -> Result<()> {
-        let [capacity, n_kv_heads, head_dim] = *cache.dims() else {
+    fn write_kv(&self, cache: &Tensor, values: &Tensor, slots: &[u32]) -> Result<()> {
+        let [n_blocks, block_size, n_kv_heads, head_dim] = *cache.dims() else {
             return Err(mismatch(
                 "write_kv",
-                format!("cache must be [capacity, n_kv_heads, head_dim], got {}", cache.shape()),
+                format!("cache must be [n_blocks, block_size, n_kv_heads, head_dim], got {}", cache.shape()),
             ));
         };
         let [n_tokens, v_heads, v_dim] = *values.dims() else {
@@ -266,11 +266,15 @@ impl Backend for CpuBackend {
                 format!("values must be [n_tokens, n_kv_heads, head_dim], got {}", values.shape()),
             ));
         };
-        if (v_heads, v_dim) != (n_kv_heads, head_dim) {
-            return Err(mismatch("write_kv", format!("values {} into cache {}", values.shape(), cache.shape())));
+        if (v_heads, v_dim) != (n_kv_heads, head_dim) || slots.len() != n_tokens {
+            return Err(mismatch(
+                "write_kv",
+                format!("values {} with {} slots into cache {}", values.shape(), slots.len(), cache.shape()),
+            ));
         }
-        if start_pos + n_tokens > capacity {
-            return Err(Error::OutOfRange { op: "write_kv", index: start_pos + n_tokens, limit: capacity });
+        let n_slots = n_blocks * block_size;
+        if let Some(&slot) = slots.iter().find(|&&s| s as usize >= n_slots) {
+            return Err(Error::OutOfRange { op: "write_kv", index: slot as usize, limit: n_slots });
         }
         if Arc::ptr_eq(cache.storage(), values.storage()) {
             return Err(mismatch("write_kv", "values alias the cache".to_string()));
@@ -279,8 +283,11 @@ impl Backend for CpuBackend {
         let mut dst = storage("write_kv", cache)?.write();
         let row = n_kv_heads * head_dim;
         let cache_dtype = cache.dtype();
-        for (d, s) in dst[start_pos * row..(start_pos + n_tokens) * row].iter_mut().zip(src.iter()) {
-            *d = round_to(cache_dtype, *s);
+        for (t, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            for (d, s) in dst[slot * row..(slot + 1) * row].iter_mut().zip(&src[t * row..(t + 1) * row]) {
+                *d = round_to(cache_dtype, *s);
+            }
         }
         Ok(())
     }
@@ -290,29 +297,45 @@ impl Backend for CpuBackend {
         q: &Tensor,
         k_cache: &Tensor,
         v_cache: &Tensor,
-        start_pos: usize,
+        batch: &AttentionBatch,
         softmax_scale: f32,
     ) -> Result<Tensor> {
         let [n_tokens, n_heads, head_dim] = *q.dims() else {
             return Err(mismatch("attention", format!("q must be [n_tokens, n_heads, head_dim], got {}", q.shape())));
         };
-        let [capacity, n_kv_heads, kv_dim] = *k_cache.dims() else {
+        let [n_blocks, block_size, n_kv_heads, kv_dim] = *k_cache.dims() else {
             return Err(mismatch(
                 "attention",
-                format!("k_cache must be [capacity, n_kv_heads, head_dim], got {}", k_cache.shape()),
+                format!("k_cache must be [n_blocks, block_size, n_kv_heads, head_dim], got {}", k_cache.shape()),
             ));
         };
-        if v_cache.shape() != k_cache.shape() || kv_dim != head_dim {
+        if v_cache.shape() != k_cache.shape() || kv_dim != head_dim || block_size != batch.block_size {
             return Err(mismatch(
                 "attention",
-                format!("q {} with k_cache {} and v_cache {}", q.shape(), k_cache.shape(), v_cache.shape()),
+                format!(
+                    "q {} with k_cache {}, v_cache {} and block size {}",
+                    q.shape(),
+                    k_cache.shape(),
+                    v_cache.shape(),
+                    batch.block_size
+                ),
             ));
         }
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(mismatch("attention", format!("{n_heads} query heads over {n_kv_heads} kv heads")));
         }
-        if start_pos + n_tokens > capacity {
-            return Err(Error::OutOfRange { op: "attention", index: start_pos + n_tokens, limit: capacity });
+        batch.validate("attention", n_blocks)?;
+        if batch.n_tokens() != n_tokens {
+            return Err(mismatch("attention", format!("batch has {} tokens, q has {n_tokens}", batch.n_tokens())));
+        }
+        // For every query token: its sequence and its position.
+        let mut token_seq = vec![(0usize, 0usize); n_tokens];
+        for s in 0..batch.n_seqs() {
+            let (start, end) = (batch.query_starts[s] as usize, batch.query_starts[s + 1] as usize);
+            let first_pos = batch.context_lens[s] as usize - (end - start);
+            for (i, slot) in token_seq[start..end].iter_mut().enumerate() {
+                *slot = (s, first_pos + i);
+            }
         }
         let group = n_heads / n_kv_heads;
         let qs = storage("attention", q)?.read();
@@ -324,14 +347,13 @@ impl Backend for CpuBackend {
             let t = idx / n_heads;
             let h = idx % n_heads;
             let kv_h = h / group;
+            let (seq, pos) = token_seq[t];
+            let blocks = batch.blocks_of(seq);
+            let row_of =
+                |p: usize| (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row + kv_h * head_dim;
             let q_vec = &qs[idx * head_dim..(idx + 1) * head_dim];
-            let n_keys = start_pos + t + 1;
-            let mut scores: Vec<f32> = (0..n_keys)
-                .map(|p| {
-                    let k = &ks[p * kv_row + kv_h * head_dim..p * kv_row + (kv_h + 1) * head_dim];
-                    dot(q_vec, k) * softmax_scale
-                })
-                .collect();
+            let mut scores: Vec<f32> =
+                (0..=pos).map(|p| dot(q_vec, &ks[row_of(p)..row_of(p) + head_dim]) * softmax_scale).collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut denom = 0.0f32;
             for s in scores.iter_mut() {
@@ -339,7 +361,7 @@ impl Backend for CpuBackend {
                 denom += *s;
             }
             for (p, &w) in scores.iter().enumerate() {
-                let v = &vs[p * kv_row + kv_h * head_dim..p * kv_row + (kv_h + 1) * head_dim];
+                let v = &vs[row_of(p)..row_of(p) + head_dim];
                 let w = w / denom;
                 for (acc, &val) in o.iter_mut().zip(v) {
                     *acc += w * val;
@@ -381,16 +403,60 @@ mod tests {
         }
     }
 
+    fn one_sequence(n_new: u32, context: u32, blocks: Vec<u32>, block_size: usize) -> AttentionBatch {
+        AttentionBatch {
+            block_size,
+            query_starts: vec![0, n_new],
+            context_lens: vec![context],
+            max_blocks_per_seq: blocks.len(),
+            block_tables: blocks,
+        }
+    }
+
     #[test]
     fn attention_over_one_key_returns_its_value() {
         let b = CpuBackend::new();
         let q = t(&b, &[1.0, 0.0, 0.0, 1.0], &[1, 2, 2]);
-        let k = b.zeros(Shape::from([4, 1, 2]), DType::F32).expect("zeros");
-        let v = b.zeros(Shape::from([4, 1, 2]), DType::F32).expect("zeros");
-        b.write_kv(&k, &t(&b, &[0.3, 0.7], &[1, 1, 2]), 0).expect("write k");
-        b.write_kv(&v, &t(&b, &[5.0, -2.0], &[1, 1, 2]), 0).expect("write v");
-        let out = b.to_f32_vec(&b.attention(&q, &k, &v, 0, 1.0).expect("attn")).expect("read");
+        let k = b.zeros(Shape::from([2, 2, 1, 2]), DType::F32).expect("zeros");
+        let v = b.zeros(Shape::from([2, 2, 1, 2]), DType::F32).expect("zeros");
+        // The sequence lives in block 1, so its first position is slot 2.
+        b.write_kv(&k, &t(&b, &[0.3, 0.7], &[1, 1, 2]), &[2]).expect("write k");
+        b.write_kv(&v, &t(&b, &[5.0, -2.0], &[1, 1, 2]), &[2]).expect("write v");
+        let batch = one_sequence(1, 1, vec![1], 2);
+        let out = b.to_f32_vec(&b.attention(&q, &k, &v, &batch, 1.0).expect("attn")).expect("read");
         assert_eq!(out, vec![5.0, -2.0, 5.0, -2.0]);
+    }
+
+    /// The same keys and values give the same output whatever blocks hold them.
+    #[test]
+    fn attention_does_not_depend_on_block_placement() {
+        let b = CpuBackend::new();
+        let (n_kv, hd, ctx) = (2usize, 4usize, 7usize);
+        let keys: Vec<f32> = (0..ctx * n_kv * hd).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+        let vals: Vec<f32> = (0..ctx * n_kv * hd).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2).collect();
+        let q = t(&b, &(0..3 * 4 * hd).map(|i| (i % 5) as f32 * 0.1).collect::<Vec<_>>(), &[3, 4, hd]);
+        let run = |blocks: Vec<u32>| {
+            let k = b.zeros(Shape::from([8, 2, n_kv, hd]), DType::F32).expect("zeros");
+            let v = b.zeros(Shape::from([8, 2, n_kv, hd]), DType::F32).expect("zeros");
+            let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / 2] * 2 + (p % 2) as u32).collect();
+            b.write_kv(&k, &t(&b, &keys, &[ctx, n_kv, hd]), &slots).expect("k");
+            b.write_kv(&v, &t(&b, &vals, &[ctx, n_kv, hd]), &slots).expect("v");
+            let batch = one_sequence(3, ctx as u32, blocks, 2);
+            b.to_f32_vec(&b.attention(&q, &k, &v, &batch, 0.5).expect("attn")).expect("read")
+        };
+        assert_eq!(run(vec![0, 1, 2, 3]), run(vec![7, 2, 5, 0]));
+    }
+
+    #[test]
+    fn attention_rejects_bad_block_tables() {
+        let b = CpuBackend::new();
+        let q = t(&b, &[1.0; 4], &[1, 2, 2]);
+        let k = b.zeros(Shape::from([2, 2, 1, 2]), DType::F32).expect("zeros");
+        let batch = one_sequence(1, 3, vec![0, 9], 2);
+        assert!(matches!(b.attention(&q, &k, &k, &batch, 1.0), Err(Error::OutOfRange { .. })));
+        let batch = one_sequence(2, 1, vec![0], 2);
+        assert!(b.attention(&q, &k, &k, &batch, 1.0).is_err());
+        assert!(b.write_kv(&k, &t(&b, &[1.0, 2.0], &[1, 1, 2]), &[4]).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - [`gguf`]: a memory-mapped GGUF v2/v3 reader;
 //! - [`ModelSource`]: a GGUF file or a Hugging Face safetensors directory, yielding a validated
 //!   [`ModelConfig`] and weights under Hugging Face names;
-//! - [`Llama`]: the Llama family's forward pass over any `flint_tensor::Backend`, with a [`KvCache`].
+//! - [`Llama`]: the Llama family's forward pass over any `flint_tensor::Backend`: batched over
+//!   sequences ([`ForwardBatch`]) with a [`PagedKvCache`], or one sequence with a [`KvCache`].
 
 mod config;
 mod error;
@@ -13,5 +14,5 @@ mod source;
 
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use llama::{KvCache, Llama, LoadProgress, rope_inv_freq};
+pub use llama::{ForwardBatch, KvCache, Llama, LoadProgress, Logits, PagedKvCache, rope_inv_freq};
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

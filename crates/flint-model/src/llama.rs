@@ -1,7 +1,7 @@
 //! The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2): pre-norm decoder blocks with RMSNorm,
 //! rotary embeddings, grouped-query attention and a SwiGLU MLP, over any [`Backend`].
 
-use flint_tensor::{Backend, DType, Shape, Tensor};
+use flint_tensor::{AttentionBatch, Backend, DType, Shape, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::source::{HostTensor, ModelSource};
@@ -42,12 +42,146 @@ pub struct Llama {
     rope_inv_freq: Tensor,
 }
 
-/// Per-sequence key/value cache: one `[capacity, n_kv_heads, head_dim]` tensor per layer for
-/// keys and one for values, filled from position 0 up to `len`.
+/// Paged key/value storage for every layer: per layer, keys and values of shape
+/// `[n_blocks, block_size, n_kv_heads, head_dim]`. Which blocks belong to which sequence is the
+/// caller's business (the engine's block manager); the model only reads the block tables of a
+/// [`ForwardBatch`].
 #[derive(Debug)]
-pub struct KvCache {
+pub struct PagedKvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
+    n_blocks: usize,
+    block_size: usize,
+}
+
+impl PagedKvCache {
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+}
+
+/// Whose logits a sequence in a [`ForwardBatch`] wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prompt chunk that does not end the prompt).
+    None,
+    /// The last new token's.
+    Last,
+    /// Every new token's.
+    All,
+}
+
+/// One step's work: the new tokens of several sequences, back to back, with where their keys and
+/// values go in the paged cache and whose logits are wanted.
+#[derive(Clone, Debug)]
+pub struct ForwardBatch {
+    block_size: usize,
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    query_starts: Vec<u32>,
+    context_lens: Vec<u32>,
+    tables: Vec<Vec<u32>>,
+    logit_rows: Vec<usize>,
+}
+
+impl ForwardBatch {
+    pub fn new(block_size: usize) -> Self {
+        ForwardBatch {
+            block_size,
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            query_starts: vec![0],
+            context_lens: Vec::new(),
+            tables: Vec::new(),
+            logit_rows: Vec::new(),
+        }
+    }
+
+    /// Adds a sequence whose first `n_cached` positions are already in the blocks of
+    /// `block_table`, and whose `new_tokens` follow them. The table must cover every position.
+    pub fn push_sequence(
+        &mut self,
+        new_tokens: &[u32],
+        n_cached: usize,
+        block_table: &[u32],
+        logits: Logits,
+    ) -> Result<()> {
+        let context = n_cached + new_tokens.len();
+        let needed = context.div_ceil(self.block_size);
+        if new_tokens.is_empty() || block_table.len() < needed {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward_batch",
+                detail: format!(
+                    "{} new tokens after {n_cached} cached need {needed} blocks, the table has {}",
+                    new_tokens.len(),
+                    block_table.len()
+                ),
+            }));
+        }
+        let first_row = self.tokens.len();
+        for (i, &token) in new_tokens.iter().enumerate() {
+            let pos = n_cached + i;
+            self.tokens.push(token);
+            self.positions.push(pos as u32);
+            self.slots
+                .push(block_table[pos / self.block_size] * self.block_size as u32 + (pos % self.block_size) as u32);
+        }
+        match logits {
+            Logits::None => {}
+            Logits::Last => self.logit_rows.push(self.tokens.len() - 1),
+            Logits::All => self.logit_rows.extend(first_row..self.tokens.len()),
+        }
+        self.query_starts.push(self.tokens.len() as u32);
+        self.context_lens.push(context as u32);
+        self.tables.push(block_table[..needed].to_vec());
+        Ok(())
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.context_lens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Rows of the logits the forward pass returns, in order: token-axis indices.
+    pub fn logit_rows(&self) -> &[usize] {
+        &self.logit_rows
+    }
+
+    fn attention_batch(&self) -> AttentionBatch {
+        let max_blocks_per_seq = self.tables.iter().map(Vec::len).max().unwrap_or(0);
+        let mut block_tables = vec![0u32; self.tables.len() * max_blocks_per_seq];
+        for (s, table) in self.tables.iter().enumerate() {
+            block_tables[s * max_blocks_per_seq..][..table.len()].copy_from_slice(table);
+        }
+        AttentionBatch {
+            block_size: self.block_size,
+            query_starts: self.query_starts.clone(),
+            context_lens: self.context_lens.clone(),
+            block_tables,
+            max_blocks_per_seq,
+        }
+    }
+}
+
+/// A single sequence's cache: paged storage with a fixed identity block table, for callers that
+/// run one sequence at a time (tests, simple tools).
+#[derive(Debug)]
+pub struct KvCache {
+    paged: PagedKvCache,
+    table: Vec<u32>,
     capacity: usize,
     len: usize,
 }
@@ -72,6 +206,9 @@ impl KvCache {
         self.len = 0;
     }
 }
+
+/// Tokens per block of a single-sequence [`KvCache`].
+const SINGLE_SEQUENCE_BLOCK: usize = 16;
 
 /// Inverse rotary frequencies `1 / theta^(2i/d)`, with the config's scaling applied, computed
 /// in f32 as the Hugging Face reference does.
@@ -204,17 +341,35 @@ impl Llama {
         self.dtype
     }
 
-    /// A KV cache for one sequence of up to `capacity` positions (at most the model's context).
-    pub fn new_kv_cache(&self, backend: &dyn Backend, capacity: usize) -> Result<KvCache> {
-        let capacity = capacity.min(self.config.max_position_embeddings);
-        let shape = Shape::from([capacity, self.config.n_kv_heads, self.config.head_dim]);
+    /// Paged KV storage of `n_blocks` blocks of `block_size` positions for every layer.
+    pub fn new_paged_kv_cache(
+        &self,
+        backend: &dyn Backend,
+        n_blocks: usize,
+        block_size: usize,
+    ) -> Result<PagedKvCache> {
+        let shape = Shape::from([n_blocks, block_size, self.config.n_kv_heads, self.config.head_dim]);
         let mut keys = Vec::with_capacity(self.layers.len());
         let mut values = Vec::with_capacity(self.layers.len());
         for _ in 0..self.layers.len() {
             keys.push(backend.zeros(shape.clone(), DType::F32)?);
             values.push(backend.zeros(shape.clone(), DType::F32)?);
         }
-        Ok(KvCache { keys, values, capacity, len: 0 })
+        Ok(PagedKvCache { keys, values, n_blocks, block_size })
+    }
+
+    /// Bytes of KV cache one position takes across all layers, as stored by
+    /// [`Llama::new_paged_kv_cache`].
+    pub fn kv_bytes_per_token(&self) -> usize {
+        DType::F32.size_in_bytes(2 * self.layers.len() * self.config.n_kv_heads * self.config.head_dim)
+    }
+
+    /// A KV cache for one sequence of up to `capacity` positions (at most the model's context).
+    pub fn new_kv_cache(&self, backend: &dyn Backend, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.min(self.config.max_position_embeddings);
+        let n_blocks = capacity.div_ceil(SINGLE_SEQUENCE_BLOCK).max(1);
+        let paged = self.new_paged_kv_cache(backend, n_blocks, SINGLE_SEQUENCE_BLOCK)?;
+        Ok(KvCache { paged, table: (0..n_blocks as u32).collect(), capacity, len: 0 })
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to `cache`,
@@ -226,19 +381,43 @@ impl Llama {
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
+        if cache.len + tokens.len() > cache.capacity {
+            return Err(Error::ContextOverflow { needed: cache.len + tokens.len(), capacity: cache.capacity });
+        }
+        let mut batch = ForwardBatch::new(cache.paged.block_size);
+        let logits = if all_logits { Logits::All } else { Logits::Last };
+        batch.push_sequence(tokens, cache.len, &cache.table, logits)?;
+        let out = self.forward_batch(backend, &batch, &cache.paged)?;
+        cache.len += tokens.len();
+        Ok(out)
+    }
+
+    /// Runs one step for a batch of sequences: writes the new tokens' keys and values into
+    /// `cache` at the batch's slots and returns logits `[batch.logit_rows().len(), vocab]`.
+    ///
+    /// Every row is computed independently of the others, so a sequence's logits do not depend
+    /// on what else is in the batch.
+    pub fn forward_batch(&self, backend: &dyn Backend, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<Tensor> {
         let c = &self.config;
-        let n = tokens.len();
-        let start = cache.len;
+        let n = batch.n_tokens();
         if n == 0 {
             return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
                 op: "forward",
                 detail: "no tokens to run".to_string(),
             }));
         }
-        if start + n > cache.capacity {
-            return Err(Error::ContextOverflow { needed: start + n, capacity: cache.capacity });
+        if cache.block_size != batch.block_size || cache.keys.len() != self.layers.len() {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward",
+                detail: format!("batch block size {} with cache block size {}", batch.block_size, cache.block_size),
+            }));
         }
-        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= c.max_position_embeddings) {
+            return Err(Error::ContextOverflow { needed: p as usize + 1, capacity: c.max_position_embeddings });
+        }
+        let attention = batch.attention_batch();
+        attention.validate("forward", cache.n_blocks)?;
+        let positions = &batch.positions;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let q_shape = Shape::from([n, c.n_heads, c.head_dim]);
         let kv_shape = Shape::from([n, c.n_kv_heads, c.head_dim]);
@@ -251,7 +430,7 @@ impl Llama {
             })
         };
 
-        let mut residual = backend.embedding(&self.embed_tokens, tokens)?;
+        let mut residual = backend.embedding(&self.embed_tokens, &batch.tokens)?;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = match pending.take() {
@@ -265,11 +444,11 @@ impl Llama {
             let q = backend.linear(&normed, &layer.q_proj, layer.q_bias.as_ref())?;
             let k = backend.linear(&normed, &layer.k_proj, layer.k_bias.as_ref())?;
             let v = backend.linear(&normed, &layer.v_proj, layer.v_bias.as_ref())?;
-            let q = backend.rope(&flat(q, &q_shape)?, &positions, &self.rope_inv_freq)?;
-            let k = backend.rope(&flat(k, &kv_shape)?, &positions, &self.rope_inv_freq)?;
-            backend.write_kv(&cache.keys[i], &k, start)?;
-            backend.write_kv(&cache.values[i], &flat(v, &kv_shape)?, start)?;
-            let attn = backend.attention(&q, &cache.keys[i], &cache.values[i], start, scale)?;
+            let q = backend.rope(&flat(q, &q_shape)?, positions, &self.rope_inv_freq)?;
+            let k = backend.rope(&flat(k, &kv_shape)?, positions, &self.rope_inv_freq)?;
+            backend.write_kv(&cache.keys[i], &k, &batch.slots)?;
+            backend.write_kv(&cache.values[i], &flat(v, &kv_shape)?, &batch.slots)?;
+            let attn = backend.attention(&q, &cache.keys[i], &cache.values[i], &attention, scale)?;
             let attn = flat(attn, &Shape::from([n, c.n_heads * c.head_dim]))?;
             let o = backend.linear(&attn, &layer.o_proj, None)?;
 
@@ -280,12 +459,14 @@ impl Llama {
             let act = backend.silu_mul(&gate, &up)?;
             pending = Some(backend.linear(&act, &layer.down_proj, None)?);
         }
+        if batch.logit_rows.is_empty() {
+            return Ok(backend.zeros(Shape::from([0, c.vocab_size]), DType::F32)?);
+        }
         let hidden = match pending {
             Some(mlp_out) => backend.add_rms_norm(&residual, &mlp_out, &self.norm, c.rms_norm_eps)?.1,
             None => backend.rms_norm(&residual, &self.norm, c.rms_norm_eps)?,
         };
-        cache.len = start + n;
-        let hidden = if all_logits { hidden } else { backend.gather_rows(&hidden, &[n - 1])? };
+        let hidden = backend.gather_rows(&hidden, &batch.logit_rows)?;
         Ok(backend.linear(&hidden, &self.lm_head, None)?)
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::{DType, Result, Shape, Tensor};
+use crate::{AttentionBatch, DType, Result, Shape, Tensor};
 
 /// Where a backend computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,20 +68,25 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// (f32); pair `i` of a token at position `p` turns by the f32 angle `p * inv_freq[i]`.
     fn rope(&self, x: &Tensor, positions: &[u32], inv_freq: &Tensor) -> Result<Tensor>;
 
-    /// Writes `values: [n_tokens, n_kv_heads, head_dim]` into `cache: [capacity, n_kv_heads,
-    /// head_dim]` at rows `start_pos..start_pos + n_tokens`.
-    fn write_kv(&self, cache: &Tensor, values: &Tensor, start_pos: usize) -> Result<()>;
+    /// Writes `values: [n_tokens, n_kv_heads, head_dim]` into the paged cache
+    /// `cache: [n_blocks, block_size, n_kv_heads, head_dim]`: token `t` goes to slot
+    /// `slots[t]`, that is block `slots[t] / block_size`, row `slots[t] % block_size`.
+    fn write_kv(&self, cache: &Tensor, values: &Tensor, slots: &[u32]) -> Result<()>;
 
-    /// Causal grouped-query attention of `q: [n_tokens, n_heads, head_dim]` (token `i` at
-    /// position `start_pos + i`) over cache rows `0..=start_pos + i` of `k_cache` and `v_cache`
-    /// (`[capacity, n_kv_heads, head_dim]`). Query head `h` reads KV head
-    /// `h / (n_heads / n_kv_heads)`. Result `[n_tokens, n_heads, head_dim]`.
+    /// Causal grouped-query attention of a batch of sequences over a paged KV cache.
+    ///
+    /// `q: [n_tokens, n_heads, head_dim]` holds every sequence's new tokens back to back, as
+    /// `batch` describes; `k_cache` and `v_cache` are `[n_blocks, block_size, n_kv_heads,
+    /// head_dim]` and already hold the new tokens' keys and values. Query token `i` of sequence
+    /// `s` sits at position `context_lens[s] - n_new(s) + i` and attends to that sequence's
+    /// positions `0..=` its own. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+    /// Result `[n_tokens, n_heads, head_dim]`.
     fn attention(
         &self,
         q: &Tensor,
         k_cache: &Tensor,
         v_cache: &Tensor,
-        start_pos: usize,
+        batch: &AttentionBatch,
         softmax_scale: f32,
     ) -> Result<Tensor>;
 }
