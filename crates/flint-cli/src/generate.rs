@@ -67,6 +67,9 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// With --json, report each generated token's log-probability and this many alternatives.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    top_logprobs: u32,
     /// Print one JSON object with the text, token ids, finish reason and timings.
     #[arg(long)]
     json: bool,
@@ -139,16 +142,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop: args.stop,
         ignore_eos: args.ignore_eos,
+        top_logprobs: args.top_logprobs as usize,
     };
 
     let generation = if args.json {
         engine.generate(&request, &mut |_| {})?
     } else {
-        let mut stdout = std::io::stdout().lock();
+        let stdout = std::io::stdout();
         let mut write_error = None;
         let generation = engine.generate(&request, &mut |piece| {
+            let mut out = stdout.lock();
             if write_error.is_none()
-                && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush())
+                && let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush())
             {
                 write_error = Some(e);
             }
@@ -156,7 +161,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if let Some(e) = write_error {
             return Err(e).context("writing to stdout");
         }
-        writeln!(stdout).context("writing to stdout")?;
+        writeln!(stdout.lock()).context("writing to stdout")?;
         generation
     };
     let t = &generation.timings;

@@ -13,6 +13,10 @@ pub enum Error {
     )]
     PromptTooLong { prompt_tokens: usize, context: usize },
 
+    /// The engine is at capacity; try again later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -1,15 +1,16 @@
-//! One generation from prompt to finish: tokenize (chat template or raw), prefill, decode with
-//! sampling, stream text, stop on EOS, stop strings or the token limit.
+//! Requests and their results, and `Engine`: a model, its tokenizer and its backend, which
+//! validates and tokenizes requests and runs them through the [`Scheduler`].
 
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-use flint_model::{Llama, ModelConfig, ModelSource};
+use flint_model::{Llama, ModelConfig, ModelSource, PagedKvCache};
 use flint_tensor::{Backend, DType};
 use serde::Serialize;
 
-use crate::detok::StreamDecoder;
-use crate::sampler::{Sampler, SamplingParams};
-use crate::stop::StopMatcher;
+use crate::sampler::SamplingParams;
+use crate::scheduler::{PreparedRequest, Scheduler, SchedulerConfig, StreamEvent, TokenLogprob, Usage};
 use crate::{ChatMessage, Error, Result, Tokenizer};
 
 /// What to generate from.
@@ -34,7 +35,12 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Alternatives to report with each generated token's log-probability (0: no logprobs).
+    pub top_logprobs: usize,
 }
+
+/// Most alternatives a request may ask log-probabilities for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerateRequest {
     pub fn new(prompt: Prompt) -> Self {
@@ -44,6 +50,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -56,6 +63,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the context is full.
     Length,
+    /// The client cancelled or went away.
+    Cancelled,
 }
 
 /// The result of a generation.
@@ -71,12 +80,16 @@ pub struct Generation {
     pub stop_string: Option<String>,
     /// The sampling seed used.
     pub seed: u64,
+    pub usage: Usage,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
     pub timings: Timings,
 }
 
 /// Wall-clock timings of one generation.
 #[derive(Clone, Debug, Serialize)]
 pub struct Timings {
+    /// Time to the first token (prefill and the first sample).
     pub prefill_ms: f64,
     /// Time from the first to the last generated token.
     pub decode_ms: f64,
@@ -92,6 +105,9 @@ pub struct Engine {
     model: Llama,
     tokenizer: Tokenizer,
 }
+
+/// Tokens per KV block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 impl Engine {
     /// Loads the checkpoint at `source` onto `backend`.
@@ -123,6 +139,11 @@ impl Engine {
         &self.model
     }
 
+    /// Ids that end generation.
+    pub fn stop_ids(&self) -> BTreeSet<u32> {
+        self.tokenizer.stop_ids().clone()
+    }
+
     /// Token ids of a prompt, as generation would feed them.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let ids = match prompt {
@@ -150,92 +171,107 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Generates for `request`, calling `on_text` with each new piece of text as it is decoded.
-    pub fn generate(&self, request: &GenerateRequest, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    /// Validates and tokenizes a request. `max_tokens` is clamped to the context left after the
+    /// prompt.
+    pub fn prepare(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
         if request.max_tokens == 0 {
             return Err(Error::InvalidRequest("max_tokens must be at least 1".to_string()));
         }
+        if request.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(Error::InvalidRequest(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
+                request.top_logprobs
+            )));
+        }
+        request.sampling.validate()?;
         let prompt_ids = self.prompt_ids(&request.prompt)?;
         let context = self.config().max_position_embeddings;
         if prompt_ids.len() >= context {
             return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), context });
         }
-        let mut sampler = Sampler::new(request.sampling.clone(), &prompt_ids)?;
-        let max_new = request.max_tokens.min(context - prompt_ids.len());
-        let backend = self.backend.as_ref();
-        let mut cache = self.model.new_kv_cache(backend, prompt_ids.len() + max_new)?;
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(&request.stop);
-        let stop_ids = self.tokenizer.stop_ids();
+        Ok(PreparedRequest {
+            max_new_tokens: request.max_tokens.min(context - prompt_ids.len()),
+            prompt_ids,
+            sampling: request.sampling.clone(),
+            stop: request.stop.clone(),
+            ignore_eos: request.ignore_eos,
+            top_logprobs: request.top_logprobs,
+        })
+    }
 
+    /// Paged KV storage of `n_blocks` blocks of `block_size` positions on this engine's backend.
+    pub fn new_kv_cache(&self, n_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        Ok(self.model.new_paged_kv_cache(self.backend.as_ref(), n_blocks, block_size)?)
+    }
+
+    /// Runs the scheduler until it has no work left.
+    pub fn run_to_completion(&self, scheduler: &mut Scheduler<'_>, cache: &PagedKvCache) -> Result<()> {
+        while scheduler.has_work() {
+            scheduler.step(&self.model, self.backend.as_ref(), cache, &self.tokenizer)?;
+        }
+        Ok(())
+    }
+
+    /// Generates for one request on the calling thread, calling `on_text` with each new piece of
+    /// text as it is decoded.
+    pub fn generate(&self, request: &GenerateRequest, on_text: &mut (dyn FnMut(&str) + Send)) -> Result<Generation> {
+        let prepared = self.prepare(request)?;
+        let prompt_token_ids = prepared.prompt_ids.clone();
+        let n_positions = prepared.prompt_ids.len() + prepared.max_new_tokens;
+        let n_blocks = n_positions.div_ceil(DEFAULT_BLOCK_SIZE);
+        let cache = self.new_kv_cache(n_blocks, DEFAULT_BLOCK_SIZE)?;
+        let config = SchedulerConfig {
+            block_size: DEFAULT_BLOCK_SIZE,
+            n_blocks,
+            max_batch_tokens: prompt_token_ids.len().max(1),
+            max_running: 1,
+            max_waiting: 1,
+        };
         let mut text = String::new();
         let mut token_ids = Vec::new();
-        let mut finish_reason = FinishReason::Length;
-        let mut stop_string = None;
-
-        let started = Instant::now();
-        let mut logits = self.model.forward(backend, &prompt_ids, &mut cache, false)?;
-        let prefill = started.elapsed();
-        let decode_started = Instant::now();
-        loop {
-            let mut row = backend.to_f32_vec(&logits)?;
-            let token = sampler.sample(&mut row)?;
-            token_ids.push(token);
-            if !request.ignore_eos && stop_ids.contains(&token) {
-                finish_reason = FinishReason::Stop;
-                break;
-            }
-            let piece = decoder.push(&self.tokenizer, token)?;
-            let scan = stops.push(&piece);
-            if !scan.emit.is_empty() {
-                on_text(&scan.emit);
-                text.push_str(&scan.emit);
-            }
-            if scan.matched.is_some() {
-                finish_reason = FinishReason::Stop;
-                stop_string = scan.matched;
-                break;
-            }
-            if token_ids.len() >= max_new {
-                break;
-            }
-            logits = self.model.forward(backend, &[token], &mut cache, false)?;
+        let mut logprobs = Vec::new();
+        let mut outcome = None;
+        {
+            let mut scheduler = Scheduler::new(config, self.stop_ids())?;
+            let sink = Box::new(|event: StreamEvent| {
+                match event {
+                    StreamEvent::Delta { text: piece, token_ids: ids, logprobs: lp } => {
+                        if !piece.is_empty() {
+                            on_text(&piece);
+                        }
+                        text.push_str(&piece);
+                        token_ids.extend(ids);
+                        logprobs.extend(lp);
+                    }
+                    other => outcome = Some(other),
+                }
+                true
+            });
+            scheduler.add(prepared, sink, Arc::new(AtomicBool::new(false)))?;
+            self.run_to_completion(&mut scheduler, &cache)?;
         }
-        if stop_string.is_none() {
-            let tail = decoder.finish(&self.tokenizer)?;
-            let scan = stops.push(&tail);
-            let mut rest = scan.emit;
-            if scan.matched.is_some() {
-                finish_reason = FinishReason::Stop;
-                stop_string = scan.matched;
-            } else {
-                rest.push_str(&stops.finish());
+        match outcome {
+            Some(StreamEvent::Finished { reason, stop_string, usage, seed, time_to_first_token_s, decode_s }) => {
+                let decoded_after_first = token_ids.len().saturating_sub(1);
+                Ok(Generation {
+                    text,
+                    token_ids,
+                    prompt_token_ids: prompt_token_ids.clone(),
+                    finish_reason: reason,
+                    stop_string,
+                    seed,
+                    usage,
+                    logprobs,
+                    timings: Timings {
+                        prefill_ms: time_to_first_token_s * 1e3,
+                        decode_ms: decode_s * 1e3,
+                        decode_tokens_per_s: if decode_s > 0.0 { decoded_after_first as f64 / decode_s } else { 0.0 },
+                        prompt_tokens_per_s: prompt_token_ids.len() as f64 / time_to_first_token_s.max(1e-9),
+                    },
+                })
             }
-            if !rest.is_empty() {
-                on_text(&rest);
-                text.push_str(&rest);
-            }
+            Some(StreamEvent::Error(message)) => Err(Error::Internal(message)),
+            _ => Err(Error::Internal("generation ended without a result".to_string())),
         }
-        let decode = decode_started.elapsed();
-        let decode_ms = decode.as_secs_f64() * 1e3;
-        let decoded_after_first = token_ids.len().saturating_sub(1);
-        Ok(Generation {
-            text,
-            token_ids,
-            prompt_token_ids: prompt_ids.clone(),
-            finish_reason,
-            stop_string,
-            seed: sampler.seed(),
-            timings: Timings {
-                prefill_ms: prefill.as_secs_f64() * 1e3,
-                decode_ms,
-                decode_tokens_per_s: if decode_ms > 0.0 {
-                    decoded_after_first as f64 / decode.as_secs_f64()
-                } else {
-                    0.0
-                },
-                prompt_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
-            },
-        })
     }
 }

@@ -1,0 +1,515 @@
+//! Continuous (in-flight) batching: every step mixes running decodes with chunks of prompts
+//! under a token budget, over a paged KV cache with prefix reuse.
+//!
+//! Policy:
+//! - running sequences are served first, oldest first; a sequence still in its prompt gets a
+//!   chunk of what the budget leaves after one token for every later decode;
+//! - waiting sequences are admitted first come, first served, while the budget, the running
+//!   limit and the free blocks allow; a request that does not fit stops admission (no
+//!   overtaking, so no starvation);
+//! - when a running sequence needs a block and none is free, the most recently arrived running
+//!   sequence is preempted: its blocks are released and it waits, first in line by arrival, to
+//!   be recomputed. The oldest sequence can therefore always progress: no livelock;
+//! - a request whose prompt and output cannot fit the whole cache is refused when submitted.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use flint_model::{ForwardBatch, Llama, Logits, PagedKvCache};
+use flint_tensor::Backend;
+use serde::Serialize;
+
+use crate::blocks::{BlockHash, BlockManager};
+use crate::detok::StreamDecoder;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use crate::{Error, FinishReason, Result, Tokenizer};
+
+/// Limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub n_blocks: usize,
+    /// Most tokens run in one step (prompt chunks and decodes together).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most requests waiting for admission; more are refused as overload.
+    pub max_waiting: usize,
+}
+
+/// A validated, tokenized request, ready to schedule.
+#[derive(Clone, Debug)]
+pub struct PreparedRequest {
+    pub prompt_ids: Vec<u32>,
+    /// New tokens to generate at most (already clamped to the model's context).
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Alternatives to report with each token's log-probability (0: none).
+    pub top_logprobs: usize,
+}
+
+/// The log-probability of a generated token and of the most likely alternatives, under the
+/// model's raw distribution (before penalties and temperature).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// `(token_id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Prompt and completion token counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a request's stream receives, in order: deltas, then exactly one `Finished` or `Error`.
+#[derive(Clone, Debug)]
+pub enum StreamEvent {
+    /// New tokens and the text they complete (empty while a character or a possible stop
+    /// string is incomplete).
+    Delta {
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        stop_string: Option<String>,
+        usage: Usage,
+        seed: u64,
+        /// Seconds from submission to the first token, and from the first token to the last.
+        time_to_first_token_s: f64,
+        decode_s: f64,
+    },
+    Error(String),
+}
+
+/// Receives a request's events; returns `false` once nobody listens (the request is cancelled).
+pub type Sink<'a> = Box<dyn FnMut(StreamEvent) -> bool + Send + 'a>;
+
+/// Counts for metrics and health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SchedulerStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_cached: usize,
+    pub preemptions: u64,
+    pub prefix_hit_tokens: u64,
+}
+
+struct Sequence<'a> {
+    arrival: u64,
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    /// Positions whose keys and values are in the cache.
+    n_computed: usize,
+    blocks: Vec<u32>,
+    /// Leading blocks registered in the prefix cache, and the hash of the last of them.
+    n_hashed: usize,
+    last_hash: Option<BlockHash>,
+    max_new_tokens: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    ignore_eos: bool,
+    top_logprobs: usize,
+    sink: Sink<'a>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    first_token_at: Option<Instant>,
+}
+
+impl Sequence<'_> {
+    fn n_generated(&self) -> usize {
+        self.tokens.len() - self.n_prompt
+    }
+
+    fn usage(&self) -> Usage {
+        Usage { prompt_tokens: self.n_prompt, completion_tokens: self.n_generated() }
+    }
+
+    fn finish(&mut self, reason: FinishReason, stop_string: Option<String>) {
+        let now = Instant::now();
+        let first = self.first_token_at.unwrap_or(now);
+        let event = StreamEvent::Finished {
+            reason,
+            stop_string,
+            usage: self.usage(),
+            seed: self.sampler.seed(),
+            time_to_first_token_s: (first - self.submitted).as_secs_f64(),
+            decode_s: (now - first).as_secs_f64(),
+        };
+        (self.sink)(event);
+    }
+}
+
+/// The batching scheduler. Owns the block manager and every request's state; the caller owns
+/// the model, the backend and the KV storage and hands them to [`Scheduler::step`].
+pub struct Scheduler<'a> {
+    config: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: VecDeque<Sequence<'a>>,
+    /// Sorted by arrival.
+    running: Vec<Sequence<'a>>,
+    next_arrival: u64,
+    stop_ids: BTreeSet<u32>,
+    preemptions: u64,
+    prefix_hit_tokens: u64,
+}
+
+impl std::fmt::Debug for Scheduler<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("config", &self.config).field("stats", &self.stats()).finish()
+    }
+}
+
+/// Log-softmax of `logits` at `token` and the `top` most likely entries.
+fn logprobs_of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let lp = |id: u32| (logits[id as usize] as f64 - log_sum) as f32;
+    let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(best.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, by_logit);
+    }
+    best.truncate(top);
+    best.sort_unstable_by(by_logit);
+    TokenLogprob { token_id: token, logprob: lp(token), top: best.into_iter().map(|id| (id, lp(id))).collect() }
+}
+
+impl<'a> Scheduler<'a> {
+    /// A scheduler; `stop_ids` end generation unless a request ignores EOS.
+    pub fn new(config: SchedulerConfig, stop_ids: BTreeSet<u32>) -> Result<Self> {
+        if config.block_size == 0 || config.n_blocks == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
+            return Err(Error::InvalidRequest(format!("scheduler limits must be positive: {config:?}")));
+        }
+        Ok(Scheduler {
+            blocks: BlockManager::new(config.n_blocks, config.block_size),
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            stop_ids,
+            preemptions: 0,
+            prefix_hit_tokens: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Positions the whole cache holds.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.config.n_blocks * self.config.block_size
+    }
+
+    /// Queues a request. Refuses it when the queue is full or it could never fit the cache.
+    pub fn add(&mut self, request: PreparedRequest, sink: Sink<'a>, cancel: Arc<AtomicBool>) -> Result<()> {
+        let capacity = self.kv_capacity_tokens();
+        let n_prompt = request.prompt_ids.len();
+        if n_prompt >= capacity {
+            return Err(Error::PromptTooLong { prompt_tokens: n_prompt, context: capacity });
+        }
+        if n_prompt + request.max_new_tokens > capacity {
+            return Err(Error::InvalidRequest(format!(
+                "max_tokens: a prompt of {n_prompt} tokens plus {} new tokens exceeds the KV cache of {capacity} tokens",
+                request.max_new_tokens
+            )));
+        }
+        if self.waiting.len() >= self.config.max_waiting {
+            return Err(Error::Overloaded(format!("{} requests are already waiting", self.waiting.len())));
+        }
+        let sampler = Sampler::new(request.sampling, &request.prompt_ids)?;
+        let n_prompt = request.prompt_ids.len();
+        self.waiting.push_back(Sequence {
+            arrival: self.next_arrival,
+            tokens: request.prompt_ids,
+            n_prompt,
+            n_computed: 0,
+            blocks: Vec::new(),
+            n_hashed: 0,
+            last_hash: None,
+            max_new_tokens: request.max_new_tokens,
+            sampler,
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(&request.stop),
+            ignore_eos: request.ignore_eos,
+            top_logprobs: request.top_logprobs,
+            sink,
+            cancel,
+            submitted: Instant::now(),
+            first_token_at: None,
+        });
+        self.next_arrival += 1;
+        Ok(())
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_blocks_total: self.blocks.n_blocks(),
+            kv_blocks_used: self.blocks.n_used(),
+            kv_blocks_cached: self.blocks.n_cached(),
+            preemptions: self.preemptions,
+            prefix_hit_tokens: self.prefix_hit_tokens,
+        }
+    }
+
+    fn release_blocks(blocks: &mut BlockManager, seq: &mut Sequence<'_>) {
+        for b in seq.blocks.drain(..) {
+            blocks.release(b);
+        }
+        seq.n_computed = 0;
+        seq.n_hashed = 0;
+        seq.last_hash = None;
+    }
+
+    /// Finishes every request whose client went away or asked to stop, freeing its blocks.
+    fn reap_cancelled(&mut self) {
+        let blocks = &mut self.blocks;
+        let mut reap = |seq: &mut Sequence<'_>| {
+            let cancelled = seq.cancel.load(Ordering::Relaxed);
+            if cancelled {
+                Self::release_blocks(blocks, seq);
+                seq.finish(FinishReason::Cancelled, None);
+            }
+            !cancelled
+        };
+        self.running.retain_mut(&mut reap);
+        self.waiting.retain_mut(&mut reap);
+    }
+
+    /// Cancels every request (shutdown past its grace period).
+    pub fn cancel_all(&mut self) {
+        for seq in self.running.iter().chain(self.waiting.iter()) {
+            seq.cancel.store(true, Ordering::Relaxed);
+        }
+        self.reap_cancelled();
+    }
+
+    fn preempt(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        Self::release_blocks(&mut self.blocks, &mut seq);
+        self.preemptions += 1;
+        tracing::debug!(arrival = seq.arrival, "preempted for recompute");
+        let at = self.waiting.iter().position(|w| w.arrival > seq.arrival).unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.config.block_size)
+    }
+
+    /// Picks this step's work: `(arrival, new tokens)` per sequence, in running order.
+    fn schedule(&mut self) -> Vec<(u64, usize)> {
+        let mut plan = Vec::new();
+        let mut budget = self.config.max_batch_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let later_decodes = self.running[i + 1..].iter().filter(|s| s.tokens.len() - s.n_computed == 1).count();
+            let seq = &self.running[i];
+            let remaining = seq.tokens.len() - seq.n_computed;
+            let n_new = if remaining == 1 { 1 } else { remaining.min(budget.saturating_sub(later_decodes).max(1)) };
+            let n_new = n_new.min(budget);
+            let need = self.blocks_for(seq.n_computed + n_new).saturating_sub(seq.blocks.len());
+            while self.blocks.n_available() < need && self.running.len() > i + 1 {
+                self.preempt(self.running.len() - 1);
+            }
+            if self.blocks.n_available() < need {
+                self.preempt(i);
+                continue;
+            }
+            let seq = &mut self.running[i];
+            for _ in 0..need {
+                seq.blocks.push(self.blocks.allocate().expect("availability was checked"));
+            }
+            plan.push((seq.arrival, n_new));
+            budget -= n_new;
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.config.max_running {
+            let Some(seq) = self.waiting.front_mut() else { break };
+            if seq.blocks.is_empty() {
+                let (blocks, last_hash) = self.blocks.match_prefix(&seq.tokens);
+                seq.n_computed = blocks.len() * self.config.block_size;
+                seq.n_hashed = blocks.len();
+                seq.last_hash = last_hash;
+                seq.blocks = blocks;
+            }
+            let n_new = (seq.tokens.len() - seq.n_computed).min(budget);
+            let need = (seq.n_computed + n_new).div_ceil(self.config.block_size).saturating_sub(seq.blocks.len());
+            if self.blocks.n_available() < need {
+                Self::release_blocks(&mut self.blocks, seq);
+                break;
+            }
+            for _ in 0..need {
+                seq.blocks.push(self.blocks.allocate().expect("availability was checked"));
+            }
+            let seq = self.waiting.pop_front().expect("front exists");
+            self.prefix_hit_tokens += seq.n_computed as u64;
+            if seq.n_computed > 0 {
+                tracing::debug!(arrival = seq.arrival, reused = seq.n_computed, "prefix cache hit");
+            }
+            let at = self.running.iter().position(|r| r.arrival > seq.arrival).unwrap_or(self.running.len());
+            plan.push((seq.arrival, n_new));
+            budget -= n_new;
+            self.running.insert(at, seq);
+        }
+        plan
+    }
+
+    fn index_of(&self, arrival: u64) -> Option<usize> {
+        self.running.binary_search_by_key(&arrival, |s| s.arrival).ok()
+    }
+
+    /// Runs one step: schedules, runs the model once over the batch, samples, streams, and
+    /// retires finished requests. Does nothing when there is no work.
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        backend: &dyn Backend,
+        cache: &PagedKvCache,
+        tokenizer: &Tokenizer,
+    ) -> Result<()> {
+        self.reap_cancelled();
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut batch = ForwardBatch::new(self.config.block_size);
+        let mut wants_logits = Vec::with_capacity(plan.len());
+        for &(arrival, n_new) in &plan {
+            let seq = &self.running[self.index_of(arrival).expect("planned sequences run")];
+            let end = seq.n_computed + n_new;
+            let logits = if end == seq.tokens.len() { Logits::Last } else { Logits::None };
+            wants_logits.push(logits == Logits::Last);
+            batch.push_sequence(&seq.tokens[seq.n_computed..end], seq.n_computed, &seq.blocks, logits)?;
+        }
+        let logits = match model.forward_batch(backend, &batch, cache).and_then(|l| Ok(backend.to_f32_vec(&l)?)) {
+            Ok(l) => l,
+            Err(e) => {
+                // The step failed as a whole: fail its requests, keep serving the others.
+                tracing::error!(error = %e, "model step failed");
+                for &(arrival, _) in &plan {
+                    if let Some(i) = self.index_of(arrival) {
+                        let mut seq = self.running.remove(i);
+                        Self::release_blocks(&mut self.blocks, &mut seq);
+                        (seq.sink)(StreamEvent::Error(format!("model step failed: {e}")));
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let vocab = model.config().vocab_size;
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
+            let i = self.index_of(arrival).expect("planned sequences run");
+            let seq = &mut self.running[i];
+            seq.n_computed += n_new;
+            let full_blocks = seq.n_computed / self.config.block_size;
+            while seq.n_hashed < full_blocks {
+                let b = seq.n_hashed;
+                let tokens = &seq.tokens[b * self.config.block_size..(b + 1) * self.config.block_size];
+                seq.last_hash = Some(self.blocks.register_full(seq.blocks[b], seq.last_hash, tokens));
+                seq.n_hashed += 1;
+            }
+            if !wants {
+                continue;
+            }
+            let mut logit_row = logits[row * vocab..(row + 1) * vocab].to_vec();
+            row += 1;
+            let raw = (seq.top_logprobs > 0).then(|| logit_row.clone());
+            let token = match seq.sampler.sample(&mut logit_row) {
+                Ok(t) => t,
+                Err(e) => {
+                    (seq.sink)(StreamEvent::Error(e.to_string()));
+                    finished.push(arrival);
+                    continue;
+                }
+            };
+            let logprobs = raw.map(|r| vec![logprobs_of(&r, token, seq.top_logprobs)]).unwrap_or_default();
+            seq.tokens.push(token);
+            seq.first_token_at.get_or_insert_with(Instant::now);
+            match Self::advance(seq, tokenizer, &self.stop_ids, token, logprobs) {
+                Ok(Some((reason, stop_string))) => {
+                    seq.finish(reason, stop_string);
+                    finished.push(arrival);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    (seq.sink)(StreamEvent::Error(e.to_string()));
+                    finished.push(arrival);
+                }
+            }
+        }
+        for arrival in finished {
+            if let Some(i) = self.index_of(arrival) {
+                let mut seq = self.running.remove(i);
+                Self::release_blocks(&mut self.blocks, &mut seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a newly sampled token and says whether the sequence is done.
+    fn advance(
+        seq: &mut Sequence<'_>,
+        tokenizer: &Tokenizer,
+        stop_ids: &BTreeSet<u32>,
+        token: u32,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<Option<(FinishReason, Option<String>)>> {
+        let mut text = String::new();
+        let mut done = None;
+        if !seq.ignore_eos && stop_ids.contains(&token) {
+            done = Some((FinishReason::Stop, None));
+        } else {
+            let piece = seq.decoder.push(tokenizer, token)?;
+            let scan = seq.stops.push(&piece);
+            text.push_str(&scan.emit);
+            if scan.matched.is_some() {
+                done = Some((FinishReason::Stop, scan.matched));
+            } else if seq.n_generated() >= seq.max_new_tokens {
+                done = Some((FinishReason::Length, None));
+            }
+        }
+        if let Some((_, None)) = &done {
+            // Flush what the decoder and the stop matcher held back.
+            let tail = seq.decoder.finish(tokenizer)?;
+            let scan = seq.stops.push(&tail);
+            text.push_str(&scan.emit);
+            if scan.matched.is_some() {
+                done = Some((FinishReason::Stop, scan.matched));
+            } else {
+                text.push_str(&seq.stops.finish());
+            }
+        }
+        let alive = (seq.sink)(StreamEvent::Delta { text, token_ids: vec![token], logprobs });
+        if !alive {
+            seq.cancel.store(true, Ordering::Relaxed);
+        }
+        Ok(done)
+    }
+}
