@@ -119,10 +119,10 @@ impl BlockManager {
     }
 
     fn acquire(&mut self, block: u32) {
-        if self.ref_counts[block as usize] == 0 {
-            if let Some(tick) = self.evictable_tick[block as usize].take() {
-                self.evictable.remove(&tick);
-            }
+        if self.ref_counts[block as usize] == 0
+            && let Some(tick) = self.evictable_tick[block as usize].take()
+        {
+            self.evictable.remove(&tick);
         }
         self.ref_counts[block as usize] += 1;
     }
