@@ -225,3 +225,174 @@ fn hugging_face_tokenizer_files_load_the_same_tokenizer() {
     assert_eq!(hf.stop_ids(), engine.tokenizer().stop_ids());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod scheduling {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use flint_e2e::{cpu_engine, smollm2_reference};
+    use flint_engine::{
+        ChatMessage, FinishReason, GenerateRequest, Prompt, Scheduler, SchedulerConfig, StreamEvent, TokenLogprob,
+    };
+
+    #[derive(Default, Debug)]
+    struct Collected {
+        tokens: Vec<u32>,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+        finish: Option<FinishReason>,
+        error: Option<String>,
+    }
+
+    fn collector() -> (Arc<Mutex<Collected>>, flint_engine::Sink<'static>) {
+        let out = Arc::new(Mutex::new(Collected::default()));
+        let sink_out = Arc::clone(&out);
+        let sink = Box::new(move |event: StreamEvent| {
+            let mut c = sink_out.lock().expect("collector lock");
+            match event {
+                StreamEvent::Delta { text, token_ids, logprobs } => {
+                    c.text.push_str(&text);
+                    c.tokens.extend(token_ids);
+                    c.logprobs.extend(logprobs);
+                }
+                StreamEvent::Finished { reason, .. } => c.finish = Some(reason),
+                StreamEvent::Error(e) => c.error = Some(e),
+            }
+            true
+        });
+        (out, sink)
+    }
+
+    fn request_for(kind: &str, prompt: &str, max_tokens: usize) -> GenerateRequest {
+        let prompt = match kind {
+            "raw" => Prompt::Raw(prompt.to_string()),
+            _ => Prompt::Chat(vec![ChatMessage::new("user", prompt)]),
+        };
+        GenerateRequest { max_tokens, ..GenerateRequest::new(prompt) }
+    }
+
+    /// Every reference case, twice (the second copy reuses the first's cached prefix), run
+    /// together through a cache far too small for all of them and a small token budget: each
+    /// greedy stream equals the reference, and every block is free afterwards.
+    #[test]
+    fn concurrent_requests_under_memory_pressure_match_the_reference() {
+        let engine = cpu_engine();
+        let reference = smollm2_reference();
+        let config =
+            SchedulerConfig { block_size: 16, n_blocks: 14, max_batch_tokens: 48, max_running: 8, max_waiting: 64 };
+        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).unwrap();
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).unwrap();
+        let mut expected = Vec::new();
+        for round in 0..2 {
+            for case in &reference.cases {
+                let max_tokens = 6 + (expected.len() % 5) * 3;
+                let request = engine.prepare(&request_for(&case.kind, &case.prompt, max_tokens)).unwrap();
+                let (out, sink) = collector();
+                scheduler.add(request, sink, Arc::new(AtomicBool::new(false))).unwrap();
+                let n = max_tokens.min(case.token_ids.len());
+                expected.push((out, case.token_ids[..n].to_vec(), round));
+            }
+            // Let the first round get going so the second finds its prefixes cached.
+            for _ in 0..4 {
+                scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+            }
+        }
+        engine.run_to_completion(&mut scheduler, &cache).unwrap();
+        let stats = scheduler.stats();
+        assert!(stats.preemptions > 0, "the test must exercise preemption: {stats:?}");
+        assert!(stats.prefix_hit_tokens > 0, "the test must exercise prefix reuse: {stats:?}");
+        assert_eq!(stats.kv_blocks_used, 0, "every block is free after the run: {stats:?}");
+        assert_eq!((stats.running, stats.waiting), (0, 0));
+        for (out, want, round) in expected {
+            let out = out.lock().unwrap();
+            assert_eq!(out.error, None);
+            assert_eq!(out.tokens, want, "round {round}: {:?}", out.text);
+            assert!(out.finish.is_some());
+        }
+    }
+
+    /// Cancelled and disconnected requests stop at once and give their blocks back, while the
+    /// others finish normally.
+    #[test]
+    fn cancellation_and_disconnects_free_blocks() {
+        let engine = cpu_engine();
+        let config =
+            SchedulerConfig { block_size: 16, n_blocks: 64, max_batch_tokens: 256, max_running: 8, max_waiting: 8 };
+        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).unwrap();
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).unwrap();
+        let long = |p: &str| GenerateRequest { ignore_eos: true, ..request_for("raw", p, 40) };
+
+        let (kept, sink) = collector();
+        scheduler
+            .add(engine.prepare(&long("The weather today")).unwrap(), sink, Arc::new(AtomicBool::new(false)))
+            .unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (cancelled, sink) = collector();
+        scheduler.add(engine.prepare(&long("A cancelled story")).unwrap(), sink, Arc::clone(&cancel)).unwrap();
+        // A client that goes away after three tokens.
+        let seen = Arc::new(Mutex::new(0usize));
+        let seen_in_sink = Arc::clone(&seen);
+        let sink = Box::new(move |event: StreamEvent| {
+            let mut n = seen_in_sink.lock().expect("counter lock");
+            if matches!(event, StreamEvent::Delta { .. }) {
+                *n += 1;
+            }
+            *n < 3
+        });
+        scheduler
+            .add(engine.prepare(&long("A client that leaves")).unwrap(), sink, Arc::new(AtomicBool::new(false)))
+            .unwrap();
+
+        for _ in 0..5 {
+            scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+        }
+        assert!(scheduler.stats().kv_blocks_used > 0);
+        cancel.store(true, Ordering::Relaxed);
+        scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+        assert_eq!(cancelled.lock().unwrap().finish, Some(FinishReason::Cancelled));
+        assert_eq!(*seen.lock().unwrap(), 3, "the disconnected client got nothing after it left");
+        assert_eq!(scheduler.stats().running, 1);
+        engine.run_to_completion(&mut scheduler, &cache).unwrap();
+        assert_eq!(kept.lock().unwrap().finish, Some(FinishReason::Length));
+        assert_eq!(kept.lock().unwrap().tokens.len(), 40);
+        assert_eq!(scheduler.stats().kv_blocks_used, 0);
+    }
+
+    #[test]
+    fn logprobs_are_normalized_and_rank_the_greedy_token_first() {
+        let engine = cpu_engine();
+        let request = GenerateRequest { top_logprobs: 5, ..request_for("chat", "What is 2+2?", 6) };
+        let generation = engine.generate(&request, &mut |_| {}).unwrap();
+        assert_eq!(generation.logprobs.len(), generation.token_ids.len());
+        for (lp, &token) in generation.logprobs.iter().zip(&generation.token_ids) {
+            assert_eq!(lp.token_id, token);
+            assert_eq!(lp.top.len(), 5);
+            assert_eq!(lp.top[0].0, token, "greedy picks the most likely token");
+            assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            let mass: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
+            assert!(mass <= 1.0 + 1e-4);
+        }
+    }
+
+    #[test]
+    fn requests_that_cannot_fit_are_refused() {
+        let engine = cpu_engine();
+        let config =
+            SchedulerConfig { block_size: 16, n_blocks: 2, max_batch_tokens: 64, max_running: 2, max_waiting: 1 };
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).unwrap();
+        let too_long = engine.prepare(&request_for("raw", &"word ".repeat(40), 4)).unwrap();
+        let err = scheduler.add(too_long, collector().1, Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(err.to_string().contains("32"), "{err}");
+        let too_many_tokens = engine.prepare(&request_for("raw", "hi", 100)).unwrap();
+        let err = scheduler.add(too_many_tokens, collector().1, Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(err.to_string().contains("max_tokens"), "{err}");
+        scheduler
+            .add(engine.prepare(&request_for("raw", "hi", 4)).unwrap(), collector().1, Arc::new(AtomicBool::new(false)))
+            .unwrap();
+        let err = scheduler
+            .add(engine.prepare(&request_for("raw", "hi", 4)).unwrap(), collector().1, Arc::new(AtomicBool::new(false)))
+            .unwrap_err();
+        assert!(matches!(err, flint_engine::Error::Overloaded(_)), "{err}");
+    }
+}
