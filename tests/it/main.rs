@@ -361,7 +361,7 @@ mod scheduling {
     #[test]
     fn logprobs_are_normalized_and_rank_the_greedy_token_first() {
         let engine = cpu_engine();
-        let request = GenerateRequest { top_logprobs: 5, ..request_for("chat", "What is 2+2?", 6) };
+        let request = GenerateRequest { logprobs: Some(5), ..request_for("chat", "What is 2+2?", 6) };
         let generation = engine.generate(&request, &mut |_| {}).unwrap();
         assert_eq!(generation.logprobs.len(), generation.token_ids.len());
         for (lp, &token) in generation.logprobs.iter().zip(&generation.token_ids) {

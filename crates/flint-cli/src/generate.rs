@@ -67,7 +67,10 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// With --json, report each generated token's log-probability and this many alternatives.
+    /// With --json, report each generated token's log-probability.
+    #[arg(long)]
+    logprobs: bool,
+    /// With --logprobs, also this many most likely alternatives per token (at most 20).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
     top_logprobs: u32,
     /// Print one JSON object with the text, token ids, finish reason and timings.
@@ -78,11 +81,31 @@ pub struct GenerateArgs {
     device: DeviceArg,
 }
 
-fn backend_for(device: DeviceArg) -> anyhow::Result<Box<dyn Backend>> {
+/// The backend for a `--device` choice.
+pub fn backend_for(device: DeviceArg) -> anyhow::Result<Box<dyn Backend>> {
     match device {
         DeviceArg::Auto | DeviceArg::Cpu => Ok(Box::new(CpuBackend::new())),
         DeviceArg::Cuda => bail!("device cuda is not available: this build has no CUDA backend yet (use --device cpu)"),
     }
+}
+
+/// Opens the model at `path` and loads it on `device`, with a progress bar on stderr.
+pub fn load_engine(model_path: &std::path::Path, device: DeviceArg) -> anyhow::Result<Engine> {
+    let backend = backend_for(device)?;
+    let source = ModelSource::open(model_path)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let engine = Engine::load(&source, backend, DType::F32, &mut |p| {
+        bar.set_length(p.total_bytes as u64);
+        bar.set_position(p.loaded_bytes as u64);
+    })
+    .with_context(|| format!("loading {}", model_path.display()))?;
+    bar.finish_and_clear();
+    Ok(engine)
 }
 
 #[derive(Serialize)]
@@ -106,23 +129,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     let model_path = crate::resolve_model(args.model)?;
-    let backend = backend_for(args.device)?;
-    let device = backend.device();
-
-    let source = ModelSource::open(&model_path)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
-            .context("progress bar template")?
-            .progress_chars("=> "),
-    );
-    bar.set_message(model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let engine = Engine::load(&source, backend, DType::F32, &mut |p| {
-        bar.set_length(p.total_bytes as u64);
-        bar.set_position(p.loaded_bytes as u64);
-    })
-    .with_context(|| format!("loading {}", model_path.display()))?;
-    bar.finish_and_clear();
-    drop(source);
+    let engine = load_engine(&model_path, args.device)?;
+    let device = engine.backend().device();
 
     let prompt = if args.raw {
         Prompt::Raw(args.prompt)
@@ -142,7 +150,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop: args.stop,
         ignore_eos: args.ignore_eos,
-        top_logprobs: args.top_logprobs as usize,
+        logprobs: (args.logprobs || args.top_logprobs > 0).then_some(args.top_logprobs as usize),
     };
 
     let generation = if args.json {

@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print a checkpoint's architecture, shapes, tensor types and memory needs.
     Inspect(inspect::InspectArgs),
+    /// Serve the model over gRPC (flint.v1.Inference, health, reflection) with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// File name of the default model, fetched by `cargo xtask fetch-model` into `models/`.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,8 +35,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
-    /// Alternatives to report with each generated token's log-probability (0: no logprobs).
-    pub top_logprobs: usize,
+    /// Report each generated token's log-probability with this many alternatives; `None`
+    /// reports no log-probabilities.
+    pub logprobs: Option<usize>,
 }
 
 /// Most alternatives a request may ask log-probabilities for.
@@ -50,7 +51,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
-            top_logprobs: 0,
+            logprobs: None,
         }
     }
 }
@@ -177,11 +178,8 @@ impl Engine {
         if request.max_tokens == 0 {
             return Err(Error::InvalidRequest("max_tokens must be at least 1".to_string()));
         }
-        if request.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(Error::InvalidRequest(format!(
-                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
-                request.top_logprobs
-            )));
+        if let Some(n) = request.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::InvalidRequest(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}")));
         }
         request.sampling.validate()?;
         let prompt_ids = self.prompt_ids(&request.prompt)?;
@@ -195,7 +193,7 @@ impl Engine {
             sampling: request.sampling.clone(),
             stop: request.stop.clone(),
             ignore_eos: request.ignore_eos,
-            top_logprobs: request.top_logprobs,
+            logprobs: request.logprobs,
         })
     }
 

@@ -51,8 +51,8 @@ pub struct PreparedRequest {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
-    /// Alternatives to report with each token's log-probability (0: none).
-    pub top_logprobs: usize,
+    /// Report each token's log-probability with this many alternatives; `None`: no logprobs.
+    pub logprobs: Option<usize>,
 }
 
 /// The log-probability of a generated token and of the most likely alternatives, under the
@@ -124,7 +124,7 @@ struct Sequence<'a> {
     decoder: StreamDecoder,
     stops: StopMatcher,
     ignore_eos: bool,
-    top_logprobs: usize,
+    logprobs: Option<usize>,
     sink: Sink<'a>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
@@ -249,7 +249,7 @@ impl<'a> Scheduler<'a> {
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(&request.stop),
             ignore_eos: request.ignore_eos,
-            top_logprobs: request.top_logprobs,
+            logprobs: request.logprobs,
             sink,
             cancel,
             submitted: Instant::now(),
@@ -440,7 +440,7 @@ impl<'a> Scheduler<'a> {
             }
             let mut logit_row = logits[row * vocab..(row + 1) * vocab].to_vec();
             row += 1;
-            let raw = (seq.top_logprobs > 0).then(|| logit_row.clone());
+            let raw = seq.logprobs.map(|top| (top, logit_row.clone()));
             let token = match seq.sampler.sample(&mut logit_row) {
                 Ok(t) => t,
                 Err(e) => {
@@ -449,7 +449,7 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
             };
-            let logprobs = raw.map(|r| vec![logprobs_of(&r, token, seq.top_logprobs)]).unwrap_or_default();
+            let logprobs = raw.map(|(top, r)| vec![logprobs_of(&r, token, top)]).unwrap_or_default();
             seq.tokens.push(token);
             seq.first_token_at.get_or_insert_with(Instant::now);
             match Self::advance(seq, tokenizer, &self.stop_ids, token, logprobs) {

@@ -1,0 +1,116 @@
+//! `flint serve`: the gRPC server over one model, until SIGTERM or Ctrl-C.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use flint_engine::SchedulerConfig;
+use flint_server::{ServeOptions, Server};
+
+use crate::generate::{DeviceArg, load_engine};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A GGUF file or a Hugging Face model directory [default: $FLINT_MODEL, else the fetched SmolLM2]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// gRPC port.
+    #[arg(long, default_value_t = 50051)]
+    port: u16,
+    /// Port for Prometheus metrics on /metrics (same host); off when not given.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_cache_mb: u64,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    block_size: u32,
+    /// Most tokens per step (prompt chunks and decodes together).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch_tokens: u32,
+    /// Most requests running at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_running: u32,
+    /// Most requests waiting; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_waiting: u32,
+    /// Require `authorization: Bearer TOKEN` on every call except health checks.
+    #[arg(long, env = "FLINT_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Seconds running requests get to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace_s: f64,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.shutdown_grace_s.is_finite() && args.shutdown_grace_s >= 0.0,
+        "--shutdown-grace-s must be a number of seconds >= 0"
+    );
+    let model_path = crate::resolve_model(args.model)?;
+    let engine = load_engine(&model_path, args.device)?;
+    let bytes_per_token = engine.model().kv_bytes_per_token();
+    let block_size = args.block_size as usize;
+    let n_blocks = ((args.kv_cache_mb as usize) << 20) / (bytes_per_token * block_size);
+    anyhow::ensure!(n_blocks > 0, "--kv-cache-mb {} holds no block of {block_size} tokens", args.kv_cache_mb);
+    let scheduler = SchedulerConfig {
+        block_size,
+        n_blocks,
+        max_batch_tokens: args.max_batch_tokens as usize,
+        max_running: args.max_running as usize,
+        max_waiting: args.max_waiting as usize,
+    };
+    let options = ServeOptions {
+        model_name: model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        scheduler,
+        metrics_addr: args.metrics_port.map(|p| SocketAddr::new(args.host, p)),
+        auth_token: args.auth_token.filter(|t| !t.is_empty()),
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s),
+    };
+    let addr = SocketAddr::new(args.host, args.port);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let server = Server::new(Arc::new(engine), options)?;
+        eprintln!(
+            "serving {} on {addr} (KV cache: {} tokens in {n_blocks} blocks)",
+            model_path.display(),
+            n_blocks * block_size
+        );
+        server.run(listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
