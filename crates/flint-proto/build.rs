@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = root.join("flint/v1/inference.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("flint_v1_descriptor.bin");
-    tonic_prost_build::configure().file_descriptor_set_path(&descriptor).compile_protos(&[proto], &[root])?;
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::FlintCodec")
+        .file_descriptor_set_path(&descriptor)
+        .compile_protos(&[proto], &[root])?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! live, and one engine per test binary on the CPU backend.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use flint_cpu::CpuBackend;
 use flint_engine::Engine;
@@ -30,10 +30,17 @@ pub fn default_model_path() -> PathBuf {
 
 /// The default model loaded on the CPU, once per test binary.
 pub fn cpu_engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    shared_cpu_engine().as_ref()
+}
+
+/// The same engine as [`cpu_engine`], shareable with a server.
+pub fn shared_cpu_engine() -> &'static Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let source = ModelSource::open(&default_model_path()).expect("default model opens");
-        Engine::load(&source, Box::new(CpuBackend::new()), DType::F32, &mut |_| {}).expect("default model loads")
+        Arc::new(
+            Engine::load(&source, Box::new(CpuBackend::new()), DType::F32, &mut |_| {}).expect("default model loads"),
+        )
     })
 }
 

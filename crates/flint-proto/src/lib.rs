@@ -1,4 +1,7 @@
-//! Generated code for Flint's gRPC API: package `flint.v1` (`proto/flint/v1`). Nothing else.
+//! Generated code for Flint's gRPC API: package `flint.v1` (`proto/flint/v1`), and the codec it
+//! uses.
+
+pub mod codec;
 
 /// Messages, the `Inference` client and the `Inference` server trait.
 #[allow(missing_debug_implementations, clippy::all)]
