@@ -1,5 +1,6 @@
 //! The `flint` command: `generate` text with a model, `inspect` a checkpoint.
 
+mod bench;
 mod generate;
 mod inspect;
 mod serve;
@@ -23,6 +24,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print a checkpoint's architecture, shapes, tensor types and memory needs.
     Inspect(inspect::InspectArgs),
+    /// Load-test a running `flint serve`: throughput, time to first token, time per output token.
+    Bench(bench::BenchArgs),
     /// Serve the model over gRPC (flint.v1.Inference, health, reflection) with continuous batching.
     Serve(serve::ServeArgs),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

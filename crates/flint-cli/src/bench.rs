@@ -1,0 +1,344 @@
+//! `flint bench --server ADDR`: a load generator for `flint serve`. Sends requests with
+//! synthetic prompts of chosen token lengths (ids drawn from the model's vocabulary, EOS
+//! ignored so every output has its chosen length), at a fixed concurrency or a Poisson request
+//! rate, and reports throughput and latency percentiles.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use flint_proto::v1 as pb;
+use pb::inference_client::InferenceClient;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// A length: `N` exactly, or `A:B` drawn uniformly from A..=B.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LengthRange {
+    min: u32,
+    max: u32,
+}
+
+impl FromStr for LengthRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("{t:?} is not a token count"));
+        let (min, max) = match s.split_once(':') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if min == 0 || min > max {
+            return Err(format!("{s:?}: lengths must be at least 1, written N or MIN:MAX"));
+        }
+        Ok(LengthRange { min, max })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Address of a running `flint serve` (host:port or http://host:port).
+    #[arg(long)]
+    server: String,
+    /// Requests to send.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    num_requests: u32,
+    /// Requests in flight at once (closed loop). Ignored with --request-rate.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: u32,
+    /// Requests per second, arriving as a Poisson process (open loop).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Prompt length in tokens: N, or MIN:MAX drawn uniformly.
+    #[arg(long, default_value = "128")]
+    prompt_len: LengthRange,
+    /// Output length in tokens: N, or MIN:MAX drawn uniformly.
+    #[arg(long, default_value = "128")]
+    output_len: LengthRange,
+    /// Seed for prompts, lengths and arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Bearer token for the server.
+    #[arg(long, env = "FLINT_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Planned {
+    prompt: Vec<u32>,
+    output_len: u32,
+    /// Offset from the start at which to send (open loop).
+    send_at: Duration,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    ok: bool,
+    error: Option<String>,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    ttft_s: f64,
+    tpot_s: Option<f64>,
+    latency_s: f64,
+}
+
+/// Percentiles of one metric, in milliseconds.
+#[derive(Debug, Serialize)]
+struct Percentiles {
+    mean: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize] * 1e3;
+    Some(Percentiles {
+        mean: values.iter().sum::<f64>() / values.len() as f64 * 1e3,
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        max: at(1.0),
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    server: String,
+    model: String,
+    device: String,
+    mode: String,
+    requests: u32,
+    succeeded: usize,
+    failed: usize,
+    first_error: Option<String>,
+    duration_s: f64,
+    requests_per_s: f64,
+    output_tokens_per_s: f64,
+    total_tokens_per_s: f64,
+    prompt_tokens: u64,
+    output_tokens: u64,
+    ttft_ms: Option<Percentiles>,
+    tpot_ms: Option<Percentiles>,
+    latency_ms: Option<Percentiles>,
+}
+
+async fn one_request(mut client: InferenceClient<Channel>, token: Option<String>, plan: Planned) -> Outcome {
+    let started = Instant::now();
+    let prompt_tokens = plan.prompt.len() as u32;
+    let body = pb::GenerateRequest {
+        prompt_token_ids: plan.prompt,
+        max_tokens: plan.output_len,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut request = tonic::Request::new(body);
+    if let Some(t) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        request.metadata_mut().insert("authorization", t);
+    }
+    let result: Result<(u32, Option<Instant>, Instant), tonic::Status> = async {
+        let mut stream = client.generate(request).await?.into_inner();
+        let mut n = 0u32;
+        let mut first = None;
+        let mut last = Instant::now();
+        while let Some(msg) = stream.message().await? {
+            if !msg.token_ids.is_empty() {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = now;
+                n += msg.token_ids.len() as u32;
+            }
+        }
+        Ok((n, first, last))
+    }
+    .await;
+    let latency_s = started.elapsed().as_secs_f64();
+    match result {
+        Ok((n, Some(first), last)) => Outcome {
+            ok: true,
+            error: None,
+            prompt_tokens,
+            output_tokens: n,
+            ttft_s: (first - started).as_secs_f64(),
+            tpot_s: (n > 1).then(|| (last - first).as_secs_f64() / (n - 1) as f64),
+            latency_s,
+        },
+        Ok((_, None, _)) => Outcome {
+            ok: false,
+            error: Some("the stream ended without tokens".into()),
+            prompt_tokens,
+            output_tokens: 0,
+            ttft_s: 0.0,
+            tpot_s: None,
+            latency_s,
+        },
+        Err(status) => Outcome {
+            ok: false,
+            error: Some(format!("{:?}: {}", status.code(), status.message())),
+            prompt_tokens,
+            output_tokens: 0,
+            ttft_s: 0.0,
+            tpot_s: None,
+            latency_s,
+        },
+    }
+}
+
+fn endpoint(server: &str) -> String {
+    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(rate) = args.request_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--request-rate must be a positive number of requests per second");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = runtime.block_on(bench(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("encoding the report")?);
+    } else {
+        print_table(&report);
+    }
+    if report.succeeded == 0 {
+        bail!("every request failed: {}", report.first_error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
+    let uri = endpoint(&args.server);
+    let channel = Channel::from_shared(uri.clone())
+        .with_context(|| format!("invalid server address {:?}", args.server))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {uri}"))?;
+    let mut info_request = tonic::Request::new(pb::ModelInfoRequest {});
+    if let Some(t) = args.auth_token.as_ref().and_then(|t| format!("Bearer {t}").parse().ok()) {
+        info_request.metadata_mut().insert("authorization", t);
+    }
+    let info = InferenceClient::new(channel.clone())
+        .model_info(info_request)
+        .await
+        .map_err(|s| anyhow::anyhow!("ModelInfo failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let vocab = info.vocab_size.max(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut send_at = Duration::ZERO;
+    let plans: Vec<Planned> = (0..args.num_requests)
+        .map(|_| {
+            let n_prompt = rng.random_range(args.prompt_len.min..=args.prompt_len.max);
+            let output_len = rng.random_range(args.output_len.min..=args.output_len.max);
+            // Ordinary ids: skip the low range, where tokenizers keep their special tokens.
+            let low = 256.min(vocab - 1);
+            let prompt = (0..n_prompt).map(|_| rng.random_range(low..vocab)).collect();
+            if let Some(rate) = args.request_rate {
+                let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                send_at += Duration::from_secs_f64(-u.ln() / rate);
+            }
+            Planned { prompt, output_len, send_at }
+        })
+        .collect();
+
+    let started = Instant::now();
+    let token = args.auth_token.clone();
+    let outcomes: Vec<Outcome> = if args.request_rate.is_some() {
+        let mut tasks = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let client = InferenceClient::new(channel.clone());
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until((started + plan.send_at).into()).await;
+                one_request(client, token, plan).await
+            }));
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.context("request task")?);
+        }
+        out
+    } else {
+        let queue = std::sync::Arc::new(tokio::sync::Mutex::new(plans.into_iter()));
+        let mut workers = Vec::new();
+        for _ in 0..args.concurrency {
+            let queue = std::sync::Arc::clone(&queue);
+            let client = InferenceClient::new(channel.clone());
+            let token = token.clone();
+            workers.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let next = queue.lock().await.next();
+                    let Some(plan) = next else { break };
+                    done.push(one_request(client.clone(), token.clone(), plan).await);
+                }
+                done
+            }));
+        }
+        let mut out = Vec::new();
+        for w in workers {
+            out.extend(w.await.context("worker task")?);
+        }
+        out
+    };
+    let duration_s = started.elapsed().as_secs_f64();
+
+    let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
+    let prompt_tokens: u64 = ok.iter().map(|o| o.prompt_tokens as u64).sum();
+    let output_tokens: u64 = ok.iter().map(|o| o.output_tokens as u64).sum();
+    Ok(Report {
+        server: uri,
+        model: info.model,
+        device: info.device,
+        mode: match args.request_rate {
+            Some(r) => format!("poisson {r} req/s"),
+            None => format!("concurrency {}", args.concurrency),
+        },
+        requests: args.num_requests,
+        succeeded: ok.len(),
+        failed: outcomes.len() - ok.len(),
+        first_error: outcomes.iter().find_map(|o| o.error.clone()),
+        duration_s,
+        requests_per_s: ok.len() as f64 / duration_s,
+        output_tokens_per_s: output_tokens as f64 / duration_s,
+        total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / duration_s,
+        prompt_tokens,
+        output_tokens,
+        ttft_ms: percentiles(ok.iter().map(|o| o.ttft_s).collect()),
+        tpot_ms: percentiles(ok.iter().filter_map(|o| o.tpot_s).collect()),
+        latency_ms: percentiles(ok.iter().map(|o| o.latency_s).collect()),
+    })
+}
+
+fn print_table(r: &Report) {
+    println!("server         {} ({} on {})", r.server, r.model, r.device);
+    println!("load           {}, {} requests", r.mode, r.requests);
+    println!(
+        "succeeded      {} ({} failed{})",
+        r.succeeded,
+        r.failed,
+        r.first_error.as_ref().map(|e| format!(", first: {e}")).unwrap_or_default()
+    );
+    println!("duration       {:.2} s", r.duration_s);
+    println!(
+        "throughput     {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
+        r.requests_per_s, r.output_tokens_per_s, r.total_tokens_per_s
+    );
+    println!("tokens         {} prompt, {} output", r.prompt_tokens, r.output_tokens);
+    println!("{:<14} {:>10} {:>10} {:>10} {:>10} {:>10}", "ms", "mean", "p50", "p90", "p99", "max");
+    for (name, p) in [("TTFT", &r.ttft_ms), ("TPOT", &r.tpot_ms), ("latency", &r.latency_ms)] {
+        if let Some(p) = p {
+            println!("{name:<14} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", p.mean, p.p50, p.p90, p.p99, p.max);
+        }
+    }
+}
