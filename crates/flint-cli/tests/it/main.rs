@@ -209,3 +209,74 @@ fn a_prompt_longer_than_the_context_fails_cleanly() {
     let long = "hello ".repeat(9000);
     assert_clean_failure(&flint(&["generate", "--model", &model(), "--raw", "--prompt", &long]), "8192");
 }
+
+/// A free loopback port (bound and released; the race with other processes is negligible here).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body
+}
+
+/// `flint serve` and `flint bench` as processes: the bench succeeds, metrics are exported, and
+/// SIGTERM stops the server cleanly.
+#[test]
+fn serve_bench_metrics_and_sigterm() {
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut server = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(["serve", "--model", &model(), "--port", &port.to_string(), "--metrics-port", &metrics_port.to_string()])
+        .args(["--kv-cache-mb", "64", "--shutdown-grace-s", "20"])
+        .env_remove("FLINT_AUTH_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let addr = format!("127.0.0.1:{port}");
+    let mut bench = None;
+    for _ in 0..100 {
+        let out = flint(&[
+            "bench",
+            "--server",
+            &addr,
+            "--num-requests",
+            "6",
+            "--concurrency",
+            "3",
+            "--prompt-len",
+            "8:24",
+            "--output-len",
+            "4",
+            "--json",
+        ]);
+        if out.status.success() {
+            bench = Some(out);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let bench = bench.expect("bench ran against the server");
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("bench JSON");
+    assert_eq!(report["succeeded"], 6, "{report}");
+    assert_eq!(report["output_tokens"], 24);
+    assert!(report["ttft_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0));
+
+    let metrics = http_get(metrics_port, "/metrics");
+    for name in [
+        "flint_time_to_first_token_seconds",
+        "flint_time_per_output_token_seconds",
+        "flint_kv_blocks_used 0",
+        "flint_generation_tokens_total 24",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name:?}:\n{metrics}");
+    }
+
+    let pid = server.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    let status = server.wait().expect("server exits");
+    assert!(status.success(), "server exited with {status}");
+}
