@@ -173,7 +173,7 @@ pub struct GenerateStream {
     submitted: Instant,
     first_token: Option<Instant>,
     done: bool,
-    _span: tracing::Span,
+    span: tracing::Span,
 }
 
 impl std::fmt::Debug for GenerateStream {
@@ -186,6 +186,8 @@ impl Stream for GenerateStream {
     type Item = std::result::Result<pb::GenerateResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let span = self.span.clone();
+        let _entered = span.enter();
         if self.done {
             return Poll::Ready(None);
         }
@@ -248,7 +250,6 @@ impl Stream for GenerateStream {
                 };
                 metrics::counter!("flint_requests_total", "outcome" => outcome).increment(1);
                 tracing::info!(
-                    request_id = %self.request_id,
                     prompt_tokens = usage.prompt_tokens,
                     completion_tokens = usage.completion_tokens,
                     finish = outcome,
@@ -324,7 +325,7 @@ impl pb::inference_server::Inference for Service {
             submitted,
             first_token: None,
             done: false,
-            _span: span,
+            span,
         }))
     }
 

@@ -161,3 +161,28 @@ async fn bearer_token_is_required_when_configured() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health without token");
 }
+
+/// With one request running and one waiting, a third is refused as overload, not queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_resource_exhausted() {
+    let server = start(
+        flint_engine::SchedulerConfig {
+            block_size: 16,
+            n_blocks: 64,
+            max_batch_tokens: 64,
+            max_running: 1,
+            max_waiting: 1,
+        },
+        None,
+    )
+    .await;
+    let long = || pb::GenerateRequest { ignore_eos: true, ..raw("Counting slowly:", 200) };
+    let mut first = server.client().await;
+    let mut running = first.generate(long()).await.expect("first runs").into_inner();
+    running.message().await.expect("message").expect("a token");
+    let mut second = server.client().await;
+    let _waiting = second.generate(long()).await.expect("second waits").into_inner();
+    let mut third = server.client().await;
+    let status = collect(&mut third, long()).await.expect_err("third is refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+}
