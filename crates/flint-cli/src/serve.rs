@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Require `authorization: Bearer TOKEN` on every call except health checks.
     #[arg(long, env = "FLINT_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// Serve TLS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Seconds running requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace_s: f64,
@@ -80,6 +86,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.shutdown_grace_s.is_finite() && args.shutdown_grace_s >= 0.0,
         "--shutdown-grace-s must be a number of seconds >= 0"
     );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(flint_server::TlsFiles {
+            cert_pem: std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?,
+        }),
+        _ => None,
+    };
     let model_path = crate::resolve_model(args.model)?;
     let engine = load_engine(&model_path, args.device)?;
     let bytes_per_token = engine.model().kv_bytes_per_token();
@@ -99,6 +112,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_port.map(|p| SocketAddr::new(args.host, p)),
         auth_token: args.auth_token.filter(|t| !t.is_empty()),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s),
+        tls,
     };
     let addr = SocketAddr::new(args.host, args.port);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

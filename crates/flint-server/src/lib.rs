@@ -40,6 +40,21 @@ pub struct ServeOptions {
     pub auth_token: Option<String>,
     /// How long running requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Serve TLS with this PEM certificate chain and private key.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key, as read from disk.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles").field("cert_pem", &self.cert_pem.len()).field("key_pem", &"<redacted>").finish()
+    }
 }
 
 /// A server ready to run: the engine worker has started.
@@ -132,7 +147,14 @@ impl Server {
         };
         let local = listener.local_addr().map_err(|e| Error::Startup(e.to_string()))?;
         tracing::info!(addr = %local, "serving flint.v1.Inference");
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.options.tls {
+            let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| Error::Startup(format!("TLS: {e}")))?;
+        }
+        let result = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)

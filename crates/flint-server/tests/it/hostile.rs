@@ -186,3 +186,35 @@ async fn a_full_queue_is_resource_exhausted() {
     let status = collect(&mut third, long()).await.expect_err("third is refused");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
 }
+
+/// With a certificate the server speaks TLS: a client trusting that certificate is served, a
+/// plaintext client is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("self-signed certificate");
+    let cert_pem = key.cert.pem();
+    let tls = flint_server::TlsFiles {
+        cert_pem: cert_pem.clone().into_bytes(),
+        key_pem: key.signing_key.serialize_pem().into_bytes(),
+    };
+    let server = start_with_tls(scheduler(32, 4), None, Some(tls)).await;
+    let tls_config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(cert_pem)).domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", server.addr))
+        .expect("uri")
+        .tls_config(tls_config)
+        .expect("client TLS")
+        .connect()
+        .await
+        .expect("TLS connection");
+    let mut client = pb::inference_client::InferenceClient::new(channel);
+    let out = collect(&mut client, raw("The capital of France is", 2)).await.expect("served over TLS");
+    assert_eq!(out.token_ids.len(), 2);
+
+    let plain = Channel::from_shared(format!("http://{}", server.addr)).expect("uri").connect().await;
+    if let Ok(plain) = plain {
+        let mut client = pb::inference_client::InferenceClient::new(plain);
+        assert!(collect(&mut client, raw("hi", 1)).await.is_err(), "plaintext must not be served");
+    }
+}

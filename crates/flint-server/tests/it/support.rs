@@ -22,6 +22,14 @@ pub fn scheduler(n_blocks: usize, max_running: usize) -> SchedulerConfig {
 }
 
 pub async fn start(config: SchedulerConfig, auth_token: Option<&str>) -> TestServer {
+    start_with_tls(config, auth_token, None).await
+}
+
+pub async fn start_with_tls(
+    config: SchedulerConfig,
+    auth_token: Option<&str>,
+    tls: Option<flint_server::TlsFiles>,
+) -> TestServer {
     let engine = std::sync::Arc::clone(flint_e2e::shared_cpu_engine());
     let options = ServeOptions {
         model_name: "smollm2".to_string(),
@@ -29,6 +37,7 @@ pub async fn start(config: SchedulerConfig, auth_token: Option<&str>) -> TestSer
         metrics_addr: None,
         auth_token: auth_token.map(str::to_string),
         shutdown_grace: Duration::from_secs(60),
+        tls,
     };
     let server = Server::new(engine, options).expect("server starts");
     let worker = server.worker();
