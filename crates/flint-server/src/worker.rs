@@ -42,7 +42,18 @@ impl Worker {
         let shared = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("flint-engine".to_string())
-            .spawn(move || run(&engine, &mut scheduler, &cache, &inbox, &shared))
+            .spawn(move || {
+                // A panic here is a bug in the engine. A server that answers health checks but
+                // can no longer generate is worse than one that stops: exit so that a
+                // supervisor restarts it. The panic hook has already printed the message.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&engine, &mut scheduler, &cache, &inbox, &shared)
+                }));
+                if outcome.is_err() {
+                    tracing::error!("the engine thread panicked; exiting");
+                    std::process::exit(70);
+                }
+            })
             .map_err(|e| Error::Startup(format!("cannot start the engine thread: {e}")))?;
         Ok(Worker { commands, stats, thread: Arc::new(Mutex::new(Some(thread))) })
     }
