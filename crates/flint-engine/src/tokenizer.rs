@@ -37,6 +37,32 @@ fn tok_err(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
     move |e| Error::Tokenizer(format!("{context}: {e}"))
 }
 
+/// BPE merges recovered from a SentencePiece vocabulary and its scores, as Hugging Face's
+/// converters recover them: every split of a token into two vocabulary tokens, ranked by the
+/// merged token's score (highest first), then by the pieces' lengths in characters.
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<Json> {
+    let mut ids: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        ids.entry(t.as_str()).or_insert(i);
+    }
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for (token, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(&str, &str, f32)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (ids[l], ids[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    // A stable sort on the reversed key keeps equal keys in order, as Python's `reverse=True` does.
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(chars(b.0).cmp(&chars(a.0))).then(chars(b.1).cmp(&chars(a.1))));
+    merges.into_iter().map(|(l, r, _)| json!([l, r])).collect()
+}
+
 impl Tokenizer {
     /// The tokenizer that belongs to an opened checkpoint.
     pub fn for_source(source: &ModelSource, config: &ModelConfig) -> Result<Self> {
@@ -50,12 +76,16 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Self> {
         let fail = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
         let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if model != "gpt2" {
-            return Err(fail(format!(
-                "tokenizer model {model:?} is not supported in GGUF files (byte-level BPE \"gpt2\" is); \
-                 use the model's Hugging Face directory with tokenizer.json instead"
-            )));
-        }
+        let sentencepiece = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(fail(format!(
+                    "tokenizer model {other:?} is not supported in GGUF files (\"gpt2\" byte-level BPE and \
+                     \"llama\" SentencePiece BPE are); use the model's Hugging Face directory with tokenizer.json"
+                )));
+            }
+        };
         let strings = |key: &str| -> Result<Vec<String>> {
             let arr = file
                 .get(key)
@@ -66,7 +96,28 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        let merges = match (file.get("tokenizer.ggml.merges"), sentencepiece) {
+            (Some(_), _) | (None, false) => strings("tokenizer.ggml.merges")?
+                .iter()
+                .map(|m| {
+                    let (a, b) = m.split_once(' ').ok_or_else(|| fail(format!("merge {m:?} has no space")))?;
+                    Ok(json!([a, b]))
+                })
+                .collect::<Result<Vec<Json>>>()?,
+            (None, true) => {
+                let scores: Vec<f32> = file
+                    .get("tokenizer.ggml.scores")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| fail("tokenizer.ggml.scores is missing: merges cannot be recovered".to_string()))?
+                    .iter()
+                    .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| fail("a token score is not a number".into())))
+                    .collect::<Result<_>>()?;
+                if scores.len() != tokens.len() {
+                    return Err(fail(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                }
+                merges_from_scores(&tokens, &scores)
+            }
+        };
         let types: Vec<u64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(arr) => arr.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
@@ -89,18 +140,14 @@ impl Tokenizer {
                 }));
             }
         }
-        let merges: Vec<Json> = merges
-            .iter()
-            .map(|m| {
-                let (a, b) = m.split_once(' ').ok_or_else(|| fail(format!("merge {m:?} has no space")))?;
-                Ok(json!([a, b]))
-            })
-            .collect::<Result<_>>()?;
 
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
         let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let pre_tokenizer = match pre {
+            _ if sentencepiece => {
+                json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false})
+            }
             "llama3" | "llama-v3" | "llama-bpe" => {
                 json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]})
             }
@@ -123,7 +170,8 @@ impl Tokenizer {
         };
         let bos_token = token_of("tokenizer.ggml.bos_token_id");
         let eos_token = token_of("tokenizer.ggml.eos_token_id");
-        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        // llama.cpp adds a BOS to SentencePiece vocabularies that do not say otherwise.
+        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(sentencepiece);
         let post_processor = match (&bos_token, add_bos) {
             (Some((id, text)), true) => json!({
                 "type": "TemplateProcessing",
@@ -134,6 +182,16 @@ impl Tokenizer {
             }),
             _ => Json::Null,
         };
+        let decoder = if sentencepiece {
+            json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ]})
+        } else {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true})
+        };
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -142,10 +200,10 @@ impl Tokenizer {
             "normalizer": null,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post_processor,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "decoder": decoder,
             "model": {
                 "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "end_of_word_suffix": null, "fuse_unk": sentencepiece, "byte_fallback": sentencepiece,
                 "ignore_merges": false, "vocab": vocab, "merges": merges,
             },
         });
