@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// Most tokens per step (prompt chunks and decodes together).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     max_batch_tokens: u32,
-    /// Most requests running at once.
+    /// Most requests running at once (at most --max-batch-tokens).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     max_running: u32,
     /// Most requests waiting; more are refused with RESOURCE_EXHAUSTED.
@@ -85,6 +85,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.shutdown_grace_s.is_finite() && args.shutdown_grace_s >= 0.0,
         "--shutdown-grace-s must be a number of seconds >= 0"
+    );
+    anyhow::ensure!(
+        args.max_batch_tokens >= args.max_running,
+        "--max-batch-tokens ({}) must be at least --max-running ({}): every running request needs a token per step",
+        args.max_batch_tokens,
+        args.max_running
     );
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(flint_server::TlsFiles {

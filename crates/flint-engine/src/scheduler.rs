@@ -197,6 +197,13 @@ impl<'a> Scheduler<'a> {
         if config.block_size == 0 || config.n_blocks == 0 || config.max_batch_tokens == 0 || config.max_running == 0 {
             return Err(Error::InvalidRequest(format!("scheduler limits must be positive: {config:?}")));
         }
+        // Every running sequence must get its decode token each step, or the newest would starve.
+        if config.max_batch_tokens < config.max_running {
+            return Err(Error::InvalidRequest(format!(
+                "max_batch_tokens ({}) must be at least max_running ({})",
+                config.max_batch_tokens, config.max_running
+            )));
+        }
         Ok(Scheduler {
             blocks: BlockManager::new(config.n_blocks, config.block_size),
             config,
@@ -511,5 +518,25 @@ impl<'a> Scheduler<'a> {
             seq.cancel.store(true, Ordering::Relaxed);
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_that_would_starve_decodes_are_refused() {
+        let config = |max_batch_tokens, max_running| SchedulerConfig {
+            block_size: 16,
+            n_blocks: 8,
+            max_batch_tokens,
+            max_running,
+            max_waiting: 8,
+        };
+        let err = Scheduler::new(config(8, 16), BTreeSet::new()).expect_err("8 tokens cannot serve 16 decodes");
+        assert!(err.to_string().contains("max_running"), "{err}");
+        assert!(Scheduler::new(config(16, 16), BTreeSet::new()).is_ok());
+        assert!(Scheduler::new(config(16, 0), BTreeSet::new()).is_err());
     }
 }
