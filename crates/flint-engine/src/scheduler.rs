@@ -338,7 +338,6 @@ impl<'a> Scheduler<'a> {
             let seq = &self.running[i];
             let remaining = seq.tokens.len() - seq.n_computed;
             let n_new = if remaining == 1 { 1 } else { remaining.min(budget.saturating_sub(later_decodes).max(1)) };
-            let n_new = n_new.min(budget);
             let need = self.blocks_for(seq.n_computed + n_new).saturating_sub(seq.blocks.len());
             while self.blocks.n_available() < need && self.running.len() > i + 1 {
                 self.preempt(self.running.len() - 1);
@@ -413,7 +412,7 @@ impl<'a> Scheduler<'a> {
             wants_logits.push(logits == Logits::Last);
             batch.push_sequence(&seq.tokens[seq.n_computed..end], seq.n_computed, &seq.blocks, logits)?;
         }
-        let logits = match model.forward_batch(backend, &batch, cache).and_then(|l| Ok(backend.to_f32_vec(&l)?)) {
+        let mut logits = match model.forward_batch(backend, &batch, cache).and_then(|l| Ok(backend.to_f32_vec(&l)?)) {
             Ok(l) => l,
             Err(e) => {
                 // The step failed as a whole: fail its requests, keep serving the others.
@@ -445,10 +444,11 @@ impl<'a> Scheduler<'a> {
             if !wants {
                 continue;
             }
-            let mut logit_row = logits[row * vocab..(row + 1) * vocab].to_vec();
+            // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
+            let logit_row = &mut logits[row * vocab..(row + 1) * vocab];
             row += 1;
-            let raw = seq.logprobs.map(|top| (top, logit_row.clone()));
-            let token = match seq.sampler.sample(&mut logit_row) {
+            let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
+            let token = match seq.sampler.sample(logit_row) {
                 Ok(t) => t,
                 Err(e) => {
                     (seq.sink)(StreamEvent::Error(e.to_string()));

@@ -109,14 +109,13 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| Error::Startup(format!("reflection: {e}")))?;
 
-        let s = &self.options.scheduler;
         let service = Service::new(
             Arc::clone(&self.engine),
             self.worker.clone(),
             Arc::clone(&self.draining),
             self.options.model_name.clone(),
-        )
-        .with_limits(s.block_size, s.max_batch_tokens, s.max_running);
+            &self.options.scheduler,
+        );
         let token = self.options.auth_token.clone();
         let auth = move |request: Request<()>| -> std::result::Result<Request<()>, Status> {
             let Some(token) = &token else { return Ok(request) };

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use flint_engine::{ChatMessage, Engine, FinishReason, GenerateRequest, Prompt, SamplingParams, StreamEvent};
+use flint_engine::{
+    ChatMessage, Engine, FinishReason, GenerateRequest, Prompt, SamplingParams, SchedulerConfig, StreamEvent,
+};
 use flint_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -23,42 +25,34 @@ pub const MAX_PROMPT_BYTES: usize = 4 << 20;
 /// Shared state of the service.
 #[derive(Debug)]
 pub struct Service {
-    pub(crate) engine: Arc<Engine>,
-    pub(crate) worker: Worker,
-    pub(crate) draining: Arc<AtomicBool>,
-    pub(crate) model_name: String,
-    pub(crate) kv_cache_tokens: u64,
-    pub(crate) max_batch_tokens: u32,
-    pub(crate) max_running: u32,
+    engine: Arc<Engine>,
+    worker: Worker,
+    draining: Arc<AtomicBool>,
+    model_name: String,
+    kv_cache_tokens: u64,
+    max_batch_tokens: u32,
+    max_running: u32,
     next_id: AtomicU64,
 }
 
 impl Service {
-    pub(crate) fn new(engine: Arc<Engine>, worker: Worker, draining: Arc<AtomicBool>, model_name: String) -> Self {
-        let stats = worker.stats();
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        worker: Worker,
+        draining: Arc<AtomicBool>,
+        model_name: String,
+        scheduler: &SchedulerConfig,
+    ) -> Self {
         Service {
             engine,
             worker,
             draining,
             model_name,
-            kv_cache_tokens: 0,
-            max_batch_tokens: 0,
-            max_running: 0,
+            kv_cache_tokens: (scheduler.n_blocks * scheduler.block_size) as u64,
+            max_batch_tokens: scheduler.max_batch_tokens as u32,
+            max_running: scheduler.max_running as u32,
             next_id: AtomicU64::new(1),
         }
-        .with_stats(stats)
-    }
-
-    fn with_stats(mut self, stats: flint_engine::SchedulerStats) -> Self {
-        self.kv_cache_tokens = stats.kv_blocks_total as u64;
-        self
-    }
-
-    pub(crate) fn with_limits(mut self, block_size: usize, max_batch_tokens: usize, max_running: usize) -> Self {
-        self.kv_cache_tokens *= block_size as u64;
-        self.max_batch_tokens = max_batch_tokens as u32;
-        self.max_running = max_running as u32;
-        self
     }
 }
 
