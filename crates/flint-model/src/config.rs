@@ -142,6 +142,45 @@ impl ModelConfig {
         Ok(self)
     }
 
+    /// The names of the built-in shape presets, for `--random-weights`.
+    pub const PRESETS: &'static [&'static str] = &["llama-3.2-1b", "llama-3.1-8b", "llama-3.3-70b"];
+
+    /// The exact shapes and numerics of a released model, for random-weight runs.
+    pub fn preset(name: &str) -> Option<ModelConfig> {
+        let llama3 = |factor: f32| {
+            RopeScaling::Llama3(Llama3RopeScaling {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            })
+        };
+        let base = |hidden, inter, layers, heads, head_dim, factor, tie| ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 128_256,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            n_layers: layers,
+            n_heads: heads,
+            n_kv_heads: 8,
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: llama3(factor),
+            max_position_embeddings: 131_072,
+            tie_word_embeddings: tie,
+            attention_bias: false,
+            bos_token_id: Some(128_000),
+            eos_token_ids: vec![128_001, 128_008, 128_009],
+        };
+        match name {
+            "llama-3.2-1b" => Some(base(2048, 8192, 16, 32, 64, 32.0, true)),
+            "llama-3.1-8b" => Some(base(4096, 14336, 32, 32, 128, 8.0, false)),
+            "llama-3.3-70b" => Some(base(8192, 28672, 80, 64, 128, 8.0, false)),
+            _ => None,
+        }
+    }
+
     /// Parameters in the model (embedding and LM head counted once when tied).
     pub fn n_parameters(&self) -> usize {
         // u128 so that no config, however corrupt, overflows; saturates at usize::MAX.
@@ -324,6 +363,18 @@ struct HfConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presets_have_the_released_parameter_counts() {
+        // Counts as published for each release (embedding and head separate unless tied).
+        for (name, params) in
+            [("llama-3.2-1b", 1_235_814_400usize), ("llama-3.1-8b", 8_030_261_248), ("llama-3.3-70b", 70_553_706_496)]
+        {
+            let config = ModelConfig::preset(name).expect("preset").validate(name).expect("valid");
+            assert_eq!(config.n_parameters(), params, "{name}");
+        }
+        assert!(ModelConfig::preset("llama-9").is_none());
+    }
 
     const LLAMA_31_8B: &str = r#"{
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

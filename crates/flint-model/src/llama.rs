@@ -160,6 +160,40 @@ impl ForwardBatch {
         &self.logit_rows
     }
 
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Every sequence's new tokens, back to back.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Each token's position in its sequence.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// Each token's KV-cache slot: block * block_size + row.
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+
+    /// Offsets of each sequence's first token, and the total at the end (`n_seqs + 1` entries).
+    pub fn query_starts(&self) -> &[u32] {
+        &self.query_starts
+    }
+
+    /// Each sequence's length after this step.
+    pub fn context_lens(&self) -> &[u32] {
+        &self.context_lens
+    }
+
+    /// Each sequence's block table, covering its context.
+    pub fn block_tables(&self) -> &[Vec<u32>] {
+        &self.tables
+    }
+
     fn attention_batch(&self) -> AttentionBatch {
         let max_blocks_per_seq = self.tables.iter().map(Vec::len).max().unwrap_or(0);
         let mut block_tables = vec![0u32; self.tables.len() * max_blocks_per_seq];

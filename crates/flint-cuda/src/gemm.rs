@@ -1,0 +1,159 @@
+//! BF16 GEMMs through cuBLASLt: `y[m, n] = x[m, k] . W[n, k]^T`, with cached plans per shape.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys::{
+    self as lts, cublasComputeType_t, cublasLtMatmulDescAttributes_t, cublasLtMatmulPreferenceAttributes_t,
+    cudaDataType_t,
+};
+
+use crate::gpu::{DeviceBuffer, Gpu};
+use crate::{Error, Result};
+
+/// Output element type of a GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmOut {
+    Bf16,
+    F32,
+}
+
+struct Plan {
+    desc: lts::cublasLtMatmulDesc_t,
+    a: lts::cublasLtMatrixLayout_t,
+    b: lts::cublasLtMatrixLayout_t,
+    c: lts::cublasLtMatrixLayout_t,
+    algo: lts::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the handles are only used under the cache's mutex or on the owning stream.
+unsafe impl Send for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.c);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace and the plans chosen so far.
+pub struct Gemm {
+    handle: lts::cublasLtHandle_t,
+    workspace: DeviceBuffer,
+    plans: Mutex<HashMap<(usize, usize, usize, GemmOut), Plan>>,
+}
+
+// SAFETY: the handle is used on one stream; plan creation is serialised by the mutex.
+unsafe impl Send for Gemm {}
+unsafe impl Sync for Gemm {}
+
+impl std::fmt::Debug for Gemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gemm(cuBLASLt)")
+    }
+}
+
+const WORKSPACE: usize = 32 << 20;
+
+impl Gemm {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { lts::is_culib_present() } {
+            return Err(Error::NoCublasLt);
+        }
+        let handle = lt::create_handle()?;
+        let workspace = gpu.alloc(WORKSPACE)?;
+        Ok(Gemm { handle, workspace, plans: Mutex::new(HashMap::new()) })
+    }
+
+    fn plan(&self, m: usize, n: usize, k: usize, out: GemmOut) -> Result<Plan> {
+        // cuBLASLt is column-major. Row-major y[m, n] is column-major y^T [n, m] = W[n, k] . x^T[k, m]:
+        // A = W (stored as column-major [k, n], transposed), B = x (column-major [k, m]), C = [n, m].
+        let out_type = match out {
+            GemmOut::Bf16 => cudaDataType_t::CUDA_R_16BF,
+            GemmOut::F32 => cudaDataType_t::CUDA_R_32F,
+        };
+        let desc = lt::create_matmul_desc(cublasComputeType_t::CUBLAS_COMPUTE_32F, cudaDataType_t::CUDA_R_32F)?;
+        let trans = cublasOperation_t::CUBLAS_OP_T;
+        // SAFETY: valid descriptor; the attribute buffers are read during the call.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc,
+                cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &trans as *const _ as *const c_void,
+                std::mem::size_of_val(&trans),
+            )?;
+        }
+        let a = lt::create_matrix_layout(cudaDataType_t::CUDA_R_16BF, k as u64, n as u64, k as i64)?;
+        let b = lt::create_matrix_layout(cudaDataType_t::CUDA_R_16BF, k as u64, m as u64, k as i64)?;
+        let c = lt::create_matrix_layout(out_type, n as u64, m as u64, n as i64)?;
+        let pref = lt::create_matmul_pref()?;
+        let ws = WORKSPACE as u64;
+        // SAFETY: valid handles; attribute buffers live through the calls.
+        let heuristic = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const _ as *const c_void,
+                std::mem::size_of_val(&ws),
+            )?;
+            let h = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref);
+            let _ = lt::destroy_matmul_pref(pref);
+            h?
+        };
+        Ok(Plan { desc, a, b, c, algo: heuristic.algo })
+    }
+
+    /// `y[m, n] = x[m, k] . w[n, k]^T` on the GPU's stream; x and w bf16, y `out`.
+    pub fn matmul(&self, gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (m, n, k, out);
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(m, n, k, out)?),
+        };
+        let alpha = 1.0f32;
+        let beta = 0.0f32;
+        // SAFETY: the pointers address buffers of the shapes the plan describes (callers check);
+        // the workspace is ours; the scalars live through the call.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.a,
+                x as *const c_void,
+                plan.b,
+                y as *const c_void,
+                plan.c,
+                y as *mut c_void,
+                plan.c,
+                &plan.algo,
+                self.workspace.ptr() as *mut c_void,
+                WORKSPACE,
+                gpu.stream().cu_stream() as *mut _,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        self.plans.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}

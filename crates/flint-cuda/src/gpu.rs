@@ -1,0 +1,312 @@
+//! The device: context, one stream, loaded kernel modules, raw device buffers and launches.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdevice_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, result};
+use cudarc::nvrtc::Ptx;
+
+use crate::{Error, Result};
+
+/// A device allocation of `bytes` bytes, freed on drop. Its address is fixed for its lifetime, so
+/// kernels captured in CUDA graphs may keep it.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    slice: CudaSlice<u8>,
+    ptr: u64,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slice.len()
+    }
+
+    /// The address `offset` bytes in.
+    pub fn at(&self, offset: usize) -> u64 {
+        debug_assert!(offset <= self.bytes());
+        self.ptr + offset as u64
+    }
+}
+
+/// A CUDA device with Flint's kernels loaded.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<String, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+    name: String,
+    ordinal: usize,
+    sm_count: u32,
+    pdl: bool,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({} #{})", self.name, self.ordinal)
+    }
+}
+
+/// Whether this machine has a CUDA driver and at least one device.
+pub fn cuda_available() -> bool {
+    // SAFETY: only probes whether the library can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return false;
+    }
+    CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+/// Kernel-parameter pointer to a value.
+pub(crate) fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, checks it is a Hopper GPU and loads every kernel module.
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        let count = CudaContext::device_count()? as usize;
+        if ordinal >= count {
+            return Err(Error::NoDevice(ordinal, count));
+        }
+        if !flint_kernels::all_built() {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, ordered: cudarc's per-buffer event tracking would only add work.
+        // SAFETY: every buffer of this context is used on the one stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name()?;
+        let (major, minor) = ctx.compute_capability()?;
+        if (major, minor) != (9, 0) {
+            return Err(Error::UnsupportedDevice { name, major, minor });
+        }
+        let sm_count = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let stream = ctx.new_stream()?;
+        let mut functions = HashMap::new();
+        let mut modules = Vec::new();
+        for name in flint_kernels::MODULE_NAMES {
+            let image = flint_kernels::module(name).ok_or(Error::KernelsNotBuilt)?;
+            let module = ctx.load_module(Ptx::from_binary(image.to_vec()))?;
+            for f in KERNEL_NAMES {
+                if let Ok(func) = module.load_function(f) {
+                    functions.insert((*f).to_string(), func);
+                }
+            }
+            modules.push(module);
+        }
+        if let Some(missing) = KERNEL_NAMES.iter().find(|f| !functions.contains_key(**f)) {
+            return Err(Error::Unsupported(format!("kernel {missing} is missing: rebuild with `cargo xtask kernels`")));
+        }
+        let pdl = std::env::var("FLINT_PDL").map(|v| v != "0").unwrap_or(true);
+        Ok(Arc::new(Gpu { ctx, stream, functions, _modules: modules, name, ordinal, sm_count, pdl }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Whether launches use programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| Error::Unsupported(format!("kernel {name} is not in the built modules")))
+    }
+
+    /// Raises a kernel's dynamic shared-memory limit.
+    pub(crate) fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
+        let f = self.function(name)?;
+        // SAFETY: a valid function handle of this context.
+        unsafe {
+            result::function::set_function_attribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `bytes` bytes of device memory (uninitialised).
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        let bytes = bytes.max(16);
+        // SAFETY: the memory is written before it is read by every user of DeviceBuffer.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
+            let free = self.memory().map(|m| m.0).unwrap_or(0);
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfMemory { what: "an allocation".into(), need_gib: gib(bytes), free_gib: gib(free) }
+            } else {
+                Error::Driver(e)
+            }
+        })?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(DeviceBuffer { slice, ptr })
+    }
+
+    /// Zero-filled device memory.
+    pub fn zeros(&self, bytes: usize) -> Result<DeviceBuffer> {
+        let buf = self.alloc(bytes)?;
+        self.memset(buf.ptr(), 0, buf.bytes())?;
+        Ok(buf)
+    }
+
+    pub fn memset(&self, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: callers pass ranges inside their buffers.
+        unsafe { result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    /// Copies host data into a new buffer.
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuffer> {
+        let buf = self.alloc(std::mem::size_of_val(data))?;
+        self.write(&buf, 0, data)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` to `buf` at byte `offset`, synchronously with respect to the host data.
+    pub fn write<T: Copy>(&self, buf: &DeviceBuffer, offset: usize, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if offset + bytes > buf.bytes() {
+            return Err(crate::error::shape("write", format!("{bytes} bytes at {offset} into {}", buf.bytes())));
+        }
+        self.write_ptr(buf.at(offset), data)
+    }
+
+    pub(crate) fn write_ptr<T: Copy>(&self, ptr: u64, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the host slice lives through the synchronous copy; the range is checked by callers.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(ptr, data.as_ptr() as *const c_void, bytes, self.stream.cu_stream()).result()?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Copies `out.len()` values from device address `ptr` to the host (waits for the stream).
+    pub fn read<T: Copy>(&self, ptr: u64, out: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `out` is a writable host slice of `bytes` bytes; the copy completes before return.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(out.as_mut_ptr() as *mut c_void, ptr, bytes, self.stream.cu_stream()).result()?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: callers pass ranges inside their buffers.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Launches kernel `name`; `args` point at the kernel's parameters in order.
+    pub(crate) fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let f = self.function(name)?.cu_function();
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        // SAFETY: `args` match the kernel's signature (each wrapper in `ops` is written against
+        // its kernel), and point at values alive for the call.
+        unsafe {
+            if self.pdl {
+                let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attr.value.programmaticStreamSerializationAllowed = 1;
+                let config = sys::CUlaunchConfig {
+                    gridDimX: grid.0,
+                    gridDimY: grid.1,
+                    gridDimZ: grid.2,
+                    blockDimX: block,
+                    blockDimY: 1,
+                    blockDimZ: 1,
+                    sharedMemBytes: smem,
+                    hStream: self.stream.cu_stream(),
+                    attrs: &mut attr,
+                    numAttrs: 1,
+                };
+                sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()?;
+            } else {
+                result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream.cu_stream(), args)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Every kernel entry point of `kernels/*.cu`.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "flint_embedding",
+    "flint_add_rms_norm",
+    "flint_rope_kv_write",
+    "flint_silu_mul",
+    "flint_fill_uniform",
+    "flint_f32_to_bf16",
+    "flint_gemv_1",
+    "flint_gemv_2",
+    "flint_gemv_3",
+    "flint_gemv_4",
+    "flint_gemv_5",
+    "flint_gemv_6",
+    "flint_gemv_7",
+    "flint_gemv_8",
+    "flint_attention_decode_64",
+    "flint_attention_decode_128",
+    "flint_attention_combine_64",
+    "flint_attention_combine_128",
+    "flint_attention_prefill_64",
+    "flint_attention_prefill_128",
+    "flint_sample",
+];

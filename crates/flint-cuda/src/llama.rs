@@ -1,0 +1,818 @@
+//! `CudaLlama`: a Llama-family model in BF16 on one GPU.
+//!
+//! Everything is sized up front: weights, the paged KV cache and a workspace for the largest
+//! step. A step's metadata (tokens, positions, slots, block tables, sampling parameters) goes to
+//! the device in one copy into a fixed layout; decode steps replay a CUDA graph captured once per
+//! batch-size bucket, so a decode step is: one copy in, one graph launch, one copy of the sampled
+//! tokens (or logits) out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use flint_model::{ForwardBatch, ModelConfig, ModelSource, rope_inv_freq};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::shape;
+use crate::gemm::{Gemm, GemmOut};
+use crate::gpu::{DeviceBuffer, Gpu, gib};
+use crate::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
+use crate::{Error, Result};
+
+/// Sizes chosen at load time.
+#[derive(Clone, Debug)]
+pub struct CudaLlamaOptions {
+    /// Most tokens in one step (a prefill chunk plus decodes).
+    pub max_batch_tokens: usize,
+    /// Most sequences in one step (the largest decode batch).
+    pub max_seqs: usize,
+    /// Longest sequence (prompt plus output).
+    pub max_seq_len: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// KV blocks; `None`: what `kv_memory_fraction` of the free memory after weights and
+    /// workspace holds.
+    pub n_blocks: Option<usize>,
+    pub kv_memory_fraction: f64,
+    /// Capture decode steps in CUDA graphs.
+    pub graphs: bool,
+}
+
+impl Default for CudaLlamaOptions {
+    fn default() -> Self {
+        CudaLlamaOptions {
+            max_batch_tokens: 2048,
+            max_seqs: 128,
+            max_seq_len: 4096,
+            block_size: 16,
+            n_blocks: None,
+            kv_memory_fraction: 0.9,
+            graphs: true,
+        }
+    }
+}
+
+/// What a step returns: sampled tokens when device sampling was asked for, else logits.
+#[derive(Clone, Debug)]
+pub enum StepOutput {
+    Tokens(Vec<u32>),
+    Logits(Vec<f32>),
+}
+
+struct Layer {
+    attn_norm: DeviceBuffer,
+    qkv: DeviceBuffer,
+    qkv_bias: Option<DeviceBuffer>,
+    o: DeviceBuffer,
+    mlp_norm: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    down: DeviceBuffer,
+}
+
+/// Byte offsets of each metadata array inside the one metadata buffer.
+#[derive(Clone, Copy, Debug)]
+struct MetaLayout {
+    tokens: usize,
+    positions: usize,
+    slots: usize,
+    token_seq: usize,
+    query_starts: usize,
+    context_lens: usize,
+    tile_seq: usize,
+    tile_start: usize,
+    logit_rows: usize,
+    tables: usize,
+    sampling: usize,
+    steps: usize,
+    bytes: usize,
+}
+
+impl MetaLayout {
+    fn new(max_tokens: usize, max_seqs: usize, max_tiles: usize, max_blocks: usize) -> Self {
+        let mut at = 0usize;
+        let mut take = |bytes: usize| {
+            let start = at;
+            at = (at + bytes).next_multiple_of(256);
+            start
+        };
+        let tokens = take(4 * max_tokens);
+        let positions = take(4 * max_tokens);
+        let slots = take(4 * max_tokens);
+        let token_seq = take(4 * max_tokens);
+        let query_starts = take(4 * (max_seqs + 1));
+        let context_lens = take(4 * max_seqs);
+        let tile_seq = take(4 * max_tiles);
+        let tile_start = take(4 * max_tiles);
+        let logit_rows = take(4 * max_seqs);
+        let tables = take(4 * max_seqs * max_blocks);
+        let sampling = take(std::mem::size_of::<DeviceSampling>() * max_seqs);
+        let steps = take(8 * max_seqs);
+        MetaLayout {
+            tokens,
+            positions,
+            slots,
+            token_seq,
+            query_starts,
+            context_lens,
+            tile_seq,
+            tile_start,
+            logit_rows,
+            tables,
+            sampling,
+            steps,
+            bytes: at,
+        }
+    }
+}
+
+struct Workspace {
+    meta: DeviceBuffer,
+    residual: DeviceBuffer,
+    normed: DeviceBuffer,
+    qkv: DeviceBuffer,
+    attn: DeviceBuffer,
+    proj: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    act: DeviceBuffer,
+    gathered: DeviceBuffer,
+    logits: DeviceBuffer,
+    part_o: DeviceBuffer,
+    part_ml: DeviceBuffer,
+    sampled: DeviceBuffer,
+}
+
+/// A host-side step plan: what goes into the metadata buffer and how kernels are sized.
+struct Plan {
+    n_tokens: usize,
+    n_tiles: usize,
+    decode_only: bool,
+    n_logit_rows: usize,
+    logit_rows_identity: bool,
+    meta: Vec<u8>,
+}
+
+/// Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
+const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512];
+
+struct State {
+    graphs: HashMap<usize, CudaGraph>,
+}
+
+/// A Llama-family model on one GPU in BF16.
+pub struct CudaLlama {
+    gpu: Arc<Gpu>,
+    gemm: Gemm,
+    config: ModelConfig,
+    options: CudaLlamaOptions,
+    embed: DeviceBuffer,
+    lm_head: Option<DeviceBuffer>,
+    norm: DeviceBuffer,
+    layers: Vec<Layer>,
+    inv_freq: DeviceBuffer,
+    k_cache: DeviceBuffer,
+    v_cache: DeviceBuffer,
+    n_blocks: usize,
+    max_blocks: usize,
+    max_tiles: usize,
+    max_splits: usize,
+    layout: MetaLayout,
+    ws: Workspace,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for CudaLlama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaLlama({} layers on {:?})", self.layers.len(), self.gpu)
+    }
+}
+
+/// Where weights come from.
+enum WeightSource<'a> {
+    Checkpoint(&'a ModelSource),
+    Random(u64),
+}
+
+fn bf16_bytes(n: usize) -> usize {
+    2 * n
+}
+
+impl CudaLlama {
+    /// Loads `source`'s weights, converted to BF16, onto `gpu`.
+    pub fn load(gpu: Arc<Gpu>, source: &ModelSource, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options)
+    }
+
+    /// A model of `config`'s shapes with random weights (uniform, standard deviation 0.02, as the
+    /// reference initialisation; norms one), generated on the device from `seed`.
+    pub fn random(gpu: Arc<Gpu>, config: ModelConfig, options: CudaLlamaOptions, seed: u64) -> Result<Self> {
+        Self::build(gpu, WeightSource::Random(seed), config, options)
+    }
+
+    fn build(gpu: Arc<Gpu>, weights: WeightSource<'_>, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
+        let c = config.clone();
+        ops::check_head_dim(c.head_dim)?;
+        if c.n_heads / c.n_kv_heads > 8 {
+            return Err(Error::Unsupported(format!(
+                "{} query heads per KV head: the decode kernel handles groups of up to 8",
+                c.n_heads / c.n_kv_heads
+            )));
+        }
+        if !c.hidden_size.is_multiple_of(8) || !c.intermediate_size.is_multiple_of(8) {
+            return Err(Error::Unsupported("hidden and intermediate sizes must be multiples of 8".into()));
+        }
+        if options.max_seqs == 0 || options.max_batch_tokens < options.max_seqs || options.block_size == 0 {
+            return Err(Error::Unsupported(format!(
+                "max_batch_tokens {} must be at least max_seqs {} (> 0), block_size positive",
+                options.max_batch_tokens, options.max_seqs
+            )));
+        }
+        let (h, ff, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let q_dim = c.n_heads * c.head_dim;
+        let kv_dim = c.n_kv_heads * c.head_dim;
+        let qkv_w = q_dim + 2 * kv_dim;
+
+        // Check the weights fit before touching them.
+        let (free, total) = gpu.memory()?;
+        let weight_bytes = bf16_bytes(c.n_parameters());
+        if weight_bytes > free {
+            return Err(Error::OutOfMemory {
+                what: format!("{} BF16 weights", c.architecture.as_str()),
+                need_gib: gib(weight_bytes),
+                free_gib: gib(free),
+            });
+        }
+        tracing::info!(device = gpu.name(), total_gib = gib(total), weights_gib = gib(weight_bytes), "loading");
+
+        let loader = Loader { gpu: &gpu, config: &c, weights };
+        let embed = loader.matrix("model.embed_tokens.weight", v, h, 1)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = format!("model.layers.{i}");
+            let qkv = loader.stacked(
+                &[
+                    (&format!("{p}.self_attn.q_proj.weight"), q_dim),
+                    (&format!("{p}.self_attn.k_proj.weight"), kv_dim),
+                    (&format!("{p}.self_attn.v_proj.weight"), kv_dim),
+                ],
+                h,
+                (i as u64) * 16 + 2,
+            )?;
+            let qkv_bias = if c.attention_bias {
+                loader.bias(
+                    &[
+                        (&format!("{p}.self_attn.q_proj.bias"), q_dim),
+                        (&format!("{p}.self_attn.k_proj.bias"), kv_dim),
+                        (&format!("{p}.self_attn.v_proj.bias"), kv_dim),
+                    ],
+                    (i as u64) * 16 + 3,
+                )?
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: loader.norm(&format!("{p}.input_layernorm.weight"), h)?,
+                qkv,
+                qkv_bias,
+                o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), h, q_dim, (i as u64) * 16 + 4)?,
+                mlp_norm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate_up: loader.stacked(
+                    &[(&format!("{p}.mlp.gate_proj.weight"), ff), (&format!("{p}.mlp.up_proj.weight"), ff)],
+                    h,
+                    (i as u64) * 16 + 5,
+                )?,
+                down: loader.matrix(&format!("{p}.mlp.down_proj.weight"), h, ff, (i as u64) * 16 + 6)?,
+            });
+        }
+        let norm = loader.norm("model.norm.weight", h)?;
+        let lm_head = if c.tie_word_embeddings { None } else { loader.optional_matrix("lm_head.weight", v, h, 7)? };
+        let inv_freq = gpu.upload(&rope_inv_freq(&c))?;
+
+        // Workspace for the largest step.
+        let max_tokens = options.max_batch_tokens;
+        let max_seqs = options.max_seqs;
+        let max_blocks = options.max_seq_len.div_ceil(options.block_size);
+        let max_tiles = max_tokens.div_ceil(64) + max_seqs;
+        let max_splits = options.max_seq_len.div_ceil(32).clamp(1, 32);
+        let layout = MetaLayout::new(max_tokens, max_seqs, max_tiles, max_blocks);
+        let part_rows = (1..=max_seqs).map(|b| b * Self::splits_for(&gpu, &c, b, max_splits)).max().unwrap_or(1);
+        let ws = Workspace {
+            meta: gpu.zeros(layout.bytes)?,
+            residual: gpu.alloc(bf16_bytes(max_tokens * h))?,
+            normed: gpu.alloc(bf16_bytes(max_tokens * h))?,
+            qkv: gpu.alloc(bf16_bytes(max_tokens * qkv_w))?,
+            attn: gpu.alloc(bf16_bytes(max_tokens * q_dim))?,
+            proj: gpu.alloc(bf16_bytes(max_tokens * h))?,
+            gate_up: gpu.alloc(bf16_bytes(max_tokens * 2 * ff))?,
+            act: gpu.alloc(bf16_bytes(max_tokens * ff))?,
+            gathered: gpu.alloc(bf16_bytes(max_seqs.max(BUCKETS[0]) * h))?,
+            logits: gpu.alloc(4 * max_seqs * v)?,
+            part_o: gpu.alloc(4 * part_rows * c.n_heads * c.head_dim)?,
+            part_ml: gpu.alloc(4 * part_rows * c.n_heads * 2)?,
+            sampled: gpu.alloc(4 * max_seqs)?,
+        };
+
+        // The KV cache takes what is left.
+        let block_bytes = bf16_bytes(c.n_layers * options.block_size * kv_dim);
+        let n_blocks = match options.n_blocks {
+            Some(n) => n,
+            None => {
+                let (free, _) = gpu.memory()?;
+                ((free as f64 * options.kv_memory_fraction) as usize / (2 * block_bytes)).min(1 << 22)
+            }
+        };
+        if n_blocks < max_blocks.min(2) {
+            let (free, _) = gpu.memory()?;
+            return Err(Error::OutOfMemory {
+                what: "the KV cache".into(),
+                need_gib: gib(2 * block_bytes * max_blocks),
+                free_gib: gib(free),
+            });
+        }
+        let k_cache = gpu.zeros(n_blocks * block_bytes)?;
+        let v_cache = gpu.zeros(n_blocks * block_bytes)?;
+        gpu.set_max_dynamic_smem(
+            &format!("flint_attention_prefill_{}", c.head_dim),
+            ops::prefill_smem_bytes(c.head_dim),
+        )?;
+        gpu.synchronize()?;
+        let gemm = Gemm::new(&gpu)?;
+        tracing::info!(n_blocks, block_size = options.block_size, kv_gib = gib(2 * n_blocks * block_bytes), "KV cache");
+        Ok(CudaLlama {
+            gpu,
+            gemm,
+            config,
+            options,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            inv_freq,
+            k_cache,
+            v_cache,
+            n_blocks,
+            max_blocks,
+            max_tiles,
+            max_splits,
+            layout,
+            ws,
+            state: Mutex::new(State { graphs: HashMap::new() }),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn options(&self) -> &CudaLlamaOptions {
+        &self.options
+    }
+
+    /// KV blocks in the cache.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.options.block_size
+    }
+
+    /// Bytes of weights one step reads when every matrix is read once (the gathered embedding
+    /// rows aside): the numerator of the decode roofline.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let c = &self.config;
+        let per_layer =
+            self.layers.first().map_or(0, |l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes());
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
+        c.n_layers * per_layer + head
+    }
+
+    /// Bytes of KV cache one step's attention reads for sequences of these context lengths.
+    pub fn kv_bytes_read(&self, context_lens: &[usize]) -> usize {
+        let c = &self.config;
+        context_lens.iter().sum::<usize>() * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+    }
+
+    fn splits_for(gpu: &Gpu, c: &ModelConfig, batch: usize, max_splits: usize) -> usize {
+        let blocks = batch * c.n_kv_heads;
+        (2 * gpu.sm_count() as usize).div_ceil(blocks.max(1)).clamp(1, max_splits)
+    }
+
+    fn bucket_for(&self, n: usize) -> usize {
+        BUCKETS.iter().copied().find(|&b| b >= n && b <= self.options.max_seqs).unwrap_or(n)
+    }
+
+    /// Checks a batch against the sizes chosen at load and lays out its metadata.
+    fn plan(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>, pad_to: usize) -> Result<Plan> {
+        let n = batch.n_tokens();
+        let s = batch.n_seqs();
+        let o = &self.options;
+        if n == 0 {
+            return Err(shape("forward", "no tokens to run"));
+        }
+        if batch.block_size() != o.block_size {
+            return Err(shape(
+                "forward",
+                format!("block size {} (the cache has {})", batch.block_size(), o.block_size),
+            ));
+        }
+        if pad_to > o.max_batch_tokens || s > o.max_seqs {
+            return Err(shape(
+                "forward",
+                format!(
+                    "{n} tokens of {s} sequences (at most {} tokens, {} sequences)",
+                    o.max_batch_tokens, o.max_seqs
+                ),
+            ));
+        }
+        let rows = batch.logit_rows();
+        if rows.len() > o.max_seqs {
+            return Err(shape("forward", format!("{} logit rows (at most {})", rows.len(), o.max_seqs)));
+        }
+        if let Some(&t) = batch.tokens().iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(shape("forward", format!("token id {t} outside the vocabulary of {}", self.config.vocab_size)));
+        }
+        let limit = o.max_seq_len.min(self.config.max_position_embeddings);
+        if let Some(&len) = batch.context_lens().iter().find(|&&l| l as usize > limit) {
+            return Err(shape("forward", format!("a sequence of {len} positions (at most {limit})")));
+        }
+        for table in batch.block_tables() {
+            if let Some(&b) = table.iter().find(|&&b| b as usize >= self.n_blocks) {
+                return Err(shape("forward", format!("block {b} outside the cache of {}", self.n_blocks)));
+            }
+        }
+        if let Some((params, steps)) = sampling
+            && (params.len() != rows.len() || steps.len() != rows.len())
+        {
+            return Err(shape("sample", format!("{} parameter rows for {} logit rows", params.len(), rows.len())));
+        }
+
+        let qs = batch.query_starts();
+        let decode_only = (0..s).all(|i| qs[i + 1] - qs[i] == 1);
+        let mut tile_seq = Vec::new();
+        let mut tile_start = Vec::new();
+        if !decode_only {
+            for i in 0..s {
+                let mut t = qs[i];
+                while t < qs[i + 1] {
+                    tile_seq.push(i as i32);
+                    tile_start.push(t);
+                    t += 64;
+                }
+            }
+        }
+        if tile_seq.len() > self.max_tiles {
+            return Err(shape("forward", format!("{} attention tiles (at most {})", tile_seq.len(), self.max_tiles)));
+        }
+        let l = &self.layout;
+        let mut meta = vec![0u8; l.bytes];
+        let put = |meta: &mut Vec<u8>, at: usize, bytes: &[u8]| meta[at..at + bytes.len()].copy_from_slice(bytes);
+        let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let i32s = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // Padding rows (graph buckets): token 0 at position 0, no KV write, no sequence.
+        let mut tokens = batch.tokens().to_vec();
+        let mut positions = batch.positions().to_vec();
+        let mut slots = batch.slots().to_vec();
+        let mut token_seq: Vec<i32> = Vec::with_capacity(pad_to);
+        for i in 0..s {
+            for _ in qs[i]..qs[i + 1] {
+                token_seq.push(i as i32);
+            }
+        }
+        tokens.resize(pad_to, 0);
+        positions.resize(pad_to, 0);
+        slots.resize(pad_to, u32::MAX);
+        token_seq.resize(pad_to, -1);
+        put(&mut meta, l.tokens, &u32s(&tokens));
+        put(&mut meta, l.positions, &u32s(&positions));
+        put(&mut meta, l.slots, &u32s(&slots));
+        put(&mut meta, l.token_seq, &i32s(&token_seq));
+        put(&mut meta, l.query_starts, &u32s(qs));
+        put(&mut meta, l.context_lens, &u32s(batch.context_lens()));
+        put(&mut meta, l.tile_seq, &i32s(&tile_seq));
+        put(&mut meta, l.tile_start, &u32s(&tile_start));
+        let logit_rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        put(&mut meta, l.logit_rows, &u32s(&logit_rows));
+        let mut tables = vec![0u32; s * self.max_blocks];
+        for (i, t) in batch.block_tables().iter().enumerate() {
+            if t.len() > self.max_blocks {
+                return Err(shape(
+                    "forward",
+                    format!("a block table of {} blocks (at most {})", t.len(), self.max_blocks),
+                ));
+            }
+            tables[i * self.max_blocks..][..t.len()].copy_from_slice(t);
+        }
+        put(&mut meta, l.tables, &u32s(&tables));
+        if let Some((params, steps)) = sampling {
+            let mut p = params.to_vec();
+            p.resize(pad_to.max(p.len()), DeviceSampling::default());
+            // SAFETY: DeviceSampling is repr(C) plain data.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(p.as_ptr() as *const u8, p.len() * std::mem::size_of::<DeviceSampling>())
+            };
+            put(&mut meta, l.sampling, bytes);
+            let mut st = steps.to_vec();
+            st.resize(pad_to.max(st.len()), 0);
+            put(&mut meta, l.steps, &st.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        }
+        let logit_rows_identity = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
+        Ok(Plan {
+            n_tokens: pad_to,
+            n_tiles: tile_seq.len(),
+            decode_only,
+            n_logit_rows: rows.len(),
+            logit_rows_identity,
+            meta,
+        })
+    }
+
+    fn linear(&self, x: u64, w: &DeviceBuffer, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
+        if m <= GEMV_MAX_M {
+            let e = if out == GemmOut::F32 { Epilogue::F32 } else { Epilogue::Bf16 };
+            ops::gemv(&self.gpu, x, w.ptr(), y, m, n, k, e)
+        } else {
+            self.gemm.matmul(&self.gpu, x, w.ptr(), y, m, n, k, out)
+        }
+    }
+
+    /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
+    fn enqueue(&self, plan: &Plan, sample: bool) -> Result<()> {
+        let c = &self.config;
+        let g = &*self.gpu;
+        let ws = &self.ws;
+        let l = &self.layout;
+        let meta = |off: usize| ws.meta.at(off);
+        let n = plan.n_tokens;
+        let (h, ff) = (c.hidden_size, c.intermediate_size);
+        let q_dim = c.n_heads * c.head_dim;
+        let kv_dim = c.n_kv_heads * c.head_dim;
+        let qkv_w = q_dim + 2 * kv_dim;
+        let layer_kv = self.n_blocks * self.options.block_size * kv_dim * 2;
+        let eps = c.rms_norm_eps;
+
+        ops::embedding(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, c.vocab_size)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let add = if i == 0 { 0 } else { ws.proj.ptr() };
+            ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+            self.linear(ws.normed.ptr(), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
+            let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
+            ops::rope_kv_write(
+                g,
+                ws.qkv.ptr(),
+                layer.qkv_bias.as_ref().map_or(0, DeviceBuffer::ptr),
+                meta(l.positions),
+                self.inv_freq.ptr(),
+                meta(l.slots),
+                k_cache,
+                v_cache,
+                n,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+            )?;
+            let kv = PagedKv {
+                k_cache,
+                v_cache,
+                block_tables: meta(l.tables),
+                max_blocks: self.max_blocks,
+                block_size: self.options.block_size,
+                n_heads: c.n_heads,
+                n_kv: c.n_kv_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+            };
+            if plan.decode_only {
+                let splits = Self::splits_for(g, c, n, self.max_splits);
+                ops::attention_decode(
+                    g,
+                    &kv,
+                    ws.qkv.ptr(),
+                    qkv_w,
+                    meta(l.token_seq),
+                    meta(l.positions),
+                    ws.part_o.ptr(),
+                    ws.part_ml.ptr(),
+                    ws.attn.ptr(),
+                    n,
+                    splits,
+                )?;
+            } else {
+                ops::attention_prefill(
+                    g,
+                    &kv,
+                    ws.qkv.ptr(),
+                    qkv_w,
+                    meta(l.query_starts),
+                    meta(l.context_lens),
+                    meta(l.tile_seq),
+                    meta(l.tile_start),
+                    ws.attn.ptr(),
+                    plan.n_tiles,
+                )?;
+            }
+            self.linear(ws.attn.ptr(), &layer.o, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
+            ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+            if n <= GEMV_MAX_M {
+                ops::gemv(g, ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr(), n, ff, h, Epilogue::SwiGlu)?;
+            } else {
+                self.gemm.matmul(
+                    g,
+                    ws.normed.ptr(),
+                    layer.gate_up.ptr(),
+                    ws.gate_up.ptr(),
+                    n,
+                    2 * ff,
+                    h,
+                    GemmOut::Bf16,
+                )?;
+                ops::silu_mul(g, ws.gate_up.ptr(), ws.act.ptr(), n, ff)?;
+            }
+            self.linear(ws.act.ptr(), &layer.down, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
+        }
+        if plan.n_logit_rows == 0 {
+            return Ok(());
+        }
+        ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), self.norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+        let rows = plan.n_logit_rows;
+        let hidden = if plan.logit_rows_identity {
+            ws.normed.ptr()
+        } else {
+            // The embedding kernel is a row gather: rows `logit_rows` of `normed`.
+            ops::embedding(g, meta(l.logit_rows), ws.normed.ptr(), ws.gathered.ptr(), rows, h, n)?;
+            ws.gathered.ptr()
+        };
+        let rows_run = if plan.logit_rows_identity { n } else { rows };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?;
+        if sample {
+            ops::sample(g, ws.logits.ptr(), c.vocab_size, meta(l.sampling), meta(l.steps), ws.sampled.ptr(), rows_run)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step: writes the batch's keys and values into the cache and returns, for each of
+    /// its logit rows, the sampled token (when `sampling` gives per-row parameters and step
+    /// counters for the seeds) or the logits `[rows, vocab]`.
+    ///
+    /// Decode-only batches replay a CUDA graph of their bucket (captured on first use).
+    pub fn step(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>) -> Result<StepOutput> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = batch.n_tokens();
+        let qs = batch.query_starts();
+        let decode_only = (0..batch.n_seqs()).all(|i| qs[i + 1] - qs[i] == 1);
+        let logits_all_rows = batch.logit_rows().len() == n;
+        let use_graph = self.options.graphs && decode_only && logits_all_rows && n <= self.options.max_seqs;
+        let pad_to = if use_graph { self.bucket_for(n) } else { n };
+        let plan = self.plan(batch, sampling, pad_to)?;
+        self.gpu.write(&self.ws.meta, 0, &plan.meta)?;
+        let sample = sampling.is_some();
+        if use_graph {
+            let key = pad_to * 2 + sample as usize;
+            if let std::collections::hash_map::Entry::Vacant(slot) = state.graphs.entry(key) {
+                // Run once eagerly (plans cuBLASLt, loads everything), then capture.
+                self.enqueue(&plan, sample)?;
+                self.gpu.synchronize()?;
+                let stream = self.gpu.stream();
+                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let captured = self.enqueue(&plan, sample);
+                let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+                captured?;
+                let graph = graph.ok_or_else(|| Error::Unsupported("graph capture recorded nothing".into()))?;
+                graph.upload()?;
+                slot.insert(graph);
+            }
+            state.graphs[&key].launch()?;
+        } else {
+            self.enqueue(&plan, sample)?;
+        }
+        let rows = batch.logit_rows().len();
+        if sample {
+            let mut tokens = vec![0u32; rows];
+            self.gpu.read(self.ws.sampled.ptr(), &mut tokens)?;
+            Ok(StepOutput::Tokens(tokens))
+        } else {
+            let mut logits = vec![0f32; rows * self.config.vocab_size];
+            self.gpu.read(self.ws.logits.ptr(), &mut logits)?;
+            Ok(StepOutput::Logits(logits))
+        }
+    }
+
+    /// Logits of a step (host sampling).
+    pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+        match self.step(batch, None)? {
+            StepOutput::Logits(l) => Ok(l),
+            StepOutput::Tokens(_) => unreachable!("no sampling was asked for"),
+        }
+    }
+
+    /// Number of CUDA graphs captured so far.
+    pub fn n_graphs(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).graphs.len()
+    }
+}
+
+struct Loader<'a> {
+    gpu: &'a Arc<Gpu>,
+    config: &'a ModelConfig,
+    weights: WeightSource<'a>,
+}
+
+impl Loader<'_> {
+    fn host(&self, name: &str, dims: &[usize]) -> Result<Option<Vec<f32>>> {
+        let WeightSource::Checkpoint(source) = &self.weights else { return Ok(None) };
+        let Some(t) = source.tensor(name, self.config)? else { return Ok(None) };
+        if t.dims != dims {
+            return Err(Error::Model(flint_model::Error::WeightShape {
+                name: name.to_string(),
+                got: t.dims,
+                expected: dims.to_vec(),
+            }));
+        }
+        Ok(Some(t.data))
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        let source_name = match &self.weights {
+            WeightSource::Checkpoint(s) => s.path().display().to_string(),
+            WeightSource::Random(_) => "random weights".into(),
+        };
+        Error::Model(flint_model::Error::MissingWeight { name: name.to_string(), source_name })
+    }
+
+    fn upload_bf16(&self, data: &[f32]) -> Result<DeviceBuffer> {
+        let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
+        self.gpu.upload(&converted)
+    }
+
+    /// Matrices stacked by rows into one `[sum rows, cols]` buffer.
+    fn stacked(&self, parts: &[(&str, usize)], cols: usize, seed: u64) -> Result<DeviceBuffer> {
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        let buf = self.gpu.alloc(bf16_bytes(rows * cols))?;
+        match &self.weights {
+            WeightSource::Random(base) => {
+                ops::fill_uniform(self.gpu, buf.ptr(), rows * cols, base ^ (seed << 20), 0.0, 0.02)?;
+            }
+            WeightSource::Checkpoint(_) => {
+                let mut row = 0;
+                for (name, r) in parts {
+                    let data = self.host(name, &[*r, cols])?.ok_or_else(|| self.missing(name))?;
+                    let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
+                    self.gpu.write(&buf, bf16_bytes(row * cols), &converted)?;
+                    row += r;
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<DeviceBuffer> {
+        self.stacked(&[(name, rows)], cols, seed)
+    }
+
+    fn optional_matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<Option<DeviceBuffer>> {
+        match &self.weights {
+            WeightSource::Random(_) => self.matrix(name, rows, cols, seed).map(Some),
+            WeightSource::Checkpoint(_) => match self.host(name, &[rows, cols])? {
+                Some(data) => self.upload_bf16(&data).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Norm weights: kept as f32 (the bf16 values, exactly) for the fused norm kernel.
+    fn norm(&self, name: &str, n: usize) -> Result<DeviceBuffer> {
+        let data = match &self.weights {
+            WeightSource::Random(_) => vec![1.0f32; n],
+            WeightSource::Checkpoint(_) => self.host(name, &[n])?.ok_or_else(|| self.missing(name))?,
+        };
+        let rounded: Vec<f32> = data.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        self.gpu.upload(&rounded)
+    }
+
+    fn bias(&self, parts: &[(&str, usize)], seed: u64) -> Result<Option<DeviceBuffer>> {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        match &self.weights {
+            WeightSource::Random(base) => {
+                let buf = self.gpu.alloc(bf16_bytes(total))?;
+                ops::fill_uniform(self.gpu, buf.ptr(), total, base ^ (seed << 20), 0.0, 0.02)?;
+                Ok(Some(buf))
+            }
+            WeightSource::Checkpoint(_) => {
+                let mut all = Vec::with_capacity(total);
+                for (name, n) in parts {
+                    match self.host(name, &[*n])? {
+                        Some(d) => all.extend(d),
+                        None => all.extend(std::iter::repeat_n(0.0, *n)),
+                    }
+                }
+                self.upload_bf16(&all).map(Some)
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Typed launches of Flint's kernels over raw device addresses. Each wrapper's parameters follow
+//! its kernel's signature in `kernels/*.cu`; shapes are checked by the callers that own the buffers.
+
+use crate::gpu::{Gpu, arg};
+use crate::{Result, error::shape};
+
+/// Dynamic shared memory of the prefill attention kernel (mirrors `PrefillSmem` in attention.cuh).
+pub fn prefill_smem_bytes(head_dim: usize) -> u32 {
+    let (tq, tk) = (64usize, 64usize);
+    let ldh = head_dim + 8;
+    let q = 2 * tq * ldh;
+    let kv = 2 * tk * ldh;
+    let s = 4 * tq * (tk + 4);
+    let p = 2 * tq * (tk + 8);
+    let o = 4 * tq * (head_dim + 4);
+    (q + 2 * kv + s + p + o + 4 * 3 * tq) as u32
+}
+
+/// Head dimensions the attention kernels are built for.
+pub fn check_head_dim(head_dim: usize) -> Result<()> {
+    if head_dim == 64 || head_dim == 128 {
+        Ok(())
+    } else {
+        Err(shape("attention", format!("head_dim {head_dim}: the CUDA kernels support 64 and 128")))
+    }
+}
+
+pub fn embedding(gpu: &Gpu, tokens: u64, table: u64, out: u64, n: usize, hidden: usize, vocab: usize) -> Result<()> {
+    let (hidden, vocab) = (hidden as i32, vocab as i32);
+    gpu.launch(
+        "flint_embedding",
+        (n as u32, 1, 1),
+        128,
+        0,
+        &mut [arg(&tokens), arg(&table), arg(&out), arg(&hidden), arg(&vocab)],
+    )
+}
+
+/// `residual += add` (when `add != 0`), `out = rms_norm(residual) * weight`; rows of `hidden`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    residual: u64,
+    add: u64,
+    weight: u64,
+    out: u64,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<()> {
+    let hidden = hidden as i32;
+    gpu.launch(
+        "flint_add_rms_norm",
+        (n as u32, 1, 1),
+        256,
+        0,
+        &mut [arg(&residual), arg(&add), arg(&weight), arg(&out), arg(&hidden), arg(&eps)],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write(
+    gpu: &Gpu,
+    qkv: u64,
+    bias: u64,
+    positions: u64,
+    inv_freq: u64,
+    slots: u64,
+    k_cache: u64,
+    v_cache: u64,
+    n: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let (h, kv, d) = (n_heads as i32, n_kv as i32, head_dim as i32);
+    gpu.launch(
+        "flint_rope_kv_write",
+        (n as u32, 1, 1),
+        256,
+        0,
+        &mut [
+            arg(&qkv),
+            arg(&bias),
+            arg(&positions),
+            arg(&inv_freq),
+            arg(&slots),
+            arg(&k_cache),
+            arg(&v_cache),
+            arg(&h),
+            arg(&kv),
+            arg(&d),
+        ],
+    )
+}
+
+pub fn silu_mul(gpu: &Gpu, gate_up: u64, out: u64, n: usize, ff: usize) -> Result<()> {
+    let total = n * ff / 8;
+    let blocks = total.div_ceil(256).min(gpu.sm_count() as usize * 16).max(1) as u32;
+    let (n, ff) = (n as i32, ff as i32);
+    gpu.launch("flint_silu_mul", (blocks, 1, 1), 256, 0, &mut [arg(&gate_up), arg(&out), arg(&n), arg(&ff)])
+}
+
+/// Fills `n` bf16 values with uniform noise of standard deviation `std` around `mean`.
+pub fn fill_uniform(gpu: &Gpu, out: u64, n: usize, seed: u64, mean: f32, std: f32) -> Result<()> {
+    let blocks = n.div_ceil(256).min(gpu.sm_count() as usize * 32).max(1) as u32;
+    let n = n as u64;
+    gpu.launch(
+        "flint_fill_uniform",
+        (blocks, 1, 1),
+        256,
+        0,
+        &mut [arg(&out), arg(&n), arg(&seed), arg(&mean), arg(&std)],
+    )
+}
+
+pub fn f32_to_bf16(gpu: &Gpu, input: u64, out: u64, n: usize) -> Result<()> {
+    let blocks = n.div_ceil(256).min(gpu.sm_count() as usize * 32).max(1) as u32;
+    let n = n as u64;
+    gpu.launch("flint_f32_to_bf16", (blocks, 1, 1), 256, 0, &mut [arg(&input), arg(&out), arg(&n)])
+}
+
+/// What the GEMV writes: see `GemvEpilogue` in gemv.cuh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    Bf16 = 0,
+    SwiGlu = 1,
+    F32 = 2,
+}
+
+/// Most rows the GEMV takes at once.
+pub const GEMV_MAX_M: usize = 8;
+const GEMV_WARPS: usize = 8;
+
+/// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= 8`; with `SwiGlu`, `w` has `2n` rows (gate, then up).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epilogue: Epilogue) -> Result<()> {
+    if m == 0 || m > GEMV_MAX_M || !k.is_multiple_of(8) {
+        return Err(shape("gemv", format!("m = {m} (1..=8), k = {k} (a multiple of 8)")));
+    }
+    let name = format!("flint_gemv_{m}");
+    let (ni, ki, e) = (n as i32, k as i32, epilogue as i32);
+    gpu.launch(
+        &name,
+        (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+        (32 * GEMV_WARPS) as u32,
+        0,
+        &mut [arg(&x), arg(&w), arg(&y), arg(&ni), arg(&ki), arg(&e)],
+    )
+}
+
+/// Paged-attention buffers shared by the decode and prefill kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv {
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub block_tables: u64,
+    pub max_blocks: usize,
+    pub block_size: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Split-K decode attention of `n_tokens` query tokens (one position each), then the merge of
+/// the splits into `out [n_tokens, n_heads, head_dim]`. `part_o` holds
+/// `n_tokens * n_heads * n_splits * head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    gpu: &Gpu,
+    kv: &PagedKv,
+    q: u64,
+    q_stride: usize,
+    token_seq: u64,
+    positions: u64,
+    part_o: u64,
+    part_ml: u64,
+    out: u64,
+    n_tokens: usize,
+    n_splits: usize,
+) -> Result<()> {
+    check_head_dim(kv.head_dim)?;
+    if !kv.n_heads.is_multiple_of(kv.n_kv) || kv.n_heads / kv.n_kv > 8 {
+        return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
+    }
+    let qs = q_stride as i32;
+    let (maxb, h, nkv, bs, splits) =
+        (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32, n_splits as i32);
+    gpu.launch(
+        &format!("flint_attention_decode_{}", kv.head_dim),
+        (n_tokens as u32, kv.n_kv as u32, n_splits as u32),
+        128,
+        0,
+        &mut [
+            arg(&q),
+            arg(&qs),
+            arg(&kv.k_cache),
+            arg(&kv.v_cache),
+            arg(&kv.block_tables),
+            arg(&maxb),
+            arg(&token_seq),
+            arg(&positions),
+            arg(&part_o),
+            arg(&part_ml),
+            arg(&h),
+            arg(&nkv),
+            arg(&bs),
+            arg(&kv.scale),
+        ],
+    )?;
+    gpu.launch(
+        &format!("flint_attention_combine_{}", kv.head_dim),
+        (n_tokens as u32, kv.n_heads as u32, 1),
+        kv.head_dim as u32,
+        0,
+        &mut [arg(&part_o), arg(&part_ml), arg(&out), arg(&token_seq), arg(&h), arg(&splits)],
+    )
+}
+
+/// Flash-attention prefill over `n_tiles` tiles of up to 64 query tokens (see attention.cuh).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefill(
+    gpu: &Gpu,
+    kv: &PagedKv,
+    q: u64,
+    q_stride: usize,
+    query_starts: u64,
+    context_lens: u64,
+    tile_seq: u64,
+    tile_start: u64,
+    out: u64,
+    n_tiles: usize,
+) -> Result<()> {
+    check_head_dim(kv.head_dim)?;
+    let name = format!("flint_attention_prefill_{}", kv.head_dim);
+    let smem = prefill_smem_bytes(kv.head_dim);
+    gpu.set_max_dynamic_smem(&name, smem)?;
+    let qs = q_stride as i32;
+    let (maxb, h, nkv, bs) = (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32);
+    gpu.launch(
+        &name,
+        (n_tiles as u32, kv.n_heads as u32, 1),
+        128,
+        smem,
+        &mut [
+            arg(&q),
+            arg(&qs),
+            arg(&kv.k_cache),
+            arg(&kv.v_cache),
+            arg(&kv.block_tables),
+            arg(&maxb),
+            arg(&query_starts),
+            arg(&context_lens),
+            arg(&tile_seq),
+            arg(&tile_start),
+            arg(&out),
+            arg(&h),
+            arg(&nkv),
+            arg(&bs),
+            arg(&kv.scale),
+        ],
+    )
+}
+
+/// Per-row sampling parameters, laid out as `SamplingParams` in sampling.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceSampling {
+    /// `<= 0`: greedy.
+    pub temperature: f32,
+    /// `<= 0`: off.
+    pub top_k: i32,
+    /// `>= 1`: off.
+    pub top_p: f32,
+    pub pad: i32,
+    pub seed: u64,
+}
+
+/// Samples one token per row of `logits [n_rows, vocab]` (f32) into `out` (u32).
+pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, steps: u64, out: u64, n_rows: usize) -> Result<()> {
+    let v = vocab as i32;
+    gpu.launch(
+        "flint_sample",
+        (n_rows as u32, 1, 1),
+        1024,
+        0,
+        &mut [arg(&logits), arg(&v), arg(&params), arg(&steps), arg(&out)],
+    )
+}

@@ -1,0 +1,304 @@
+// Causal grouped-query attention over a paged KV cache [n_blocks, block_size, n_kv, head_dim].
+//
+// Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
+// are read once for every query head of the group; partial softmax states are merged by
+// `attention_combine`. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
+#pragma once
+
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace flint {
+
+constexpr int kMaxGroup = 8;        // query heads per KV head handled by one decode block
+constexpr int kDecodeTile = 64;     // keys scored together in a decode block
+constexpr int kDecodeThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ const bf16* kv_row(const bf16* cache, const uint32_t* table, int block_size, int pos,
+                                              int n_kv, int kvh, int head_dim) {
+    const uint32_t block = table[pos / block_size];
+    const size_t slot = (size_t)block * block_size + pos % block_size;
+    return cache + (slot * n_kv + kvh) * head_dim;
+}
+
+// Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
+// at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
+// q row t starts at q + t * q_stride (the fused QKV output). Writes part_o [n_tokens, n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2].
+template <int HD>
+__device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
+                                                 const bf16* __restrict__ k_cache,
+                                                 const bf16* __restrict__ v_cache, const uint32_t* block_tables,
+                                                 int max_blocks, const int* token_seq, const uint32_t* positions,
+                                                 float* part_o, float* part_ml, int n_heads, int n_kv,
+                                                 int block_size, float scale) {
+    static_assert(HD % 8 == 0 && kDecodeThreads % HD == 0, "head_dim");
+    constexpr int kLanesPerDim = kDecodeThreads / HD;  // thread groups that split the heads in PV
+    __shared__ float qs[kMaxGroup][HD];
+    __shared__ float scores[kMaxGroup][kDecodeTile];
+    __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
+
+    const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
+    const int group = n_heads / n_kv;
+    const int seq = token_seq[t];
+    const int ctx = seq < 0 ? 0 : (int)positions[t] + 1;
+    int chunk = (ctx + n_splits - 1) / n_splits;
+    chunk = max(chunk, 32);
+    const int begin = split * chunk, end = min(ctx, begin + chunk);
+    const size_t part = ((size_t)t * n_heads + kvh * group) * n_splits + split;
+
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        qs[g][d] = __bfloat162float(q[(size_t)t * q_stride + (kvh * group + g) * HD + d]) * scale * kLog2e;
+    }
+    if (threadIdx.x < kMaxGroup) {
+        m_s[threadIdx.x] = -INFINITY;
+        l_s[threadIdx.x] = 0.f;
+    }
+    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
+    const int d = threadIdx.x % HD, g0 = threadIdx.x / HD;
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int tile = begin; tile < end; tile += kDecodeTile) {
+        const int n_keys = min(kDecodeTile, end - tile);
+        // Scores: thread -> (key, a stride of heads).
+        for (int i = threadIdx.x; i < kDecodeTile * group; i += blockDim.x) {
+            const int j = i % kDecodeTile, g = i / kDecodeTile;
+            float s = -INFINITY;
+            if (j < n_keys) {
+                const bf16* krow = kv_row(k_cache, table, block_size, tile + j, n_kv, kvh, HD);
+                s = 0.f;
+#pragma unroll 4
+                for (int c = 0; c < HD / 8; ++c) {
+                    float kf[8];
+                    unpack(reinterpret_cast<const Bf16x8*>(krow)[c], kf);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) s = fmaf(kf[e], qs[g][c * 8 + e], s);
+                }
+            }
+            scores[g][j] = s;
+        }
+        __syncthreads();
+        // Online softmax, one warp per head.
+        for (int g = warp; g < group; g += kDecodeThreads / 32) {
+            const float s0 = scores[g][lane], s1 = scores[g][lane + 32];
+            const float m_old = m_s[g];
+            const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            const float p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
+            scores[g][lane] = p0;
+            scores[g][lane + 32] = p1;
+            const float sum = warp_sum(p0 + p1);
+            if (lane == 0) {
+                const float alpha = exp2f(m_old - m_new);
+                alpha_s[g] = alpha;
+                l_s[g] = l_s[g] * alpha + sum;
+                m_s[g] = m_new;
+            }
+        }
+        __syncthreads();
+        // Values: thread -> (dim d, heads g0, g0 + kLanesPerDim, ...).
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+            if (g % kLanesPerDim == g0 && g < group) acc[g] *= alpha_s[g];
+        for (int j = 0; j < n_keys; ++j) {
+            const float v = __bfloat162float(kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD)[d]);
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g)
+                if (g % kLanesPerDim == g0 && g < group) acc[g] = fmaf(scores[g][j], v, acc[g]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+        if (g % kLanesPerDim == g0 && g < group) part_o[(part + (size_t)g * n_splits) * HD + d] = acc[g];
+    if (threadIdx.x < group) {
+        part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
+        part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
+    }
+}
+
+// Merges the splits of `attention_decode`: grid (n_tokens, n_heads), HD threads.
+template <int HD>
+__device__ __forceinline__ void attention_combine(const float* part_o, const float* part_ml, bf16* out,
+                                                  const int* token_seq, int n_heads, int n_splits) {
+    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const size_t base = ((size_t)t * n_heads + h) * n_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) m = fmaxf(m, part_ml[(base + s) * 2]);
+    float l = 0.f, o = 0.f;
+    if (m != -INFINITY) {
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = part_ml[(base + s) * 2];
+            if (ms == -INFINITY) continue;
+            const float w = exp2f(ms - m);
+            l += part_ml[(base + s) * 2 + 1] * w;
+            o += part_o[(base + s) * HD + d] * w;
+        }
+    }
+    out[((size_t)t * n_heads + h) * HD + d] = __float2bfloat16(token_seq[t] < 0 || l == 0.f ? 0.f : o / l);
+}
+
+// ---- Prefill ----
+
+constexpr int kTileQ = 64, kTileK = 64, kPrefillThreads = 128;
+
+template <int HD>
+struct PrefillSmem {
+    static constexpr int kLdh = HD + 8;       // bf16 rows of Q, K, V
+    static constexpr int kLdS = kTileK + 4;   // f32 scores
+    static constexpr int kLdP = kTileK + 8;   // bf16 probabilities
+    static constexpr int kLdO = HD + 4;       // f32 output accumulator
+    static constexpr size_t kQ = 0;
+    static constexpr size_t kK = kQ + sizeof(bf16) * kTileQ * kLdh;
+    static constexpr size_t kV = kK + sizeof(bf16) * kTileK * kLdh;
+    static constexpr size_t kS = kV + sizeof(bf16) * kTileK * kLdh;
+    static constexpr size_t kP = kS + sizeof(float) * kTileQ * kLdS;
+    static constexpr size_t kO = kP + sizeof(bf16) * kTileQ * kLdP;
+    static constexpr size_t kM = kO + sizeof(float) * kTileQ * kLdO;
+    static constexpr size_t kBytes = kM + sizeof(float) * 3 * kTileQ;
+};
+
+// Grid (n_tiles, n_heads), kPrefillThreads threads, PrefillSmem<HD>::kBytes of dynamic shared
+// memory. Tile i covers query tokens tile_start[i] .. +64 of sequence tile_seq[i] (rows past
+// query_starts[seq + 1] are ignored). Sequence s's tokens sit at positions
+// context_lens[s] - n_new(s) .. context_lens[s] - 1.
+template <int HD>
+__device__ __forceinline__ void attention_prefill(const bf16* __restrict__ q, int q_stride,
+                                                  const bf16* __restrict__ k_cache,
+                                                  const bf16* __restrict__ v_cache, const uint32_t* block_tables,
+                                                  int max_blocks, const uint32_t* query_starts,
+                                                  const uint32_t* context_lens, const int* tile_seq,
+                                                  const uint32_t* tile_start, bf16* out, int n_heads, int n_kv,
+                                                  int block_size, float scale) {
+    using namespace nvcuda;
+    using L = PrefillSmem<HD>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* qs = reinterpret_cast<bf16*>(smem + L::kQ);
+    bf16* ks = reinterpret_cast<bf16*>(smem + L::kK);
+    bf16* vs = reinterpret_cast<bf16*>(smem + L::kV);
+    float* ss = reinterpret_cast<float*>(smem + L::kS);
+    bf16* ps = reinterpret_cast<bf16*>(smem + L::kP);
+    float* os = reinterpret_cast<float*>(smem + L::kO);
+    float* m_s = reinterpret_cast<float*>(smem + L::kM);
+    float* l_s = m_s + kTileQ;
+    float* a_s = l_s + kTileQ;
+
+    const int seq = tile_seq[blockIdx.x], h = blockIdx.y, kvh = h / (n_heads / n_kv);
+    const int q0 = (int)tile_start[blockIdx.x];
+    const int q_end = (int)query_starts[seq + 1];
+    const int n_new = q_end - (int)query_starts[seq];
+    const int ctx = (int)context_lens[seq];
+    const int first_pos = ctx - n_new + (q0 - (int)query_starts[seq]);
+    const int rows = min(kTileQ, q_end - q0);
+    const int last_pos = first_pos + rows - 1;
+    const uint32_t* table = block_tables + (size_t)seq * max_blocks;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    // Q tile (zeros past the last row), O and the softmax state.
+    for (int i = threadIdx.x; i < kTileQ * HD / 8; i += blockDim.x) {
+        const int r = i / (HD / 8), c = i % (HD / 8);
+        Bf16x8 v = {};
+        if (r < rows) v = reinterpret_cast<const Bf16x8*>(q + (size_t)(q0 + r) * q_stride + h * HD)[c];
+        *reinterpret_cast<Bf16x8*>(qs + r * L::kLdh + c * 8) = v;
+    }
+    for (int i = threadIdx.x; i < kTileQ * HD; i += blockDim.x) os[(i / HD) * L::kLdO + i % HD] = 0.f;
+    if (threadIdx.x < kTileQ) {
+        m_s[threadIdx.x] = -INFINITY;
+        l_s[threadIdx.x] = 0.f;
+    }
+    const float scale_log2 = scale * kLog2e;
+
+    for (int k0 = 0; k0 <= last_pos; k0 += kTileK) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < kTileK * HD / 8; i += blockDim.x) {
+            const int r = i / (HD / 8), c = i % (HD / 8);
+            Bf16x8 kv = {}, vv = {};
+            if (k0 + r <= last_pos) {
+                kv = reinterpret_cast<const Bf16x8*>(kv_row(k_cache, table, block_size, k0 + r, n_kv, kvh, HD))[c];
+                vv = reinterpret_cast<const Bf16x8*>(kv_row(v_cache, table, block_size, k0 + r, n_kv, kvh, HD))[c];
+            }
+            *reinterpret_cast<Bf16x8*>(ks + r * L::kLdh + c * 8) = kv;
+            *reinterpret_cast<Bf16x8*>(vs + r * L::kLdh + c * 8) = vv;
+        }
+        __syncthreads();
+        // S = Q K^T for this warp's 16 rows.
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileK / 16];
+#pragma unroll
+            for (int c = 0; c < kTileK / 16; ++c) wmma::fill_fragment(acc[c], 0.f);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::load_matrix_sync(a, qs + warp * 16 * L::kLdh + kk * 16, L::kLdh);
+#pragma unroll
+                for (int c = 0; c < kTileK / 16; ++c) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+                    wmma::load_matrix_sync(b, ks + c * 16 * L::kLdh + kk * 16, L::kLdh);
+                    wmma::mma_sync(acc[c], a, b, acc[c]);
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < kTileK / 16; ++c)
+                wmma::store_matrix_sync(ss + warp * 16 * L::kLdS + c * 16, acc[c], L::kLdS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax over the warp's rows; lane owns columns lane and lane + 32.
+        for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+            const int pos = first_pos + r;
+            float s0 = ss[r * L::kLdS + lane] * scale_log2, s1 = ss[r * L::kLdS + lane + 32] * scale_log2;
+            if (r >= rows || k0 + lane > pos) s0 = -INFINITY;
+            if (r >= rows || k0 + lane + 32 > pos) s1 = -INFINITY;
+            const float m_old = m_s[r];
+            const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            float p0 = 0.f, p1 = 0.f, alpha = 1.f;
+            if (m_new != -INFINITY) {
+                p0 = exp2f(s0 - m_new);
+                p1 = exp2f(s1 - m_new);
+                alpha = exp2f(m_old - m_new);
+            }
+            ps[r * L::kLdP + lane] = __float2bfloat16(p0);
+            ps[r * L::kLdP + lane + 32] = __float2bfloat16(p1);
+            const float sum = warp_sum(p0 + p1);
+            if (lane == 0) {
+                l_s[r] = l_s[r] * alpha + sum;
+                m_s[r] = m_new;
+                a_s[r] = alpha;
+            }
+        }
+        __syncwarp();
+        for (int i = lane; i < 16 * HD; i += 32) {
+            const int r = warp * 16 + i / HD;
+            os[r * L::kLdO + i % HD] *= a_s[r];
+        }
+        __syncwarp();
+        // O += P V for the warp's rows.
+#pragma unroll
+        for (int c = 0; c < HD / 16; ++c) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::load_matrix_sync(o, os + warp * 16 * L::kLdO + c * 16, L::kLdO, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < kTileK / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
+                wmma::load_matrix_sync(a, ps + warp * 16 * L::kLdP + kk * 16, L::kLdP);
+                wmma::load_matrix_sync(b, vs + kk * 16 * L::kLdh + c * 16, L::kLdh);
+                wmma::mma_sync(o, a, b, o);
+            }
+            wmma::store_matrix_sync(os + warp * 16 * L::kLdO + c * 16, o, L::kLdO, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * HD; i += blockDim.x) {
+        const int r = i / HD, d = i % HD;
+        const float l = l_s[r];
+        out[((size_t)(q0 + r) * n_heads + h) * HD + d] = __float2bfloat16(l > 0.f ? os[r * L::kLdO + d] / l : 0.f);
+    }
+}
+
+}  // namespace flint

@@ -1,0 +1,130 @@
+// Row-wise kernels of a decoder layer: embedding gather, RMSNorm (with the residual add fused),
+// RoPE fused with the KV-cache write, SwiGLU on a fused gate/up output, random initialisation.
+#pragma once
+
+#include "common.cuh"
+
+namespace flint {
+
+// out[t, :] = table[tokens[t], :]. One block per token; hidden % 8 == 0.
+__device__ __forceinline__ void embedding_row(const uint32_t* tokens, const bf16* table, bf16* out, int hidden,
+                                              int vocab) {
+    const int t = blockIdx.x;
+    uint32_t id = tokens[t];
+    if (id >= (uint32_t)vocab) id = 0;  // padding rows of a graph bucket; real ids are checked on the host
+    const Bf16x8* src = reinterpret_cast<const Bf16x8*>(table + (size_t)id * hidden);
+    Bf16x8* dst = reinterpret_cast<Bf16x8*>(out + (size_t)t * hidden);
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+// If `add` is given: residual[t] += add[t] (rounded to bf16, as a bf16 model does), then
+// out[t] = bf16(weight * bf16(residual[t] * rsqrt(mean(residual[t]^2) + eps))). One block per row.
+__device__ __forceinline__ void add_rms_norm_row(bf16* residual, const bf16* add, const float* weight, bf16* out,
+                                                 int hidden, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = (size_t)blockIdx.x * hidden;
+    Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + row);
+    const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + row);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
+        float v[8];
+        unpack(res[i], v);
+        if (add != nullptr) {
+            float a[8];
+            unpack(addv[i], a);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] += a[j];
+            Bf16x8 packed = pack(v);
+            res[i] = packed;
+            unpack(packed, v);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    Bf16x8* o = reinterpret_cast<Bf16x8*>(out + row);
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
+        float v[8];
+        unpack(res[i], v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r));
+        o[i] = pack(v);
+    }
+}
+
+// qkv: [n, (n_heads + 2 n_kv) * head_dim], the fused projection's output. Adds the bias if given,
+// turns q (in place) and k by RoPE (rotate-half) at positions[t], and writes k and v into the
+// paged caches [n_blocks, block_size, n_kv, head_dim] at slot slots[t] (skipped when the slot is
+// 0xffffffff: padding rows). One block per token.
+__device__ __forceinline__ void rope_kv_write_row(bf16* qkv, const bf16* bias, const uint32_t* positions,
+                                                  const float* inv_freq, const uint32_t* slots, bf16* k_cache,
+                                                  bf16* v_cache, int n_heads, int n_kv, int head_dim) {
+    const int t = blockIdx.x;
+    const int width = (n_heads + 2 * n_kv) * head_dim;
+    bf16* row = qkv + (size_t)t * width;
+    const float pos = (float)positions[t];
+    const uint32_t slot = slots[t];
+    const int half = head_dim / 2;
+    // Rotated pairs of q and k heads.
+    for (int i = threadIdx.x; i < (n_heads + n_kv) * half; i += blockDim.x) {
+        const int head = i / half, p = i % half;
+        const int a = head * head_dim + p, b = a + half;
+        float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
+        if (bias != nullptr) {
+            x0 = __bfloat162float(__float2bfloat16(x0 + __bfloat162float(bias[a])));
+            x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[b])));
+        }
+        float s, c;
+        sincosf(pos * inv_freq[p], &s, &c);
+        const bf16 y0 = __float2bfloat16(x0 * c - x1 * s);
+        const bf16 y1 = __float2bfloat16(x1 * c + x0 * s);
+        if (head < n_heads) {
+            row[a] = y0;
+            row[b] = y1;
+        } else if (slot != 0xffffffffu) {
+            const size_t base = ((size_t)slot * n_kv + (head - n_heads)) * head_dim;
+            k_cache[base + p] = y0;
+            k_cache[base + p + half] = y1;
+        }
+    }
+    if (slot == 0xffffffffu) return;
+    const int v_off = (n_heads + n_kv) * head_dim;
+    for (int i = threadIdx.x; i < n_kv * head_dim; i += blockDim.x) {
+        float v = __bfloat162float(row[v_off + i]);
+        if (bias != nullptr) v += __bfloat162float(bias[v_off + i]);
+        v_cache[(size_t)slot * n_kv * head_dim + i] = __float2bfloat16(v);
+    }
+}
+
+// gate_up: [n, 2 ff] (gate then up); out[t, j] = silu(gate) * up. Grid-stride over n * ff / 8.
+__device__ __forceinline__ void silu_mul_all(const bf16* gate_up, bf16* out, int n, int ff) {
+    const size_t total = (size_t)n * ff / 8;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / (ff / 8), c = i % (ff / 8);
+        const Bf16x8* g = reinterpret_cast<const Bf16x8*>(gate_up + t * 2 * ff) + c;
+        const Bf16x8* u = reinterpret_cast<const Bf16x8*>(gate_up + t * 2 * ff + ff) + c;
+        float gv[8], uv[8], o[8];
+        unpack(*g, gv);
+        unpack(*u, uv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = gv[j] / (1.f + __expf(-gv[j])) * uv[j];
+        reinterpret_cast<Bf16x8*>(out + t * ff)[c] = pack(o);
+    }
+}
+
+// out[i] = bf16(mean + std * sqrt(3) * (2u - 1)), u uniform from (seed, i): random weights with a
+// given standard deviation, generated on the device.
+__device__ __forceinline__ void fill_uniform_all(bf16* out, size_t n, uint64_t seed, float mean, float std) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float u = uniform01(mix64(seed ^ mix64(i)));
+        out[i] = __float2bfloat16(mean + std * 1.7320508f * (2.f * u - 1.f));
+    }
+}
+
+// out[i] = bf16(in[i]).
+__device__ __forceinline__ void f32_to_bf16_all(const float* in, bf16* out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(in[i]);
+}
+
+}  // namespace flint

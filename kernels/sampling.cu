@@ -1,0 +1,11 @@
+// Entry point of device sampling (include/flint/sampling.cuh).
+#include "flint/sampling.cuh"
+
+using namespace flint;
+
+extern "C" __global__ void __launch_bounds__(kSampleThreads) flint_sample(const float* logits, int vocab,
+                                                                         const SamplingParams* params,
+                                                                         const uint64_t* steps, uint32_t* out) {
+    pdl_wait();
+    sample_row(logits, vocab, params, steps, out);
+}
