@@ -13,6 +13,8 @@ use std::process::Command;
 use anyhow::{Context, bail, ensure};
 use sha2::{Digest, Sha256};
 
+mod bench;
+mod bundle;
 mod kernels;
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -25,6 +27,8 @@ commands:
   fetch-model   put SmolLM2-135M-Instruct (Q4_1 GGUF) under models/, checked by sha256
   test [ARGS]   fetch the model if needed, then `cargo test --workspace [ARGS]`
   kernels       compile kernels/*.cu into fatbins (nvcc 13.0, sm_90a + PTX) for flint-kernels
+  gpu-bundle    build the kernels, release binaries and GPU tests into .gpu/bundle/ for the GPU machine
+  bench [ARGS]  model benchmark on the local GPU beside transformers eager (--preset, --out, --flint)
   ci            cargo fmt --check, cargo clippy -D warnings, then `test`";
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&rest),
         Some("ci") => ci(),
         Some("kernels") => kernels::build().map(|_| ()),
+        Some("bench") => bench::bench(&rest),
+        Some("gpu-bundle") => bundle::gpu_bundle().map(|_| ()),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -41,8 +41,24 @@ impl FromStr for LengthRange {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Address of a running `flint serve` (host:port or http://host:port).
+    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+    server: Option<String>,
+    /// Benchmark a model on the local GPU instead: random weights of this preset's shapes
+    /// (llama-3.2-1b, llama-3.1-8b, llama-3.3-70b).
     #[arg(long)]
-    server: String,
+    preset: Option<String>,
+    /// Batch sizes for --preset, comma-separated.
+    #[arg(long, default_value = "1,8,32,128", requires = "preset")]
+    batches: String,
+    /// PROMPT:OUTPUT lengths for --preset, comma-separated.
+    #[arg(long, default_value = "128:128,2048:256", requires = "preset")]
+    lengths: String,
+    /// With --preset: run decode steps without CUDA graphs.
+    #[arg(long, requires = "preset")]
+    no_graphs: bool,
+    /// With --preset: also write the report as JSON to this file.
+    #[arg(long, requires = "preset")]
+    json_out: Option<std::path::PathBuf>,
     /// Requests to send.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     num_requests: u32,
@@ -199,6 +215,21 @@ fn endpoint(server: &str) -> String {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(preset) = &args.preset {
+        let batches = crate::gpubench::parse_batches(&args.batches)?;
+        let lengths = crate::gpubench::parse_lengths(&args.lengths)?;
+        let report = crate::gpubench::run_preset(preset, &batches, &lengths, !args.no_graphs)?;
+        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if args.json {
+            println!("{json}");
+        } else {
+            crate::gpubench::print_table(&report);
+        }
+        return Ok(());
+    }
     if let Some(rate) = args.request_rate
         && !(rate.is_finite() && rate > 0.0)
     {
@@ -218,9 +249,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
-    let uri = endpoint(&args.server);
+    let server = args.server.as_deref().context("--server is required")?;
+    let uri = endpoint(server);
     let channel = Channel::from_shared(uri.clone())
-        .with_context(|| format!("invalid server address {:?}", args.server))?
+        .with_context(|| format!("invalid server address {server:?}"))?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {uri}"))?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod gpubench;
 mod inspect;
 mod serve;
 

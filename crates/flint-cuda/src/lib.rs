@@ -5,6 +5,7 @@
 // Kernel launches and GEMMs take their operands as raw device addresses, one per argument.
 #![allow(clippy::too_many_arguments)]
 
+pub mod bench;
 mod error;
 pub mod gemm;
 pub mod gpu;

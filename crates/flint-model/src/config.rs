@@ -280,7 +280,11 @@ impl ModelConfig {
         let architecture = Architecture::from_name(&arch_name)?;
         let n_heads = raw.num_attention_heads;
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size.checked_div(n_heads).unwrap_or(0));
-        let rope_scaling = match &raw.rope_scaling {
+        // transformers 5 writes `rope_parameters` (type, base and scaling together) instead of
+        // `rope_theta` and `rope_scaling`.
+        let rope_source = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
+        let rope_theta = raw.rope_theta.or(raw.rope_parameters.as_ref().and_then(|p| p.rope_theta));
+        let rope_scaling = match rope_source {
             None => RopeScaling::None,
             Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {
                 Some("llama3") => RopeScaling::Llama3(Llama3RopeScaling {
@@ -309,7 +313,7 @@ impl ModelConfig {
             n_kv_heads: raw.num_key_value_heads.unwrap_or(n_heads),
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -337,6 +341,8 @@ struct HfRopeScaling {
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
     original_max_position_embeddings: Option<usize>,
+    /// transformers 5 keeps the base here, in `rope_parameters`.
+    rope_theta: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +359,7 @@ struct HfConfig {
     rms_norm_eps: Option<f32>,
     rope_theta: Option<f32>,
     rope_scaling: Option<HfRopeScaling>,
+    rope_parameters: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,

@@ -1,0 +1,207 @@
+//! Measurements of the CUDA backend on the machine it runs on: copy bandwidth, cuBLASLt's BF16
+//! matrix rate, the model's prefill GEMMs, and end-to-end TTFT and decode latency per batch size
+//! for a model. Timings use CUDA events or a host clock after synchronising; medians of many runs.
+
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use flint_model::{ForwardBatch, Logits};
+use serde::Serialize;
+
+use crate::gemm::{Gemm, GemmOut};
+use crate::gpu::Gpu;
+use crate::llama::{CudaLlama, StepOutput};
+use crate::ops::{self, DeviceSampling};
+use crate::{Error, Result};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Times `f` with CUDA events around `reps` calls; returns the median milliseconds per call over
+/// `rounds` rounds.
+fn time_events(gpu: &Gpu, rounds: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let ctx = gpu.context();
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    f()?;
+    gpu.synchronize()?;
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        start.record(gpu.stream())?;
+        for _ in 0..reps {
+            f()?;
+        }
+        end.record(gpu.stream())?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64 / reps as f64);
+    }
+    Ok(median(times))
+}
+
+/// Device-to-device copy bandwidth, bytes read plus bytes written per second, over `bytes`-sized
+/// buffers filled with random data.
+pub fn copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
+    let src = gpu.alloc(bytes)?;
+    let dst = gpu.alloc(bytes)?;
+    ops::fill_uniform(gpu, src.ptr(), bytes / 2, 7, 0.0, 1.0)?;
+    let ms = time_events(gpu, 9, 5, || gpu.copy(dst.ptr(), src.ptr(), bytes))?;
+    Ok(2.0 * bytes as f64 / (ms * 1e-3))
+}
+
+/// One GEMM shape's rate.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmRate {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+/// Times `y[m, n] = x[m, k] . w[n, k]^T` in BF16 through cuBLASLt on random data, rotating
+/// through enough weight copies that the L2 cache does not hold them.
+pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usize) -> Result<GemmRate> {
+    let copies = (256usize << 20).div_ceil(2 * n * k).clamp(1, 8);
+    let x = gpu.alloc(2 * m * k)?;
+    let y = gpu.alloc(2 * m * n)?;
+    ops::fill_uniform(gpu, x.ptr(), m * k, 11, 0.0, 1.0)?;
+    let ws: Vec<_> = (0..copies)
+        .map(|i| {
+            let w = gpu.alloc(2 * n * k)?;
+            ops::fill_uniform(gpu, w.ptr(), n * k, 13 + i as u64, 0.0, 0.02)?;
+            Ok(w)
+        })
+        .collect::<Result<_>>()?;
+    let mut i = 0;
+    let ms = time_events(gpu, 7, 10, || {
+        i = (i + 1) % copies;
+        gemm.matmul(gpu, x.ptr(), ws[i].ptr(), y.ptr(), m, n, k, GemmOut::Bf16)
+    })?;
+    Ok(GemmRate { name: name.to_string(), m, n, k, ms, tflops: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12 })
+}
+
+/// One batch size's end-to-end figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub prompt_len: usize,
+    pub output_len: usize,
+    pub batch: usize,
+    /// From the start of the prefill to every sequence's first token.
+    pub ttft_ms: f64,
+    /// Median time of one decode step (all sequences advance one token).
+    pub decode_ms_per_token: f64,
+    pub tok_s_per_user: f64,
+    pub tok_s_total: f64,
+    /// Bytes one decode step reads at the median context: weights (the gathered embedding rows
+    /// aside) plus the KV cache.
+    pub bytes_per_step: f64,
+    /// (bytes_per_step / bandwidth) / decode time.
+    pub roofline_fraction: f64,
+}
+
+/// Runs `batch` sequences of random prompts of `prompt_len` tokens through prefill (in chunks of
+/// the model's token budget) and `output_len - 1` decode steps, greedy on the device.
+pub fn decode_run(
+    model: &CudaLlama,
+    bandwidth: f64,
+    prompt_len: usize,
+    output_len: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<DecodeRow> {
+    let bs = model.block_size();
+    let total = prompt_len + output_len;
+    let per_seq = total.div_ceil(bs);
+    if per_seq * batch > model.n_blocks() {
+        return Err(Error::Unsupported(format!(
+            "{batch} sequences of {total} positions need {} KV blocks, the cache has {}",
+            per_seq * batch,
+            model.n_blocks()
+        )));
+    }
+    let tables: Vec<Vec<u32>> =
+        (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+    let vocab = model.config().vocab_size as u64;
+    let mut state = seed | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab) as u32
+    };
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt_len).map(|_| next()).collect()).collect();
+    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let budget = model.options().max_batch_tokens;
+
+    model.gpu().synchronize()?;
+    let t0 = Instant::now();
+    let mut last = vec![0u32; batch];
+    // Prefill: fill chunks of up to `budget` tokens, splitting prompts across chunks.
+    let mut done = vec![0usize; batch];
+    let mut s = 0;
+    while s < batch {
+        let mut fb = ForwardBatch::new(bs);
+        let mut room = budget;
+        let mut finishing = Vec::new();
+        while s < batch && room > 0 && fb.n_seqs() < model.options().max_seqs {
+            let take = (prompt_len - done[s]).min(room);
+            let ends = done[s] + take == prompt_len;
+            fb.push_sequence(
+                &prompts[s][done[s]..done[s] + take],
+                done[s],
+                &tables[s],
+                if ends { Logits::Last } else { Logits::None },
+            )?;
+            if ends {
+                finishing.push(s);
+            }
+            done[s] += take;
+            room -= take;
+            if ends {
+                s += 1;
+            }
+        }
+        let params = vec![greedy; finishing.len()];
+        let steps = vec![0u64; finishing.len()];
+        if let StepOutput::Tokens(t) = model.step(&fb, Some((&params, &steps)))? {
+            for (i, &seq) in finishing.iter().enumerate() {
+                last[seq] = t[i];
+            }
+        }
+    }
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    // Decode.
+    let params = vec![greedy; batch];
+    let mut times = Vec::with_capacity(output_len);
+    for step in 1..output_len {
+        let mut fb = ForwardBatch::new(bs);
+        for (s, table) in tables.iter().enumerate() {
+            fb.push_sequence(&[last[s]], prompt_len + step - 1, table, Logits::Last)?;
+        }
+        let steps = vec![step as u64; batch];
+        let t = Instant::now();
+        let out = model.step(&fb, Some((&params, &steps)))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if let StepOutput::Tokens(t) = out {
+            last = t;
+        }
+    }
+    let ms = median(times);
+    let mid_context = prompt_len + output_len / 2;
+    let bytes = model.weight_bytes_per_step() as f64 + model.kv_bytes_read(&vec![mid_context; batch]) as f64;
+    Ok(DecodeRow {
+        prompt_len,
+        output_len,
+        batch,
+        ttft_ms,
+        decode_ms_per_token: ms,
+        tok_s_per_user: 1e3 / ms,
+        tok_s_total: batch as f64 * 1e3 / ms,
+        bytes_per_step: bytes,
+        roofline_fraction: (bytes / bandwidth) / (ms * 1e-3),
+    })
+}

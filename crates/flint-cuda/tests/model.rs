@@ -1,0 +1,225 @@
+//! Whole models on the GPU against Hugging Face `transformers` and against the CPU reference.
+//!
+//! `FLINT_HF_MODELS` names a folder of checkpoints written by `tests/gpu/hf_models.py` on the GPU
+//! machine (random-weight Llama and Qwen2 models, BF16 safetensors, with the reference's prefill
+//! and 64 greedy decode steps). Flint loads each, runs the same prompt, and compares logits at
+//! every step (teacher-forced on the reference's tokens) and greedy tokens where the reference's
+//! top-2 margin is clear. The CPU backend runs the same checkpoints as a second reference.
+//!
+//! Skipped without a GPU or without the folder, unless `FLINT_REQUIRE_GPU=1`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flint_cpu::CpuBackend;
+use flint_cuda::{CudaLlama, CudaLlamaOptions, Gpu};
+use flint_model::{ForwardBatch, Llama, Logits, ModelSource};
+use flint_tensor::{Backend, DType};
+use serde_json::Value;
+
+fn require() -> bool {
+    std::env::var_os("FLINT_REQUIRE_GPU").is_some()
+}
+
+fn gpu() -> Option<Arc<Gpu>> {
+    if !flint_cuda::cuda_available() || !flint_kernels::all_built() {
+        assert!(!require(), "FLINT_REQUIRE_GPU is set but there is no usable GPU or the kernels are not built");
+        eprintln!("skipped: no CUDA device or kernels not built");
+        return None;
+    }
+    Some(Gpu::new(0).expect("open GPU 0"))
+}
+
+fn hf_dirs() -> Option<Vec<PathBuf>> {
+    let Some(root) = std::env::var_os("FLINT_HF_MODELS").map(PathBuf::from) else {
+        assert!(!require(), "FLINT_REQUIRE_GPU is set but FLINT_HF_MODELS is not");
+        eprintln!("skipped: FLINT_HF_MODELS is not set");
+        return None;
+    };
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("FLINT_HF_MODELS is a folder")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no reference models under {}", root.display());
+    Some(dirs)
+}
+
+fn rel_err(out: &[f32], reference: &[f32]) -> f64 {
+    assert!(out.iter().all(|x| x.is_finite()), "non-finite logits");
+    let num: f64 = out.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b }) as u32
+}
+
+fn small_options(graphs: bool) -> CudaLlamaOptions {
+    CudaLlamaOptions {
+        max_batch_tokens: 256,
+        max_seqs: 8,
+        max_seq_len: 512,
+        block_size: 16,
+        n_blocks: Some(128),
+        graphs,
+        ..CudaLlamaOptions::default()
+    }
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    margins: Vec<f64>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn read_reference(dir: &Path) -> Reference {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("read")).expect("json");
+    let ids = |k: &str| json[k].as_array().expect(k).iter().map(|v| v.as_u64().expect("id") as u32).collect::<Vec<_>>();
+    let vocab = json["vocab_size"].as_u64().expect("vocab") as usize;
+    let raw = std::fs::read(dir.join("logits.f32")).expect("logits");
+    let flat: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    eprintln!("{}: {}", dir.display(), json["generator"]);
+    Reference {
+        prompt: ids("prompt"),
+        tokens: ids("tokens"),
+        margins: json["margins"].as_array().expect("margins").iter().map(|v| v.as_f64().expect("m")).collect(),
+        logits: flat.chunks(vocab).map(<[f32]>::to_vec).collect(),
+    }
+}
+
+/// Prefill, then teacher-forced decode on the reference's tokens; returns logits per step.
+fn run_gpu(model: &CudaLlama, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+    let table: Vec<u32> = (0..((prompt.len() + forced.len() + 1).div_ceil(16)) as u32).collect();
+    let mut out = Vec::new();
+    let mut b = ForwardBatch::new(16);
+    b.push_sequence(prompt, 0, &table, Logits::Last).expect("batch");
+    out.push(model.forward(&b).expect("prefill"));
+    for (i, &t) in forced.iter().enumerate() {
+        let mut b = ForwardBatch::new(16);
+        b.push_sequence(&[t], prompt.len() + i, &table, Logits::Last).expect("batch");
+        out.push(model.forward(&b).expect("decode"));
+    }
+    out
+}
+
+fn run_cpu(model: &Llama, backend: &CpuBackend, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_kv_cache(backend, prompt.len() + forced.len() + 1).expect("cache");
+    let mut out = Vec::new();
+    let l = model.forward(backend, prompt, &mut cache, false).expect("prefill");
+    out.push(backend.to_f32_vec(&l).expect("read"));
+    for &t in forced {
+        let l = model.forward(backend, &[t], &mut cache, false).expect("decode");
+        out.push(backend.to_f32_vec(&l).expect("read"));
+    }
+    out
+}
+
+#[test]
+fn random_checkpoints_match_transformers_and_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    for dir in dirs {
+        let r = read_reference(&dir);
+        let source = ModelSource::open(&dir).expect("open checkpoint");
+        let config = source.config().expect("config");
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let forced = &r.tokens[..r.tokens.len() - 1];
+        for graphs in [false, true] {
+            let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(graphs)).expect("load");
+            let got = run_gpu(&model, &r.prompt, forced);
+            let mut worst = 0f64;
+            let mut clear = 0;
+            for (step, (l, want)) in got.iter().zip(&r.logits).enumerate() {
+                let e = rel_err(l, want);
+                worst = worst.max(e);
+                assert!(e <= 2e-2, "{name} graphs={graphs}: step {step} logits rel err {e:.3e} > 2e-2");
+                if r.margins[step] > 0.1 {
+                    clear += 1;
+                    assert_eq!(
+                        argmax(l),
+                        r.tokens[step],
+                        "{name} graphs={graphs}: greedy token differs at step {step} (margin {:.3})",
+                        r.margins[step]
+                    );
+                }
+            }
+            eprintln!(
+                "{name} graphs={graphs}: {} steps, worst logits rel err {worst:.2e}, {clear} clear-margin tokens equal",
+                got.len()
+            );
+        }
+        // The CPU reference (bf16 weights, f32 activations) on the same checkpoint.
+        let backend = CpuBackend::new();
+        let cpu = Llama::load(&source, config.clone(), &backend, DType::BF16, &mut |_| {}).expect("cpu load");
+        let steps = 8.min(forced.len());
+        let cpu_logits = run_cpu(&cpu, &backend, &r.prompt, &forced[..steps]);
+        let model = CudaLlama::load(Arc::clone(&g), &source, config, small_options(true)).expect("load");
+        let gpu_logits = run_gpu(&model, &r.prompt, &forced[..steps]);
+        for (step, (a, b)) in gpu_logits.iter().zip(&cpu_logits).enumerate() {
+            let e = rel_err(a, b);
+            assert!(e <= 2e-2, "{name}: GPU vs CPU step {step} rel err {e:.3e}");
+        }
+        eprintln!("{name}: GPU matches the CPU reference over {} steps", steps + 1);
+    }
+}
+
+#[test]
+fn batched_decode_equals_each_sequence_alone() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    let dir = &dirs[0];
+    let source = ModelSource::open(dir).expect("open");
+    let config = source.config().expect("config");
+    let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
+    let vocab = config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = [37usize, 5, 70, 16, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| ((i * 7919 + j * 104_729) as u32) % vocab).collect())
+        .collect();
+    // Alone: greedy 12 tokens each.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let table: Vec<u32> = (0..8).collect();
+            let mut toks = Vec::new();
+            let mut b = ForwardBatch::new(16);
+            b.push_sequence(p, 0, &table, Logits::Last).expect("batch");
+            toks.push(argmax(&model.forward(&b).expect("prefill")));
+            for i in 0..11 {
+                let mut b = ForwardBatch::new(16);
+                b.push_sequence(&[toks[i]], p.len() + i, &table, Logits::Last).expect("batch");
+                toks.push(argmax(&model.forward(&b).expect("decode")));
+            }
+            toks
+        })
+        .collect();
+    // Together: one prefill batch, then batched decode steps (graph buckets with padding).
+    let tables: Vec<Vec<u32>> =
+        (0..prompts.len()).map(|s| ((8 * s + 8) as u32..(8 * s + 16) as u32).collect()).collect();
+    let mut b = ForwardBatch::new(16);
+    for (p, t) in prompts.iter().zip(&tables) {
+        b.push_sequence(p, 0, t, Logits::Last).expect("batch");
+    }
+    let v = config.vocab_size;
+    let l = model.forward(&b).expect("prefill");
+    let mut together: Vec<Vec<u32>> = (0..prompts.len()).map(|s| vec![argmax(&l[s * v..(s + 1) * v])]).collect();
+    for i in 0..11 {
+        let mut b = ForwardBatch::new(16);
+        for (s, (p, t)) in prompts.iter().zip(&tables).enumerate() {
+            b.push_sequence(&[together[s][i]], p.len() + i, t, Logits::Last).expect("batch");
+        }
+        let l = model.forward(&b).expect("decode");
+        for (s, seq) in together.iter_mut().enumerate() {
+            seq.push(argmax(&l[s * v..(s + 1) * v]));
+        }
+    }
+    assert_eq!(together, alone, "batching changed greedy tokens");
+    assert!(model.n_graphs() > 0, "decode steps should have used CUDA graphs");
+}
