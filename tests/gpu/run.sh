@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with .gpu/bundle carried (cargo xtask gpu-bundle).
-#   bash tests/gpu/run.sh [check|bench|all] [PRESET]
-# check: every kernel against the CPU reference; transformers-built checkpoints against Flint.
-# bench: cargo xtask bench for PRESET (default llama-3.1-8b), with transformers eager beside it.
+#   bash tests/gpu/run.sh [check|bench|startup|all] [PRESET]
+# check:   every kernel against the CPU reference; transformers-built checkpoints against Flint;
+#          SmolLM2 against the CPU's tokens (when the GGUF is there); `flint generate` on the GPU.
+# bench:   cargo xtask bench for PRESET (default llama-3.1-8b), transformers eager beside it.
+# startup: process start to first token for PRESET saved as safetensors (in the page cache).
+# The SmolLM2 GGUF (98 MB) is over one call's carry limit: carry .gpu/smol1, .gpu/smol2 and
+# .gpu/smol3 (its three parts) in consecutive calls to one warm machine; they collect in /tmp.
 # Logs and JSON go to $OUT (or ./gpu-out).
 set -uo pipefail
 MODE=${1:-all}
@@ -15,19 +19,54 @@ status=0
 echo "revision $(cat $B/REVISION)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
+SMOL=/tmp/flint-smol
+mkdir -p $SMOL
+for i in 1 2 3; do [[ -f .gpu/smol$i/part ]] && cp .gpu/smol$i/part $SMOL/part$i; done
+GGUF=$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf
+if [[ ! -f $GGUF && -f $SMOL/part1 && -f $SMOL/part2 && -f $SMOL/part3 ]]; then
+  cat $SMOL/part1 $SMOL/part2 $SMOL/part3 > $GGUF
+fi
+if [[ -f $GGUF ]] && echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c --quiet; then
+  export FLINT_MODEL=$GGUF FLINT_REQUIRE_SMOLLM2=1
+  echo "SmolLM2 GGUF present"
+else
+  echo "SmolLM2 GGUF not present (parts: $(ls $SMOL | tr '\n' ' '))"
+fi
+
 if [[ $MODE == check || $MODE == all ]]; then
   echo "== kernels against flint-cpu"
   $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
-  grep -E "^test |rel err|panicked|test result" "$OUT/kernels.log" | grep -E "test |panicked|result" | tail -20
-  grep -E "rel err" "$OUT/kernels.log" | sort -t' ' -k3 | awk '{print}' | sort -g -k4 -t' ' | tail -3
+  grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -12
+  echo "largest errors:"; grep "rel err" "$OUT/kernels.log" | sort -g -k2 -t'|' | awk '{print $NF, $0}' | sort -g | tail -3 | cut -d' ' -f2-
   echo "== transformers checkpoints"
   python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
-  tail -4 "$OUT/hf_models.log"
+  grep -E "parameters|seed|Error" "$OUT/hf_models.log"
   FLINT_HF_MODELS=/tmp/flint-hf $B/tests/model --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
-  grep -E "^test |worst|matches|panicked|test result" "$OUT/model.log" | tail -20
+  grep -E "^test .*(ok|FAILED)$|worst|matches|SmolLM2|panicked|test result" "$OUT/model.log" | tail -20
+  echo "== flint generate on the GPU"
+  $B/flint generate --random-weights llama-3.2-1b --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-random.json" 2>&1 || status=1
+  python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print('random llama-3.2-1b:', g['device'], len(g['token_ids']), 'tokens,', round(g['timings']['decode_tokens_per_s'],1), 'tok/s')" "$OUT/gen-random.json" || cat "$OUT/gen-random.json"
+  if [[ -n ${FLINT_MODEL:-} ]]; then
+    for dev in cuda cpu; do
+      $B/flint generate --device $dev --prompt "What is the capital of France?" --max-tokens 24 --json > "$OUT/gen-smol-$dev.json" 2>&1 || status=1
+      python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print(g['device'], repr(g['text']), round(g['timings']['decode_tokens_per_s'],1), 'tok/s')" "$OUT/gen-smol-$dev.json" || cat "$OUT/gen-smol-$dev.json"
+    done
+  fi
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET"
   $B/xtask bench --preset "$PRESET" --out "$OUT" --flint $B/flint || status=1
+fi
+if [[ $MODE == startup || $MODE == all ]]; then
+  echo "== start-up: $PRESET from safetensors in the page cache"
+  python3 tests/gpu/save_preset.py --preset "$PRESET" --out /tmp/flint-ckpt 2>&1 | grep -v Writing | tail -2
+  cat /tmp/flint-ckpt/*.safetensors > /dev/null
+  du -sh /tmp/flint-ckpt
+  for run in 1 2 3; do
+    start=$(date +%s.%N)
+    $B/flint generate --model /tmp/flint-ckpt --device cuda --prompt "Hello" --raw --max-tokens 1 --json > "$OUT/startup-$run.json" 2>&1 || status=1
+    end=$(date +%s.%N)
+    echo "run $run: process start to first token (and exit): $(echo "$end - $start" | bc) s"
+  done
 fi
 exit $status

@@ -43,9 +43,10 @@ fn prefill_logits_match_reference() {
     let engine = cpu_engine();
     let reference = smollm2_reference();
     let ids = &reference.cases[0].prompt_token_ids;
-    let mut cache = engine.model().new_kv_cache(engine.backend(), ids.len()).expect("cache");
-    let logits = engine.model().forward(engine.backend(), ids, &mut cache, false).expect("forward");
-    let logits = engine.backend().to_f32_vec(&logits).expect("read");
+    let (model, backend) = engine.backend_model().expect("the CPU engine");
+    let mut cache = model.new_kv_cache(backend, ids.len()).expect("cache");
+    let logits = model.forward(backend, ids, &mut cache, false).expect("forward");
+    let logits = backend.to_f32_vec(&logits).expect("read");
     let top = &reference.first_prompt_top10;
     for (id, want) in top.ids.iter().zip(&top.logits) {
         let got = logits[*id as usize];
@@ -294,7 +295,7 @@ mod scheduling {
             }
             // Let the first round get going so the second finds its prefixes cached.
             for _ in 0..4 {
-                scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+                scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
             }
         }
         engine.run_to_completion(&mut scheduler, &cache).unwrap();
@@ -344,11 +345,11 @@ mod scheduling {
             .unwrap();
 
         for _ in 0..5 {
-            scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+            scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
         }
         assert!(scheduler.stats().kv_blocks_used > 0);
         cancel.store(true, Ordering::Relaxed);
-        scheduler.step(engine.model(), engine.backend(), &cache, engine.tokenizer()).unwrap();
+        scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
         assert_eq!(cancelled.lock().unwrap().finish, Some(FinishReason::Cancelled));
         assert_eq!(*seen.lock().unwrap(), 3, "the disconnected client got nothing after it left");
         assert_eq!(scheduler.stats().running, 1);

@@ -52,6 +52,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
+    // The checkout this runs in: the current folder when it is one (the GPU machine runs the
+    // bundled binary from a copy of the repository), else where xtask was built.
+    if let Ok(cwd) = std::env::current_dir()
+        && cwd.join("xtask/Cargo.toml").exists()
+    {
+        return cwd;
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 

@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// With --preset: run decode steps without CUDA graphs.
     #[arg(long, requires = "preset")]
     no_graphs: bool,
+    /// With --preset: largest token count that uses the GEMV kernel instead of cuBLASLt (1..=8).
+    #[arg(long, default_value_t = 4, requires = "preset", value_parser = clap::value_parser!(u64).range(1..=8))]
+    gemv_max_m: u64,
     /// With --preset: also write the report as JSON to this file.
     #[arg(long, requires = "preset")]
     json_out: Option<std::path::PathBuf>,
@@ -218,7 +221,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(preset) = &args.preset {
         let batches = crate::gpubench::parse_batches(&args.batches)?;
         let lengths = crate::gpubench::parse_lengths(&args.lengths)?;
-        let report = crate::gpubench::run_preset(preset, &batches, &lengths, !args.no_graphs)?;
+        let report =
+            crate::gpubench::run_preset(preset, &batches, &lengths, !args.no_graphs, args.gemv_max_m as usize)?;
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         if let Some(path) = &args.json_out {
             std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;

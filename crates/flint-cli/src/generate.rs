@@ -76,23 +76,80 @@ pub struct GenerateArgs {
     /// Print one JSON object with the text, token ids, finish reason and timings.
     #[arg(long)]
     json: bool,
-    /// Where to compute.
+    /// Where to compute: the GPU when one is usable (auto), or as named.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Run a released architecture with random weights instead of a checkpoint (GPU only):
+    /// llama-3.2-1b, llama-3.1-8b, llama-3.3-70b. The prompt is fed as bytes and the output
+    /// printed as token ids.
+    #[arg(long, conflicts_with = "model")]
+    random_weights: Option<String>,
+    /// Longest sequence (prompt plus output) the GPU runtime is sized for.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..))]
+    max_model_len: u32,
 }
 
-/// The backend for a `--device` choice.
-pub fn backend_for(device: DeviceArg) -> anyhow::Result<Box<dyn Backend>> {
-    match device {
-        DeviceArg::Auto | DeviceArg::Cpu => Ok(Box::new(CpuBackend::new())),
-        DeviceArg::Cuda => bail!("device cuda is not available: this build has no CUDA backend yet (use --device cpu)"),
+/// How to size a CUDA runtime.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaSizing {
+    pub max_seqs: usize,
+    pub max_batch_tokens: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+}
+
+fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_cuda::CudaLlamaOptions {
+    flint_cuda::CudaLlamaOptions {
+        max_batch_tokens: sizing.max_batch_tokens.max(sizing.max_seqs),
+        max_seqs: sizing.max_seqs,
+        max_seq_len: sizing.max_model_len.min(max_positions),
+        block_size: sizing.block_size,
+        ..flint_cuda::CudaLlamaOptions::default()
     }
 }
 
+/// Whether `--device auto` picks the GPU.
+fn gpu_usable() -> bool {
+    flint_cuda::cuda_available() && flint_kernels::all_built()
+}
+
+/// A random-weight model of a preset's shapes on GPU 0, with a byte tokenizer.
+pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine> {
+    let config = flint_model::ModelConfig::preset(preset).with_context(|| {
+        format!("unknown preset {preset:?}; presets: {}", flint_model::ModelConfig::PRESETS.join(", "))
+    })?;
+    let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
+    let options = cuda_options(sizing, config.max_position_embeddings);
+    let model = flint_cuda::CudaLlama::random(gpu, config, options, 0x5eed)?;
+    Ok(Engine::with_cuda(model, flint_engine::Tokenizer::byte_level()?))
+}
+
 /// Opens the model at `path` and loads it on `device`, with a progress bar on stderr.
-pub fn load_engine(model_path: &std::path::Path, device: DeviceArg) -> anyhow::Result<Engine> {
-    let backend = backend_for(device)?;
+pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: CudaSizing) -> anyhow::Result<Engine> {
+    let use_cuda = match device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Cuda => true,
+        DeviceArg::Auto => gpu_usable(),
+    };
     let source = ModelSource::open(model_path)?;
+    if use_cuda {
+        let attempt = (|| -> anyhow::Result<Engine> {
+            let config = source.config()?;
+            let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+            let gpu = flint_cuda::Gpu::new(0)?;
+            let options = cuda_options(sizing, config.max_position_embeddings);
+            let model = flint_cuda::CudaLlama::load(gpu, &source, config, options)?;
+            Ok(Engine::with_cuda(model, tokenizer))
+        })();
+        match attempt {
+            Ok(engine) => return Ok(engine),
+            Err(e) if device == DeviceArg::Cuda => {
+                return Err(e.context(format!("loading {} on the GPU", model_path.display())));
+            }
+            Err(e) => eprintln!("warning: the GPU is not usable ({e:#}); running on the CPU"),
+        }
+    }
+    let backend: Box<dyn Backend> = Box::new(CpuBackend::new());
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
             .context("progress bar template")?
@@ -128,11 +185,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     sampling.validate()?;
-    let model_path = crate::resolve_model(args.model)?;
-    let engine = load_engine(&model_path, args.device)?;
-    let device = engine.backend().device();
+    let sizing =
+        CudaSizing { max_seqs: 1, max_batch_tokens: 2048, max_model_len: args.max_model_len as usize, block_size: 16 };
+    let (engine, model_name) = match &args.random_weights {
+        Some(preset) => {
+            if args.device == DeviceArg::Cpu {
+                bail!("--random-weights runs on the GPU only");
+            }
+            (random_engine(preset, sizing)?, format!("{preset} (random weights)"))
+        }
+        None => {
+            let model_path = crate::resolve_model(args.model)?;
+            (load_engine(&model_path, args.device, sizing)?, model_path.display().to_string())
+        }
+    };
+    let device = engine.device();
+    let random = args.random_weights.is_some();
 
-    let prompt = if args.raw {
+    let prompt = if random {
+        Prompt::TokenIds(args.prompt.bytes().map(u32::from).collect())
+    } else if args.raw {
         Prompt::Raw(args.prompt)
     } else if engine.tokenizer().chat_template().is_none() {
         bail!("the model has no chat template: pass --raw to use the prompt as is")
@@ -155,6 +227,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let generation = if args.json {
         engine.generate(&request, &mut |_| {})?
+    } else if random {
+        let generation = engine.generate(&request, &mut |_| {})?;
+        let ids: Vec<String> = generation.token_ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(" "));
+        generation
     } else {
         let stdout = std::io::stdout();
         let mut write_error = None;
@@ -182,8 +259,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         "done"
     );
     if args.json {
-        let out =
-            JsonOutput { model: model_path.display().to_string(), device: device.to_string(), generation: &generation };
+        let out = JsonOutput { model: model_name, device, generation: &generation };
         let mut stdout = std::io::stdout().lock();
         serde_json::to_writer(&mut stdout, &out).context("writing JSON")?;
         writeln!(stdout).context("writing to stdout")?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flint_cuda::bench::{self, DecodeRow, GemmRate};
+use flint_cuda::bench::{self, Breakdown, DecodeRow, GemmRate};
 use flint_cuda::{CudaLlama, CudaLlamaOptions, Gpu};
 use flint_model::ModelConfig;
 use serde::Serialize;
@@ -46,6 +46,9 @@ pub struct ModelBench {
     pub startup_s: f64,
     pub weight_bytes_per_step: usize,
     pub rows: Vec<DecodeRow>,
+    /// Eager per-operation times of single decode steps (where the time goes).
+    pub decode_breakdown: Vec<Breakdown>,
+    pub gemv_max_m: usize,
     pub skipped: Vec<String>,
     pub cuda_graphs: bool,
     pub pdl: bool,
@@ -56,6 +59,7 @@ pub fn run_preset(
     batches: &[usize],
     lengths: &[(usize, usize)],
     graphs: bool,
+    gemv_max_m: usize,
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
@@ -72,6 +76,7 @@ pub fn run_preset(
         max_seqs: max_batch,
         max_seq_len: max_len.next_multiple_of(256),
         graphs,
+        gemv_max_m,
         ..CudaLlamaOptions::default()
     };
     let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options, 0x5eed)?;
@@ -111,6 +116,13 @@ pub fn run_preset(
             }
         }
     }
+    let mut decode_breakdown = Vec::new();
+    for &b in batches {
+        match bench::decode_breakdown(&model, b, 256) {
+            Ok(d) => decode_breakdown.push(d),
+            Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
+        }
+    }
     Ok(ModelBench {
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
@@ -121,6 +133,8 @@ pub fn run_preset(
         startup_s,
         weight_bytes_per_step: model.weight_bytes_per_step(),
         rows,
+        decode_breakdown,
+        gemv_max_m,
         skipped,
         cuda_graphs: graphs,
         pdl: gpu.pdl(),
@@ -128,6 +142,16 @@ pub fn run_preset(
 }
 
 pub fn print_table(b: &ModelBench) {
+    for d in &b.decode_breakdown {
+        let parts: Vec<String> = d.ops.iter().map(|(l, ms)| format!("{l} {ms:.3}")).collect();
+        println!(
+            "decode step breakdown, batch {} at {} positions ({:.3} ms eager): {}",
+            d.batch,
+            d.context,
+            d.total_ms,
+            parts.join(", ")
+        );
+    }
     println!("{} on {} (BF16), copy bandwidth {:.0} GB/s", b.preset, b.gpu, b.copy_bandwidth_gbs);
     println!(
         "cuBLASLt BF16 {}x{}x{}: {:.0} TFLOP/s; prefill GEMMs at 2048 tokens:",

@@ -26,7 +26,10 @@ pub struct ServeArgs {
     /// Port for Prometheus metrics on /metrics (same host); off when not given.
     #[arg(long)]
     metrics_port: Option<u16>,
-    /// Memory for the KV cache, in MiB.
+    /// Longest sequence (prompt plus output) the GPU runtime is sized for.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(16..))]
+    max_model_len: u64,
+    /// Memory for the KV cache, in MiB (CPU; the GPU takes 90% of the memory left after weights).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_mb: u64,
     /// Tokens per KV-cache block.
@@ -100,10 +103,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let model_path = crate::resolve_model(args.model)?;
-    let engine = load_engine(&model_path, args.device)?;
-    let bytes_per_token = engine.model().kv_bytes_per_token();
+    let sizing = crate::generate::CudaSizing {
+        max_seqs: args.max_running as usize,
+        max_batch_tokens: args.max_batch_tokens as usize,
+        max_model_len: args.max_model_len as usize,
+        block_size: args.block_size as usize,
+    };
+    let engine = load_engine(&model_path, args.device, sizing)?;
     let block_size = args.block_size as usize;
-    let n_blocks = ((args.kv_cache_mb as usize) << 20) / (bytes_per_token * block_size);
+    let n_blocks = match engine.fixed_limits() {
+        // The GPU sized its cache from free memory at load.
+        Some((n_blocks, _, _, _)) => n_blocks,
+        None => ((args.kv_cache_mb as usize) << 20) / (engine.kv_bytes_per_token() * block_size),
+    };
     anyhow::ensure!(n_blocks > 0, "--kv-cache-mb {} holds no block of {block_size} tokens", args.kv_cache_mb);
     let scheduler = SchedulerConfig {
         block_size,

@@ -205,3 +205,31 @@ pub fn decode_run(
         roofline_fraction: (bytes / bandwidth) / (ms * 1e-3),
     })
 }
+
+/// Per-operation times of one eager decode step of `batch` sequences at `context` positions.
+#[derive(Clone, Debug, Serialize)]
+pub struct Breakdown {
+    pub batch: usize,
+    pub context: usize,
+    /// (operation, milliseconds), summed over layers.
+    pub ops: Vec<(String, f64)>,
+    pub total_ms: f64,
+}
+
+pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Result<Breakdown> {
+    let bs = model.block_size();
+    let per_seq = (context + 1).div_ceil(bs);
+    if per_seq * batch > model.n_blocks() {
+        return Err(Error::Unsupported(format!("{batch} sequences of {context} positions do not fit the cache")));
+    }
+    let mut fb = ForwardBatch::new(bs);
+    for s in 0..batch {
+        let table: Vec<u32> = ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect();
+        fb.push_sequence(&[(s as u32 * 31) % model.config().vocab_size as u32], context, &table, Logits::Last)?;
+    }
+    let params = vec![DeviceSampling::default(); batch];
+    let steps = vec![0u64; batch];
+    let ops = model.profile(&fb, Some((&params, &steps)))?;
+    let total_ms = ops.iter().map(|(_, ms)| ms).sum();
+    Ok(Breakdown { batch, context, ops, total_ms })
+}

@@ -38,6 +38,8 @@ pub struct CudaLlamaOptions {
     pub kv_memory_fraction: f64,
     /// Capture decode steps in CUDA graphs.
     pub graphs: bool,
+    /// Largest token count that runs the GEMV kernel rather than cuBLASLt (1..=8).
+    pub gemv_max_m: usize,
 }
 
 impl Default for CudaLlamaOptions {
@@ -50,6 +52,7 @@ impl Default for CudaLlamaOptions {
             n_blocks: None,
             kv_memory_fraction: 0.9,
             graphs: true,
+            gemv_max_m: 4,
         }
     }
 }
@@ -159,6 +162,10 @@ const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 3
 struct State {
     graphs: HashMap<usize, CudaGraph>,
 }
+
+// SAFETY: the graphs are only launched, or dropped, with the state's mutex held, by one thread
+// at a time (CUDA graph objects need external synchronisation, not thread affinity).
+unsafe impl Send for State {}
 
 /// A Llama-family model on one GPU in BF16.
 pub struct CudaLlama {
@@ -509,19 +516,21 @@ impl CudaLlama {
             tables[i * self.max_blocks..][..t.len()].copy_from_slice(t);
         }
         put(&mut meta, l.tables, &u32s(&tables));
+        let logit_rows_identity = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
+        // Rows the LM head and the sampler run over: every (padded) token, or the gathered rows.
+        let sampled_rows = if logit_rows_identity { pad_to } else { rows.len() };
         if let Some((params, steps)) = sampling {
             let mut p = params.to_vec();
-            p.resize(pad_to.max(p.len()), DeviceSampling::default());
+            p.resize(sampled_rows, DeviceSampling::default());
             // SAFETY: DeviceSampling is repr(C) plain data.
             let bytes = unsafe {
                 std::slice::from_raw_parts(p.as_ptr() as *const u8, p.len() * std::mem::size_of::<DeviceSampling>())
             };
             put(&mut meta, l.sampling, bytes);
             let mut st = steps.to_vec();
-            st.resize(pad_to.max(st.len()), 0);
+            st.resize(sampled_rows, 0);
             put(&mut meta, l.steps, &st.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
         }
-        let logit_rows_identity = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
         Ok(Plan {
             n_tokens: pad_to,
             n_tiles: tile_seq.len(),
@@ -533,7 +542,7 @@ impl CudaLlama {
     }
 
     fn linear(&self, x: u64, w: &DeviceBuffer, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
-        if m <= GEMV_MAX_M {
+        if m <= self.options.gemv_max_m.min(GEMV_MAX_M) {
             let e = if out == GemmOut::F32 { Epilogue::F32 } else { Epilogue::Bf16 };
             ops::gemv(&self.gpu, x, w.ptr(), y, m, n, k, e)
         } else {
@@ -543,6 +552,16 @@ impl CudaLlama {
 
     /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
     fn enqueue(&self, plan: &Plan, sample: bool) -> Result<()> {
+        self.enqueue_marked(plan, sample, &mut |_| Ok(()))
+    }
+
+    /// [`Self::enqueue`], calling `mark(label)` after each operation (for per-kernel timing).
+    fn enqueue_marked(
+        &self,
+        plan: &Plan,
+        sample: bool,
+        mark: &mut dyn FnMut(&'static str) -> Result<()>,
+    ) -> Result<()> {
         let c = &self.config;
         let g = &*self.gpu;
         let ws = &self.ws;
@@ -557,10 +576,13 @@ impl CudaLlama {
         let eps = c.rms_norm_eps;
 
         ops::embedding(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, c.vocab_size)?;
+        mark("embedding")?;
         for (i, layer) in self.layers.iter().enumerate() {
             let add = if i == 0 { 0 } else { ws.proj.ptr() };
             ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+            mark("add_rms_norm")?;
             self.linear(ws.normed.ptr(), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
+            mark("qkv_proj")?;
             let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
             ops::rope_kv_write(
                 g,
@@ -576,6 +598,7 @@ impl CudaLlama {
                 c.n_kv_heads,
                 c.head_dim,
             )?;
+            mark("rope_kv_write")?;
             let kv = PagedKv {
                 k_cache,
                 v_cache,
@@ -616,9 +639,12 @@ impl CudaLlama {
                     plan.n_tiles,
                 )?;
             }
+            mark("attention")?;
             self.linear(ws.attn.ptr(), &layer.o, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
+            mark("o_proj")?;
             ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
-            if n <= GEMV_MAX_M {
+            mark("add_rms_norm")?;
+            if n <= self.options.gemv_max_m.min(GEMV_MAX_M) {
                 ops::gemv(g, ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr(), n, ff, h, Epilogue::SwiGlu)?;
             } else {
                 self.gemm.matmul(
@@ -633,12 +659,15 @@ impl CudaLlama {
                 )?;
                 ops::silu_mul(g, ws.gate_up.ptr(), ws.act.ptr(), n, ff)?;
             }
+            mark("gate_up_swiglu")?;
             self.linear(ws.act.ptr(), &layer.down, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
+            mark("down_proj")?;
         }
         if plan.n_logit_rows == 0 {
             return Ok(());
         }
         ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), self.norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+        mark("add_rms_norm")?;
         let rows = plan.n_logit_rows;
         let hidden = if plan.logit_rows_identity {
             ws.normed.ptr()
@@ -650,8 +679,10 @@ impl CudaLlama {
         let rows_run = if plan.logit_rows_identity { n } else { rows };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?;
+        mark("lm_head")?;
         if sample {
             ops::sample(g, ws.logits.ptr(), c.vocab_size, meta(l.sampling), meta(l.steps), ws.sampled.ptr(), rows_run)?;
+            mark("sample")?;
         }
         Ok(())
     }
@@ -711,6 +742,47 @@ impl CudaLlama {
         }
     }
 
+    /// Time per operation kind of one eager run of `batch` (events between kernels, so launch
+    /// gaps are counted with the kernel that follows them): `(label, milliseconds)`, in order of
+    /// first appearance, summed over layers.
+    pub fn profile(
+        &self,
+        batch: &ForwardBatch,
+        sampling: Option<(&[DeviceSampling], &[u64])>,
+    ) -> Result<Vec<(String, f64)>> {
+        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = self.plan(batch, sampling, batch.n_tokens())?;
+        self.gpu.write(&self.ws.meta, 0, &plan.meta)?;
+        let ctx = self.gpu.context();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut marks = Vec::new();
+        let first = ctx.new_event(flags)?;
+        for _ in 0..2 {
+            // The first pass warms up; the second is timed.
+            marks.clear();
+            self.gpu.synchronize()?;
+            first.record(self.gpu.stream())?;
+            self.enqueue_marked(&plan, sampling.is_some(), &mut |label| {
+                let e = ctx.new_event(flags)?;
+                e.record(self.gpu.stream())?;
+                marks.push((label, e));
+                Ok(())
+            })?;
+            self.gpu.synchronize()?;
+        }
+        let mut out: Vec<(String, f64)> = Vec::new();
+        let mut prev = &first;
+        for (label, e) in &marks {
+            let ms = prev.elapsed_ms(e)? as f64;
+            match out.iter_mut().find(|(l, _)| l == label) {
+                Some(entry) => entry.1 += ms,
+                None => out.push((label.to_string(), ms)),
+            }
+            prev = e;
+        }
+        Ok(out)
+    }
+
     /// Number of CUDA graphs captured so far.
     pub fn n_graphs(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).graphs.len()
@@ -758,12 +830,24 @@ impl Loader<'_> {
             WeightSource::Random(base) => {
                 ops::fill_uniform(self.gpu, buf.ptr(), rows * cols, base ^ (seed << 20), 0.0, 0.02)?;
             }
-            WeightSource::Checkpoint(_) => {
+            WeightSource::Checkpoint(source) => {
                 let mut row = 0;
                 for (name, r) in parts {
-                    let data = self.host(name, &[*r, cols])?.ok_or_else(|| self.missing(name))?;
-                    let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
-                    self.gpu.write(&buf, bf16_bytes(row * cols), &converted)?;
+                    // BF16 safetensors go straight from the mapped file to the device.
+                    if let Some((dims, bytes)) = source.raw_bf16(name)? {
+                        if dims != [*r, cols] {
+                            return Err(Error::Model(flint_model::Error::WeightShape {
+                                name: name.to_string(),
+                                got: dims,
+                                expected: vec![*r, cols],
+                            }));
+                        }
+                        self.gpu.write(&buf, bf16_bytes(row * cols), bytes)?;
+                    } else {
+                        let data = self.host(name, &[*r, cols])?.ok_or_else(|| self.missing(name))?;
+                        let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
+                        self.gpu.write(&buf, bf16_bytes(row * cols), &converted)?;
+                    }
                     row += r;
                 }
             }
@@ -778,10 +862,15 @@ impl Loader<'_> {
     fn optional_matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<Option<DeviceBuffer>> {
         match &self.weights {
             WeightSource::Random(_) => self.matrix(name, rows, cols, seed).map(Some),
-            WeightSource::Checkpoint(_) => match self.host(name, &[rows, cols])? {
-                Some(data) => self.upload_bf16(&data).map(Some),
-                None => Ok(None),
-            },
+            WeightSource::Checkpoint(source) => {
+                if source.raw_bf16(name)?.is_some() {
+                    return self.stacked(&[(name, rows)], cols, seed).map(Some);
+                }
+                match self.host(name, &[rows, cols])? {
+                    Some(data) => self.upload_bf16(&data).map(Some),
+                    None => Ok(None),
+                }
+            }
         }
     }
 

@@ -140,9 +140,11 @@ pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epi
     }
     let name = format!("flint_gemv_{m}");
     let (ni, ki, e) = (n as i32, k as i32, epilogue as i32);
+    // A warp takes two rows: two plain rows, or a SwiGLU pair (gate j, up j).
+    let rows_per_block = if epilogue == Epilogue::SwiGlu { GEMV_WARPS } else { 2 * GEMV_WARPS };
     gpu.launch(
         &name,
-        (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+        (n.div_ceil(rows_per_block) as u32, 1, 1),
         (32 * GEMV_WARPS) as u32,
         0,
         &mut [arg(&x), arg(&w), arg(&y), arg(&ni), arg(&ki), arg(&e)],

@@ -223,3 +223,53 @@ fn batched_decode_equals_each_sequence_alone() {
     assert_eq!(together, alone, "batching changed greedy tokens");
     assert!(model.n_graphs() > 0, "decode steps should have used CUDA graphs");
 }
+
+/// SmolLM2 (the default model, Q4_1 GGUF dequantized to BF16) on the GPU against the committed
+/// reference whose tokens the CPU engine reproduces exactly: teacher-forced on the reference's
+/// tokens, the GPU's greedy choice must equal the reference's at every step whose top-2 margin is
+/// clear of BF16 noise. Needs the GGUF: `FLINT_MODEL` or `models/`.
+#[test]
+fn smollm2_greedy_tokens_match_the_cpu_reference() {
+    let Some(g) = gpu() else { return };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = std::env::var_os("FLINT_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if !path.exists() {
+        assert!(
+            std::env::var_os("FLINT_REQUIRE_SMOLLM2").is_none(),
+            "FLINT_REQUIRE_SMOLLM2 is set but {} is missing",
+            path.display()
+        );
+        eprintln!("skipped: {} not found", path.display());
+        return;
+    }
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/data/smollm2_reference.json")).expect("reference"),
+    )
+    .expect("json");
+    let source = ModelSource::open(&path).expect("open");
+    let config = source.config().expect("config");
+    let model = CudaLlama::load(Arc::clone(&g), &source, config, small_options(true)).expect("load");
+    let (mut checked, mut close) = (0, 0);
+    for case in reference["cases"].as_array().expect("cases") {
+        let ids =
+            |k: &str| case[k].as_array().expect(k).iter().map(|v| v.as_u64().expect("id") as u32).collect::<Vec<_>>();
+        let (prompt, tokens) = (ids("prompt_token_ids"), ids("token_ids"));
+        let margins: Vec<f64> =
+            case["margins"].as_array().expect("margins").iter().map(|v| v.as_f64().expect("m")).collect();
+        let got = run_gpu(&model, &prompt, &tokens[..tokens.len() - 1]);
+        for (step, l) in got.iter().enumerate() {
+            if margins[step] > 0.5 {
+                checked += 1;
+                assert_eq!(argmax(l), tokens[step], "{:?}: step {step} (margin {:.3})", case["prompt"], margins[step]);
+            } else {
+                close += 1;
+            }
+        }
+    }
+    eprintln!(
+        "SmolLM2 on the GPU: {checked} greedy steps equal to the reference, {close} steps with margins under 0.5 not compared"
+    );
+    assert!(checked > 100, "too few steps compared: {checked}");
+}

@@ -29,6 +29,10 @@ pub enum Error {
     #[error(transparent)]
     Backend(#[from] flint_tensor::Error),
 
+    /// The GPU runtime failed (driver, kernel, out of memory).
+    #[error("device: {0}")]
+    Device(String),
+
     /// A broken invariant inside the engine.
     #[error("internal error: {0}")]
     Internal(String),

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use flint_model::{Llama, ModelConfig, ModelSource, PagedKvCache};
+use flint_cuda::CudaLlama;
+use flint_model::{ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache};
 use flint_tensor::{Backend, DType};
 use serde::Serialize;
 
@@ -99,11 +100,59 @@ pub struct Timings {
     pub prompt_tokens_per_s: f64,
 }
 
-/// A model, its tokenizer and the backend it runs on: everything needed to generate.
+/// Where a model runs.
+#[derive(Debug)]
+pub enum Runtime {
+    /// A [`Llama`] over a [`Backend`] (the CPU reference); KV caches are made per use.
+    Backend { backend: Box<dyn Backend>, model: Box<Llama> },
+    /// The CUDA runner, which owns its KV cache (sized at load).
+    Cuda(Box<CudaLlama>),
+}
+
+/// The KV storage a scheduler's block tables index.
+#[derive(Debug)]
+pub enum KvStore {
+    Backend(PagedKvCache),
+    /// Blocks `0..n_blocks` of the CUDA runner's own cache.
+    Cuda {
+        n_blocks: usize,
+        block_size: usize,
+    },
+}
+
+/// Runs forward passes of one engine over one KV store: what [`Scheduler::step`] drives.
+#[derive(Debug)]
+pub struct Executor<'a> {
+    runtime: &'a Runtime,
+    kv: &'a KvStore,
+}
+
+impl Executor<'_> {
+    /// Logits `[batch.logit_rows().len(), vocab]` of one step, on the host.
+    pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+        match (self.runtime, self.kv) {
+            (Runtime::Backend { backend, model }, KvStore::Backend(cache)) => {
+                let logits = model.forward_batch(backend.as_ref(), batch, cache)?;
+                Ok(backend.to_f32_vec(&logits)?)
+            }
+            (Runtime::Cuda(model), KvStore::Cuda { n_blocks, .. }) => {
+                if let Some(&b) = batch.block_tables().iter().flatten().max()
+                    && b as usize >= *n_blocks
+                {
+                    return Err(Error::Internal(format!("block {b} outside the {n_blocks} KV blocks handed out")));
+                }
+                model.forward(batch).map_err(|e| Error::Device(e.to_string()))
+            }
+            _ => Err(Error::Internal("a KV store used with another engine's runtime".to_string())),
+        }
+    }
+}
+
+/// A model, its tokenizer and the runtime it runs on: everything needed to generate.
 #[derive(Debug)]
 pub struct Engine {
-    backend: Box<dyn Backend>,
-    model: Llama,
+    runtime: Runtime,
+    config: ModelConfig,
     tokenizer: Tokenizer,
 }
 
@@ -120,8 +169,71 @@ impl Engine {
     ) -> Result<Self> {
         let config = source.config()?;
         let tokenizer = Tokenizer::for_source(source, &config)?;
-        let model = Llama::load(source, config, backend.as_ref(), dtype, progress)?;
-        Ok(Engine { backend, model, tokenizer })
+        let model = Llama::load(source, config.clone(), backend.as_ref(), dtype, progress)?;
+        Ok(Engine { runtime: Runtime::Backend { backend, model: Box::new(model) }, config, tokenizer })
+    }
+
+    /// An engine over a model already on the GPU, with the checkpoint's tokenizer (or another).
+    pub fn with_cuda(model: CudaLlama, tokenizer: Tokenizer) -> Self {
+        let config = model.config().clone();
+        Engine { runtime: Runtime::Cuda(Box::new(model)), config, tokenizer }
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The device the model runs on, for messages and metadata (`cpu`, `cuda:0 (NVIDIA H200)`).
+    pub fn device(&self) -> String {
+        match &self.runtime {
+            Runtime::Backend { backend, .. } => backend.device().to_string(),
+            Runtime::Cuda(m) => format!("cuda:{} ({})", m.gpu().ordinal(), m.gpu().name()),
+        }
+    }
+
+    /// The weights' element type.
+    pub fn dtype(&self) -> DType {
+        match &self.runtime {
+            Runtime::Backend { model, .. } => model.dtype(),
+            Runtime::Cuda(_) => DType::BF16,
+        }
+    }
+
+    /// Bytes of KV cache per position.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match &self.runtime {
+            Runtime::Backend { model, .. } => model.kv_bytes_per_token(),
+            Runtime::Cuda(_) => {
+                let c = &self.config;
+                2 * 2 * c.n_layers * c.n_kv_heads * c.head_dim
+            }
+        }
+    }
+
+    /// Limits a runtime fixes at load: (KV blocks, block size, tokens per step, sequences per
+    /// step). `None` for the CPU, which sizes its cache per use.
+    pub fn fixed_limits(&self) -> Option<(usize, usize, usize, usize)> {
+        match &self.runtime {
+            Runtime::Backend { .. } => None,
+            Runtime::Cuda(m) => {
+                let o = m.options();
+                Some((m.n_blocks(), m.block_size(), o.max_batch_tokens, o.max_seqs))
+            }
+        }
+    }
+
+    /// Longest sequence this engine runs: the model's context, or less where the GPU runtime
+    /// was sized for less.
+    pub fn context_len(&self) -> usize {
+        match &self.runtime {
+            Runtime::Backend { .. } => self.config.max_position_embeddings,
+            Runtime::Cuda(m) => self.config.max_position_embeddings.min(m.options().max_seq_len),
+        }
+    }
+
+    /// The executor for steps over `kv`.
+    pub fn executor<'a>(&'a self, kv: &'a KvStore) -> Executor<'a> {
+        Executor { runtime: &self.runtime, kv }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -129,15 +241,15 @@ impl Engine {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        self.model.config()
+        &self.config
     }
 
-    pub fn backend(&self) -> &dyn Backend {
-        self.backend.as_ref()
-    }
-
-    pub fn model(&self) -> &Llama {
-        &self.model
+    /// The model and backend of a CPU (backend) engine.
+    pub fn backend_model(&self) -> Option<(&Llama, &dyn Backend)> {
+        match &self.runtime {
+            Runtime::Backend { backend, model } => Some((model.as_ref(), backend.as_ref())),
+            Runtime::Cuda(_) => None,
+        }
     }
 
     /// Ids that end generation.
@@ -183,7 +295,7 @@ impl Engine {
         }
         request.sampling.validate()?;
         let prompt_ids = self.prompt_ids(&request.prompt)?;
-        let context = self.config().max_position_embeddings;
+        let context = self.context_len();
         if prompt_ids.len() >= context {
             return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), context });
         }
@@ -197,17 +309,42 @@ impl Engine {
         })
     }
 
-    /// Paged KV storage of `n_blocks` blocks of `block_size` positions on this engine's backend.
-    pub fn new_kv_cache(&self, n_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
-        Ok(self.model.new_paged_kv_cache(self.backend.as_ref(), n_blocks, block_size)?)
+    /// Paged KV storage of `n_blocks` blocks of `block_size` positions: allocated on a backend,
+    /// or a share of the CUDA runner's cache (at most what it holds, in its block size).
+    pub fn new_kv_cache(&self, n_blocks: usize, block_size: usize) -> Result<KvStore> {
+        match &self.runtime {
+            Runtime::Backend { backend, model } => {
+                Ok(KvStore::Backend(model.new_paged_kv_cache(backend.as_ref(), n_blocks, block_size)?))
+            }
+            Runtime::Cuda(m) => {
+                if block_size != m.block_size() || n_blocks > m.n_blocks() {
+                    return Err(Error::InvalidRequest(format!(
+                        "the GPU's KV cache holds {} blocks of {} positions; asked for {n_blocks} of {block_size}",
+                        m.n_blocks(),
+                        m.block_size()
+                    )));
+                }
+                Ok(KvStore::Cuda { n_blocks, block_size })
+            }
+        }
     }
 
     /// Runs the scheduler until it has no work left.
-    pub fn run_to_completion(&self, scheduler: &mut Scheduler<'_>, cache: &PagedKvCache) -> Result<()> {
+    pub fn run_to_completion(&self, scheduler: &mut Scheduler<'_>, cache: &KvStore) -> Result<()> {
         while scheduler.has_work() {
-            scheduler.step(&self.model, self.backend.as_ref(), cache, &self.tokenizer)?;
+            scheduler.step(&self.executor(cache), &self.tokenizer)?;
         }
         Ok(())
+    }
+
+    /// Block size and step limits for a single request of `n_positions` positions.
+    fn single_request_limits(&self, n_positions: usize, prompt_len: usize) -> (usize, usize, usize) {
+        match self.fixed_limits() {
+            None => (DEFAULT_BLOCK_SIZE, n_positions.div_ceil(DEFAULT_BLOCK_SIZE), prompt_len.max(1)),
+            Some((n_blocks, block_size, max_tokens, _)) => {
+                (block_size, n_positions.div_ceil(block_size).min(n_blocks), prompt_len.clamp(1, max_tokens))
+            }
+        }
     }
 
     /// Generates for one request on the calling thread, calling `on_text` with each new piece of
@@ -216,15 +353,9 @@ impl Engine {
         let prepared = self.prepare(request)?;
         let prompt_token_ids = prepared.prompt_ids.clone();
         let n_positions = prepared.prompt_ids.len() + prepared.max_new_tokens;
-        let n_blocks = n_positions.div_ceil(DEFAULT_BLOCK_SIZE);
-        let cache = self.new_kv_cache(n_blocks, DEFAULT_BLOCK_SIZE)?;
-        let config = SchedulerConfig {
-            block_size: DEFAULT_BLOCK_SIZE,
-            n_blocks,
-            max_batch_tokens: prompt_token_ids.len().max(1),
-            max_running: 1,
-            max_waiting: 1,
-        };
+        let (block_size, n_blocks, max_batch_tokens) = self.single_request_limits(n_positions, prompt_token_ids.len());
+        let cache = self.new_kv_cache(n_blocks, block_size)?;
+        let config = SchedulerConfig { block_size, n_blocks, max_batch_tokens, max_running: 1, max_waiting: 1 };
         let mut text = String::new();
         let mut token_ids = Vec::new();
         let mut logprobs = Vec::new();

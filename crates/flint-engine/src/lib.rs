@@ -24,7 +24,8 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use detok::StreamDecoder;
 pub use error::{Error, Result};
 pub use generate::{
-    DEFAULT_BLOCK_SIZE, Engine, FinishReason, GenerateRequest, Generation, MAX_TOP_LOGPROBS, Prompt, Timings,
+    DEFAULT_BLOCK_SIZE, Engine, Executor, FinishReason, GenerateRequest, Generation, KvStore, MAX_TOP_LOGPROBS, Prompt,
+    Runtime, Timings,
 };
 pub use sampler::{Sampler, SamplingParams, argmax};
 pub use scheduler::{

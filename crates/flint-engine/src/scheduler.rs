@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use flint_model::{ForwardBatch, Llama, Logits, PagedKvCache};
-use flint_tensor::Backend;
+use flint_model::{ForwardBatch, Logits};
 use serde::Serialize;
 
 use crate::blocks::{BlockHash, BlockManager};
 use crate::detok::StreamDecoder;
+use crate::generate::Executor;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::{Error, FinishReason, Result, Tokenizer};
@@ -391,13 +391,7 @@ impl<'a> Scheduler<'a> {
 
     /// Runs one step: schedules, runs the model once over the batch, samples, streams, and
     /// retires finished requests. Does nothing when there is no work.
-    pub fn step(
-        &mut self,
-        model: &Llama,
-        backend: &dyn Backend,
-        cache: &PagedKvCache,
-        tokenizer: &Tokenizer,
-    ) -> Result<()> {
+    pub fn step(&mut self, executor: &Executor<'_>, tokenizer: &Tokenizer) -> Result<()> {
         self.reap_cancelled();
         let plan = self.schedule();
         if plan.is_empty() {
@@ -412,7 +406,7 @@ impl<'a> Scheduler<'a> {
             wants_logits.push(logits == Logits::Last);
             batch.push_sequence(&seq.tokens[seq.n_computed..end], seq.n_computed, &seq.blocks, logits)?;
         }
-        let mut logits = match model.forward_batch(backend, &batch, cache).and_then(|l| Ok(backend.to_f32_vec(&l)?)) {
+        let mut logits = match executor.forward(&batch) {
             Ok(l) => l,
             Err(e) => {
                 // The step failed as a whole: fail its requests, keep serving the others.
@@ -427,7 +421,8 @@ impl<'a> Scheduler<'a> {
                 return Ok(());
             }
         };
-        let vocab = model.config().vocab_size;
+        let n_rows = wants_logits.iter().filter(|w| **w).count();
+        let vocab = logits.len().checked_div(n_rows).unwrap_or(0);
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {

@@ -63,11 +63,45 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<Json> {
     merges.into_iter().map(|(l, r, _)| json!([l, r])).collect()
 }
 
+/// GPT-2's byte-to-character map of byte-level BPE.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    if printable(b) {
+        return b as char;
+    }
+    let shifted = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + shifted).unwrap_or('?')
+}
+
 impl Tokenizer {
+    /// A tokenizer of raw bytes: id `b` is byte `b`; ids from 256 up decode to nothing. For
+    /// random-weight models, which come without a vocabulary.
+    pub fn byte_level() -> Result<Self> {
+        let vocab: serde_json::Map<String, Json> =
+            (0..=255u8).map(|b| (byte_char(b).to_string(), json!(b as u32))).collect();
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []},
+        });
+        let inner =
+            tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(tok_err("building the byte tokenizer"))?;
+        Ok(Tokenizer { inner, bos_token: None, eos_token: None, stop_ids: BTreeSet::new(), chat_template: None })
+    }
+
     /// The tokenizer that belongs to an opened checkpoint.
     pub fn for_source(source: &ModelSource, config: &ModelConfig) -> Result<Self> {
         match source {
             ModelSource::Gguf(file) => Self::from_gguf(file, config),
+            ModelSource::Safetensors(_) if !source.path().join("tokenizer.json").exists() => {
+                // Checkpoints made for tests and benchmarks often come without one.
+                tracing::warn!(dir = %source.path().display(), "no tokenizer.json: using a byte tokenizer");
+                Self::byte_level()
+            }
             ModelSource::Safetensors(_) => Self::from_hf_dir(source.path(), config),
         }
     }

@@ -104,6 +104,15 @@ impl ModelSource {
         }
     }
 
+    /// The stored bytes of a BF16 safetensors tensor, memory-mapped, with its dims: lets a
+    /// device loader copy weights without converting them. `None` for other formats and types.
+    pub fn raw_bf16(&self, name: &str) -> Result<Option<(Vec<usize>, &[u8])>> {
+        match self {
+            ModelSource::Gguf(_) => Ok(None),
+            ModelSource::Safetensors(d) => d.raw_bf16(name),
+        }
+    }
+
     /// Bytes of weight data stored in the checkpoint.
     pub fn data_size(&self) -> usize {
         match self {
@@ -283,6 +292,22 @@ impl SafetensorsDir {
             }
         }
         Ok(out)
+    }
+
+    fn raw_bf16(&self, name: &str) -> Result<Option<(Vec<usize>, &[u8])>> {
+        let Some(&shard) = self.index.get(name) else { return Ok(None) };
+        let (path, mmap) = &self.shards[shard];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        if view.dtype() != StDtype::BF16 {
+            return Ok(None);
+        }
+        let dims = view.shape().to_vec();
+        let bytes = view.data();
+        // Re-borrow from the mapping, which outlives `st`.
+        let offset = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
+        Ok(Some((dims, &mmap[offset..offset + bytes.len()])))
     }
 
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {

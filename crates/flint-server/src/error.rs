@@ -46,7 +46,7 @@ impl From<Error> for Status {
                 E::InvalidRequest(_) | E::ChatTemplate(_) => Code::InvalidArgument,
                 E::PromptTooLong { .. } => Code::OutOfRange,
                 E::Overloaded(_) => Code::ResourceExhausted,
-                E::Tokenizer(_) | E::Model(_) | E::Backend(_) | E::Internal(_) => Code::Internal,
+                E::Tokenizer(_) | E::Model(_) | E::Backend(_) | E::Device(_) | E::Internal(_) => Code::Internal,
             },
         };
         Status::new(code, e.to_string())

@@ -298,7 +298,7 @@ impl pb::inference_server::Inference for Service {
             .await
             .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
             .map_err(Error::Engine)?;
-        let context = self.engine.config().max_position_embeddings;
+        let context = self.engine.context_len();
         if prepared.prompt_ids.len() + max_tokens > context {
             return Err(Error::OutOfRange(format!(
                 "max_tokens: a prompt of {} tokens plus {max_tokens} new tokens exceeds the context of {context} tokens",
@@ -360,9 +360,9 @@ impl pb::inference_server::Inference for Service {
             model: self.model_name.clone(),
             architecture: c.architecture.as_str().to_string(),
             vocab_size: c.vocab_size as u32,
-            context_length: c.max_position_embeddings as u32,
-            device: self.engine.backend().device().to_string(),
-            dtype: self.engine.model().dtype().to_string(),
+            context_length: self.engine.context_len() as u32,
+            device: self.engine.device(),
+            dtype: self.engine.dtype().to_string(),
             kv_cache_tokens: self.kv_cache_tokens,
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,

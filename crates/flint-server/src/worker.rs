@@ -110,7 +110,7 @@ fn publish(scheduler: &Scheduler<'_>, shared: &Mutex<SchedulerStats>) {
 fn run(
     engine: &Engine,
     scheduler: &mut Scheduler<'static>,
-    cache: &flint_model::PagedKvCache,
+    cache: &flint_engine::KvStore,
     inbox: &Receiver<Command>,
     shared: &Mutex<SchedulerStats>,
 ) {
@@ -148,7 +148,7 @@ fn run(
             return;
         }
         if scheduler.has_work() {
-            if let Err(e) = scheduler.step(engine.model(), engine.backend(), cache, engine.tokenizer()) {
+            if let Err(e) = scheduler.step(&engine.executor(cache), engine.tokenizer()) {
                 tracing::error!(error = %e, "engine step failed");
             }
             let preemptions = scheduler.stats().preemptions;

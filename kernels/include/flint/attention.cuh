@@ -26,7 +26,12 @@ __device__ __forceinline__ const bf16* kv_row(const bf16* cache, const uint32_t*
 
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
-// q row t starts at q + t * q_stride (the fused QKV output). Writes part_o [n_tokens, n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2].
+// q row t starts at q + t * q_stride (the fused QKV output). Writes part_o [n_tokens, n_heads,
+// n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2].
+//
+// Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
+// every query head of the group; values: each warp takes every fourth key, each lane a slice of
+// the head dimension, and the warps' partial sums are added at the end.
 template <int HD>
 __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
                                                  const bf16* __restrict__ k_cache,
@@ -34,11 +39,16 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
                                                  float* part_o, float* part_ml, int n_heads, int n_kv,
                                                  int block_size, float scale) {
-    static_assert(HD % 8 == 0 && kDecodeThreads % HD == 0, "head_dim");
-    constexpr int kLanesPerDim = kDecodeThreads / HD;  // thread groups that split the heads in PV
+    static_assert(HD == 64 || HD == 128, "head_dim");
+    constexpr int kWarps = kDecodeThreads / 32;
+    constexpr int kKeyLanes = 8;                              // lanes sharing one key row
+    constexpr int kKeysPerPass = kDecodeThreads / kKeyLanes;  // 16
+    constexpr int kVecs = HD / 8 / kKeyLanes;                 // 16-byte vectors per lane per key
+    constexpr int kDims = HD / 32;                            // value dims per lane
     __shared__ float qs[kMaxGroup][HD];
     __shared__ float scores[kMaxGroup][kDecodeTile];
     __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
+    __shared__ float red[kWarps][kMaxGroup][HD];
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
@@ -48,6 +58,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     chunk = max(chunk, 32);
     const int begin = split * chunk, end = min(ctx, begin + chunk);
     const size_t part = ((size_t)t * n_heads + kvh * group) * n_splits + split;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % kKeyLanes;
 
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD;
@@ -58,35 +70,52 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         l_s[threadIdx.x] = 0.f;
     }
     const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
-    const int d = threadIdx.x % HD, g0 = threadIdx.x / HD;
-    float acc[kMaxGroup];
+    float acc[kMaxGroup][kDims];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+    for (int g = 0; g < kMaxGroup; ++g)
+#pragma unroll
+        for (int e = 0; e < kDims; ++e) acc[g][e] = 0.f;
     __syncthreads();
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
-        // Scores: thread -> (key, a stride of heads).
-        for (int i = threadIdx.x; i < kDecodeTile * group; i += blockDim.x) {
-            const int j = i % kDecodeTile, g = i / kDecodeTile;
-            float s = -INFINITY;
-            if (j < n_keys) {
-                const bf16* krow = kv_row(k_cache, table, block_size, tile + j, n_kv, kvh, HD);
-                s = 0.f;
-#pragma unroll 4
-                for (int c = 0; c < HD / 8; ++c) {
-                    float kf[8];
-                    unpack(reinterpret_cast<const Bf16x8*>(krow)[c], kf);
+        // Scores.
+        Bf16x8 kv[kDecodeTile / kKeysPerPass][kVecs];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) s = fmaf(kf[e], qs[g][c * 8 + e], s);
-                }
+        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            if (j < n_keys) {
+                const Bf16x8* krow = reinterpret_cast<const Bf16x8*>(kv_row(k_cache, table, block_size, tile + j, n_kv, kvh, HD));
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = krow[sub + kKeyLanes * v];
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = Bf16x8{};
             }
-            scores[g][j] = s;
+        }
+#pragma unroll
+        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            float kf[kVecs][8];
+#pragma unroll
+            for (int v = 0; v < kVecs; ++v) unpack(kv[p][v], kf[v]);
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g) {
+                if (g >= group) break;
+                float s = 0.f;
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) s = fmaf(kf[v][e], qs[g][(sub + kKeyLanes * v) * 8 + e], s);
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 2);
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                if (sub == 0) scores[g][j] = j < n_keys ? s : -INFINITY;
+            }
         }
         __syncthreads();
         // Online softmax, one warp per head.
-        for (int g = warp; g < group; g += kDecodeThreads / 32) {
+        for (int g = warp; g < group; g += kWarps) {
             const float s0 = scores[g][lane], s1 = scores[g][lane + 32];
             const float m_old = m_s[g];
             const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
@@ -102,21 +131,56 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             }
         }
         __syncthreads();
-        // Values: thread -> (dim d, heads g0, g0 + kLanesPerDim, ...).
+        // Values.
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g)
-            if (g % kLanesPerDim == g0 && g < group) acc[g] *= alpha_s[g];
-        for (int j = 0; j < n_keys; ++j) {
-            const float v = __bfloat162float(kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD)[d]);
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= group) break;
+            const float a = alpha_s[g];
 #pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g)
-                if (g % kLanesPerDim == g0 && g < group) acc[g] = fmaf(scores[g][j], v, acc[g]);
+            for (int e = 0; e < kDims; ++e) acc[g][e] *= a;
+        }
+#pragma unroll 4
+        for (int j = warp; j < n_keys; j += kWarps) {
+            const bf16* vrow = kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD) + lane * kDims;
+            float vf[kDims];
+            if constexpr (kDims == 4) {
+                const uint2 raw = *reinterpret_cast<const uint2*>(vrow);
+                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+                vf[0] = a.x;
+                vf[1] = a.y;
+                vf[2] = b.x;
+                vf[3] = b.y;
+            } else {
+                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(vrow));
+                vf[0] = a.x;
+                vf[1] = a.y;
+            }
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g) {
+                if (g >= group) break;
+                const float p = scores[g][j];
+#pragma unroll
+                for (int e = 0; e < kDims; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+            }
         }
         __syncthreads();
     }
+    // Add the warps' partial sums.
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-        if (g % kLanesPerDim == g0 && g < group) part_o[(part + (size_t)g * n_splits) * HD + d] = acc[g];
+    for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= group) break;
+#pragma unroll
+        for (int e = 0; e < kDims; ++e) red[warp][g][lane * kDims + e] = acc[g][e];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) o += red[w][g][d];
+        part_o[(part + (size_t)g * n_splits) * HD + d] = o;
+    }
     if (threadIdx.x < group) {
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
