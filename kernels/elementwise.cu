@@ -19,7 +19,7 @@ extern "C" __global__ void flint_rope_kv_write(bf16* qkv, const bf16* bias, cons
                                                const float* inv_freq, const uint32_t* slots, bf16* k_cache,
                                                bf16* v_cache, int n_heads, int n_kv, int head_dim) {
     pdl_wait();
-    rope_kv_write_row(qkv, bias, positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim);
+    rope_kv_write_head(qkv, bias, positions, inv_freq, slots, k_cache, v_cache, n_heads, n_kv, head_dim);
 }
 
 extern "C" __global__ void flint_silu_mul(const bf16* gate_up, bf16* out, int n, int ff) {

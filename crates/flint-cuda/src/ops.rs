@@ -76,8 +76,8 @@ pub fn rope_kv_write(
     let (h, kv, d) = (n_heads as i32, n_kv as i32, head_dim as i32);
     gpu.launch(
         "flint_rope_kv_write",
-        (n as u32, 1, 1),
-        256,
+        (n as u32, (n_heads + n_kv + 1) as u32, 1),
+        64,
         0,
         &mut [
             arg(&qkv),
@@ -140,11 +140,11 @@ pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epi
     }
     let name = format!("flint_gemv_{m}");
     let (ni, ki, e) = (n as i32, k as i32, epilogue as i32);
-    // A warp takes two rows: two plain rows, or a SwiGLU pair (gate j, up j).
-    let rows_per_block = if epilogue == Epilogue::SwiGlu { GEMV_WARPS } else { 2 * GEMV_WARPS };
+    // Four warps share a row pair (two plain rows, or gate j with up j), splitting K.
+    let pairs = if epilogue == Epilogue::SwiGlu { n } else { n.div_ceil(2) };
     gpu.launch(
         &name,
-        (n.div_ceil(rows_per_block) as u32, 1, 1),
+        (pairs.div_ceil(GEMV_WARPS / 4) as u32, 1, 1),
         (32 * GEMV_WARPS) as u32,
         0,
         &mut [arg(&x), arg(&w), arg(&y), arg(&ni), arg(&ki), arg(&e)],

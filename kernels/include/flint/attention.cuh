@@ -49,6 +49,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     __shared__ float scores[kMaxGroup][kDecodeTile];
     __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
     __shared__ float red[kWarps][kMaxGroup][HD];
+    __shared__ __align__(16) bf16 vs[kDecodeTile][HD];
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
@@ -79,6 +80,11 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
+        // The tile's values stream into shared memory while the scores are computed.
+        for (int i = threadIdx.x; i < n_keys * (HD / 8); i += blockDim.x) {
+            const int j = i / (HD / 8), c = i % (HD / 8);
+            cp_async16(&vs[j][c * 8], kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD) + c * 8);
+        }
         // Scores.
         Bf16x8 kv[kDecodeTile / kKeysPerPass][kVecs];
 #pragma unroll
@@ -113,6 +119,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                 if (sub == 0) scores[g][j] = j < n_keys ? s : -INFINITY;
             }
         }
+        cp_async_wait_all();
         __syncthreads();
         // Online softmax, one warp per head.
         for (int g = warp; g < group; g += kWarps) {
@@ -141,7 +148,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         }
 #pragma unroll 4
         for (int j = warp; j < n_keys; j += kWarps) {
-            const bf16* vrow = kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD) + lane * kDims;
+            const bf16* vrow = &vs[j][lane * kDims];
             float vf[kDims];
             if constexpr (kDims == 4) {
                 const uint2 raw = *reinterpret_cast<const uint2*>(vrow);

@@ -55,19 +55,29 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* residual, const bf16* add
 // qkv: [n, (n_heads + 2 n_kv) * head_dim], the fused projection's output. Adds the bias if given,
 // turns q (in place) and k by RoPE (rotate-half) at positions[t], and writes k and v into the
 // paged caches [n_blocks, block_size, n_kv, head_dim] at slot slots[t] (skipped when the slot is
-// 0xffffffff: padding rows). One block per token.
-__device__ __forceinline__ void rope_kv_write_row(bf16* qkv, const bf16* bias, const uint32_t* positions,
-                                                  const float* inv_freq, const uint32_t* slots, bf16* k_cache,
-                                                  bf16* v_cache, int n_heads, int n_kv, int head_dim) {
-    const int t = blockIdx.x;
+// 0xffffffff: padding rows). Grid (n, n_heads + n_kv + 1): block y < n_heads + n_kv turns one
+// head; the last y copies v.
+__device__ __forceinline__ void rope_kv_write_head(bf16* qkv, const bf16* bias, const uint32_t* positions,
+                                                   const float* inv_freq, const uint32_t* slots, bf16* k_cache,
+                                                   bf16* v_cache, int n_heads, int n_kv, int head_dim) {
+    const int t = blockIdx.x, head = blockIdx.y;
     const int width = (n_heads + 2 * n_kv) * head_dim;
     bf16* row = qkv + (size_t)t * width;
-    const float pos = (float)positions[t];
     const uint32_t slot = slots[t];
     const int half = head_dim / 2;
-    // Rotated pairs of q and k heads.
-    for (int i = threadIdx.x; i < (n_heads + n_kv) * half; i += blockDim.x) {
-        const int head = i / half, p = i % half;
+    if (head == n_heads + n_kv) {
+        if (slot == 0xffffffffu) return;
+        const int v_off = (n_heads + n_kv) * head_dim;
+        for (int i = threadIdx.x; i < n_kv * head_dim; i += blockDim.x) {
+            float v = __bfloat162float(row[v_off + i]);
+            if (bias != nullptr) v += __bfloat162float(bias[v_off + i]);
+            v_cache[(size_t)slot * n_kv * head_dim + i] = __float2bfloat16(v);
+        }
+        return;
+    }
+    if (head >= n_heads && slot == 0xffffffffu) return;
+    const float pos = (float)positions[t];
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
         const int a = head * head_dim + p, b = a + half;
         float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
         if (bias != nullptr) {
@@ -81,18 +91,11 @@ __device__ __forceinline__ void rope_kv_write_row(bf16* qkv, const bf16* bias, c
         if (head < n_heads) {
             row[a] = y0;
             row[b] = y1;
-        } else if (slot != 0xffffffffu) {
+        } else {
             const size_t base = ((size_t)slot * n_kv + (head - n_heads)) * head_dim;
             k_cache[base + p] = y0;
             k_cache[base + p + half] = y1;
         }
-    }
-    if (slot == 0xffffffffu) return;
-    const int v_off = (n_heads + n_kv) * head_dim;
-    for (int i = threadIdx.x; i < n_kv * head_dim; i += blockDim.x) {
-        float v = __bfloat162float(row[v_off + i]);
-        if (bias != nullptr) v += __bfloat162float(bias[v_off + i]);
-        v_cache[(size_t)slot * n_kv * head_dim + i] = __float2bfloat16(v);
     }
 }
 

@@ -14,17 +14,23 @@ enum class GemvEpilogue : int {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvUnroll = 4;
-constexpr int kGemvRows = 2;  // weight rows per warp: each activation load serves both
+constexpr int kGemvRows = 2;    // weight rows per warp: each activation load serves both
+constexpr int kGemvSplitK = 4;  // warps sharing a row pair, each taking every fourth K chunk
+constexpr int kGemvPairsPerBlock = kGemvWarps / kGemvSplitK;
 
-// Dot products of `M` activation rows with `kGemvRows` weight rows (`w0`, `w1`), per lane.
+// Partial dot products of `M` activation rows with two weight rows (`w0`, `w1`) over the K
+// chunks `part`, `part + kGemvSplitK`, ... of 1024 elements, per lane.
 template <int M>
 __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const bf16* __restrict__ w0,
-                                              const bf16* __restrict__ w1, int k, float (&acc)[M][kGemvRows]) {
+                                              const bf16* __restrict__ w1, int k, int part,
+                                              float (&acc)[M][kGemvRows]) {
     const int lane = threadIdx.x & 31;
     constexpr int kStep = 32 * 8;
+    constexpr int kChunk = kGemvUnroll * kStep;
     const bf16* w[kGemvRows] = {w0, w1};
-    int base = 0;
-    for (; base + kGemvUnroll * kStep <= k; base += kGemvUnroll * kStep) {
+    const int full = k / kChunk;
+    for (int c = part; c < full; c += kGemvSplitK) {
+        const int base = c * kChunk;
         Bf16x8 wv[kGemvRows][kGemvUnroll];
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r)
@@ -46,7 +52,8 @@ __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const 
             }
         }
     }
-    for (int off = base + lane * 8; off < k; off += kStep) {
+    // The tail past the last full chunk, split by 256-element steps.
+    for (int off = full * kChunk + (part * 32 + lane) * 8; off < k; off += kGemvSplitK * kStep) {
         float wf[kGemvRows][8];
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) unpack(load_stream(w[r] + off), wf[r]);
@@ -62,53 +69,67 @@ __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const 
     }
 }
 
-// Grid: ceil(n / (kGemvWarps * kGemvRows)) blocks of 32 * kGemvWarps threads (SwiGlu:
-// ceil(n / kGemvWarps), a warp taking gate row j and up row n + j). k % 8 == 0.
+// Grid: ceil(pairs / kGemvPairsPerBlock) blocks of 32 * kGemvWarps threads, where a pair is two
+// plain rows (pairs = ceil(n / 2)) or, for SwiGlu, gate row j with up row n + j (pairs = n).
+// kGemvSplitK warps share a pair and add their partial sums through shared memory. k % 8 == 0.
 template <int M>
 __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, void* y, int n, int k,
                                      GemvEpilogue epilogue) {
-    const int warp = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
+    __shared__ float partial[kGemvWarps][M][kGemvRows];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int pair = blockIdx.x * kGemvPairsPerBlock + warp / kGemvSplitK;
+    const int part = warp % kGemvSplitK;
+    const bool swiglu = epilogue == GemvEpilogue::SwiGlu;
+    const int n_pairs = swiglu ? n : (n + 1) / 2;
     float acc[M][kGemvRows];
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) acc[m][r] = 0.f;
-    if (epilogue == GemvEpilogue::SwiGlu) {
-        const int row = warp;
-        if (row >= n) return;
-        gemv_rows_dot<M>(x, w + (size_t)row * k, w + (size_t)(row + n) * k, k, acc);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const float g = warp_sum(acc[m][0]);
-            const float u = warp_sum(acc[m][1]);
-            if (lane == 0) {
-                // The bf16 model rounds each projection before the activation.
-                const float gb = __bfloat162float(__float2bfloat16(g));
-                const float ub = __bfloat162float(__float2bfloat16(u));
-                static_cast<bf16*>(y)[(size_t)m * n + row] = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
-            }
+    int row0 = 0, row1 = 0;
+    if (pair < n_pairs) {
+        if (swiglu) {
+            row0 = pair;
+            row1 = pair + n;
+        } else {
+            row0 = 2 * pair;
+            row1 = min(row0 + 1, n - 1);  // a lone last row reads itself twice and writes once
         }
-        return;
+        gemv_rows_dot<M>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
     }
-    const int row0 = warp * kGemvRows;
-    if (row0 >= n) return;
-    // A lone last row reads itself twice and writes once.
-    const int row1 = min(row0 + 1, n - 1);
-    gemv_rows_dot<M>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, acc);
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
+    for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) {
-            const float s = warp_sum(acc[m][r]);
-            const int row = row0 + r;
-            if (lane == 0 && row < n) {
-                if (epilogue == GemvEpilogue::F32)
-                    static_cast<float*>(y)[(size_t)m * n + row] = s;
-                else
-                    static_cast<bf16*>(y)[(size_t)m * n + row] = __float2bfloat16(s);
-            }
+            const float v = warp_sum(acc[m][r]);
+            if (lane == 0) partial[warp][m][r] = v;
         }
+    __syncthreads();
+    if (part != 0 || pair >= n_pairs || lane >= M) return;
+    // Lane m of the pair's first warp finishes token m.
+    float sum[kGemvRows];
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+        sum[r] = 0.f;
+#pragma unroll
+        for (int p = 0; p < kGemvSplitK; ++p) sum[r] += partial[warp + p][lane][r];
+    }
+    const int m = lane;
+    if (swiglu) {
+        // The bf16 model rounds each projection before the activation.
+        const float gb = __bfloat162float(__float2bfloat16(sum[0]));
+        const float ub = __bfloat162float(__float2bfloat16(sum[1]));
+        static_cast<bf16*>(y)[(size_t)m * n + row0] = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+        const int row = row0 + r;
+        if (row >= n) break;
+        if (epilogue == GemvEpilogue::F32)
+            static_cast<float*>(y)[(size_t)m * n + row] = sum[r];
+        else
+            static_cast<bf16*>(y)[(size_t)m * n + row] = __float2bfloat16(sum[r]);
     }
 }
 
