@@ -170,7 +170,11 @@ fn random_checkpoints_match_transformers_and_the_cpu() {
 }
 
 #[test]
-fn batched_decode_equals_each_sequence_alone() {
+fn batched_decode_matches_each_sequence_alone() {
+    // Alone, a decode step runs the GEMV kernel; batched, the sequences share a padded graph
+    // bucket and may run cuBLASLt: the same function, other rounding. Teacher-forced on the
+    // sequences' own greedy tokens, batched logits must match within BF16 tolerance and give the
+    // same greedy token wherever the margin is clear.
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
     let dir = &dirs[0];
@@ -178,49 +182,64 @@ fn batched_decode_equals_each_sequence_alone() {
     let config = source.config().expect("config");
     let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
     let vocab = config.vocab_size as u32;
+    let v = config.vocab_size;
     let prompts: Vec<Vec<u32>> = [37usize, 5, 70, 16, 1]
         .iter()
         .enumerate()
         .map(|(i, &n)| (0..n).map(|j| ((i * 7919 + j * 104_729) as u32) % vocab).collect())
         .collect();
-    // Alone: greedy 12 tokens each.
-    let alone: Vec<Vec<u32>> = prompts
+    const STEPS: usize = 12;
+    // Alone: greedy, keeping every step's logits.
+    let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = prompts
         .iter()
         .map(|p| {
             let table: Vec<u32> = (0..8).collect();
-            let mut toks = Vec::new();
             let mut b = ForwardBatch::new(16);
             b.push_sequence(p, 0, &table, Logits::Last).expect("batch");
-            toks.push(argmax(&model.forward(&b).expect("prefill")));
-            for i in 0..11 {
+            let mut logits = vec![model.forward(&b).expect("prefill")];
+            let mut toks = vec![argmax(&logits[0])];
+            for i in 0..STEPS - 1 {
                 let mut b = ForwardBatch::new(16);
                 b.push_sequence(&[toks[i]], p.len() + i, &table, Logits::Last).expect("batch");
-                toks.push(argmax(&model.forward(&b).expect("decode")));
+                logits.push(model.forward(&b).expect("decode"));
+                toks.push(argmax(logits.last().expect("logits")));
             }
-            toks
+            (toks, logits)
         })
         .collect();
-    // Together: one prefill batch, then batched decode steps (graph buckets with padding).
+    // Together: one prefill batch, then batched decode steps fed the same tokens.
     let tables: Vec<Vec<u32>> =
         (0..prompts.len()).map(|s| ((8 * s + 8) as u32..(8 * s + 16) as u32).collect()).collect();
     let mut b = ForwardBatch::new(16);
     for (p, t) in prompts.iter().zip(&tables) {
         b.push_sequence(p, 0, t, Logits::Last).expect("batch");
     }
-    let v = config.vocab_size;
-    let l = model.forward(&b).expect("prefill");
-    let mut together: Vec<Vec<u32>> = (0..prompts.len()).map(|s| vec![argmax(&l[s * v..(s + 1) * v])]).collect();
-    for i in 0..11 {
+    let mut steps = vec![model.forward(&b).expect("prefill")];
+    for i in 0..STEPS - 1 {
         let mut b = ForwardBatch::new(16);
         for (s, (p, t)) in prompts.iter().zip(&tables).enumerate() {
-            b.push_sequence(&[together[s][i]], p.len() + i, t, Logits::Last).expect("batch");
+            b.push_sequence(&[alone[s].0[i]], p.len() + i, t, Logits::Last).expect("batch");
         }
-        let l = model.forward(&b).expect("decode");
-        for (s, seq) in together.iter_mut().enumerate() {
-            seq.push(argmax(&l[s * v..(s + 1) * v]));
+        steps.push(model.forward(&b).expect("decode"));
+    }
+    let mut clear = 0;
+    for (i, step) in steps.iter().enumerate() {
+        for (s, (toks, logits)) in alone.iter().enumerate() {
+            let together = &step[s * v..(s + 1) * v];
+            let e = rel_err(together, &logits[i]);
+            assert!(e <= 2e-2, "sequence {s} step {i}: batched vs alone rel err {e:.3e}");
+            let mut sorted = logits[i].clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > 0.1 {
+                clear += 1;
+                assert_eq!(argmax(together), toks[i], "sequence {s} step {i}: greedy token changed by batching");
+            }
         }
     }
-    assert_eq!(together, alone, "batching changed greedy tokens");
+    eprintln!(
+        "batched decode: {} sequence-steps within tolerance, {clear} clear-margin tokens equal",
+        steps.len() * prompts.len()
+    );
     assert!(model.n_graphs() > 0, "decode steps should have used CUDA graphs");
 }
 

@@ -97,6 +97,8 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
         }
         gemv_rows_dot<M>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
     }
+    // This block's weights are read: the next kernel may start launching.
+    pdl_launch_next();
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
