@@ -304,6 +304,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_gemv_8",
     "flint_attention_decode_64",
     "flint_attention_decode_128",
+    "flint_attention_combine_64",
+    "flint_attention_combine_128",
     "flint_attention_prefill_64",
     "flint_attention_prefill_128",
     "flint_sample",

@@ -143,8 +143,6 @@ struct Workspace {
     logits: DeviceBuffer,
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
-    /// Per (token, KV head) split counters of the decode attention; zero between launches.
-    counters: DeviceBuffer,
     sampled: DeviceBuffer,
 }
 
@@ -319,7 +317,6 @@ impl CudaLlama {
             logits: gpu.alloc(4 * max_seqs * v)?,
             part_o: gpu.alloc(4 * part_rows * c.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * c.n_heads * 2)?,
-            counters: gpu.zeros(4 * max_tokens * c.n_kv_heads)?,
             sampled: gpu.alloc(4 * max_seqs)?,
         };
 
@@ -624,7 +621,6 @@ impl CudaLlama {
                     meta(l.positions),
                     ws.part_o.ptr(),
                     ws.part_ml.ptr(),
-                    ws.counters.ptr(),
                     ws.attn.ptr(),
                     n,
                     splits,

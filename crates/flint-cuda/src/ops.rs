@@ -48,12 +48,11 @@ pub fn add_rms_norm(
     hidden: usize,
     eps: f32,
 ) -> Result<()> {
-    let threads = 256u32;
     let hidden = hidden as i32;
     gpu.launch(
         "flint_add_rms_norm",
         (n as u32, 1, 1),
-        threads,
+        256,
         0,
         &mut [arg(&residual), arg(&add), arg(&weight), arg(&out), arg(&hidden), arg(&eps)],
     )
@@ -166,11 +165,9 @@ pub struct PagedKv {
     pub scale: f32,
 }
 
-/// Split-K decode attention of `n_tokens` query tokens (one position each); the last split of
-/// each (token, KV head) to finish merges the splits into `out [n_tokens, n_heads, head_dim]`.
-/// `part_o` holds `n_tokens * n_heads * n_splits * head_dim` f32, `part_ml`
-/// `n_tokens * n_heads * n_splits * 2`, `counters` `n_tokens * n_kv` u32, zero before the first
-/// launch (each launch leaves them zero).
+/// Split-K decode attention of `n_tokens` query tokens (one position each), then the merge of
+/// the splits into `out [n_tokens, n_heads, head_dim]`. `part_o` holds
+/// `n_tokens * n_heads * n_splits * head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -181,7 +178,6 @@ pub fn attention_decode(
     positions: u64,
     part_o: u64,
     part_ml: u64,
-    counters: u64,
     out: u64,
     n_tokens: usize,
     n_splits: usize,
@@ -191,7 +187,8 @@ pub fn attention_decode(
         return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
     }
     let qs = q_stride as i32;
-    let (maxb, h, nkv, bs) = (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32);
+    let (maxb, h, nkv, bs, splits) =
+        (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32, n_splits as i32);
     gpu.launch(
         &format!("flint_attention_decode_{}", kv.head_dim),
         (n_tokens as u32, kv.n_kv as u32, n_splits as u32),
@@ -208,13 +205,18 @@ pub fn attention_decode(
             arg(&positions),
             arg(&part_o),
             arg(&part_ml),
-            arg(&counters),
-            arg(&out),
             arg(&h),
             arg(&nkv),
             arg(&bs),
             arg(&kv.scale),
         ],
+    )?;
+    gpu.launch(
+        &format!("flint_attention_combine_{}", kv.head_dim),
+        (n_tokens as u32, kv.n_heads as u32, 1),
+        kv.head_dim as u32,
+        0,
+        &mut [arg(&part_o), arg(&part_ml), arg(&out), arg(&token_seq), arg(&h), arg(&splits)],
     )
 }
 

@@ -1,8 +1,8 @@
 // Causal grouped-query attention over a paged KV cache [n_blocks, block_size, n_kv, head_dim].
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
-// are read once for every query head of the group; the last split to finish merges the partial
-// softmax states. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// are read once for every query head of the group; partial softmax states are merged by
+// `attention_combine`. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
 // cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
 #pragma once
 
@@ -37,8 +37,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                                  const bf16* __restrict__ k_cache,
                                                  const bf16* __restrict__ v_cache, const uint32_t* block_tables,
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
-                                                 float* part_o, float* part_ml, unsigned* counters, bf16* out,
-                                                 int n_heads, int n_kv, int block_size, float scale) {
+                                                 float* part_o, float* part_ml, int n_heads, int n_kv,
+                                                 int block_size, float scale) {
     static_assert(HD == 64 || HD == 128, "head_dim");
     constexpr int kWarps = kDecodeThreads / 32;
     constexpr int kKeyLanes = 8;                              // lanes sharing one key row
@@ -192,35 +192,27 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
     }
-    // The last split of this (token, KV head) to finish merges all splits into `out`.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned* counter = counters + (size_t)t * n_kv + kvh;
-        last = atomicAdd(counter, 1u) == (unsigned)n_splits - 1;
-        if (last) *counter = 0;  // ready for the next launch (graph replays)
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int g = i / HD, d = i % HD;
-        const size_t base = ((size_t)t * n_heads + kvh * group + g) * n_splits;
-        float m = -INFINITY;
-        for (int sp = 0; sp < n_splits; ++sp) m = fmaxf(m, __ldcg(&part_ml[(base + sp) * 2]));
-        float l = 0.f, o = 0.f;
-        if (m != -INFINITY) {
-            for (int sp = 0; sp < n_splits; ++sp) {
-                const float ms = __ldcg(&part_ml[(base + sp) * 2]);
-                if (ms == -INFINITY) continue;
-                const float w = exp2f(ms - m);
-                l += __ldcg(&part_ml[(base + sp) * 2 + 1]) * w;
-                o += __ldcg(&part_o[(base + sp) * HD + d]) * w;
-            }
+}
+
+// Merges the splits of `attention_decode`: grid (n_tokens, n_heads), HD threads.
+template <int HD>
+__device__ __forceinline__ void attention_combine(const float* part_o, const float* part_ml, bf16* out,
+                                                  const int* token_seq, int n_heads, int n_splits) {
+    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const size_t base = ((size_t)t * n_heads + h) * n_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) m = fmaxf(m, part_ml[(base + s) * 2]);
+    float l = 0.f, o = 0.f;
+    if (m != -INFINITY) {
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = part_ml[(base + s) * 2];
+            if (ms == -INFINITY) continue;
+            const float w = exp2f(ms - m);
+            l += part_ml[(base + s) * 2 + 1] * w;
+            o += part_o[(base + s) * HD + d] * w;
         }
-        out[((size_t)t * n_heads + kvh * group + g) * HD + d] = __float2bfloat16(seq < 0 || l == 0.f ? 0.f : o / l);
     }
+    out[((size_t)t * n_heads + h) * HD + d] = __float2bfloat16(token_seq[t] < 0 || l == 0.f ? 0.f : o / l);
 }
 
 // ---- Prefill ----
