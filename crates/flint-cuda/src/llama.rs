@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, PinnedHostSlice};
 use flint_model::{ForwardBatch, ModelConfig, ModelSource, rope_inv_freq};
 use half::bf16;
 use rayon::prelude::*;
@@ -153,7 +153,8 @@ struct Plan {
     decode_only: bool,
     n_logit_rows: usize,
     logit_rows_identity: bool,
-    meta: Vec<u8>,
+    /// (byte offset in the metadata buffer, bytes): only what this step uses.
+    regions: Vec<(usize, Vec<u8>)>,
 }
 
 /// Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
@@ -161,6 +162,9 @@ const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 3
 
 struct State {
     graphs: HashMap<usize, CudaGraph>,
+    /// Page-locked staging for step metadata: copied to the device asynchronously, in stream
+    /// order before the step's kernels. Rewritten only after the previous step was read back.
+    staging: PinnedHostSlice<u8>,
 }
 
 // SAFETY: the graphs are only launched, or dropped, with the state's mutex held, by one thread
@@ -345,6 +349,8 @@ impl CudaLlama {
         )?;
         gpu.synchronize()?;
         let gemm = Gemm::new(&gpu)?;
+        // SAFETY: every byte copied out of the staging buffer is written first (`upload`).
+        let staging = unsafe { gpu.context().alloc_pinned::<u8>(layout.bytes) }?;
         tracing::info!(n_blocks, block_size = options.block_size, kv_gib = gib(2 * n_blocks * block_bytes), "KV cache");
         Ok(CudaLlama {
             gpu,
@@ -364,7 +370,7 @@ impl CudaLlama {
             max_splits,
             layout,
             ws,
-            state: Mutex::new(State { graphs: HashMap::new() }),
+            state: Mutex::new(State { graphs: HashMap::new(), staging }),
         })
     }
 
@@ -477,8 +483,12 @@ impl CudaLlama {
             return Err(shape("forward", format!("{} attention tiles (at most {})", tile_seq.len(), self.max_tiles)));
         }
         let l = &self.layout;
-        let mut meta = vec![0u8; l.bytes];
-        let put = |meta: &mut Vec<u8>, at: usize, bytes: &[u8]| meta[at..at + bytes.len()].copy_from_slice(bytes);
+        let mut meta: Vec<(usize, Vec<u8>)> = Vec::with_capacity(12);
+        let put = |meta: &mut Vec<(usize, Vec<u8>)>, at: usize, bytes: &[u8]| {
+            if !bytes.is_empty() {
+                meta.push((at, bytes.to_vec()));
+            }
+        };
         let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let i32s = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         // Padding rows (graph buckets): token 0 at position 0, no KV write, no sequence.
@@ -532,13 +542,34 @@ impl CudaLlama {
             put(&mut meta, l.steps, &st.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
         }
         Ok(Plan {
+            regions: meta,
             n_tokens: pad_to,
             n_tiles: tile_seq.len(),
             decode_only,
             n_logit_rows: rows.len(),
             logit_rows_identity,
-            meta,
         })
+    }
+
+    /// Copies a plan's metadata to the device, asynchronously, ahead of the step's kernels.
+    fn upload(&self, state: &mut State, plan: &Plan) -> Result<()> {
+        let staging = state.staging.as_mut_slice()?;
+        let base = staging.as_ptr() as usize;
+        for (at, bytes) in &plan.regions {
+            staging[*at..*at + bytes.len()].copy_from_slice(bytes);
+            // SAFETY: the source is page-locked and stays untouched until the step's results are
+            // read back (which waits for this copy); the destination range is inside `meta`.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    self.ws.meta.at(*at),
+                    (base + at) as *const std::ffi::c_void,
+                    bytes.len(),
+                    self.gpu.stream().cu_stream(),
+                )
+                .result()?;
+            }
+        }
+        Ok(())
     }
 
     fn linear(&self, x: u64, w: &DeviceBuffer, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
@@ -701,7 +732,7 @@ impl CudaLlama {
         let use_graph = self.options.graphs && decode_only && logits_all_rows && n <= self.options.max_seqs;
         let pad_to = if use_graph { self.bucket_for(n) } else { n };
         let plan = self.plan(batch, sampling, pad_to)?;
-        self.gpu.write(&self.ws.meta, 0, &plan.meta)?;
+        self.upload(&mut state, &plan)?;
         let sample = sampling.is_some();
         if use_graph {
             let key = pad_to * 2 + sample as usize;
@@ -750,9 +781,9 @@ impl CudaLlama {
         batch: &ForwardBatch,
         sampling: Option<(&[DeviceSampling], &[u64])>,
     ) -> Result<Vec<(String, f64)>> {
-        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let plan = self.plan(batch, sampling, batch.n_tokens())?;
-        self.gpu.write(&self.ws.meta, 0, &plan.meta)?;
+        self.upload(&mut state, &plan)?;
         let ctx = self.gpu.context();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut marks = Vec::new();
