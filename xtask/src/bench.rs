@@ -82,11 +82,16 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         Err(e) => json!({"error": format!("could not run python: {e}")}),
     };
 
-    let rev = Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(workspace_root()).output().ok();
-    let revision = rev
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .or_else(|| std::fs::read_to_string(workspace_root().join(".gpu/bundle/REVISION")).ok())
+    // The bundle's revision when run from one (the GPU machine's copy of the tree has no
+    // reliable git state), else the checkout's.
+    let revision = std::fs::read_to_string(workspace_root().join(".gpu/bundle/REVISION"))
+        .ok()
+        .filter(|_| o.flint.is_some())
+        .map(|r| r.trim().to_string())
+        .or_else(|| {
+            let out = Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(workspace_root()).output().ok()?;
+            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
         .unwrap_or_default();
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
