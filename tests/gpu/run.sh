@@ -41,7 +41,7 @@ if [[ $MODE == check || $MODE == all ]]; then
   echo "== transformers checkpoints"
   python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
   grep -E "parameters|seed|Error" "$OUT/hf_models.log"
-  FLINT_HF_MODELS=/tmp/flint-hf $B/tests/model --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
+  FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|matches|SmolLM2|panicked|test result" "$OUT/model.log" | tail -20
   echo "== flint generate on the GPU"
   $B/flint generate --random-weights llama-3.2-1b --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-random.json" 2>&1 || status=1

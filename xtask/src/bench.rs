@@ -89,7 +89,11 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         .filter(|_| o.flint.is_some())
         .map(|r| r.trim().to_string())
         .or_else(|| {
-            let out = Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(workspace_root()).output().ok()?;
+            let out = Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .current_dir(workspace_root())
+                .output()
+                .ok()?;
             out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
         })
         .unwrap_or_default();

@@ -14,7 +14,7 @@ use anyhow::{Context, ensure};
 use crate::{cargo, kernels, run, workspace_root};
 
 /// Test targets that exercise the GPU: (package, test target).
-const GPU_TESTS: &[(&str, &str)] = &[("flint-cuda", "kernels"), ("flint-cuda", "model")];
+const GPU_TESTS: &[(&str, &str)] = &[("flint-cuda", "kernels"), ("flint-model", "gpu")];
 const LIMIT: u64 = 60 << 20;
 
 fn strip(path: &Path) {
@@ -29,8 +29,10 @@ pub fn gpu_bundle() -> anyhow::Result<PathBuf> {
     run(build, "cargo build --release -p flint-cli -p xtask")?;
 
     let mut tests = cargo();
-    tests.args(["test", "--release", "--no-run", "--message-format=json", "-p", "flint-cuda"]).stdout(Stdio::piped());
-    eprintln!("$ cargo test --release --no-run -p flint-cuda");
+    tests
+        .args(["test", "--release", "--no-run", "--message-format=json", "-p", "flint-cuda", "-p", "flint-model"])
+        .stdout(Stdio::piped());
+    eprintln!("$ cargo test --release --no-run -p flint-cuda -p flint-model");
     let mut child = tests.spawn().context("cargo test --no-run")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
     let mut executables = Vec::new();

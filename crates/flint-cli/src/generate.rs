@@ -98,13 +98,13 @@ pub struct CudaSizing {
     pub block_size: usize,
 }
 
-fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_cuda::CudaLlamaOptions {
-    flint_cuda::CudaLlamaOptions {
+fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::CudaLlamaOptions {
+    flint_model::cuda::CudaLlamaOptions {
         max_batch_tokens: sizing.max_batch_tokens.max(sizing.max_seqs),
         max_seqs: sizing.max_seqs,
         max_seq_len: sizing.max_model_len.min(max_positions),
         block_size: sizing.block_size,
-        ..flint_cuda::CudaLlamaOptions::default()
+        ..flint_model::cuda::CudaLlamaOptions::default()
     }
 }
 
@@ -120,7 +120,7 @@ pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine>
     })?;
     let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
     let options = cuda_options(sizing, config.max_position_embeddings);
-    let model = flint_cuda::CudaLlama::random(gpu, config, options, 0x5eed)?;
+    let model = flint_model::cuda::CudaLlama::random(gpu, config, options, 0x5eed)?;
     Ok(Engine::with_cuda(model, flint_engine::Tokenizer::byte_level()?))
 }
 
@@ -138,7 +138,7 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
             let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
             let gpu = flint_cuda::Gpu::new(0)?;
             let options = cuda_options(sizing, config.max_position_embeddings);
-            let model = flint_cuda::CudaLlama::load(gpu, &source, config, options)?;
+            let model = flint_model::cuda::CudaLlama::load(gpu, &source, config, options)?;
             Ok(Engine::with_cuda(model, tokenizer))
         })();
         match attempt {

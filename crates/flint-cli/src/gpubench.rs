@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flint_cuda::bench::{self, Breakdown, DecodeRow, GemmRate};
-use flint_cuda::{CudaLlama, CudaLlamaOptions, Gpu};
+use flint_cuda::Gpu;
 use flint_model::ModelConfig;
+use flint_model::cuda::bench::{self, Breakdown, DecodeRow, GemmRate};
+use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
 use serde::Serialize;
 
 /// `P:O` pairs of prompt and output lengths.

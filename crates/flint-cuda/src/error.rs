@@ -22,8 +22,6 @@ pub enum Error {
     Unsupported(String),
     #[error("{op}: {detail}")]
     Shape { op: &'static str, detail: String },
-    #[error(transparent)]
-    Model(#[from] flint_model::Error),
     #[error("out of device memory: {what} needs {need_gib:.2} GiB, {free_gib:.2} GiB free")]
     OutOfMemory { what: String, need_gib: f64, free_gib: f64 },
 }
@@ -36,6 +34,7 @@ impl From<CublasError> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Error {
+/// A shape or size error of operation `op`.
+pub fn shape(op: &'static str, detail: impl Into<String>) -> Error {
     Error::Shape { op, detail: detail.into() }
 }

@@ -5,7 +5,11 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUdevice_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, result};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+    result,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::{Error, Result};
@@ -145,7 +149,7 @@ impl Gpu {
     }
 
     /// Raises a kernel's dynamic shared-memory limit.
-    pub(crate) fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
+    pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
         let f = self.function(name)?;
         // SAFETY: a valid function handle of this context.
         unsafe {
@@ -282,7 +286,118 @@ impl Gpu {
     }
 }
 
-pub(crate) fn gib(bytes: usize) -> f64 {
+/// A captured CUDA graph of work on the GPU's stream.
+pub struct Graph(CudaGraph);
+
+// SAFETY: a graph is only launched or dropped by whoever holds it, one thread at a time (CUDA
+// graph objects need external synchronisation, not thread affinity).
+unsafe impl Send for Graph {}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Graph")
+    }
+}
+
+impl Graph {
+    /// Replays the graph on the stream it was captured on.
+    pub fn launch(&self) -> Result<()> {
+        self.0.launch()?;
+        Ok(())
+    }
+}
+
+/// Page-locked host memory for asynchronous uploads.
+pub struct Staging(PinnedHostSlice<u8>);
+
+// SAFETY: plain host memory; the owner serialises its use.
+unsafe impl Send for Staging {}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Staging({} bytes)", self.0.len())
+    }
+}
+
+/// A CUDA event for timing work on the stream.
+pub struct Event(CudaEvent);
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Event")
+    }
+}
+
+impl Event {
+    /// Records the event at the current end of `gpu`'s stream.
+    pub fn record(&self, gpu: &Gpu) -> Result<()> {
+        self.0.record(&gpu.stream)?;
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.synchronize()?;
+        Ok(())
+    }
+
+    /// Milliseconds from this event to `end` (both recorded and complete).
+    pub fn elapsed_ms(&self, end: &Event) -> Result<f32> {
+        Ok(self.0.elapsed_ms(&end.0)?)
+    }
+}
+
+impl Gpu {
+    /// Captures the work `enqueue` puts on the stream into a graph (nothing runs meanwhile).
+    pub fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let captured = enqueue();
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        captured?;
+        let graph = graph?.ok_or_else(|| Error::Unsupported("graph capture recorded nothing".into()))?;
+        graph.upload()?;
+        Ok(Graph(graph))
+    }
+
+    /// `bytes` of page-locked host memory.
+    pub fn staging(&self, bytes: usize) -> Result<Staging> {
+        // SAFETY: bytes are written before they are copied out (`upload_staged`).
+        Ok(Staging(unsafe { self.ctx.alloc_pinned::<u8>(bytes.max(16)) }?))
+    }
+
+    /// Writes `bytes` into `staging` at `offset` and copies them to device address `dst`,
+    /// asynchronously in stream order. The caller must not rewrite that staging range before
+    /// the stream has passed the copy (e.g. before it next synchronises).
+    pub fn upload_staged(&self, staging: &mut Staging, offset: usize, bytes: &[u8], dst: u64) -> Result<()> {
+        let host = staging.0.as_mut_slice()?;
+        if offset + bytes.len() > host.len() {
+            return Err(crate::error::shape(
+                "upload",
+                format!("{} bytes at {offset} into {}", bytes.len(), host.len()),
+            ));
+        }
+        host[offset..offset + bytes.len()].copy_from_slice(bytes);
+        // SAFETY: the source is page-locked and left alone until the copy is done (above); the
+        // caller owns the destination range.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                host[offset..].as_ptr() as *const c_void,
+                bytes.len(),
+                self.stream.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// A timing event.
+    pub fn event(&self) -> Result<Event> {
+        Ok(Event(self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?))
+    }
+}
+
+/// Bytes as GiB, for messages.
+pub fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use flint_cuda::CudaLlama;
+use flint_model::cuda::CudaLlama;
 use flint_model::{ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache};
 use flint_tensor::{Backend, DType};
 use serde::Serialize;

@@ -37,6 +37,9 @@ pub enum Error {
 
     #[error(transparent)]
     Backend(#[from] flint_tensor::Error),
+
+    #[error(transparent)]
+    Cuda(#[from] flint_cuda::Error),
 }
 
 /// `Result` with this crate's [`Error`] as the default error.

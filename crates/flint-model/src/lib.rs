@@ -7,6 +7,7 @@
 //!   sequences ([`ForwardBatch`]) with a [`PagedKvCache`], or one sequence with a [`KvCache`].
 
 mod config;
+pub mod cuda;
 mod error;
 pub mod gguf;
 mod llama;

@@ -4,15 +4,17 @@
 
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
-use flint_model::{ForwardBatch, Logits};
+use flint_cuda::Gpu;
+use flint_cuda::gemm::{Gemm, GemmOut};
+use flint_cuda::ops::{self, DeviceSampling};
 use serde::Serialize;
 
-use crate::gemm::{Gemm, GemmOut};
-use crate::gpu::Gpu;
-use crate::llama::{CudaLlama, StepOutput};
-use crate::ops::{self, DeviceSampling};
-use crate::{Error, Result};
+use super::{CudaLlama, StepOutput};
+use crate::{Error, ForwardBatch, Logits, Result};
+
+fn unsupported(message: String) -> Error {
+    Error::Cuda(flint_cuda::Error::Unsupported(message))
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -22,18 +24,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Times `f` with CUDA events around `reps` calls; returns the median milliseconds per call over
 /// `rounds` rounds.
 fn time_events(gpu: &Gpu, rounds: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let ctx = gpu.context();
-    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let start = gpu.event()?;
+    let end = gpu.event()?;
     f()?;
     gpu.synchronize()?;
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        start.record(gpu.stream())?;
+        start.record(gpu)?;
         for _ in 0..reps {
             f()?;
         }
-        end.record(gpu.stream())?;
+        end.record(gpu)?;
         end.synchronize()?;
         times.push(start.elapsed_ms(&end)? as f64 / reps as f64);
     }
@@ -46,7 +47,7 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
     let src = gpu.alloc(bytes)?;
     let dst = gpu.alloc(bytes)?;
     ops::fill_uniform(gpu, src.ptr(), bytes / 2, 7, 0.0, 1.0)?;
-    let ms = time_events(gpu, 9, 5, || gpu.copy(dst.ptr(), src.ptr(), bytes))?;
+    let ms = time_events(gpu, 9, 5, || Ok(gpu.copy(dst.ptr(), src.ptr(), bytes)?))?;
     Ok(2.0 * bytes as f64 / (ms * 1e-3))
 }
 
@@ -78,7 +79,7 @@ pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usiz
     let mut i = 0;
     let ms = time_events(gpu, 7, 10, || {
         i = (i + 1) % copies;
-        gemm.matmul(gpu, x.ptr(), ws[i].ptr(), y.ptr(), m, n, k, GemmOut::Bf16)
+        Ok(gemm.matmul(gpu, x.ptr(), ws[i].ptr(), y.ptr(), m, n, k, GemmOut::Bf16)?)
     })?;
     Ok(GemmRate { name: name.to_string(), m, n, k, ms, tflops: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12 })
 }
@@ -116,7 +117,7 @@ pub fn decode_run(
     let total = prompt_len + output_len;
     let per_seq = total.div_ceil(bs);
     if per_seq * batch > model.n_blocks() {
-        return Err(Error::Unsupported(format!(
+        return Err(unsupported(format!(
             "{batch} sequences of {total} positions need {} KV blocks, the cache has {}",
             per_seq * batch,
             model.n_blocks()
@@ -220,7 +221,7 @@ pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Resu
     let bs = model.block_size();
     let per_seq = (context + 1).div_ceil(bs);
     if per_seq * batch > model.n_blocks() {
-        return Err(Error::Unsupported(format!("{batch} sequences of {context} positions do not fit the cache")));
+        return Err(unsupported(format!("{batch} sequences of {context} positions do not fit the cache")));
     }
     let mut fb = ForwardBatch::new(bs);
     for s in 0..batch {

@@ -9,17 +9,25 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, PinnedHostSlice};
-use flint_model::{ForwardBatch, ModelConfig, ModelSource, rope_inv_freq};
+use flint_cuda::gemm::{Gemm, GemmOut};
+use flint_cuda::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
+use flint_cuda::{DeviceBuffer, Gpu, Graph, Staging, gib};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::error::shape;
-use crate::gemm::{Gemm, GemmOut};
-use crate::gpu::{DeviceBuffer, Gpu, gib};
-use crate::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
-use crate::{Error, Result};
+use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, rope_inv_freq};
+
+fn shape(op: &'static str, detail: impl Into<String>) -> Error {
+    Error::Cuda(flint_cuda::error::shape(op, detail))
+}
+
+fn unsupported(message: impl Into<String>) -> Error {
+    Error::Cuda(flint_cuda::Error::Unsupported(message.into()))
+}
+
+fn out_of_memory(what: String, need: usize, free: usize) -> Error {
+    Error::Cuda(flint_cuda::Error::OutOfMemory { what, need_gib: gib(need), free_gib: gib(free) })
+}
 
 /// Sizes chosen at load time.
 #[derive(Clone, Debug)]
@@ -161,15 +169,11 @@ struct Plan {
 const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512];
 
 struct State {
-    graphs: HashMap<usize, CudaGraph>,
+    graphs: HashMap<usize, Graph>,
     /// Page-locked staging for step metadata: copied to the device asynchronously, in stream
     /// order before the step's kernels. Rewritten only after the previous step was read back.
-    staging: PinnedHostSlice<u8>,
+    staging: Staging,
 }
-
-// SAFETY: the graphs are only launched, or dropped, with the state's mutex held, by one thread
-// at a time (CUDA graph objects need external synchronisation, not thread affinity).
-unsafe impl Send for State {}
 
 /// A Llama-family model on one GPU in BF16.
 pub struct CudaLlama {
@@ -225,16 +229,16 @@ impl CudaLlama {
         let c = config.clone();
         ops::check_head_dim(c.head_dim)?;
         if c.n_heads / c.n_kv_heads > 8 {
-            return Err(Error::Unsupported(format!(
+            return Err(unsupported(format!(
                 "{} query heads per KV head: the decode kernel handles groups of up to 8",
                 c.n_heads / c.n_kv_heads
             )));
         }
         if !c.hidden_size.is_multiple_of(8) || !c.intermediate_size.is_multiple_of(8) {
-            return Err(Error::Unsupported("hidden and intermediate sizes must be multiples of 8".into()));
+            return Err(unsupported("hidden and intermediate sizes must be multiples of 8"));
         }
         if options.max_seqs == 0 || options.max_batch_tokens < options.max_seqs || options.block_size == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(unsupported(format!(
                 "max_batch_tokens {} must be at least max_seqs {} (> 0), block_size positive",
                 options.max_batch_tokens, options.max_seqs
             )));
@@ -248,11 +252,7 @@ impl CudaLlama {
         let (free, total) = gpu.memory()?;
         let weight_bytes = bf16_bytes(c.n_parameters());
         if weight_bytes > free {
-            return Err(Error::OutOfMemory {
-                what: format!("{} BF16 weights", c.architecture.as_str()),
-                need_gib: gib(weight_bytes),
-                free_gib: gib(free),
-            });
+            return Err(out_of_memory(format!("{} BF16 weights", c.architecture.as_str()), weight_bytes, free));
         }
         tracing::info!(device = gpu.name(), total_gib = gib(total), weights_gib = gib(weight_bytes), "loading");
 
@@ -335,11 +335,7 @@ impl CudaLlama {
         };
         if n_blocks < max_blocks.min(2) {
             let (free, _) = gpu.memory()?;
-            return Err(Error::OutOfMemory {
-                what: "the KV cache".into(),
-                need_gib: gib(2 * block_bytes * max_blocks),
-                free_gib: gib(free),
-            });
+            return Err(out_of_memory("the KV cache".into(), 2 * block_bytes * max_blocks, free));
         }
         let k_cache = gpu.zeros(n_blocks * block_bytes)?;
         let v_cache = gpu.zeros(n_blocks * block_bytes)?;
@@ -349,8 +345,7 @@ impl CudaLlama {
         )?;
         gpu.synchronize()?;
         let gemm = Gemm::new(&gpu)?;
-        // SAFETY: every byte copied out of the staging buffer is written first (`upload`).
-        let staging = unsafe { gpu.context().alloc_pinned::<u8>(layout.bytes) }?;
+        let staging = gpu.staging(layout.bytes)?;
         tracing::info!(n_blocks, block_size = options.block_size, kv_gib = gib(2 * n_blocks * block_bytes), "KV cache");
         Ok(CudaLlama {
             gpu,
@@ -553,21 +548,8 @@ impl CudaLlama {
 
     /// Copies a plan's metadata to the device, asynchronously, ahead of the step's kernels.
     fn upload(&self, state: &mut State, plan: &Plan) -> Result<()> {
-        let staging = state.staging.as_mut_slice()?;
-        let base = staging.as_ptr() as usize;
         for (at, bytes) in &plan.regions {
-            staging[*at..*at + bytes.len()].copy_from_slice(bytes);
-            // SAFETY: the source is page-locked and stays untouched until the step's results are
-            // read back (which waits for this copy); the destination range is inside `meta`.
-            unsafe {
-                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
-                    self.ws.meta.at(*at),
-                    (base + at) as *const std::ffi::c_void,
-                    bytes.len(),
-                    self.gpu.stream().cu_stream(),
-                )
-                .result()?;
-            }
+            self.gpu.upload_staged(&mut state.staging, *at, bytes, self.ws.meta.at(*at))?;
         }
         Ok(())
     }
@@ -575,9 +557,9 @@ impl CudaLlama {
     fn linear(&self, x: u64, w: &DeviceBuffer, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
         if m <= self.options.gemv_max_m.min(GEMV_MAX_M) {
             let e = if out == GemmOut::F32 { Epilogue::F32 } else { Epilogue::Bf16 };
-            ops::gemv(&self.gpu, x, w.ptr(), y, m, n, k, e)
+            Ok(ops::gemv(&self.gpu, x, w.ptr(), y, m, n, k, e)?)
         } else {
-            self.gemm.matmul(&self.gpu, x, w.ptr(), y, m, n, k, out)
+            Ok(self.gemm.matmul(&self.gpu, x, w.ptr(), y, m, n, k, out)?)
         }
     }
 
@@ -740,13 +722,12 @@ impl CudaLlama {
                 // Run once eagerly (plans cuBLASLt, loads everything), then capture.
                 self.enqueue(&plan, sample)?;
                 self.gpu.synchronize()?;
-                let stream = self.gpu.stream();
-                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let captured = self.enqueue(&plan, sample);
-                let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
-                captured?;
-                let graph = graph.ok_or_else(|| Error::Unsupported("graph capture recorded nothing".into()))?;
-                graph.upload()?;
+                let graph = self.gpu.capture(|| {
+                    self.enqueue(&plan, sample).map_err(|e| match e {
+                        Error::Cuda(c) => c,
+                        other => flint_cuda::Error::Unsupported(other.to_string()),
+                    })
+                })?;
                 slot.insert(graph);
             }
             state.graphs[&key].launch()?;
@@ -784,18 +765,16 @@ impl CudaLlama {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let plan = self.plan(batch, sampling, batch.n_tokens())?;
         self.upload(&mut state, &plan)?;
-        let ctx = self.gpu.context();
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut marks = Vec::new();
-        let first = ctx.new_event(flags)?;
+        let first = self.gpu.event()?;
         for _ in 0..2 {
             // The first pass warms up; the second is timed.
             marks.clear();
             self.gpu.synchronize()?;
-            first.record(self.gpu.stream())?;
+            first.record(&self.gpu)?;
             self.enqueue_marked(&plan, sampling.is_some(), &mut |label| {
-                let e = ctx.new_event(flags)?;
-                e.record(self.gpu.stream())?;
+                let e = self.gpu.event()?;
+                e.record(&self.gpu)?;
                 marks.push((label, e));
                 Ok(())
             })?;
@@ -831,11 +810,7 @@ impl Loader<'_> {
         let WeightSource::Checkpoint(source) = &self.weights else { return Ok(None) };
         let Some(t) = source.tensor(name, self.config)? else { return Ok(None) };
         if t.dims != dims {
-            return Err(Error::Model(flint_model::Error::WeightShape {
-                name: name.to_string(),
-                got: t.dims,
-                expected: dims.to_vec(),
-            }));
+            return Err(Error::WeightShape { name: name.to_string(), got: t.dims, expected: dims.to_vec() });
         }
         Ok(Some(t.data))
     }
@@ -845,12 +820,12 @@ impl Loader<'_> {
             WeightSource::Checkpoint(s) => s.path().display().to_string(),
             WeightSource::Random(_) => "random weights".into(),
         };
-        Error::Model(flint_model::Error::MissingWeight { name: name.to_string(), source_name })
+        Error::MissingWeight { name: name.to_string(), source_name }
     }
 
     fn upload_bf16(&self, data: &[f32]) -> Result<DeviceBuffer> {
         let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
-        self.gpu.upload(&converted)
+        Ok(self.gpu.upload(&converted)?)
     }
 
     /// Matrices stacked by rows into one `[sum rows, cols]` buffer.
@@ -867,11 +842,11 @@ impl Loader<'_> {
                     // BF16 safetensors go straight from the mapped file to the device.
                     if let Some((dims, bytes)) = source.raw_bf16(name)? {
                         if dims != [*r, cols] {
-                            return Err(Error::Model(flint_model::Error::WeightShape {
+                            return Err(Error::WeightShape {
                                 name: name.to_string(),
                                 got: dims,
                                 expected: vec![*r, cols],
-                            }));
+                            });
                         }
                         self.gpu.write(&buf, bf16_bytes(row * cols), bytes)?;
                     } else {
@@ -912,7 +887,7 @@ impl Loader<'_> {
             WeightSource::Checkpoint(_) => self.host(name, &[n])?.ok_or_else(|| self.missing(name))?,
         };
         let rounded: Vec<f32> = data.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
-        self.gpu.upload(&rounded)
+        Ok(self.gpu.upload(&rounded)?)
     }
 
     fn bias(&self, parts: &[(&str, usize)], seed: u64) -> Result<Option<DeviceBuffer>> {

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flint_cpu::CpuBackend;
-use flint_cuda::{CudaLlama, CudaLlamaOptions, Gpu};
+use flint_cuda::Gpu;
+use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
 use flint_model::{ForwardBatch, Llama, Logits, ModelSource};
 use flint_tensor::{Backend, DType};
 use serde_json::Value;
