@@ -59,7 +59,10 @@ async fn cancellations_disconnects_and_deadlines_free_every_block() {
     }
     .await
     .expect_err("the deadline ends the stream");
-    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    // The server ends the stream with DEADLINE_EXCEEDED; on a loaded machine the client's own
+    // timer (the same deadline) can fire first, which tonic reports as a cancelled timeout.
+    let client_timeout = status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired");
+    assert!(status.code() == tonic::Code::DeadlineExceeded || client_timeout, "{status}");
     // Disconnect everyone: drop streams and clients.
     drop(streams);
     let stats = server.wait_idle().await;
