@@ -52,6 +52,14 @@ if [[ $MODE == check || $MODE == all ]]; then
       python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print(g['device'], repr(g['text']), round(g['timings']['decode_tokens_per_s'],1), 'tok/s')" "$OUT/gen-smol-$dev.json" || cat "$OUT/gen-smol-$dev.json"
     done
   fi
+  echo "== flint serve on the GPU, loaded by flint bench --server"
+  SERVE_MODEL=${FLINT_MODEL:-/tmp/flint-hf/llama-gqa4-hd128}
+  $B/flint serve --device cuda --model "$SERVE_MODEL" --port 50151 --max-running 32 --max-batch-tokens 2048 > "$OUT/serve.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 120); do grep -q "serving" "$OUT/serve.log" && break; sleep 0.5; done
+  $B/flint bench --server 127.0.0.1:50151 --num-requests 64 --concurrency 16 --prompt-len 64:256 --output-len 64 2>&1 | tail -12 || status=1
+  kill -TERM $pid; wait $pid || true
+  tail -2 "$OUT/serve.log"
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET"
