@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long, requires = "preset")]
     no_graphs: bool,
     /// With --preset: largest token count that uses the GEMV kernel instead of cuBLASLt (1..=8).
-    #[arg(long, default_value_t = 4, requires = "preset", value_parser = clap::value_parser!(u64).range(1..=8))]
+    #[arg(long, default_value_t = 2, requires = "preset", value_parser = clap::value_parser!(u64).range(1..=8))]
     gemv_max_m: u64,
     /// With --preset: also write the report as JSON to this file.
     #[arg(long, requires = "preset")]

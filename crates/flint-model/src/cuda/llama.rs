@@ -60,7 +60,7 @@ impl Default for CudaLlamaOptions {
             n_blocks: None,
             kv_memory_fraction: 0.9,
             graphs: true,
-            gemv_max_m: 4,
+            gemv_max_m: 2,
         }
     }
 }
