@@ -1,5 +1,7 @@
 //! flint-quant integration tests: ggml dequantization against vectors from the `gguf` package.
 
+mod fp8;
+
 use flint_quant::{GgmlType, dequantize};
 use proptest::prelude::*;
 

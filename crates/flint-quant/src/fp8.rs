@@ -1,0 +1,156 @@
+//! FP8 formats: E4M3 (the "fn" variant: no infinities, one NaN pattern per sign, largest finite
+//! 448) and E5M2 (IEEE-like: infinities and NaNs, largest finite 57344), with conversions from
+//! f32 that round to nearest, ties to even, as PyTorch's casts do; and the scales FP8 weights and
+//! activations carry (per tensor, per output channel, per 128x128 block, per token).
+
+/// An FP8 encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Format {
+    /// 4 exponent bits (bias 7), 3 mantissa bits; saturates at +-448.
+    E4M3,
+    /// 5 exponent bits (bias 15), 2 mantissa bits; overflows to infinity past +-57344.
+    E5M2,
+}
+
+impl Fp8Format {
+    const fn exp_bits(self) -> u32 {
+        match self {
+            Fp8Format::E4M3 => 4,
+            Fp8Format::E5M2 => 5,
+        }
+    }
+
+    const fn man_bits(self) -> u32 {
+        7 - self.exp_bits()
+    }
+
+    const fn bias(self) -> i32 {
+        (1 << (self.exp_bits() - 1)) - 1
+    }
+
+    /// The largest finite value.
+    pub const fn max(self) -> f32 {
+        match self {
+            Fp8Format::E4M3 => 448.0,
+            Fp8Format::E5M2 => 57344.0,
+        }
+    }
+
+    /// The value of code `b`.
+    pub fn decode(self, b: u8) -> f32 {
+        let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+        let m_bits = self.man_bits();
+        let exp = ((b & 0x7f) >> m_bits) as i32;
+        let man = (b & ((1 << m_bits) - 1)) as i32;
+        let exp_max = (1 << self.exp_bits()) - 1;
+        match self {
+            Fp8Format::E4M3 if exp == exp_max && man == (1 << m_bits) - 1 => return f32::NAN,
+            Fp8Format::E5M2 if exp == exp_max => return if man == 0 { sign * f32::INFINITY } else { f32::NAN },
+            _ => {}
+        }
+        let scale = 1 << m_bits;
+        let magnitude = if exp == 0 {
+            // Subnormal: man / 2^m * 2^(1 - bias).
+            man as f32 / scale as f32 * 2f32.powi(1 - self.bias())
+        } else {
+            (scale + man) as f32 / scale as f32 * 2f32.powi(exp - self.bias())
+        };
+        sign * magnitude
+    }
+
+    /// The code nearest to `x` (ties to even). E4M3 saturates finite values past its range to
+    /// +-448; E5M2 overflows to infinity (as PyTorch's casts do). NaN stays NaN.
+    pub fn encode(self, x: f32) -> u8 {
+        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+        let m_bits = self.man_bits();
+        let nan = match self {
+            Fp8Format::E4M3 => 0x7f,
+            Fp8Format::E5M2 => 0x7f,
+        };
+        if x.is_nan() {
+            return sign | nan;
+        }
+        let a = (x as f64).abs();
+        let max = self.max() as f64;
+        let overflow = |sign: u8| match self {
+            Fp8Format::E4M3 => sign | 0x7e,
+            Fp8Format::E5M2 => sign | 0x7c,
+        };
+        if a.is_infinite() {
+            return overflow(sign);
+        }
+        if a == 0.0 {
+            return sign;
+        }
+        let emin = 1 - self.bias();
+        // Exponent of the binade of `a`, and the spacing of representable values there.
+        let e = (a.log2().floor() as i32).max(emin);
+        let quantum = 2f64.powi(e - m_bits as i32);
+        let q = (a / quantum).round_ties_even();
+        let r = q * quantum;
+        if r > max {
+            return overflow(sign);
+        }
+        if r == 0.0 {
+            return sign;
+        }
+        let e_r = (r.log2().floor() as i32).max(emin);
+        let (exp_field, man) = if r < 2f64.powi(emin) {
+            (0u8, (r / 2f64.powi(emin - m_bits as i32)) as u8)
+        } else {
+            ((e_r + self.bias()) as u8, (r / 2f64.powi(e_r - m_bits as i32)) as u8 - (1 << m_bits))
+        };
+        sign | (exp_field << m_bits) | man
+    }
+
+    /// The code nearest to `x`, clamped to the finite range first (what quantizers store).
+    pub fn encode_saturating(self, x: f32) -> u8 {
+        if x.is_nan() { self.encode(x) } else { self.encode(x.clamp(-self.max(), self.max())) }
+    }
+}
+
+/// The scale that maps `amax` onto the format's largest value (1 when `amax` is 0 or not finite).
+pub fn scale_for(amax: f32, format: Fp8Format) -> f32 {
+    if amax > 0.0 && amax.is_finite() { amax / format.max() } else { 1.0 }
+}
+
+/// FP8 codes of `values / scale`, saturating.
+pub fn quantize(values: &[f32], scale: f32, format: Fp8Format) -> Vec<u8> {
+    values.iter().map(|&v| format.encode_saturating(v / scale)).collect()
+}
+
+/// `decode(code) * scale` for every code.
+pub fn dequantize_fp8(codes: &[u8], scale: f32, format: Fp8Format) -> Vec<f32> {
+    codes.iter().map(|&c| format.decode(c) * scale).collect()
+}
+
+fn amax(values: &[f32]) -> f32 {
+    values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// One scale for the whole tensor.
+pub fn scale_per_tensor(values: &[f32], format: Fp8Format) -> f32 {
+    scale_for(amax(values), format)
+}
+
+/// One scale per row of a row-major `[rows, cols]` matrix: per output channel of a weight, or
+/// per token of an activation (dynamic per-token scales).
+pub fn scales_per_row(values: &[f32], cols: usize, format: Fp8Format) -> Vec<f32> {
+    values.chunks(cols.max(1)).map(|row| scale_for(amax(row), format)).collect()
+}
+
+/// One scale per `block x block` tile of a row-major `[rows, cols]` matrix (DeepSeek-style FP8
+/// checkpoints use 128), tiles at the edges cut short; `[ceil(rows / block), ceil(cols / block)]`.
+pub fn scales_per_block(values: &[f32], rows: usize, cols: usize, block: usize, format: Fp8Format) -> Vec<f32> {
+    let (br, bc) = (rows.div_ceil(block), cols.div_ceil(block));
+    let mut out = vec![0.0f32; br * bc];
+    for (i, scale) in out.iter_mut().enumerate() {
+        let (r0, c0) = ((i / bc) * block, (i % bc) * block);
+        let mut m = 0.0f32;
+        for r in r0..(r0 + block).min(rows) {
+            m = m.max(amax(&values[r * cols + c0..r * cols + (c0 + block).min(cols)]));
+        }
+        *scale = scale_for(m, format);
+    }
+    out
+}

@@ -1,0 +1,135 @@
+//! FP8 conversions against PyTorch's `float8_e4m3fn` and `float8_e5m2` (tests/data/fp8_table.json,
+//! made by make_fp8_table.py): every code's value, and the cast of probes at, between and beyond
+//! the codes, bit for bit; round trips and scales by property.
+
+use flint_quant::Fp8Format;
+use flint_quant::fp8::{dequantize_fp8, quantize, scale_per_tensor, scales_per_block, scales_per_row};
+use proptest::prelude::*;
+
+/// A code's value: a number, "inf" or "-inf", or null for NaN.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Value {
+    Number(f64),
+    Special(String),
+}
+
+#[derive(serde::Deserialize)]
+struct Table {
+    decode: Vec<Option<Value>>,
+    encode: Vec<(f64, u8)>,
+}
+
+#[derive(serde::Deserialize)]
+struct Tables {
+    e4m3: Table,
+    e5m2: Table,
+}
+
+fn tables() -> Tables {
+    serde_json::from_str(include_str!("../data/fp8_table.json")).expect("table parses")
+}
+
+fn check(format: Fp8Format, t: &Table) {
+    assert_eq!(t.decode.len(), 256);
+    for (code, want) in t.decode.iter().enumerate() {
+        let got = format.decode(code as u8);
+        match want {
+            None => assert!(got.is_nan(), "{format:?} code {code:#04x}: {got}, want NaN"),
+            Some(Value::Number(w)) => assert_eq!(got as f64, *w, "{format:?} code {code:#04x}"),
+            Some(Value::Special(s)) => {
+                let w = if s == "inf" { f32::INFINITY } else { f32::NEG_INFINITY };
+                assert_eq!(got, w, "{format:?} code {code:#04x}");
+            }
+        }
+    }
+    assert!(t.encode.len() > 400);
+    for &(x, want) in &t.encode {
+        let got = format.encode(x as f32);
+        assert_eq!(got, want, "{format:?} encode({x}) = {got:#04x}, PyTorch {want:#04x}");
+    }
+}
+
+#[test]
+fn e4m3_matches_pytorch_bit_for_bit() {
+    check(Fp8Format::E4M3, &tables().e4m3);
+}
+
+#[test]
+fn e5m2_matches_pytorch_bit_for_bit() {
+    check(Fp8Format::E5M2, &tables().e5m2);
+}
+
+#[test]
+fn special_values() {
+    for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        assert!(f.decode(f.encode(f32::NAN)).is_nan());
+        assert_eq!(f.encode(0.0), 0);
+        assert_eq!(f.encode(-0.0), 0x80);
+        assert_eq!(f.decode(f.encode_saturating(1e30)), f.max());
+        assert_eq!(f.decode(f.encode_saturating(-1e30)), -f.max());
+    }
+    assert_eq!(Fp8Format::E5M2.decode(Fp8Format::E5M2.encode(f32::INFINITY)), f32::INFINITY);
+    assert_eq!(Fp8Format::E4M3.decode(Fp8Format::E4M3.encode(f32::INFINITY)), 448.0);
+}
+
+proptest! {
+    #[test]
+    fn every_code_round_trips(code in 0u8..=255) {
+        for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let v = f.decode(code);
+            if !v.is_nan() {
+                prop_assert_eq!(f.decode(f.encode(v)).to_bits(), v.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn encoding_is_nearest(x in -500.0f32..500.0) {
+        // Nothing representable is closer than what encode picks.
+        for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let got = f.decode(f.encode_saturating(x));
+            let err = (got - x.clamp(-f.max(), f.max())).abs();
+            for code in 0..=255u8 {
+                let v = f.decode(code);
+                if v.is_finite() {
+                    prop_assert!(err <= (v - x.clamp(-f.max(), f.max())).abs(), "{:?}: {} -> {}, but {} is closer", f, x, got, v);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scaled_round_trip_is_within_half_a_step(values in prop::collection::vec(-1000.0f32..1000.0, 1..64)) {
+        let f = Fp8Format::E4M3;
+        let scale = scale_per_tensor(&values, f);
+        let back = dequantize_fp8(&quantize(&values, scale, f), scale, f);
+        for (v, b) in values.iter().zip(&back) {
+            // 3 mantissa bits: relative error at most 2^-4 for normal values, plus the
+            // subnormal quantum.
+            prop_assert!((v - b).abs() <= v.abs() / 16.0 + scale * 2f32.powi(-10), "{} -> {}", v, b);
+        }
+    }
+}
+
+#[test]
+fn row_and_block_scales_cover_their_tiles() {
+    let (rows, cols) = (130, 300);
+    let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 - 500.0 + (i / cols) as f32).collect();
+    let f = Fp8Format::E4M3;
+    let per_row = scales_per_row(&values, cols, f);
+    assert_eq!(per_row.len(), rows);
+    for (r, s) in per_row.iter().enumerate() {
+        let amax = values[r * cols..(r + 1) * cols].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(*s, amax / 448.0);
+    }
+    let blocks = scales_per_block(&values, rows, cols, 128, f);
+    assert_eq!(blocks.len(), 2 * 3);
+    for (r, row) in values.chunks(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let s = blocks[(r / 128) * 3 + c / 128];
+            assert!(v.abs() / s <= 448.0 * (1.0 + 1e-6), "({r}, {c}) exceeds its block's range");
+        }
+    }
+    assert_eq!(scale_per_tensor(&[0.0; 4], f), 1.0);
+}
