@@ -33,14 +33,24 @@ fn main() {
     let kernels = manifest.join("../../kernels");
     println!("cargo:rerun-if-env-changed=FLINT_KERNELS_DIR");
     let dir = std::env::var_os("FLINT_KERNELS_DIR").map(PathBuf::from).unwrap_or_else(|| kernels.join("build"));
-    println!("cargo:rerun-if-changed={}", dir.display());
+    // Watch only paths that exist (a missing one reruns this script on every build); the
+    // folder that holds `dir` changes when `dir` is created.
+    let watch = |path: &Path| {
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    };
+    watch(&dir);
+    if let Some(parent) = dir.parent() {
+        watch(parent);
+    }
     let newest = newest_source(&kernels);
 
     let mut code = String::from("/// Compiled modules: (name, fatbin).\npub static MODULES: &[(&str, &[u8])] = &[\n");
     let mut missing = Vec::new();
     for name in MODULES {
         let path = dir.join(format!("{name}.fatbin"));
-        println!("cargo:rerun-if-changed={}", path.display());
+        watch(&path);
         match std::fs::metadata(&path) {
             Ok(meta) => {
                 if let (Some(src), Ok(built)) = (newest, meta.modified())
