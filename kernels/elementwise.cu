@@ -31,7 +31,3 @@ extern "C" __global__ void flint_fill_uniform(bf16* out, unsigned long long n, u
                                               float std) {
     fill_uniform_all(out, n, seed, mean, std);
 }
-
-extern "C" __global__ void flint_f32_to_bf16(const float* in, bf16* out, unsigned long long n) {
-    f32_to_bf16_all(in, out, n);
-}

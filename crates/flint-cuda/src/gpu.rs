@@ -408,7 +408,6 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_rope_kv_write",
     "flint_silu_mul",
     "flint_fill_uniform",
-    "flint_f32_to_bf16",
     "flint_gemv_1",
     "flint_gemv_2",
     "flint_gemv_3",

@@ -114,12 +114,6 @@ pub fn fill_uniform(gpu: &Gpu, out: u64, n: usize, seed: u64, mean: f32, std: f3
     )
 }
 
-pub fn f32_to_bf16(gpu: &Gpu, input: u64, out: u64, n: usize) -> Result<()> {
-    let blocks = n.div_ceil(256).min(gpu.sm_count() as usize * 32).max(1) as u32;
-    let n = n as u64;
-    gpu.launch("flint_f32_to_bf16", (blocks, 1, 1), 256, 0, &mut [arg(&input), arg(&out), arg(&n)])
-}
-
 /// What the GEMV writes: see `GemvEpilogue` in gemv.cuh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {

@@ -63,12 +63,9 @@ impl Fp8Format {
     pub fn encode(self, x: f32) -> u8 {
         let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
         let m_bits = self.man_bits();
-        let nan = match self {
-            Fp8Format::E4M3 => 0x7f,
-            Fp8Format::E5M2 => 0x7f,
-        };
         if x.is_nan() {
-            return sign | nan;
+            // S.1111.111 is NaN in both formats.
+            return sign | 0x7f;
         }
         let a = (x as f64).abs();
         let max = self.max() as f64;

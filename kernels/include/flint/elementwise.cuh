@@ -124,10 +124,4 @@ __device__ __forceinline__ void fill_uniform_all(bf16* out, size_t n, uint64_t s
     }
 }
 
-// out[i] = bf16(in[i]).
-__device__ __forceinline__ void f32_to_bf16_all(const float* in, bf16* out, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16(in[i]);
-}
-
 }  // namespace flint

@@ -87,34 +87,28 @@ __device__ __forceinline__ void sample_row(const float* logits, int vocab, const
         float mn = INFINITY;
         for (int i = tid; i < vocab; i += blockDim.x) mn = fminf(mn, x[i]);
         lo = -block_max(-mn, scratch);
-        // Find the largest t in [lo, max] that keeps enough: bisect 40 times on the value.
-        float a = lo, b = hi;  // a always feasible (keeps everything), b maybe not
-        for (int it = 0; it < 40; ++it) {
-            const float mid = 0.5f * (a + b);
-            if (mid <= a || mid >= b) break;
+        // Whether keeping every token with a logit >= t meets top-k and top-p (block-wide).
+        auto keeps_enough = [&](float t) {
             float cnt = 0.f, mass = 0.f;
             for (int i = tid; i < vocab; i += blockDim.x) {
-                if (x[i] >= mid) {
+                if (x[i] >= t) {
                     cnt += 1.f;
                     mass += exp2f((x[i] - max_logit) * inv_t);
                 }
             }
             cnt = block_sum(cnt, scratch);
             mass = block_sum(mass, scratch);
-            const bool enough = (!use_k || cnt >= (float)p.top_k) && (!use_p || mass >= p.top_p * total);
-            if (enough) a = mid; else b = mid;
+            return (!use_k || cnt >= (float)p.top_k) && (!use_p || mass >= p.top_p * total);
+        };
+        // Find the largest t in [lo, max] that keeps enough: bisect 40 times on the value.
+        float a = lo, b = hi;  // a always feasible (keeps everything), b maybe not
+        for (int it = 0; it < 40; ++it) {
+            const float mid = 0.5f * (a + b);
+            if (mid <= a || mid >= b) break;
+            if (keeps_enough(mid)) a = mid; else b = mid;
         }
         // b may be feasible exactly at the max (a single token holding the mass).
-        float cnt = 0.f, mass = 0.f;
-        for (int i = tid; i < vocab; i += blockDim.x) {
-            if (x[i] >= b) {
-                cnt += 1.f;
-                mass += exp2f((x[i] - max_logit) * inv_t);
-            }
-        }
-        cnt = block_sum(cnt, scratch);
-        mass = block_sum(mass, scratch);
-        const bool b_ok = (!use_k || cnt >= (float)p.top_k) && (!use_p || mass >= p.top_p * total);
+        const bool b_ok = keeps_enough(b);
         threshold = b_ok ? b : a;
     }
     // Inverse transform over contiguous per-thread chunks of the vocabulary.

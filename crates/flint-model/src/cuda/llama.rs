@@ -17,6 +17,11 @@ use rayon::prelude::*;
 
 use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, rope_inv_freq};
 
+/// Every sequence of the batch brings exactly one new token.
+fn is_decode_only(batch: &ForwardBatch) -> bool {
+    batch.query_starts().windows(2).all(|w| w[1] - w[0] == 1)
+}
+
 fn shape(op: &'static str, detail: impl Into<String>) -> Error {
     Error::Cuda(flint_cuda::error::shape(op, detail))
 }
@@ -461,7 +466,7 @@ impl CudaLlama {
         }
 
         let qs = batch.query_starts();
-        let decode_only = (0..s).all(|i| qs[i + 1] - qs[i] == 1);
+        let decode_only = is_decode_only(batch);
         let mut tile_seq = Vec::new();
         let mut tile_start = Vec::new();
         if !decode_only {
@@ -708,8 +713,7 @@ impl CudaLlama {
     pub fn step(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>) -> Result<StepOutput> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = batch.n_tokens();
-        let qs = batch.query_starts();
-        let decode_only = (0..batch.n_seqs()).all(|i| qs[i + 1] - qs[i] == 1);
+        let decode_only = is_decode_only(batch);
         let logits_all_rows = batch.logit_rows().len() == n;
         let use_graph = self.options.graphs && decode_only && logits_all_rows && n <= self.options.max_seqs;
         let pad_to = if use_graph { self.bucket_for(n) } else { n };
