@@ -397,3 +397,35 @@ mod scheduling {
         assert!(matches!(err, flint_engine::Error::Overloaded(_)), "{err}");
     }
 }
+
+/// FP8 serving (per-channel weights, per-token activations, FP8 KV cache), emulated on the CPU,
+/// stays close to the unquantized model on the committed text and prompts: a regression guard
+/// on a short slice (the full table comes from `flint eval`).
+#[test]
+fn fp8_emulation_stays_close_to_the_reference() {
+    use flint_engine::accuracy::{BackendScorer, compare};
+    use flint_model::{Fp8Spec, Llama, ModelSource};
+    let engine = cpu_engine();
+    let (reference, backend) = engine.backend_model().expect("the CPU engine");
+    let source = ModelSource::open(&flint_e2e::default_model_path()).expect("opens");
+    let mut fp8 = Llama::load(&source, reference.config().clone(), backend, flint_tensor::DType::F32, &mut |_| {})
+        .expect("loads");
+    fp8.quantize_fp8(backend, Fp8Spec::SERVING).expect("quantizes");
+    let root = flint_e2e::workspace_root();
+    let text = std::fs::read_to_string(root.join("bench/data/alice.txt")).expect("text");
+    let mut ids = engine.tokenizer().encode(&text, true).expect("encodes");
+    ids.truncate(256);
+    let prompts: Vec<Vec<u32>> = std::fs::read_to_string(root.join("bench/data/prompts.txt"))
+        .expect("prompts")
+        .lines()
+        .take(6)
+        .map(|l| engine.tokenizer().encode(&l.replace("\\n", "\n"), true).expect("encodes"))
+        .collect();
+    let r = BackendScorer { model: reference, backend, chunk: 256 };
+    let q = BackendScorer { model: &fp8, backend, chunk: 256 };
+    let c = compare(&r, &q, &ids, 256, &prompts, &mut |_, _| {}).expect("compares");
+    eprintln!("{c:?}");
+    assert!(c.ppl_change().abs() < 0.10, "perplexity {} vs {}", c.ppl, c.reference_ppl);
+    assert!(c.top1_agreement > 0.8, "top-1 agreement {}", c.top1_agreement);
+    assert!(c.mean_kl > 0.0 && c.mean_kl < 0.15, "mean KL {}", c.mean_kl);
+}

@@ -1,9 +1,11 @@
 //! The `flint` command: `generate` text with a model, `inspect` a checkpoint.
 
 mod bench;
+mod eval;
 mod generate;
 mod gpubench;
 mod inspect;
+mod quantize;
 mod serve;
 
 use std::path::PathBuf;
@@ -27,6 +29,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Load-test a running `flint serve`: throughput, time to first token, time per output token.
     Bench(bench::BenchArgs),
+    /// Convert a safetensors checkpoint to FP8 (Hugging Face `quant_method: "fp8"` layout).
+    Quantize(quantize::QuantizeArgs),
+    /// Accuracy of FP8 against the unquantized model: perplexity, top-1 agreement, KL divergence.
+    Eval(eval::EvalArgs),
     /// Serve the model over gRPC (flint.v1.Inference, health, reflection) with continuous batching.
     Serve(serve::ServeArgs),
 }
@@ -85,6 +91,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

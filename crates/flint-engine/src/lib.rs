@@ -9,6 +9,7 @@
 //! - [`Scheduler`]: continuous batching with chunked prefill and recompute preemption;
 //! - [`Engine`]: loads a model on a backend, prepares [`GenerateRequest`]s and runs them.
 
+pub mod accuracy;
 mod blocks;
 mod chat;
 mod detok;

@@ -9,11 +9,13 @@
 mod config;
 pub mod cuda;
 mod error;
+pub mod fp8_checkpoint;
 pub mod gguf;
 mod llama;
+pub mod quant;
 mod source;
 
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use llama::{ForwardBatch, KvCache, Llama, LoadProgress, Logits, PagedKvCache, rope_inv_freq};
+pub use llama::{ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, PagedKvCache, rope_inv_freq};
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

@@ -1,6 +1,7 @@
 //! The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2): pre-norm decoder blocks with RMSNorm,
 //! rotary embeddings, grouped-query attention and a SwiGLU MLP, over any [`Backend`].
 
+use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
@@ -30,11 +31,35 @@ struct Layer {
     down_proj: Tensor,
 }
 
+/// FP8 emulation of a model on a backend that computes in f32/bf16: weights, activations and the
+/// KV cache rounded to E4M3 values with the scales an FP8 engine would use, so the accuracy of
+/// FP8 serving can be measured (and GPU FP8 kernels checked) on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fp8Spec {
+    /// Quantize the decoder blocks' linear weights at this granularity (`None`: leave them, e.g.
+    /// when they come from an FP8 checkpoint and already are FP8 values).
+    pub weights: Option<Granularity>,
+    /// Quantize the inputs of those linear layers with a dynamic scale per token.
+    pub activations: bool,
+    /// Store keys and values as E4M3 with a scale per token and KV head.
+    pub kv_cache: bool,
+}
+
+impl Fp8Spec {
+    /// What Flint's FP8 GPU path does: per-channel weights, per-token activations, FP8 KV.
+    pub const SERVING: Fp8Spec = Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: true };
+
+    pub fn is_active(&self) -> bool {
+        self.weights.is_some() || self.activations || self.kv_cache
+    }
+}
+
 /// A loaded Llama-family model on one backend.
 #[derive(Debug)]
 pub struct Llama {
     config: ModelConfig,
     dtype: DType,
+    fp8: Fp8Spec,
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -364,7 +389,55 @@ impl Llama {
         let inv_freq = rope_inv_freq(c);
         let rope_inv_freq = backend.upload_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
 
-        Ok(Llama { config, dtype, embed_tokens, layers, norm, lm_head, rope_inv_freq })
+        // An FP8 checkpoint's weights are FP8 values already; its activations are quantized.
+        let fp8 = Fp8Spec { weights: None, activations: source.quant_config().is_some(), kv_cache: false };
+        Ok(Llama { config, dtype, fp8, embed_tokens, layers, norm, lm_head, rope_inv_freq })
+    }
+
+    /// The FP8 emulation in effect.
+    pub fn fp8(&self) -> Fp8Spec {
+        self.fp8
+    }
+
+    /// Switches on FP8 emulation: quantizes the linear weights now (when `spec.weights` is set),
+    /// activations and the KV cache from the next forward pass on.
+    pub fn quantize_fp8(&mut self, backend: &dyn Backend, spec: Fp8Spec) -> Result<()> {
+        if let Some(granularity) = spec.weights {
+            let requantize = |t: &mut Tensor| -> Result<()> {
+                let dims = t.shape().dims().to_vec();
+                let (rows, cols) = (dims[0], dims[1]);
+                let values = backend.to_f32_vec(t)?;
+                let m = Fp8Matrix::quantize(&values, rows, cols, granularity, Fp8Format::E4M3);
+                // Kept in f32: `code * scale` exactly, as the FP8 kernels compute it.
+                *t = backend.upload_f32(&m.dequantize(), Shape::new(dims.clone()), DType::F32)?;
+                Ok(())
+            };
+            for l in &mut self.layers {
+                for t in [
+                    &mut l.q_proj,
+                    &mut l.k_proj,
+                    &mut l.v_proj,
+                    &mut l.o_proj,
+                    &mut l.gate_proj,
+                    &mut l.up_proj,
+                    &mut l.down_proj,
+                ] {
+                    requantize(t)?;
+                }
+            }
+        }
+        self.fp8 = Fp8Spec { weights: spec.weights.or(self.fp8.weights), ..spec };
+        Ok(())
+    }
+
+    /// `t` with each group of `cols` values rounded to E4M3 under its own scale (when `on`).
+    fn fake_quant(&self, backend: &dyn Backend, t: Tensor, cols: usize, on: bool) -> Result<Tensor> {
+        if !on {
+            return Ok(t);
+        }
+        let mut values = backend.to_f32_vec(&t)?;
+        flint_quant::fp8::fake_quantize_rows(&mut values, cols, Fp8Format::E4M3);
+        Ok(backend.upload_f32(&values, t.shape().clone(), t.dtype())?)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -475,22 +548,29 @@ impl Llama {
                     normed
                 }
             };
+            let (acts, kv8) = (self.fp8.activations, self.fp8.kv_cache);
+            let normed = self.fake_quant(backend, normed, c.hidden_size, acts)?;
             let q = backend.linear(&normed, &layer.q_proj, layer.q_bias.as_ref())?;
             let k = backend.linear(&normed, &layer.k_proj, layer.k_bias.as_ref())?;
             let v = backend.linear(&normed, &layer.v_proj, layer.v_bias.as_ref())?;
             let q = backend.rope(&flat(q, &q_shape)?, positions, &self.rope_inv_freq)?;
             let k = backend.rope(&flat(k, &kv_shape)?, positions, &self.rope_inv_freq)?;
+            let k = self.fake_quant(backend, k, c.head_dim, kv8)?;
+            let v = self.fake_quant(backend, flat(v, &kv_shape)?, c.head_dim, kv8)?;
             backend.write_kv(&cache.keys[i], &k, &batch.slots)?;
-            backend.write_kv(&cache.values[i], &flat(v, &kv_shape)?, &batch.slots)?;
+            backend.write_kv(&cache.values[i], &v, &batch.slots)?;
             let attn = backend.attention(&q, &cache.keys[i], &cache.values[i], &attention, scale)?;
             let attn = flat(attn, &Shape::from([n, c.n_heads * c.head_dim]))?;
+            let attn = self.fake_quant(backend, attn, c.n_heads * c.head_dim, acts)?;
             let o = backend.linear(&attn, &layer.o_proj, None)?;
 
             let (sum, normed) = backend.add_rms_norm(&residual, &o, &layer.mlp_norm, c.rms_norm_eps)?;
             residual = sum;
+            let normed = self.fake_quant(backend, normed, c.hidden_size, acts)?;
             let gate = backend.linear(&normed, &layer.gate_proj, None)?;
             let up = backend.linear(&normed, &layer.up_proj, None)?;
             let act = backend.silu_mul(&gate, &up)?;
+            let act = self.fake_quant(backend, act, c.intermediate_size, acts)?;
             pending = Some(backend.linear(&act, &layer.down_proj, None)?);
         }
         if batch.logit_rows.is_empty() {

@@ -9,14 +9,18 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use flint_quant::GgmlType;
+use flint_quant::{Fp8Format, Fp8Matrix, GgmlType};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::gguf::GgufFile;
+use crate::quant::{self, QuantConfig};
 use crate::{Error, Result};
+
+/// A tensor as stored: its type, dims and bytes.
+pub type RawTensor<'a> = (StDtype, Vec<usize>, &'a [u8]);
 
 /// A weight read into host memory as f32, shaped outermost first.
 #[derive(Clone, Debug)]
@@ -110,6 +114,22 @@ impl ModelSource {
         match self {
             ModelSource::Gguf(_) => Ok(None),
             ModelSource::Safetensors(d) => d.raw_bf16(name),
+        }
+    }
+
+    /// Weight `name` as stored FP8 codes with their scales; `None` when it is not FP8.
+    pub fn fp8_tensor(&self, name: &str) -> Result<Option<Fp8Matrix>> {
+        match self {
+            ModelSource::Gguf(_) => Ok(None),
+            ModelSource::Safetensors(d) => d.fp8(name),
+        }
+    }
+
+    /// The quantization the checkpoint declares (`None`: plain weights).
+    pub fn quant_config(&self) -> Option<&QuantConfig> {
+        match self {
+            ModelSource::Gguf(_) => None,
+            ModelSource::Safetensors(d) => d.quant_config(),
         }
     }
 
@@ -213,6 +233,7 @@ pub struct SafetensorsDir {
     /// Tensor name to shard index.
     index: BTreeMap<String, usize>,
     data_size: usize,
+    quant: Option<QuantConfig>,
 }
 
 impl SafetensorsDir {
@@ -270,7 +291,12 @@ impl SafetensorsDir {
             }
             shards.push((path, mmap));
         }
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), shards, index, data_size })
+        let config_path = dir.join("config.json");
+        let quant = match std::fs::read_to_string(&config_path) {
+            Ok(json) => QuantConfig::from_config_json(&json, &config_path.display().to_string())?,
+            Err(_) => None,
+        };
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), shards, index, data_size, quant })
     }
 
     fn stored_tensors(&self) -> Result<Vec<StoredTensor>> {
@@ -310,7 +336,72 @@ impl SafetensorsDir {
         Ok(Some((dims, &mmap[offset..offset + bytes.len()])))
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.index.keys().cloned().collect()
+    }
+
+    /// A tensor as stored: type, dims and the mapped bytes.
+    pub fn raw(&self, name: &str) -> Result<Option<RawTensor<'_>>> {
+        let Some(&shard) = self.index.get(name) else { return Ok(None) };
+        let (path, mmap) = &self.shards[shard];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let bytes = view.data();
+        let offset = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
+        Ok(Some((view.dtype(), view.shape().to_vec(), &mmap[offset..offset + bytes.len()])))
+    }
+
+    /// A tensor as f32 values (any stored type, FP8 dequantized with its scales).
+    pub fn tensor_f32(&self, name: &str) -> Result<Option<HostTensor>> {
+        self.tensor(name)
+    }
+
+    /// The quantization `config.json` declares.
+    pub fn quant_config(&self) -> Option<&QuantConfig> {
+        self.quant.as_ref()
+    }
+
+    /// FP8 weight `name` with its scales, or `None` when it is not stored as FP8.
+    fn fp8(&self, name: &str) -> Result<Option<Fp8Matrix>> {
+        Ok(self.fp8_with_dims(name)?.map(|(_, m)| m))
+    }
+
+    fn fp8_with_dims(&self, name: &str) -> Result<Option<(Vec<usize>, Fp8Matrix)>> {
+        let Some(&shard) = self.index.get(name) else { return Ok(None) };
+        let (path, mmap) = &self.shards[shard];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let format = match view.dtype() {
+            StDtype::F8_E4M3 => Fp8Format::E4M3,
+            StDtype::F8_E5M2 => Fp8Format::E5M2,
+            _ => return Ok(None),
+        };
+        let Some((scale_name, scale)) =
+            quant::scale_names(name).into_iter().find_map(|n| self.tensor(&n).transpose().map(|t| (n, t)))
+        else {
+            return Err(Error::WeightFormat {
+                name: name.to_string(),
+                message: "FP8 weight without a weight_scale or weight_scale_inv beside it".to_string(),
+            });
+        };
+        let scale = scale?;
+        let block = self.quant.as_ref().and_then(|q| q.block_size);
+        let mut m = quant::fp8_matrix(&scale_name, view.shape(), view.data(), &scale.dims, scale.data, block)?;
+        m.format = format;
+        Ok(Some((view.shape().to_vec(), m)))
+    }
+
     fn tensor(&self, name: &str) -> Result<Option<HostTensor>> {
+        if let Some((dims, m)) = self.fp8_with_dims(name)? {
+            return Ok(Some(HostTensor { dims, data: m.dequantize() }));
+        }
         let Some(&shard) = self.index.get(name) else { return Ok(None) };
         let (path, mmap) = &self.shards[shard];
         let st = SafeTensors::deserialize(mmap)
@@ -324,7 +415,7 @@ impl SafetensorsDir {
             other => {
                 return Err(Error::WeightFormat {
                     name: name.to_string(),
-                    message: format!("dtype {other:?} is not supported (use F32, F16 or BF16)"),
+                    message: format!("dtype {other:?} is not supported (F32, F16, BF16 and FP8 with scales are)"),
                 });
             }
         };

@@ -151,3 +151,103 @@ pub fn scales_per_block(values: &[f32], rows: usize, cols: usize, block: usize, 
     }
     out
 }
+
+/// How finely an FP8 matrix's scales are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Granularity {
+    /// One scale for the matrix.
+    Tensor,
+    /// One scale per row (output channel).
+    Channel,
+    /// One scale per `n x n` tile (DeepSeek-style checkpoints: 128).
+    Block(usize),
+}
+
+impl Granularity {
+    /// Parses `tensor`, `channel` or `block` (128x128 tiles).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tensor" => Some(Granularity::Tensor),
+            "channel" => Some(Granularity::Channel),
+            "block" => Some(Granularity::Block(128)),
+            _ => None,
+        }
+    }
+
+    /// Dims of the scale tensor of a `[rows, cols]` matrix, as checkpoints store it.
+    pub fn scale_dims(self, rows: usize, cols: usize) -> [usize; 2] {
+        match self {
+            Granularity::Tensor => [1, 1],
+            Granularity::Channel => [rows, 1],
+            Granularity::Block(b) => [rows.div_ceil(b), cols.div_ceil(b)],
+        }
+    }
+}
+
+/// An FP8 matrix: codes and the scales that turn them back into values (`value = decode(code) *
+/// scale`), row-major `[rows, cols]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub format: Fp8Format,
+    pub granularity: Granularity,
+    pub codes: Vec<u8>,
+    /// `granularity.scale_dims(rows, cols)` values, row-major.
+    pub scales: Vec<f32>,
+}
+
+impl Fp8Matrix {
+    /// Quantizes a row-major `[rows, cols]` matrix with scales of the given granularity (each
+    /// scale maps its group's largest magnitude onto the format's largest value).
+    pub fn quantize(values: &[f32], rows: usize, cols: usize, granularity: Granularity, format: Fp8Format) -> Self {
+        assert_eq!(values.len(), rows * cols, "values of a [{rows}, {cols}] matrix");
+        let scales = match granularity {
+            Granularity::Tensor => vec![scale_per_tensor(values, format)],
+            Granularity::Channel => scales_per_row(values, cols, format),
+            Granularity::Block(b) => scales_per_block(values, rows, cols, b, format),
+        };
+        let mut m = Fp8Matrix { rows, cols, format, granularity, codes: Vec::new(), scales };
+        m.codes = values.iter().enumerate().map(|(i, &v)| format.encode_saturating(v / m.scale_at(i))).collect();
+        m
+    }
+
+    /// The scale of element `i` (row-major index).
+    pub fn scale_at(&self, i: usize) -> f32 {
+        match self.granularity {
+            Granularity::Tensor => self.scales[0],
+            Granularity::Channel => self.scales[i / self.cols],
+            Granularity::Block(b) => {
+                let (r, c) = (i / self.cols, i % self.cols);
+                self.scales[(r / b) * self.cols.div_ceil(b) + c / b]
+            }
+        }
+    }
+
+    /// The matrix's values.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let table = decode_table(self.format);
+        self.codes.iter().enumerate().map(|(i, &c)| table[c as usize] * self.scale_at(i)).collect()
+    }
+}
+
+/// Every code's value, indexed by code.
+pub fn decode_table(format: Fp8Format) -> [f32; 256] {
+    let mut t = [0.0f32; 256];
+    for (i, v) in t.iter_mut().enumerate() {
+        *v = format.decode(i as u8);
+    }
+    t
+}
+
+/// Quantize-dequantize each row of a row-major `[rows, cols]` matrix with its own dynamic scale
+/// (per-token activation quantization, emulated in f32): returns the values the FP8 codes stand for.
+pub fn fake_quantize_rows(values: &mut [f32], cols: usize, format: Fp8Format) {
+    let table = decode_table(format);
+    for row in values.chunks_mut(cols.max(1)) {
+        let scale = scale_for(amax(row), format);
+        for v in row.iter_mut() {
+            *v = table[format.encode_saturating(*v / scale) as usize] * scale;
+        }
+    }
+}

@@ -11,5 +11,5 @@ pub mod fp8;
 mod ggml;
 
 pub use error::{Error, Result};
-pub use fp8::Fp8Format;
+pub use fp8::{Fp8Format, Fp8Matrix, Granularity};
 pub use ggml::{GgmlType, dequantize, dequantize_into};

@@ -1,0 +1,242 @@
+//! `flint eval`: accuracy of FP8 serving against the unquantized model in the same run.
+//!
+//! Perplexity on a fixed text, and top-1 agreement and mean KL divergence of next-token
+//! distributions at every position of the text and of a prompt set. On the CPU, FP8 is the
+//! reference's quantize-dequantize emulation (several weight granularities); on the GPU, the FP8
+//! kernels against BF16.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use flint_cpu::CpuBackend;
+use flint_engine::Tokenizer;
+use flint_engine::accuracy::{BackendScorer, Comparison, CudaScorer, Scorer, compare_many};
+use flint_model::{Fp8Spec, Llama, ModelSource};
+use flint_quant::Granularity;
+use flint_tensor::{Backend, DType};
+use serde::Serialize;
+
+use crate::generate::DeviceArg;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A GGUF file or a Hugging Face model directory [default: $FLINT_MODEL, else the fetched SmolLM2]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A released architecture with random weights instead of a checkpoint (GPU only).
+    #[arg(long, conflicts_with = "model")]
+    random_weights: Option<String>,
+    /// Where to compute (auto: the GPU when usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// The text whose perplexity is measured.
+    #[arg(long, default_value = "bench/data/alice.txt")]
+    text: PathBuf,
+    /// Prompts, one per line (`\n` for a newline), compared at every position.
+    #[arg(long, default_value = "bench/data/prompts.txt")]
+    prompts: PathBuf,
+    /// Tokens per perplexity window (each window is scored on its own).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
+    window: u32,
+    /// Score only the first N tokens of the text.
+    #[arg(long)]
+    max_text_tokens: Option<usize>,
+    /// Write the table as JSON here too.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    variant: String,
+    weights: String,
+    activations: String,
+    kv_cache: String,
+    #[serde(flatten)]
+    comparison: ComparisonJson,
+}
+
+#[derive(Debug, Serialize)]
+struct ComparisonJson {
+    reference_ppl: f64,
+    ppl: f64,
+    ppl_change: f64,
+    top1_agreement: f64,
+    mean_kl: f64,
+    text_positions: usize,
+    positions: usize,
+}
+
+impl From<&Comparison> for ComparisonJson {
+    fn from(c: &Comparison) -> Self {
+        ComparisonJson {
+            reference_ppl: c.reference_ppl,
+            ppl: c.ppl,
+            ppl_change: c.ppl_change(),
+            top1_agreement: c.top1_agreement,
+            mean_kl: c.mean_kl,
+            text_positions: c.text_positions,
+            positions: c.positions,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    reference: String,
+    text: String,
+    text_tokens: usize,
+    window: usize,
+    prompts: usize,
+    rows: Vec<Row>,
+}
+
+fn read_inputs(args: &EvalArgs, tokenizer: &Tokenizer) -> anyhow::Result<(Vec<u32>, Vec<Vec<u32>>)> {
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("reading the evaluation text {}", args.text.display()))?;
+    let mut ids = tokenizer.encode(&text, true)?;
+    if let Some(n) = args.max_text_tokens {
+        ids.truncate(n);
+    }
+    if ids.len() < 2 {
+        bail!("the evaluation text {} has fewer than 2 tokens", args.text.display());
+    }
+    let prompts = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("reading the prompts {}", args.prompts.display()))?;
+    let prompts = prompts
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| tokenizer.encode(&l.replace("\\n", "\n"), true))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((ids, prompts))
+}
+
+fn describe(spec: &Fp8Spec) -> (String, String, String) {
+    let w = match spec.weights {
+        None => "unquantized".to_string(),
+        Some(Granularity::Tensor) => "fp8 per tensor".into(),
+        Some(Granularity::Channel) => "fp8 per channel".into(),
+        Some(Granularity::Block(b)) => format!("fp8 {b}x{b} blocks"),
+    };
+    let a = if spec.activations { "fp8 per token" } else { "unquantized" };
+    let kv = if spec.kv_cache { "fp8 per token and head" } else { "unquantized" };
+    (w, a.into(), kv.into())
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "{} on {}: perplexity over {} tokens of {} (windows of {}), next-token agreement and KL over those and {} prompts",
+        report.model, report.device, report.text_tokens, report.text, report.window, report.prompts
+    );
+    println!(
+        "reference ({}): perplexity {:.4}",
+        report.reference,
+        report.rows.first().map_or(0.0, |r| r.comparison.reference_ppl)
+    );
+    println!();
+    println!(
+        "| variant | weights | activations | KV cache | perplexity | vs reference | top-1 agreement | mean KL (nats) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &report.rows {
+        let c = &r.comparison;
+        println!(
+            "| {} | {} | {} | {} | {:.4} | {:+.2}% | {:.4} | {:.5} |",
+            r.variant,
+            r.weights,
+            r.activations,
+            r.kv_cache,
+            c.ppl,
+            100.0 * c.ppl_change,
+            c.top1_agreement,
+            c.mean_kl
+        );
+    }
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let use_cuda = match args.device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Cuda => true,
+        DeviceArg::Auto => flint_cuda::cuda_available() && flint_kernels::all_built(),
+    };
+    if args.random_weights.is_some() && !use_cuda {
+        bail!("--random-weights runs on the GPU: add --device cuda");
+    }
+    let report = if use_cuda { run_cuda(&args)? } else { run_cpu(&args)? };
+    print_table(&report);
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn progress_line(label: &str) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| eprint!("\r{label}: {done}/{total} sequences  ")
+}
+
+fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
+    let path = crate::resolve_model(args.model.clone())?;
+    let source = ModelSource::open(&path)?;
+    let config = source.config()?;
+    let tokenizer = Tokenizer::for_source(&source, &config)?;
+    let (text, prompts) = read_inputs(args, &tokenizer)?;
+    let backend = CpuBackend::new();
+    let load = || -> anyhow::Result<Llama> {
+        Ok(Llama::load(&source, config.clone(), &backend as &dyn Backend, DType::F32, &mut |_| {})?)
+    };
+    let reference = load()?;
+    let chunk = 512;
+    let ref_scorer = BackendScorer { model: &reference, backend: &backend, chunk };
+    let variants = [
+        ("fp8", Fp8Spec::SERVING),
+        ("fp8-tensor", Fp8Spec { weights: Some(Granularity::Tensor), ..Fp8Spec::SERVING }),
+        ("fp8-block", Fp8Spec { weights: Some(Granularity::Block(128)), ..Fp8Spec::SERVING }),
+        ("fp8-weights", Fp8Spec { weights: Some(Granularity::Channel), activations: false, kv_cache: false }),
+        ("fp8-w-a", Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false }),
+        ("fp8-w-kv", Fp8Spec { weights: Some(Granularity::Channel), activations: false, kv_cache: true }),
+    ];
+    let mut models = Vec::new();
+    for (_, spec) in &variants {
+        let mut model = load()?;
+        model.quantize_fp8(&backend, *spec)?;
+        models.push(model);
+    }
+    let scorers: Vec<BackendScorer<'_>> =
+        models.iter().map(|model| BackendScorer { model, backend: &backend, chunk }).collect();
+    let dyn_scorers: Vec<&dyn Scorer> = scorers.iter().map(|s| s as &dyn Scorer).collect();
+    let comparisons =
+        compare_many(&ref_scorer, &dyn_scorers, &text, args.window as usize, &prompts, &mut progress_line("scoring"))?;
+    eprintln!();
+    let rows = variants
+        .iter()
+        .zip(&comparisons)
+        .map(|((name, spec), c)| {
+            let (weights, activations, kv_cache) = describe(spec);
+            Row { variant: (*name).into(), weights, activations, kv_cache, comparison: c.into() }
+        })
+        .collect();
+    Ok(Report {
+        model: display_name(&path),
+        device: "cpu (FP8 emulated: quantize-dequantize in f32)".into(),
+        reference: "unquantized weights, f32 compute".into(),
+        text: display_name(&args.text),
+        text_tokens: text.len(),
+        window: args.window as usize,
+        prompts: prompts.len(),
+        rows,
+    })
+}
+
+fn display_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
+    let _ = (CudaScorer::vocab, args);
+    bail!("the GPU path of `flint eval` needs FP8 support in the CUDA runtime")
+}
