@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling"];
+const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling", "fp8"];
 
 fn newest_source(dir: &Path) -> Option<SystemTime> {
     let mut newest = None;

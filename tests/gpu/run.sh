@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with .gpu/bundle carried (cargo xtask gpu-bundle).
-#   bash tests/gpu/run.sh [check|bench|startup|all] [PRESET]
+#   bash tests/gpu/run.sh [check|bench|startup|all|fp8-check|fp8-bench|fp8] [PRESET]
 # check:   every kernel against the CPU reference; transformers-built checkpoints against Flint;
 #          SmolLM2 against the CPU's tokens (when the GGUF is there); `flint generate` on the GPU.
 # bench:   cargo xtask bench for PRESET (default llama-3.1-8b), transformers eager beside it.
@@ -64,6 +64,28 @@ fi
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET"
   $B/xtask bench --preset "$PRESET" --out "$OUT" --flint $B/flint || status=1
+fi
+if [[ $MODE == fp8-check || $MODE == fp8 ]]; then
+  echo "== FP8: kernels, transformers checkpoints (BF16 and FP8 paths), generate and serve in FP8"
+  $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
+  grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -14
+  grep -E "fp8.*rel err|quantize" "$OUT/kernels.log" | sort -g -k4 | tail -3
+  [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
+  grep -E "^test .*(ok|FAILED)$|worst|fp8|panicked|test result" "$OUT/model.log" | tail -24
+  $B/flint generate --random-weights llama-3.2-1b --dtype fp8 --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-random-fp8.json" 2>&1 || status=1
+  python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print('random llama-3.2-1b fp8:', g['device'], len(g['token_ids']), 'tokens,', round(g['timings']['decode_tokens_per_s'],1), 'tok/s')" "$OUT/gen-random-fp8.json" || cat "$OUT/gen-random-fp8.json"
+  $B/flint serve --device cuda --dtype fp8 --model /tmp/flint-hf/llama-gqa4-hd128 --port 50152 --max-running 32 --max-batch-tokens 2048 > "$OUT/serve-fp8.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 120); do grep -q "serving" "$OUT/serve-fp8.log" && break; sleep 0.5; done
+  $B/flint bench --server 127.0.0.1:50152 --num-requests 48 --concurrency 16 --prompt-len 64:256 --output-len 64 2>&1 | tail -6 || status=1
+  kill -TERM $pid; wait $pid || true
+  echo "== FP8 accuracy, $PRESET random weights on the GPU"
+  $B/flint eval --device cuda --random-weights "$PRESET" --max-text-tokens 2048 --json-out "$OUT/eval-$PRESET-fp8.json" 2>/dev/null || status=1
+fi
+if [[ $MODE == fp8-bench || $MODE == fp8 ]]; then
+  echo "== bench $PRESET BF16 then FP8"
+  $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8,32,128} --lengths ${LENGTHS:-128:128,2048:256} --json-out "$OUT/flint-$PRESET-fp8.json" || status=1
 fi
 if [[ $MODE == startup || $MODE == all ]]; then
   echo "== start-up: $PRESET from safetensors in the page cache"

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: Flint's model benchmark on the local GPU with Hugging Face transformers
 //! eager on the same preset in the same run; one JSON report, a table and a PNG chart.
 //!
-//! `cargo xtask bench [--preset P] [--out DIR] [--flint PATH] [--batches ..] [--lengths ..]`
+//! `cargo xtask bench [--preset P] [--dtype bf16|fp8] [--out DIR] [--flint PATH] [--batches ..] [--lengths ..]`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +19,7 @@ struct Options {
     batches: String,
     lengths: String,
     hf_runs: String,
+    dtype: String,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
@@ -29,6 +30,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
         batches: "1,8,32,128".into(),
         lengths: "128:128,2048:256".into(),
         hf_runs: "1:128:128,8:128:128,1:2048:256".into(),
+        dtype: "bf16".into(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -40,7 +42,10 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
             "--batches" => o.batches = value()?,
             "--lengths" => o.lengths = value()?,
             "--hf-runs" => o.hf_runs = value()?,
-            other => bail!("unknown flag {other:?} (--preset, --out, --flint, --batches, --lengths, --hf-runs)"),
+            "--dtype" => o.dtype = value()?,
+            other => {
+                bail!("unknown flag {other:?} (--preset, --out, --flint, --batches, --lengths, --hf-runs, --dtype)")
+            }
         }
     }
     Ok(o)
@@ -64,7 +69,8 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     };
     let flint_json = o.out.join(format!("flint-{}.json", o.preset));
     let mut cmd = Command::new(&flint);
-    cmd.args(["bench", "--preset", &o.preset, "--batches", &o.batches, "--lengths", &o.lengths, "--json-out"])
+    cmd.args(["bench", "--preset", &o.preset, "--dtype", &o.dtype, "--batches", &o.batches, "--lengths", &o.lengths])
+        .arg("--json-out")
         .arg(&flint_json);
     run(cmd, &format!("flint bench --preset {}", o.preset))?;
     let flint_report: Value = serde_json::from_str(&std::fs::read_to_string(&flint_json)?)?;

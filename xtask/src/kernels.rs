@@ -23,7 +23,7 @@ const NVCC_PACKAGES: &[&str] = &[
     "nvidia-cuda-cccl==13.0.85",
 ];
 /// Every module `flint-kernels` embeds.
-pub const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling"];
+pub const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling", "fp8"];
 
 fn nvcc_version(nvcc: &Path) -> Option<String> {
     let out = Command::new(nvcc).arg("--version").output().ok()?;

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// With --preset: largest token count that uses the GEMV kernel instead of cuBLASLt (1..=8).
     #[arg(long, default_value_t = 2, requires = "preset", value_parser = clap::value_parser!(u64).range(1..=8))]
     gemv_max_m: u64,
+    /// With --preset: bf16, or fp8 to measure the FP8 model after the BF16 one in the same run.
+    #[arg(long, default_value = "bf16", requires = "preset", value_parser = ["bf16", "fp8"])]
+    dtype: String,
     /// With --preset: also write the report as JSON to this file.
     #[arg(long, requires = "preset")]
     json_out: Option<std::path::PathBuf>,
@@ -221,8 +224,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(preset) = &args.preset {
         let batches = crate::gpubench::parse_batches(&args.batches)?;
         let lengths = crate::gpubench::parse_lengths(&args.lengths)?;
-        let report =
-            crate::gpubench::run_preset(preset, &batches, &lengths, !args.no_graphs, args.gemv_max_m as usize)?;
+        let report = crate::gpubench::run_preset(
+            preset,
+            &batches,
+            &lengths,
+            !args.no_graphs,
+            args.gemv_max_m as usize,
+            args.dtype == "fp8",
+        )?;
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         if let Some(path) = &args.json_out {
             std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
@@ -231,6 +240,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{json}");
         } else {
             crate::gpubench::print_table(&report);
+            crate::gpubench::print_fp8_table(&report);
         }
         return Ok(());
     }

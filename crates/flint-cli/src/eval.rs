@@ -237,6 +237,53 @@ fn display_name(p: &Path) -> String {
 }
 
 fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
-    let _ = (CudaScorer::vocab, args);
-    bail!("the GPU path of `flint eval` needs FP8 support in the CUDA runtime")
+    use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
+    let gpu = flint_cuda::Gpu::new(0)?;
+    let window = args.window as usize;
+    let options = |fp8: bool| CudaLlamaOptions {
+        max_batch_tokens: 2048,
+        max_seqs: 128,
+        max_seq_len: window.max(512).next_multiple_of(16),
+        n_blocks: Some(window.max(512).div_ceil(16) + 1),
+        graphs: false,
+        fp8,
+        ..CudaLlamaOptions::default()
+    };
+    let (reference, quantized, tokenizer, name) = match &args.random_weights {
+        Some(preset) => {
+            let config =
+                flint_model::ModelConfig::preset(preset).with_context(|| format!("unknown preset {preset:?}"))?;
+            let r = CudaLlama::random(std::sync::Arc::clone(&gpu), config.clone(), options(false), 0x5eed)?;
+            let q = CudaLlama::random(std::sync::Arc::clone(&gpu), config, options(true), 0x5eed)?;
+            (r, q, Tokenizer::byte_level()?, format!("{preset} (random weights, byte tokens)"))
+        }
+        None => {
+            let path = crate::resolve_model(args.model.clone())?;
+            let source = ModelSource::open(&path)?;
+            let config = source.config()?;
+            let tokenizer = Tokenizer::for_source(&source, &config)?;
+            let r = CudaLlama::load(std::sync::Arc::clone(&gpu), &source, config.clone(), options(false))?;
+            let q = CudaLlama::load(std::sync::Arc::clone(&gpu), &source, config, options(true))?;
+            (r, q, tokenizer, display_name(&path))
+        }
+    };
+    let (mut text, mut prompts) = read_inputs(args, &tokenizer)?;
+    // Byte tokens of a random model stand in for text; keep them inside its vocabulary.
+    let vocab = reference.config().vocab_size as u32;
+    text.iter_mut().chain(prompts.iter_mut().flatten()).for_each(|t| *t %= vocab);
+    let (rs, qs) = (CudaScorer { model: &reference }, CudaScorer { model: &quantized });
+    let c = compare_many(&rs, &[&qs as &dyn Scorer], &text, window, &prompts, &mut progress_line("scoring"))?;
+    eprintln!();
+    let spec = Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false };
+    let (weights, activations, kv_cache) = describe(&spec);
+    Ok(Report {
+        model: name,
+        device: format!("{} (FP8 kernels)", gpu.name()),
+        reference: "bf16 on the same GPU".into(),
+        text: display_name(&args.text),
+        text_tokens: text.len(),
+        window,
+        prompts: prompts.len(),
+        rows: vec![Row { variant: "fp8".into(), weights, activations, kv_cache, comparison: (&c[0]).into() }],
+    })
 }

@@ -87,6 +87,9 @@ pub struct GenerateArgs {
     /// Longest sequence (prompt plus output) the GPU runtime is sized for.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..))]
     max_model_len: u32,
+    /// Weight and activation type of the linear layers.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    dtype: DtypeArg,
 }
 
 /// How to size a CUDA runtime.
@@ -96,6 +99,17 @@ pub struct CudaSizing {
     pub max_batch_tokens: usize,
     pub max_model_len: usize,
     pub block_size: usize,
+    /// FP8 linear layers (GPU only).
+    pub fp8: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// BF16 weights and activations (the CPU computes in f32).
+    Bf16,
+    /// FP8 E4M3 linear layers: weights per output channel, activations per token (GPU only;
+    /// `flint eval` emulates it on the CPU). FP8 checkpoints load as stored.
+    Fp8,
 }
 
 fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::CudaLlamaOptions {
@@ -104,6 +118,7 @@ fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::
         max_seqs: sizing.max_seqs,
         max_seq_len: sizing.max_model_len.min(max_positions),
         block_size: sizing.block_size,
+        fp8: sizing.fp8,
         ..flint_model::cuda::CudaLlamaOptions::default()
     }
 }
@@ -149,6 +164,9 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
             Err(e) => eprintln!("warning: the GPU is not usable ({e:#}); running on the CPU"),
         }
     }
+    if sizing.fp8 {
+        bail!("--dtype fp8 runs on the GPU (`flint eval` measures its accuracy on the CPU by emulation)");
+    }
     let backend: Box<dyn Backend> = Box::new(CpuBackend::new());
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
@@ -185,8 +203,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     sampling.validate()?;
-    let sizing =
-        CudaSizing { max_seqs: 1, max_batch_tokens: 2048, max_model_len: args.max_model_len as usize, block_size: 16 };
+    let sizing = CudaSizing {
+        max_seqs: 1,
+        max_batch_tokens: 2048,
+        max_model_len: args.max_model_len as usize,
+        block_size: 16,
+        fp8: args.dtype == DtypeArg::Fp8,
+    };
     let (engine, model_name) = match &args.random_weights {
         Some(preset) => {
             if args.device == DeviceArg::Cpu {

@@ -53,6 +53,55 @@ pub struct ModelBench {
     pub skipped: Vec<String>,
     pub cuda_graphs: bool,
     pub pdl: bool,
+    /// With `--dtype fp8`: the same preset in FP8, measured after the BF16 model in this run.
+    pub fp8: Option<Fp8Bench>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Fp8Bench {
+    pub cublaslt_fp8_peak: GemmRate,
+    pub prefill_gemms: Vec<GemmRate>,
+    pub weight_bytes_per_step: usize,
+    pub rows: Vec<DecodeRow>,
+    pub decode_breakdown: Vec<Breakdown>,
+    /// BF16 ms/token over FP8 ms/token, per row (same order as `rows`, where BF16 has the row).
+    pub speedup_over_bf16: Vec<Option<f64>>,
+    pub skipped: Vec<String>,
+}
+
+fn decode_rows(
+    model: &CudaLlama,
+    bandwidth: f64,
+    batches: &[usize],
+    lengths: &[(usize, usize)],
+    skipped: &mut Vec<String>,
+) -> (Vec<DecodeRow>, Vec<Breakdown>) {
+    let mut rows = Vec::new();
+    for &(p, o) in lengths {
+        for &b in batches {
+            match bench::decode_run(model, bandwidth, p, o, b, 1 + b as u64) {
+                Ok(row) => {
+                    eprintln!(
+                        "  {p}/{o} batch {b}: TTFT {:.1} ms, decode {:.3} ms/token, {:.1} tok/s/user, {:.2} of roofline",
+                        row.ttft_ms, row.decode_ms_per_token, row.tok_s_per_user, row.roofline_fraction
+                    );
+                    rows.push(row);
+                }
+                Err(e) => {
+                    eprintln!("  {p}/{o} batch {b}: skipped: {e}");
+                    skipped.push(format!("{p}/{o} batch {b}: {e}"));
+                }
+            }
+        }
+    }
+    let mut breakdown = Vec::new();
+    for &b in batches {
+        match bench::decode_breakdown(model, b, 256) {
+            Ok(d) => breakdown.push(d),
+            Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
+        }
+    }
+    (rows, breakdown)
 }
 
 pub fn run_preset(
@@ -61,6 +110,7 @@ pub fn run_preset(
     lengths: &[(usize, usize)],
     graphs: bool,
     gemv_max_m: usize,
+    fp8: bool,
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
@@ -80,7 +130,7 @@ pub fn run_preset(
         gemv_max_m,
         ..CudaLlamaOptions::default()
     };
-    let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options, 0x5eed)?;
+    let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options.clone(), 0x5eed)?;
     gpu.synchronize()?;
     let startup_s = start.elapsed().as_secs_f64();
 
@@ -98,32 +148,44 @@ pub fn run_preset(
     }
     drop(gemm);
 
-    let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for &(p, o) in lengths {
-        for &b in batches {
-            match bench::decode_run(&model, bandwidth, p, o, b, 1 + b as u64) {
-                Ok(row) => {
-                    eprintln!(
-                        "  {p}/{o} batch {b}: TTFT {:.1} ms, decode {:.3} ms/token, {:.1} tok/s/user, {:.2} of roofline",
-                        row.ttft_ms, row.decode_ms_per_token, row.tok_s_per_user, row.roofline_fraction
-                    );
-                    rows.push(row);
-                }
-                Err(e) => {
-                    eprintln!("  {p}/{o} batch {b}: skipped: {e}");
-                    skipped.push(format!("{p}/{o} batch {b}: {e}"));
-                }
-            }
+    let (rows, decode_breakdown) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped);
+    let weight_bytes_per_step = model.weight_bytes_per_step();
+    drop(model);
+
+    let fp8 = if fp8 {
+        eprintln!("bench: {preset} in FP8");
+        let gemm = flint_cuda::gemm::Gemm::new(&gpu)?;
+        let peak8 = bench::gemm_rate_fp8(&gpu, &gemm, "square 8192", 8192, 8192, 8192)?;
+        let mut gemms8 = Vec::new();
+        for g in &prefill_gemms {
+            gemms8.push(bench::gemm_rate_fp8(&gpu, &gemm, &g.name, g.m, g.n, g.k)?);
         }
-    }
-    let mut decode_breakdown = Vec::new();
-    for &b in batches {
-        match bench::decode_breakdown(&model, b, 256) {
-            Ok(d) => decode_breakdown.push(d),
-            Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
-        }
-    }
+        drop(gemm);
+        let model =
+            CudaLlama::random(Arc::clone(&gpu), config.clone(), CudaLlamaOptions { fp8: true, ..options }, 0x5eed)?;
+        let mut skipped8 = Vec::new();
+        let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
+        let speedup = rows8
+            .iter()
+            .map(|r| {
+                rows.iter()
+                    .find(|b| (b.prompt_len, b.output_len, b.batch) == (r.prompt_len, r.output_len, r.batch))
+                    .map(|b| b.decode_ms_per_token / r.decode_ms_per_token)
+            })
+            .collect();
+        Some(Fp8Bench {
+            cublaslt_fp8_peak: peak8,
+            prefill_gemms: gemms8,
+            weight_bytes_per_step: model.weight_bytes_per_step(),
+            rows: rows8,
+            decode_breakdown: breakdown8,
+            speedup_over_bf16: speedup,
+            skipped: skipped8,
+        })
+    } else {
+        None
+    };
     Ok(ModelBench {
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
@@ -132,13 +194,14 @@ pub fn run_preset(
         cublaslt_peak: peak,
         prefill_gemms,
         startup_s,
-        weight_bytes_per_step: model.weight_bytes_per_step(),
+        weight_bytes_per_step,
         rows,
         decode_breakdown,
         gemv_max_m,
         skipped,
         cuda_graphs: graphs,
         pdl: gpu.pdl(),
+        fp8,
     })
 }
 
@@ -183,6 +246,59 @@ pub fn print_table(b: &ModelBench) {
             r.tok_s_per_user,
             r.tok_s_total,
             r.roofline_fraction
+        );
+    }
+}
+
+/// The FP8 part of a `--dtype fp8` report.
+pub fn print_fp8_table(b: &ModelBench) {
+    let Some(f) = &b.fp8 else { return };
+    for d in &f.decode_breakdown {
+        let parts: Vec<String> = d.ops.iter().map(|(l, ms)| format!("{l} {ms:.3}")).collect();
+        println!("FP8 decode step breakdown, batch {} ({:.3} ms eager): {}", d.batch, d.total_ms, parts.join(", "));
+    }
+    println!(
+        "{} on {} in FP8 (E4M3 weights per channel, activations per token; BF16 KV, embedding and LM head): {:.2} GB of weights per step (BF16: {:.2} GB)",
+        b.preset,
+        b.gpu,
+        f.weight_bytes_per_step as f64 / 1e9,
+        b.weight_bytes_per_step as f64 / 1e9
+    );
+    println!(
+        "cuBLASLt FP8 {}x{}x{}: {:.0} TFLOP/s ({:.2}x its BF16 rate); prefill GEMMs at 2048 tokens:",
+        f.cublaslt_fp8_peak.m,
+        f.cublaslt_fp8_peak.n,
+        f.cublaslt_fp8_peak.k,
+        f.cublaslt_fp8_peak.tflops,
+        f.cublaslt_fp8_peak.tflops / b.cublaslt_peak.tflops
+    );
+    for (g, g16) in f.prefill_gemms.iter().zip(&b.prefill_gemms) {
+        println!(
+            "  {:8} {}x{}x{}: {:.0} TFLOP/s ({:.2} of cuBLASLt FP8's best, {:.2}x BF16)",
+            g.name,
+            g.m,
+            g.n,
+            g.k,
+            g.tflops,
+            g.tflops / f.cublaslt_fp8_peak.tflops,
+            g.tflops / g16.tflops
+        );
+    }
+    println!(
+        "{:>7} {:>6} {:>10} {:>12} {:>12} {:>12} {:>9} {:>10}",
+        "len", "batch", "TTFT ms", "ms/token", "tok/s/user", "tok/s total", "roofline", "vs BF16"
+    );
+    for (r, s) in f.rows.iter().zip(&f.speedup_over_bf16) {
+        println!(
+            "{:>7} {:>6} {:>10.1} {:>12.3} {:>12.1} {:>12.0} {:>9.2} {:>10}",
+            format!("{}/{}", r.prompt_len, r.output_len),
+            r.batch,
+            r.ttft_ms,
+            r.decode_ms_per_token,
+            r.tok_s_per_user,
+            r.tok_s_total,
+            r.roofline_fraction,
+            s.map_or("-".to_string(), |s| format!("{s:.2}x"))
         );
     }
 }

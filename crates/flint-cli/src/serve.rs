@@ -29,6 +29,9 @@ pub struct ServeArgs {
     /// Longest sequence (prompt plus output) the GPU runtime is sized for.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(16..))]
     max_model_len: u64,
+    /// Weight and activation type of the linear layers (fp8: GPU only).
+    #[arg(long, value_enum, default_value_t = crate::generate::DtypeArg::Bf16)]
+    dtype: crate::generate::DtypeArg,
     /// Memory for the KV cache, in MiB (CPU; the GPU takes 90% of the memory left after weights).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_mb: u64,
@@ -108,6 +111,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens as usize,
         max_model_len: args.max_model_len as usize,
         block_size: args.block_size as usize,
+        fp8: args.dtype == crate::generate::DtypeArg::Fp8,
     };
     let engine = load_engine(&model_path, args.device, sizing)?;
     let block_size = args.block_size as usize;

@@ -21,6 +21,17 @@ pub enum GemmOut {
     F32,
 }
 
+/// Input element type of a GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum GemmIn {
+    Bf16,
+    /// E4M3 with f32 scales per row of W and per row of x (cuBLASLt outer-vector scaling).
+    Fp8,
+}
+
+/// (m, n, k, output, input): what a plan is chosen for.
+type PlanKey = (usize, usize, usize, GemmOut, GemmIn);
+
 struct Plan {
     desc: lts::cublasLtMatmulDesc_t,
     a: lts::cublasLtMatrixLayout_t,
@@ -48,7 +59,7 @@ impl Drop for Plan {
 pub struct Gemm {
     handle: lts::cublasLtHandle_t,
     workspace: DeviceBuffer,
-    plans: Mutex<HashMap<(usize, usize, usize, GemmOut), Plan>>,
+    plans: Mutex<HashMap<PlanKey, Plan>>,
 }
 
 // SAFETY: the handle is used on one stream; plan creation is serialised by the mutex.
@@ -74,7 +85,7 @@ impl Gemm {
         Ok(Gemm { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    fn plan(&self, m: usize, n: usize, k: usize, out: GemmOut) -> Result<Plan> {
+    fn plan(&self, m: usize, n: usize, k: usize, out: GemmOut, input: GemmIn) -> Result<Plan> {
         // cuBLASLt is column-major. Row-major y[m, n] is column-major y^T [n, m] = W[n, k] . x^T[k, m]:
         // A = W (stored as column-major [k, n], transposed), B = x (column-major [k, m]), C = [n, m].
         let out_type = match out {
@@ -92,8 +103,30 @@ impl Gemm {
                 std::mem::size_of_val(&trans),
             )?;
         }
-        let a = lt::create_matrix_layout(cudaDataType_t::CUDA_R_16BF, k as u64, n as u64, k as i64)?;
-        let b = lt::create_matrix_layout(cudaDataType_t::CUDA_R_16BF, k as u64, m as u64, k as i64)?;
+        let in_type = match input {
+            GemmIn::Bf16 => cudaDataType_t::CUDA_R_16BF,
+            GemmIn::Fp8 => {
+                // Scales per row of W (A's outer dimension) and per token (B's outer dimension).
+                let mode = lts::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                for attr in [
+                    cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                    cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                ] {
+                    // SAFETY: valid descriptor; the attribute value lives through the call.
+                    unsafe {
+                        lt::set_matmul_desc_attribute(
+                            desc,
+                            attr,
+                            &mode as *const _ as *const c_void,
+                            std::mem::size_of_val(&mode),
+                        )?;
+                    }
+                }
+                cudaDataType_t::CUDA_R_8F_E4M3
+            }
+        };
+        let a = lt::create_matrix_layout(in_type, k as u64, n as u64, k as i64)?;
+        let b = lt::create_matrix_layout(in_type, k as u64, m as u64, k as i64)?;
         let c = lt::create_matrix_layout(out_type, n as u64, m as u64, n as i64)?;
         let pref = lt::create_matmul_pref()?;
         let ws = WORKSPACE as u64;
@@ -114,12 +147,63 @@ impl Gemm {
 
     /// `y[m, n] = x[m, k] . w[n, k]^T` on the GPU's stream; x and w bf16, y `out`.
     pub fn matmul(&self, gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
+        self.run(gpu, x, w, y, m, n, k, out, GemmIn::Bf16, None)
+    }
+
+    /// `y[m, n] = (x[m, k] . w[n, k]^T) * x_scale[m] * w_scale[n]`, bf16 out: x and w E4M3 codes,
+    /// the scales f32 device arrays (cuBLASLt FP8 with outer-vector scaling).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_fp8(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.run(gpu, x, w, y, m, n, k, GemmOut::Bf16, GemmIn::Fp8, Some((w_scale, x_scale)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        w: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: GemmOut,
+        input: GemmIn,
+        scales: Option<(u64, u64)>,
+    ) -> Result<()> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (m, n, k, out);
+        let key = (m, n, k, out, input);
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(m, n, k, out)?),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(m, n, k, out, input)?),
         };
+        if let Some((a_scale, b_scale)) = scales {
+            for (attr, ptr) in [
+                (cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale),
+                (cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale),
+            ] {
+                // SAFETY: valid descriptor; the pointer value is copied by the call.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        plan.desc,
+                        attr,
+                        &ptr as *const u64 as *const c_void,
+                        std::mem::size_of::<u64>(),
+                    )?;
+                }
+            }
+        }
         let alpha = 1.0f32;
         let beta = 0.0f32;
         // SAFETY: the pointers address buffers of the shapes the plan describes (callers check);

@@ -423,4 +423,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_attention_prefill_64",
     "flint_attention_prefill_128",
     "flint_sample",
+    "flint_quantize_rows",
+    "flint_add_rms_norm_fp8",
+    "flint_silu_mul_fp8",
+    "flint_gemv_fp8",
 ];

@@ -284,3 +284,94 @@ pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, steps: u64, out
         &mut [arg(&logits), arg(&v), arg(&params), arg(&steps), arg(&out)],
     )
 }
+
+// ---- FP8 (E4M3): value = code * scale, one scale per row ----------------------------------
+
+/// `out[r] = codes of x[r] / scale[r]` with `scale[r] = amax(x[r]) / 448`: bf16 `[rows, cols]` to
+/// FP8 with a scale per row (per token for activations, per output channel for weights).
+pub fn quantize_rows(gpu: &Gpu, x: u64, out: u64, scales: u64, rows: usize, cols: usize) -> Result<()> {
+    if !cols.is_multiple_of(8) {
+        return Err(shape("quantize_rows", format!("{cols} columns (a multiple of 8)")));
+    }
+    let cols = cols as i32;
+    gpu.launch("flint_quantize_rows", (rows as u32, 1, 1), 256, 0, &mut [arg(&x), arg(&out), arg(&scales), arg(&cols)])
+}
+
+/// [`add_rms_norm`] whose normalised rows come out as FP8 codes with a scale per row.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_fp8(
+    gpu: &Gpu,
+    residual: u64,
+    add: u64,
+    weight: u64,
+    out: u64,
+    scales: u64,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<()> {
+    let hidden = hidden as i32;
+    gpu.launch(
+        "flint_add_rms_norm_fp8",
+        (n as u32, 1, 1),
+        256,
+        0,
+        &mut [arg(&residual), arg(&add), arg(&weight), arg(&out), arg(&scales), arg(&hidden), arg(&eps)],
+    )
+}
+
+/// SwiGLU of a fused `[n, 2 ff]` gate/up output, quantized to FP8 with a scale per token.
+pub fn silu_mul_fp8(gpu: &Gpu, gate_up: u64, out: u64, scales: u64, n: usize, ff: usize) -> Result<()> {
+    let ff = ff as i32;
+    gpu.launch("flint_silu_mul_fp8", (n as u32, 1, 1), 256, 0, &mut [arg(&gate_up), arg(&out), arg(&scales), arg(&ff)])
+}
+
+/// Most tokens the FP8 GEMV takes (the N of its tensor-core tile).
+pub const GEMV_FP8_MAX_M: usize = 8;
+
+/// Output of the FP8 GEMV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Epilogue {
+    /// bf16 `[m, n]`.
+    Bf16 = 0,
+    /// W is `[gate; up]` (`2n` rows); `y[m, j] = silu(gate_j) * up_j`, bf16 `[m, n]`.
+    SwiGlu = 1,
+}
+
+/// Whether the FP8 GEMV takes an `[n, k]` weight (`n` output rows, per epilogue).
+pub fn gemv_fp8_fits(n: usize, k: usize, epilogue: Fp8Epilogue) -> bool {
+    let rows = if epilogue == Fp8Epilogue::SwiGlu { 8 } else { 16 };
+    k.is_multiple_of(64) && n.is_multiple_of(rows) && n > 0
+}
+
+/// `y[m, n] = (x codes . W codes^T) * x_scale[m] * w_scale[n]` on FP8 tensor cores, for
+/// `m <= 8` tokens: x FP8 `[m, k]`, W FP8 `[n, k]` (or `[2n, k]` for SwiGLU), scales f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_fp8(
+    gpu: &Gpu,
+    x: u64,
+    x_scale: u64,
+    w: u64,
+    w_scale: u64,
+    y: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    epilogue: Fp8Epilogue,
+) -> Result<()> {
+    if m == 0 || m > GEMV_FP8_MAX_M || !gemv_fp8_fits(n, k, epilogue) {
+        return Err(shape(
+            "gemv_fp8",
+            format!("m = {m} (1..=8), n = {n} (a multiple of 16, or 8 for SwiGLU), k = {k} (a multiple of 64)"),
+        ));
+    }
+    let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
+    let (mi, ni, ki, e) = (m as i32, n as i32, k as i32, epilogue as i32);
+    gpu.launch(
+        "flint_gemv_fp8",
+        (tiles.div_ceil(2) as u32, 1, 1),
+        256,
+        0,
+        &mut [arg(&x), arg(&x_scale), arg(&w), arg(&w_scale), arg(&y), arg(&mi), arg(&ni), arg(&ki), arg(&e)],
+    )
+}

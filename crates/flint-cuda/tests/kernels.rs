@@ -494,3 +494,152 @@ fn random_fill_has_the_asked_moments() {
     let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
     assert!(mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3, "mean {mean}, std {std}");
 }
+
+// ---- FP8 ----------------------------------------------------------------------------------
+
+use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
+
+fn read_u8(g: &Gpu, buf: &DeviceBuffer, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    g.read(buf.ptr(), &mut out).expect("read");
+    out
+}
+
+/// Codes may differ from the host's by one step where v / scale lands on a rounding tie after the
+/// device's division; the values they stand for must agree to that step.
+fn check_codes(what: &str, got: &[u8], got_scales: &[f32], want: &Fp8Matrix) {
+    let table = flint_quant::fp8::decode_table(Fp8Format::E4M3);
+    for (r, (&gs, &ws)) in got_scales.iter().zip(&want.scales).enumerate() {
+        assert!((gs - ws).abs() <= 1e-6 * ws.abs(), "{what}: scale of row {r}: {gs} vs {ws}");
+    }
+    let mut off = 0;
+    for (i, (&a, &b)) in got.iter().zip(&want.codes).enumerate() {
+        if a != b {
+            off += 1;
+            let (va, vb) = (table[a as usize], table[b as usize]);
+            assert!((va - vb).abs() <= vb.abs() / 8.0 + 1e-9, "{what}: code {i}: {a:#x} ({va}) vs {b:#x} ({vb})");
+        }
+    }
+    assert!(off * 1000 <= got.len(), "{what}: {off} of {} codes differ", got.len());
+}
+
+#[test]
+fn fp8_quantization_kernels_match_the_host() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    for (rows, cols) in [(1, 8), (7, 576), (33, 4096), (5, 14336)] {
+        let x = random_bf16(&mut r, rows * cols, 3.0);
+        let xb = up_bf16(&g, &x);
+        let (codes, scales) = (poisoned(&g, rows * cols), poisoned(&g, 4 * rows));
+        ops::quantize_rows(&g, xb.ptr(), codes.ptr(), scales.ptr(), rows, cols).expect("launch");
+        let want = Fp8Matrix::quantize(&x, rows, cols, Granularity::Channel, Fp8Format::E4M3);
+        check_codes(
+            &format!("quantize_rows {rows}x{cols}"),
+            &read_u8(&g, &codes, rows * cols),
+            &read_f32(&g, &scales, rows),
+            &want,
+        );
+
+        // RMSNorm (with the residual add) then quantization; the reference rounds as the kernel does.
+        let add = random_bf16(&mut r, rows * cols, 1.0);
+        let w: Vec<f32> = random_bf16(&mut r, cols, 1.0);
+        let res = up_bf16(&g, &x);
+        let addb = up_bf16(&g, &add);
+        let wb = g.upload(&w).expect("upload");
+        ops::add_rms_norm_fp8(&g, res.ptr(), addb.ptr(), wb.ptr(), codes.ptr(), scales.ptr(), rows, cols, 1e-5)
+            .expect("launch");
+        let sum: Vec<f32> = x.iter().zip(&add).map(|(a, b)| bf16::from_f32(a + b).to_f32()).collect();
+        let mut normed = vec![0f32; rows * cols];
+        for i in 0..rows {
+            let row = &sum[i * cols..(i + 1) * cols];
+            let rr = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / cols as f32 + 1e-5).sqrt();
+            for j in 0..cols {
+                normed[i * cols + j] = bf16::from_f32(w[j] * bf16::from_f32(row[j] * rr).to_f32()).to_f32();
+            }
+        }
+        let want = Fp8Matrix::quantize(&normed, rows, cols, Granularity::Channel, Fp8Format::E4M3);
+        check_codes(
+            &format!("add_rms_norm_fp8 {rows}x{cols}"),
+            &read_u8(&g, &codes, rows * cols),
+            &read_f32(&g, &scales, rows),
+            &want,
+        );
+        check(&format!("add_rms_norm_fp8 residual {rows}x{cols}"), &read_bf16(&g, &res, rows * cols), &sum, 1e-6);
+
+        // SwiGLU then quantization.
+        let gu = random_bf16(&mut r, rows * 2 * cols, 2.0);
+        let gub = up_bf16(&g, &gu);
+        ops::silu_mul_fp8(&g, gub.ptr(), codes.ptr(), scales.ptr(), rows, cols).expect("launch");
+        let mut act = vec![0f32; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                let (a, b) = (gu[i * 2 * cols + j], gu[i * 2 * cols + cols + j]);
+                act[i * cols + j] = bf16::from_f32(a / (1.0 + (-a).exp()) * b).to_f32();
+            }
+        }
+        let want = Fp8Matrix::quantize(&act, rows, cols, Granularity::Channel, Fp8Format::E4M3);
+        check_codes(
+            &format!("silu_mul_fp8 {rows}x{cols}"),
+            &read_u8(&g, &codes, rows * cols),
+            &read_f32(&g, &scales, rows),
+            &want,
+        );
+    }
+}
+
+/// x and W as FP8 codes with per-row scales, and the exact product of the values they stand for.
+struct Fp8Case {
+    xq: Fp8Matrix,
+    wq: Fp8Matrix,
+    want: Vec<f32>,
+}
+
+fn fp8_case(r: &mut impl Rng, cpu: &CpuBackend, m: usize, n: usize, k: usize) -> Fp8Case {
+    let x = random_bf16(r, m * k, 2.0);
+    let w = random_bf16(r, n * k, 0.05);
+    let xq = Fp8Matrix::quantize(&x, m, k, Granularity::Channel, Fp8Format::E4M3);
+    let wq = Fp8Matrix::quantize(&w, n, k, Granularity::Channel, Fp8Format::E4M3);
+    let want = cpu_linear(cpu, &xq.dequantize(), &wq.dequantize(), m, n, k);
+    Fp8Case { xq, wq, want }
+}
+
+#[test]
+fn fp8_gemv_and_gemm_match_the_dequantized_product() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    let cpu = CpuBackend::new();
+    let gemm = Gemm::new(&g).expect("cublasLt");
+    // GEMV: every batch size, plain and SwiGLU, K with and without a tail past the unrolled chunks.
+    for (n, k) in [(16, 64), (960, 576), (4096, 4096), (6144, 4160), (1536, 14336)] {
+        for m in 1..=8 {
+            let c = fp8_case(&mut r, &cpu, m, 2 * n, k);
+            let (xb, xs) = (g.upload(&c.xq.codes).expect("up"), g.upload(&c.xq.scales).expect("up"));
+            let (wb, ws) = (g.upload(&c.wq.codes).expect("up"), g.upload(&c.wq.scales).expect("up"));
+            let yb = poisoned(&g, 2 * m * 2 * n);
+            ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, 2 * n, k, ops::Fp8Epilogue::Bf16)
+                .expect("launch");
+            check(&format!("gemv_fp8 m={m} n={} k={k}", 2 * n), &read_bf16(&g, &yb, m * 2 * n), &c.want, 1e-2);
+            // SwiGLU over [gate; up] = the first and second n rows.
+            ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, n, k, ops::Fp8Epilogue::SwiGlu)
+                .expect("launch");
+            let mut act = vec![0f32; m * n];
+            for t in 0..m {
+                for j in 0..n {
+                    let gt = bf16::from_f32(c.want[t * 2 * n + j]).to_f32();
+                    let up = bf16::from_f32(c.want[t * 2 * n + n + j]).to_f32();
+                    act[t * n + j] = gt / (1.0 + (-gt).exp()) * up;
+                }
+            }
+            check(&format!("gemv_fp8 swiglu m={m} n={n} k={k}"), &read_bf16(&g, &yb, m * n), &act, 1e-2);
+        }
+    }
+    // cuBLASLt FP8 with per-row scales on both sides.
+    for (m, n, k) in [(9, 4096, 4096), (37, 960, 576), (128, 6144, 4096), (300, 512, 1536)] {
+        let c = fp8_case(&mut r, &cpu, m, n, k);
+        let (xb, xs) = (g.upload(&c.xq.codes).expect("up"), g.upload(&c.xq.scales).expect("up"));
+        let (wb, ws) = (g.upload(&c.wq.codes).expect("up"), g.upload(&c.wq.scales).expect("up"));
+        let yb = poisoned(&g, 2 * m * n);
+        gemm.matmul_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, n, k).expect("gemm");
+        check(&format!("gemm fp8 {m}x{n}x{k}"), &read_bf16(&g, &yb, m * n), &c.want, 1e-2);
+    }
+}

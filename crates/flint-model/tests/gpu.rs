@@ -176,72 +176,77 @@ fn batched_decode_matches_each_sequence_alone() {
     // bucket and may run cuBLASLt: the same function, other rounding. Teacher-forced on the
     // sequences' own greedy tokens, batched logits must match within BF16 tolerance and give the
     // same greedy token wherever the margin is clear.
+    // FP8: alone runs the FP8 GEMV, ten together run cuBLASLt FP8.
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
-    let dir = &dirs[0];
-    let source = ModelSource::open(dir).expect("open");
-    let config = source.config().expect("config");
-    let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
-    let vocab = config.vocab_size as u32;
-    let v = config.vocab_size;
-    let prompts: Vec<Vec<u32>> = [37usize, 5, 70, 16, 1]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (0..n).map(|j| ((i * 7919 + j * 104_729) as u32) % vocab).collect())
-        .collect();
-    const STEPS: usize = 12;
-    // Alone: greedy, keeping every step's logits.
-    let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = prompts
-        .iter()
-        .map(|p| {
-            let table: Vec<u32> = (0..8).collect();
-            let mut b = ForwardBatch::new(16);
-            b.push_sequence(p, 0, &table, Logits::Last).expect("batch");
-            let mut logits = vec![model.forward(&b).expect("prefill")];
-            let mut toks = vec![argmax(&logits[0])];
-            for i in 0..STEPS - 1 {
+    for fp8 in [false, true] {
+        let dir = &dirs[0];
+        let source = ModelSource::open(dir).expect("open");
+        let config = source.config().expect("config");
+        let options = CudaLlamaOptions { fp8, max_seqs: 16, ..small_options(true) };
+        let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load");
+        let vocab = config.vocab_size as u32;
+        let v = config.vocab_size;
+        let lengths: &[usize] = if fp8 { &[37, 5, 70, 16, 1, 9, 23, 2, 41, 12] } else { &[37, 5, 70, 16, 1] };
+        let prompts: Vec<Vec<u32>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((i * 7919 + j * 104_729) as u32) % vocab).collect())
+            .collect();
+        const STEPS: usize = 12;
+        // Alone: greedy, keeping every step's logits.
+        let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = prompts
+            .iter()
+            .map(|p| {
+                let table: Vec<u32> = (0..8).collect();
                 let mut b = ForwardBatch::new(16);
-                b.push_sequence(&[toks[i]], p.len() + i, &table, Logits::Last).expect("batch");
-                logits.push(model.forward(&b).expect("decode"));
-                toks.push(argmax(logits.last().expect("logits")));
-            }
-            (toks, logits)
-        })
-        .collect();
-    // Together: one prefill batch, then batched decode steps fed the same tokens.
-    let tables: Vec<Vec<u32>> =
-        (0..prompts.len()).map(|s| ((8 * s + 8) as u32..(8 * s + 16) as u32).collect()).collect();
-    let mut b = ForwardBatch::new(16);
-    for (p, t) in prompts.iter().zip(&tables) {
-        b.push_sequence(p, 0, t, Logits::Last).expect("batch");
-    }
-    let mut steps = vec![model.forward(&b).expect("prefill")];
-    for i in 0..STEPS - 1 {
+                b.push_sequence(p, 0, &table, Logits::Last).expect("batch");
+                let mut logits = vec![model.forward(&b).expect("prefill")];
+                let mut toks = vec![argmax(&logits[0])];
+                for i in 0..STEPS - 1 {
+                    let mut b = ForwardBatch::new(16);
+                    b.push_sequence(&[toks[i]], p.len() + i, &table, Logits::Last).expect("batch");
+                    logits.push(model.forward(&b).expect("decode"));
+                    toks.push(argmax(logits.last().expect("logits")));
+                }
+                (toks, logits)
+            })
+            .collect();
+        // Together: one prefill batch, then batched decode steps fed the same tokens.
+        let tables: Vec<Vec<u32>> =
+            (0..prompts.len()).map(|s| ((8 * s + 8) as u32..(8 * s + 16) as u32).collect()).collect();
         let mut b = ForwardBatch::new(16);
-        for (s, (p, t)) in prompts.iter().zip(&tables).enumerate() {
-            b.push_sequence(&[alone[s].0[i]], p.len() + i, t, Logits::Last).expect("batch");
+        for (p, t) in prompts.iter().zip(&tables) {
+            b.push_sequence(p, 0, t, Logits::Last).expect("batch");
         }
-        steps.push(model.forward(&b).expect("decode"));
-    }
-    let mut clear = 0;
-    for (i, step) in steps.iter().enumerate() {
-        for (s, (toks, logits)) in alone.iter().enumerate() {
-            let together = &step[s * v..(s + 1) * v];
-            let e = rel_err(together, &logits[i]);
-            assert!(e <= 2e-2, "sequence {s} step {i}: batched vs alone rel err {e:.3e}");
-            let mut sorted = logits[i].clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            if sorted[0] - sorted[1] > 0.1 {
-                clear += 1;
-                assert_eq!(argmax(together), toks[i], "sequence {s} step {i}: greedy token changed by batching");
+        let mut steps = vec![model.forward(&b).expect("prefill")];
+        for i in 0..STEPS - 1 {
+            let mut b = ForwardBatch::new(16);
+            for (s, (p, t)) in prompts.iter().zip(&tables).enumerate() {
+                b.push_sequence(&[alone[s].0[i]], p.len() + i, t, Logits::Last).expect("batch");
+            }
+            steps.push(model.forward(&b).expect("decode"));
+        }
+        let mut clear = 0;
+        for (i, step) in steps.iter().enumerate() {
+            for (s, (toks, logits)) in alone.iter().enumerate() {
+                let together = &step[s * v..(s + 1) * v];
+                let e = rel_err(together, &logits[i]);
+                assert!(e <= 2e-2, "sequence {s} step {i}: batched vs alone rel err {e:.3e}");
+                let mut sorted = logits[i].clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] > 0.1 {
+                    clear += 1;
+                    assert_eq!(argmax(together), toks[i], "sequence {s} step {i}: greedy token changed by batching");
+                }
             }
         }
+        eprintln!(
+            "batched decode (fp8 {fp8}): {} sequence-steps within tolerance, {clear} clear-margin tokens equal",
+            steps.len() * prompts.len()
+        );
+        assert!(model.n_graphs() > 0, "decode steps should have used CUDA graphs");
     }
-    eprintln!(
-        "batched decode: {} sequence-steps within tolerance, {clear} clear-margin tokens equal",
-        steps.len() * prompts.len()
-    );
-    assert!(model.n_graphs() > 0, "decode steps should have used CUDA graphs");
 }
 
 /// SmolLM2 (the default model, Q4_1 GGUF dequantized to BF16) on the GPU against the committed
@@ -292,4 +297,54 @@ fn smollm2_greedy_tokens_match_the_cpu_reference() {
         "SmolLM2 on the GPU: {checked} greedy steps equal to the reference, {close} steps with margins under 0.5 not compared"
     );
     assert!(checked > 100, "too few steps compared: {checked}");
+}
+
+/// FP8 on the GPU (per-channel weights, per-token activations, BF16 KV) against the CPU's FP8
+/// emulation of the same scheme, on the transformers checkpoints: prefill (cuBLASLt FP8) and
+/// decode (the FP8 GEMV), with and without graphs. Batched FP8 decode is checked by
+/// `batched_decode_matches_each_sequence_alone`.
+#[test]
+fn fp8_model_matches_the_cpu_emulation() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    for dir in dirs {
+        let r = read_reference(&dir);
+        let source = ModelSource::open(&dir).expect("open checkpoint");
+        let config = source.config().expect("config");
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let backend = CpuBackend::new();
+        let mut cpu = Llama::load(&source, config.clone(), &backend, DType::BF16, &mut |_| {}).expect("cpu load");
+        let spec = flint_model::Fp8Spec {
+            weights: Some(flint_quant::Granularity::Channel),
+            activations: true,
+            kv_cache: false,
+        };
+        cpu.quantize_fp8(&backend, spec).expect("fp8");
+        let forced = &r.tokens[..16.min(r.tokens.len() - 1)];
+        let want = run_cpu(&cpu, &backend, &r.prompt, forced);
+        let bf16_model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
+        let bf16_logits = run_gpu(&bf16_model, &r.prompt, forced);
+        drop(bf16_model);
+        for graphs in [false, true] {
+            let options = CudaLlamaOptions { fp8: true, ..small_options(graphs) };
+            let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
+            let got = run_gpu(&model, &r.prompt, forced);
+            let mut worst = 0f64;
+            let mut agree = 0;
+            for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+                let e = rel_err(a, b);
+                worst = worst.max(e);
+                assert!(e <= 3e-2, "{name} fp8 graphs={graphs}: step {step} vs CPU emulation rel err {e:.3e}");
+                agree += (argmax(a) == argmax(&bf16_logits[step])) as usize;
+            }
+            let vs_bf16 = got.iter().zip(&bf16_logits).map(|(a, b)| rel_err(a, b)).fold(0.0, f64::max);
+            eprintln!(
+                "{name} fp8 graphs={graphs}: {} steps, worst rel err vs CPU FP8 emulation {worst:.2e}; vs GPU BF16 {vs_bf16:.2e}, greedy agreement {agree}/{}",
+                got.len(),
+                got.len()
+            );
+            // Weights as the checkpoint's and FP8 weights differ: the FP8 model really is FP8.
+            assert!(vs_bf16 > worst.min(1e-3), "{name}: FP8 logits equal BF16's");
+        }
+    }
 }

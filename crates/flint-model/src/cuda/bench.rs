@@ -84,6 +84,31 @@ pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usiz
     Ok(GemmRate { name: name.to_string(), m, n, k, ms, tflops: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12 })
 }
 
+/// [`gemm_rate`] for cuBLASLt FP8 (E4M3 inputs with per-row scales on both sides, BF16 out).
+pub fn gemm_rate_fp8(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usize) -> Result<GemmRate> {
+    let copies = (256usize << 20).div_ceil(n * k).clamp(1, 8);
+    let tmp = gpu.alloc(2 * m.max(n) * k)?;
+    let x = gpu.alloc(m * k)?;
+    let xs = gpu.alloc(4 * m)?;
+    let y = gpu.alloc(2 * m * n)?;
+    ops::fill_uniform(gpu, tmp.ptr(), m * k, 11, 0.0, 1.0)?;
+    ops::quantize_rows(gpu, tmp.ptr(), x.ptr(), xs.ptr(), m, k)?;
+    let ws: Vec<_> = (0..copies)
+        .map(|i| {
+            let (w, sc) = (gpu.alloc(n * k)?, gpu.alloc(4 * n)?);
+            ops::fill_uniform(gpu, tmp.ptr(), n * k, 13 + i as u64, 0.0, 0.02)?;
+            ops::quantize_rows(gpu, tmp.ptr(), w.ptr(), sc.ptr(), n, k)?;
+            Ok((w, sc))
+        })
+        .collect::<Result<_>>()?;
+    let mut i = 0;
+    let ms = time_events(gpu, 7, 10, || {
+        i = (i + 1) % copies;
+        Ok(gemm.matmul_fp8(gpu, x.ptr(), xs.ptr(), ws[i].0.ptr(), ws[i].1.ptr(), y.ptr(), m, n, k)?)
+    })?;
+    Ok(GemmRate { name: name.to_string(), m, n, k, ms, tflops: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12 })
+}
+
 /// One batch size's end-to-end figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeRow {

@@ -53,6 +53,10 @@ pub struct CudaLlamaOptions {
     pub graphs: bool,
     /// Largest token count that runs the GEMV kernel rather than cuBLASLt (1..=8).
     pub gemv_max_m: usize,
+    /// FP8 (E4M3) linear layers: weights with a scale per output channel, activations with a
+    /// dynamic scale per token; FP8 tensor-core GEMV up to 8 tokens, cuBLASLt FP8 above.
+    /// Embedding, norms, LM head and the KV cache stay BF16.
+    pub fp8: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -66,6 +70,7 @@ impl Default for CudaLlamaOptions {
             kv_memory_fraction: 0.9,
             graphs: true,
             gemv_max_m: 2,
+            fp8: false,
         }
     }
 }
@@ -77,14 +82,35 @@ pub enum StepOutput {
     Logits(Vec<f32>),
 }
 
+/// A linear layer's weight: BF16, or E4M3 codes with a scale per row.
+struct Weight {
+    data: DeviceBuffer,
+    scales: Option<DeviceBuffer>,
+}
+
+impl Weight {
+    fn ptr(&self) -> u64 {
+        self.data.ptr()
+    }
+
+    fn scales(&self) -> u64 {
+        self.scales.as_ref().map_or(0, DeviceBuffer::ptr)
+    }
+
+    /// Bytes a step reads: the weight and its scales.
+    fn bytes(&self) -> usize {
+        self.data.bytes() + self.scales.as_ref().map_or(0, DeviceBuffer::bytes)
+    }
+}
+
 struct Layer {
     attn_norm: DeviceBuffer,
-    qkv: DeviceBuffer,
+    qkv: Weight,
     qkv_bias: Option<DeviceBuffer>,
-    o: DeviceBuffer,
+    o: Weight,
     mlp_norm: DeviceBuffer,
-    gate_up: DeviceBuffer,
-    down: DeviceBuffer,
+    gate_up: Weight,
+    down: Weight,
 }
 
 /// Byte offsets of each metadata array inside the one metadata buffer.
@@ -157,6 +183,9 @@ struct Workspace {
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
     sampled: DeviceBuffer,
+    /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
+    xq: DeviceBuffer,
+    xs: DeviceBuffer,
 }
 
 /// A host-side step plan: what goes into the metadata buffer and how kernels are sized.
@@ -255,18 +284,24 @@ impl CudaLlama {
 
         // Check the weights fit before touching them.
         let (free, total) = gpu.memory()?;
-        let weight_bytes = bf16_bytes(c.n_parameters());
+        let linear_params = c.n_layers * (h * qkv_w + q_dim * h + 3 * h * ff);
+        let weight_bytes = if options.fp8 {
+            bf16_bytes(c.n_parameters() - linear_params) + linear_params + 4 * c.n_layers * (qkv_w + 2 * h + 2 * ff)
+        } else {
+            bf16_bytes(c.n_parameters())
+        };
         if weight_bytes > free {
-            return Err(out_of_memory(format!("{} BF16 weights", c.architecture.as_str()), weight_bytes, free));
+            let kind = if options.fp8 { "FP8" } else { "BF16" };
+            return Err(out_of_memory(format!("{} {kind} weights", c.architecture.as_str()), weight_bytes, free));
         }
         tracing::info!(device = gpu.name(), total_gib = gib(total), weights_gib = gib(weight_bytes), "loading");
 
-        let loader = Loader { gpu: &gpu, config: &c, weights };
+        let loader = Loader { gpu: &gpu, config: &c, weights, fp8: options.fp8 };
         let embed = loader.matrix("model.embed_tokens.weight", v, h, 1)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let qkv = loader.stacked(
+            let qkv = loader.linear(
                 &[
                     (&format!("{p}.self_attn.q_proj.weight"), q_dim),
                     (&format!("{p}.self_attn.k_proj.weight"), kv_dim),
@@ -291,14 +326,14 @@ impl CudaLlama {
                 attn_norm: loader.norm(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv,
                 qkv_bias,
-                o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), h, q_dim, (i as u64) * 16 + 4)?,
+                o: loader.linear(&[(&format!("{p}.self_attn.o_proj.weight"), h)], q_dim, (i as u64) * 16 + 4)?,
                 mlp_norm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_up: loader.stacked(
+                gate_up: loader.linear(
                     &[(&format!("{p}.mlp.gate_proj.weight"), ff), (&format!("{p}.mlp.up_proj.weight"), ff)],
                     h,
                     (i as u64) * 16 + 5,
                 )?,
-                down: loader.matrix(&format!("{p}.mlp.down_proj.weight"), h, ff, (i as u64) * 16 + 6)?,
+                down: loader.linear(&[(&format!("{p}.mlp.down_proj.weight"), h)], ff, (i as u64) * 16 + 6)?,
             });
         }
         let norm = loader.norm("model.norm.weight", h)?;
@@ -327,6 +362,8 @@ impl CudaLlama {
             part_o: gpu.alloc(4 * part_rows * c.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * c.n_heads * 2)?,
             sampled: gpu.alloc(4 * max_seqs)?,
+            xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
+            xs: gpu.alloc(4 * max_tokens)?,
         };
 
         // The KV cache takes what is left.
@@ -568,6 +605,25 @@ impl CudaLlama {
         }
     }
 
+    /// `y[m, rows] = x . W^T` from the FP8 activations in `xq`/`xs`: the FP8 GEMV up to 8 tokens,
+    /// cuBLASLt FP8 above. `SwiGlu` (GEMV only) applies the activation to a fused gate/up weight.
+    fn linear_fp8(&self, w: &Weight, y: u64, m: usize, n: usize, k: usize, epilogue: ops::Fp8Epilogue) -> Result<()> {
+        let (g, ws) = (&*self.gpu, &self.ws);
+        if m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(n, k, epilogue) {
+            return Ok(ops::gemv_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k, epilogue)?);
+        }
+        if epilogue == ops::Fp8Epilogue::SwiGlu {
+            return Err(shape("gemv_fp8", "SwiGLU is fused only into the GEMV"));
+        }
+        Ok(self.gemm.matmul_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k)?)
+    }
+
+    /// Whether a step of `m` tokens runs its gate/up projection through the fused FP8 GEMV.
+    fn fp8_gate_up_gemv(&self, m: usize) -> bool {
+        let c = &self.config;
+        m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(c.intermediate_size, c.hidden_size, ops::Fp8Epilogue::SwiGlu)
+    }
+
     /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
     fn enqueue(&self, plan: &Plan, sample: bool) -> Result<()> {
         self.enqueue_marked(plan, sample, &mut |_| Ok(()))
@@ -595,11 +651,20 @@ impl CudaLlama {
 
         ops::embedding(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, c.vocab_size)?;
         mark("embedding")?;
+        let fp8 = self.options.fp8;
+        let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
+        let bf16_epi = ops::Fp8Epilogue::Bf16;
         for (i, layer) in self.layers.iter().enumerate() {
             let add = if i == 0 { 0 } else { ws.proj.ptr() };
-            ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
-            mark("add_rms_norm")?;
-            self.linear(ws.normed.ptr(), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
+            if fp8 {
+                ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?;
+                mark("add_rms_norm")?;
+                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)?;
+            } else {
+                ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+                mark("add_rms_norm")?;
+                self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
+            }
             mark("qkv_proj")?;
             let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
             ops::rope_kv_write(
@@ -658,7 +723,29 @@ impl CudaLlama {
                 )?;
             }
             mark("attention")?;
-            self.linear(ws.attn.ptr(), &layer.o, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
+            if fp8 {
+                ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
+                mark("quantize")?;
+                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi)?;
+                mark("o_proj")?;
+                ops::add_rms_norm_fp8(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), xq, xs, n, h, eps)?;
+                mark("add_rms_norm")?;
+                if self.fp8_gate_up_gemv(n) {
+                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu)?;
+                    mark("gate_up_swiglu")?;
+                    ops::quantize_rows(g, ws.act.ptr(), xq, xs, n, ff)?;
+                    mark("quantize")?;
+                } else {
+                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi)?;
+                    mark("gate_up_swiglu")?;
+                    ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
+                    mark("swiglu_quantize")?;
+                }
+                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi)?;
+                mark("down_proj")?;
+                continue;
+            }
+            self.linear(ws.attn.ptr(), &layer.o.data, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
             mark("o_proj")?;
             ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
             mark("add_rms_norm")?;
@@ -678,7 +765,7 @@ impl CudaLlama {
                 ops::silu_mul(g, ws.gate_up.ptr(), ws.act.ptr(), n, ff)?;
             }
             mark("gate_up_swiglu")?;
-            self.linear(ws.act.ptr(), &layer.down, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
+            self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
             mark("down_proj")?;
         }
         if plan.n_logit_rows == 0 {
@@ -807,6 +894,7 @@ struct Loader<'a> {
     gpu: &'a Arc<Gpu>,
     config: &'a ModelConfig,
     weights: WeightSource<'a>,
+    fp8: bool,
 }
 
 impl Loader<'_> {
@@ -863,6 +951,63 @@ impl Loader<'_> {
             }
         }
         Ok(buf)
+    }
+
+    /// A linear layer's weight, parts stacked by rows: BF16, or for FP8 models E4M3 codes with a
+    /// scale per row. FP8 checkpoints with per-tensor or per-channel scales are copied as stored;
+    /// anything else (BF16 weights, block scales) is quantized per row on the device.
+    fn linear(&self, parts: &[(&str, usize)], cols: usize, seed: u64) -> Result<Weight> {
+        if !self.fp8 {
+            return Ok(Weight { data: self.stacked(parts, cols, seed)?, scales: None });
+        }
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        let data = self.gpu.alloc(rows * cols)?;
+        let scales = self.gpu.alloc(4 * rows)?;
+        let any_fp8 = match &self.weights {
+            WeightSource::Checkpoint(source) => {
+                parts.iter().map(|(name, _)| source.fp8_tensor(name).map(|t| t.is_some())).any(|r| r.unwrap_or(false))
+            }
+            WeightSource::Random(_) => false,
+        };
+        if !any_fp8 {
+            // The BF16 weights (the same random ones a BF16 model of this seed has), per row.
+            let full = self.stacked(parts, cols, seed)?;
+            ops::quantize_rows(self.gpu, full.ptr(), data.ptr(), scales.ptr(), rows, cols)?;
+            return Ok(Weight { data, scales: Some(scales) });
+        }
+        let mut row = 0;
+        for (i, (name, r)) in parts.iter().enumerate() {
+            let stored = match &self.weights {
+                WeightSource::Checkpoint(source) => source.fp8_tensor(name)?,
+                WeightSource::Random(_) => None,
+            };
+            match stored {
+                Some(m)
+                    if m.format == flint_quant::Fp8Format::E4M3
+                        && matches!(
+                            m.granularity,
+                            flint_quant::Granularity::Tensor | flint_quant::Granularity::Channel
+                        ) =>
+                {
+                    if (m.rows, m.cols) != (*r, cols) {
+                        return Err(Error::WeightShape {
+                            name: name.to_string(),
+                            got: vec![m.rows, m.cols],
+                            expected: vec![*r, cols],
+                        });
+                    }
+                    let per_row: Vec<f32> = (0..*r).map(|j| m.scale_at(j * cols)).collect();
+                    self.gpu.write(&data, row * cols, &m.codes)?;
+                    self.gpu.write(&scales, 4 * row, &per_row)?;
+                }
+                _ => {
+                    let part = self.stacked(&[(name, *r)], cols, seed.wrapping_add(i as u64 * 0x9e37))?;
+                    ops::quantize_rows(self.gpu, part.ptr(), data.at(row * cols), scales.at(4 * row), *r, cols)?;
+                }
+            }
+            row += r;
+        }
+        Ok(Weight { data, scales: Some(scales) })
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<DeviceBuffer> {

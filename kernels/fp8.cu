@@ -1,0 +1,27 @@
+// Entry points of the FP8 kernels (include/flint/fp8.cuh).
+#include "flint/fp8.cuh"
+
+using namespace flint;
+
+extern "C" __global__ void flint_quantize_rows(const bf16* x, uint8_t* out, float* scales, int cols) {
+    pdl_wait();
+    quantize_row(x, out, scales, cols);
+}
+
+extern "C" __global__ void flint_add_rms_norm_fp8(bf16* residual, const bf16* add, const float* weight,
+                                                  uint8_t* out, float* scales, int hidden, float eps) {
+    pdl_wait();
+    add_rms_norm_fp8_row(residual, add, weight, out, scales, hidden, eps);
+}
+
+extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out, float* scales, int ff) {
+    pdl_wait();
+    silu_mul_fp8_row(gate_up, out, scales, ff);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kF8Warps)
+    flint_gemv_fp8(const uint8_t* x, const float* x_scale, const uint8_t* w, const float* w_scale, bf16* y, int m,
+                   int n, int k, int epilogue) {
+    pdl_wait();
+    gemv_fp8(x, x_scale, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue));
+}

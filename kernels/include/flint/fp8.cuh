@@ -1,0 +1,250 @@
+// FP8 (E4M3) kernels: per-row dynamic quantization (activations per token, weights per output
+// channel), RMSNorm and SwiGLU fused with it, and a small-batch GEMV on FP8 tensor cores.
+//
+// Scales follow the checkpoint convention: value = code * scale, scale = amax / 448 (1 for an
+// all-zero row); codes are round-to-nearest-even of value / scale, saturated at +-448.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace flint {
+
+constexpr float kE4M3Max = 448.f;
+
+__device__ __forceinline__ float fp8_scale(float amax) {
+    return amax > 0.f && isfinite(amax) ? amax / kE4M3Max : 1.f;
+}
+
+// Two values to two E4M3 codes (low byte first).
+__device__ __forceinline__ uint16_t to_e4m3x2(float a, float b) {
+    return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+}
+
+// Eight values / scale as eight codes, one 8-byte store.
+__device__ __forceinline__ void store_e4m3x8(uint8_t* dst, const float (&v)[8], float scale) {
+    uint32_t lo = to_e4m3x2(v[0] / scale, v[1] / scale) | (uint32_t)to_e4m3x2(v[2] / scale, v[3] / scale) << 16;
+    uint32_t hi = to_e4m3x2(v[4] / scale, v[5] / scale) | (uint32_t)to_e4m3x2(v[6] / scale, v[7] / scale) << 16;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+}
+
+// out[r] = codes of x[r] / scale[r], scale[r] = amax(x[r]) / 448. One block per row; cols % 8 == 0.
+__device__ __forceinline__ void quantize_row(const bf16* x, uint8_t* out, float* scales, int cols) {
+    __shared__ float scratch[32];
+    const size_t row = (size_t)blockIdx.x * cols;
+    const Bf16x8* src = reinterpret_cast<const Bf16x8*>(x + row);
+    float m = 0.f;
+    for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) {
+        float v[8];
+        unpack(src[i], v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    }
+    const float scale = fp8_scale(block_max(m, scratch));
+    for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) {
+        float v[8];
+        unpack(src[i], v);
+        store_e4m3x8(out + row + i * 8, v, scale);
+    }
+    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+}
+
+// add_rms_norm_row (elementwise.cuh) with an FP8 output: residual[t] += add[t] (bf16), then the
+// normalised row, rounded to bf16 as the BF16 model has it, is quantized with its own scale.
+__device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16* add, const float* weight,
+                                                     uint8_t* out, float* scales, int hidden, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = (size_t)blockIdx.x * hidden;
+    Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + row);
+    const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + row);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
+        float v[8];
+        unpack(res[i], v);
+        if (add != nullptr) {
+            float a[8];
+            unpack(addv[i], a);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] += a[j];
+            Bf16x8 packed = pack(v);
+            res[i] = packed;
+            unpack(packed, v);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    auto normed = [&](int i, float (&v)[8]) {
+        unpack(res[i], v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            v[j] = __bfloat162float(__float2bfloat16(weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r))));
+    };
+    float m = 0.f;
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
+        float v[8];
+        normed(i, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    }
+    __syncthreads();  // scratch reuse
+    const float scale = fp8_scale(block_max(m, scratch));
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
+        float v[8];
+        normed(i, v);
+        store_e4m3x8(out + row + i * 8, v, scale);
+    }
+    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+}
+
+// SwiGLU on a fused gate/up row ([2 ff]: gate then up), quantized: out[t] = codes of
+// bf16(silu(gate) * up) / scale[t]. One block per token.
+__device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* out, float* scales, int ff) {
+    __shared__ float scratch[32];
+    const size_t t = blockIdx.x;
+    const Bf16x8* g = reinterpret_cast<const Bf16x8*>(gate_up + t * 2 * ff);
+    const Bf16x8* u = reinterpret_cast<const Bf16x8*>(gate_up + t * 2 * ff + ff);
+    auto act = [&](int i, float (&o)[8]) {
+        float gv[8], uv[8];
+        unpack(g[i], gv);
+        unpack(u[i], uv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16(gv[j] / (1.f + __expf(-gv[j])) * uv[j]));
+    };
+    float m = 0.f;
+    for (int i = threadIdx.x; i < ff / 8; i += blockDim.x) {
+        float v[8];
+        act(i, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    }
+    const float scale = fp8_scale(block_max(m, scratch));
+    for (int i = threadIdx.x; i < ff / 8; i += blockDim.x) {
+        float v[8];
+        act(i, v);
+        store_e4m3x8(out + t * ff + i * 8, v, scale);
+    }
+    if (threadIdx.x == 0) scales[t] = scale;
+}
+
+// ---- FP8 GEMV on tensor cores --------------------------------------------------------------
+//
+// y[m, row] = (sum_k codes_x[m, k] * codes_w[row, k]) * x_scale[m] * w_scale[row], m < 8.
+// One warp computes a 16-row tile for all m with mma.m16n8k32 (rows as the MMA's M, tokens as
+// its N). Lane (g, t) = (lane / 4, lane % 4) loads 16 contiguous bytes of weight rows A(g) and
+// B(g) and of token g's activation at k = base + 16 t; its first 8 bytes feed one MMA and its
+// last 8 the next, as k positions {4t..4t+3, 16+4t..16+4t+3} of each. The reduction order does
+// not matter, so this permutation of k (the same for weights and activations) is free and every
+// load is 16 bytes. Tile rows: A(g) = 16 tile + g, B(g) = A(g) + 8; for SwiGLU, gate row 8 tile + g
+// and its up row n + 8 tile + g, so one lane holds both halves of an output.
+
+constexpr int kF8Warps = 8;
+constexpr int kF8SplitK = 4;
+constexpr int kF8TilesPerBlock = kF8Warps / kF8SplitK;
+constexpr int kF8Unroll = 4;  // 64-element steps per iteration
+
+__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Both MMAs of one 64-element step: wa, wb the two rows' 16 bytes, x the token's.
+__device__ __forceinline__ void mma_step(float (&c)[4], const uint4& wa, const uint4& wb, const uint4& x) {
+    mma_e4m3(c, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
+    mma_e4m3(c, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
+}
+
+enum class Fp8Epilogue : int {
+    Bf16 = 0,
+    SwiGlu = 1,  // W is [gate; up] (2n rows); y[m, j] = silu(gate_j) * up_j, bf16 [m, n]
+};
+
+// Grid: ceil(tiles / kF8TilesPerBlock) blocks of 32 * kF8Warps threads; tiles = n / 16 (plain)
+// or n / 8 (SwiGLU). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0 (SwiGLU), m <= 8.
+__device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const float* __restrict__ x_scale,
+                                         const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
+                                         int m, int n, int k, Fp8Epilogue epilogue) {
+    __shared__ float partial[kF8Warps][32][4];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x * kF8TilesPerBlock + warp / kF8SplitK;
+    const int part = warp % kF8SplitK;
+    const bool swiglu = epilogue == Fp8Epilogue::SwiGlu;
+    const int n_tiles = swiglu ? n / 8 : n / 16;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    int row_a = 0, row_b = 0;
+    if (tile < n_tiles) {
+        row_a = swiglu ? tile * 8 + g : tile * 16 + g;
+        row_b = swiglu ? n + row_a : row_a + 8;
+        const uint8_t* wa = w + (size_t)row_a * k + 16 * t;
+        const uint8_t* wb = w + (size_t)row_b * k + 16 * t;
+        const uint8_t* xr = x + (size_t)g * k + 16 * t;
+        const bool has_x = g < m;
+        constexpr int kChunk = 64 * kF8Unroll;
+        const int full = k / kChunk;
+        for (int ch = part; ch < full; ch += kF8SplitK) {
+            const int base = ch * kChunk;
+            uint4 va[kF8Unroll], vb[kF8Unroll], vx[kF8Unroll];
+#pragma unroll
+            for (int u = 0; u < kF8Unroll; ++u) {
+                va[u] = load_stream16(wa + base + 64 * u);
+                vb[u] = load_stream16(wb + base + 64 * u);
+            }
+#pragma unroll
+            for (int u = 0; u < kF8Unroll; ++u)
+                vx[u] = has_x ? *reinterpret_cast<const uint4*>(xr + base + 64 * u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int u = 0; u < kF8Unroll; ++u) mma_step(c, va[u], vb[u], vx[u]);
+        }
+        // 64-element steps past the last full chunk.
+        for (int off = full * kChunk + 64 * part; off < k; off += 64 * kF8SplitK) {
+            const uint4 a = load_stream16(wa + off), b = load_stream16(wb + off);
+            const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xr + off) : make_uint4(0, 0, 0, 0);
+            mma_step(c, a, b, xv);
+        }
+    }
+    pdl_launch_next();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][lane][i] = c[i];
+    __syncthreads();
+    if (part != 0 || tile >= n_tiles) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float s = 0.f;
+#pragma unroll
+        for (int p = 0; p < kF8SplitK; ++p) s += partial[warp + p][lane][i];
+        c[i] = s;
+    }
+    // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens.
+    const float sa = w_scale[row_a], sb = w_scale[row_b];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int tok = 2 * t + j;
+        if (tok >= m) break;
+        const float xs = x_scale[tok];
+        const float va = c[j] * sa * xs, vb = c[2 + j] * sb * xs;
+        if (swiglu) {
+            const float gb = __bfloat162float(__float2bfloat16(va));
+            const float ub = __bfloat162float(__float2bfloat16(vb));
+            y[(size_t)tok * n + row_a] = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
+        } else {
+            y[(size_t)tok * n + row_a] = __float2bfloat16(va);
+            y[(size_t)tok * n + row_b] = __float2bfloat16(vb);
+        }
+    }
+}
+
+}  // namespace flint
