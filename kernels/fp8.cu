@@ -25,3 +25,20 @@ extern "C" __global__ void __launch_bounds__(32 * kF8Warps)
     pdl_wait();
     gemv_fp8(x, x_scale, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue));
 }
+
+// y[r, c] = bf16(acc[r, c] * row_scale[r] * col_scale[c]): the scales of an FP8 product that
+// cuBLASLt ran unscaled. Grid-stride over m * n / 4; n % 4 == 0.
+extern "C" __global__ void flint_scale_output(const float* acc, const float* row_scale, const float* col_scale, bf16* y,
+                                              int m, int n) {
+    pdl_wait();
+    const size_t total = (size_t)m * n / 4;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i * 4 / n, c = i * 4 % n;
+        const float4 a = reinterpret_cast<const float4*>(acc)[i];
+        const float s = row_scale[r];
+        __nv_bfloat162 lo = __floats2bfloat162_rn(a.x * s * col_scale[c], a.y * s * col_scale[c + 1]);
+        __nv_bfloat162 hi = __floats2bfloat162_rn(a.z * s * col_scale[c + 2], a.w * s * col_scale[c + 3]);
+        reinterpret_cast<__nv_bfloat162*>(y + r * n + c)[0] = lo;
+        reinterpret_cast<__nv_bfloat162*>(y + r * n + c)[1] = hi;
+    }
+}

@@ -27,6 +27,8 @@ enum GemmIn {
     Bf16,
     /// E4M3 with f32 scales per row of W and per row of x (cuBLASLt outer-vector scaling).
     Fp8,
+    /// E4M3 without scales (f32 out; the scales are applied by a kernel after).
+    Fp8Unscaled,
 }
 
 /// (m, n, k, output, input): what a plan is chosen for.
@@ -59,6 +61,10 @@ impl Drop for Plan {
 pub struct Gemm {
     handle: lts::cublasLtHandle_t,
     workspace: DeviceBuffer,
+    /// Whether this cuBLASLt takes outer-vector FP8 scales (`None`: not tried yet).
+    outer_vec: Mutex<Option<bool>>,
+    /// f32 products of the unscaled FP8 fallback, grown on demand.
+    scratch: Mutex<Option<DeviceBuffer>>,
     plans: Mutex<HashMap<PlanKey, Plan>>,
 }
 
@@ -82,7 +88,13 @@ impl Gemm {
         }
         let handle = lt::create_handle()?;
         let workspace = gpu.alloc(WORKSPACE)?;
-        Ok(Gemm { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Gemm {
+            handle,
+            workspace,
+            outer_vec: Mutex::new(None),
+            scratch: Mutex::new(None),
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     fn plan(&self, m: usize, n: usize, k: usize, out: GemmOut, input: GemmIn) -> Result<Plan> {
@@ -124,6 +136,7 @@ impl Gemm {
                 }
                 cudaDataType_t::CUDA_R_8F_E4M3
             }
+            GemmIn::Fp8Unscaled => cudaDataType_t::CUDA_R_8F_E4M3,
         };
         let a = lt::create_matrix_layout(in_type, k as u64, n as u64, k as i64)?;
         let b = lt::create_matrix_layout(in_type, k as u64, m as u64, k as i64)?;
@@ -165,7 +178,47 @@ impl Gemm {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        self.run(gpu, x, w, y, m, n, k, GemmOut::Bf16, GemmIn::Fp8, Some((w_scale, x_scale)))
+        let mut outer = self.outer_vec.lock().unwrap_or_else(|p| p.into_inner());
+        if *outer != Some(false) {
+            match self.run(gpu, x, w, y, m, n, k, GemmOut::Bf16, GemmIn::Fp8, Some((w_scale, x_scale))) {
+                Ok(()) => {
+                    *outer = Some(true);
+                    return Ok(());
+                }
+                Err(e) if outer.is_none() => {
+                    tracing::info!("cuBLASLt FP8 without outer-vector scales ({e}); scaling after the product");
+                    *outer = Some(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        drop(outer);
+        if !n.is_multiple_of(4) {
+            return Err(crate::error::shape("matmul_fp8", format!("n = {n} (a multiple of 4)")));
+        }
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if scratch.as_ref().is_none_or(|s| s.bytes() < 4 * m * n) {
+            *scratch = None;
+            *scratch = Some(gpu.alloc(4 * m * n)?);
+        }
+        let acc = scratch.as_ref().map_or(0, DeviceBuffer::ptr);
+        self.run(gpu, x, w, acc, m, n, k, GemmOut::F32, GemmIn::Fp8Unscaled, None)?;
+        let blocks = (m * n / 4).div_ceil(256).min(gpu.sm_count() as usize * 16).max(1) as u32;
+        let (mi, ni) = (m as i32, n as i32);
+        gpu.launch(
+            "flint_scale_output",
+            (blocks, 1, 1),
+            256,
+            0,
+            &mut [
+                crate::gpu::arg(&acc),
+                crate::gpu::arg(&x_scale),
+                crate::gpu::arg(&w_scale),
+                crate::gpu::arg(&y),
+                crate::gpu::arg(&mi),
+                crate::gpu::arg(&ni),
+            ],
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -427,4 +427,5 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_add_rms_norm_fp8",
     "flint_silu_mul_fp8",
     "flint_gemv_fp8",
+    "flint_scale_output",
 ];
