@@ -163,6 +163,24 @@ impl Gemm {
         self.run(gpu, x, w, y, m, n, k, out, GemmIn::Bf16, None)
     }
 
+    /// Sizes the FP8 path for products of up to `max_elems` outputs: where this cuBLASLt refuses
+    /// outer-vector scales (found by a small product now), the unscaled fallback needs an f32
+    /// buffer that size, allocated once so graphs may keep its address.
+    pub fn reserve_fp8(&self, gpu: &Gpu, max_elems: usize) -> Result<()> {
+        let (m, n, k) = (16, 16, 64);
+        let x = gpu.zeros(m * k)?;
+        let w = gpu.zeros(n * k)?;
+        let ones = gpu.upload(&[1.0f32; 16])?;
+        let y = gpu.alloc(2 * m * n)?;
+        *self.scratch.lock().unwrap_or_else(|p| p.into_inner()) = Some(gpu.alloc(4 * m * n)?);
+        self.matmul_fp8(gpu, x.ptr(), ones.ptr(), w.ptr(), ones.ptr(), y.ptr(), m, n, k)?;
+        gpu.synchronize()?;
+        let fallback = *self.outer_vec.lock().unwrap_or_else(|p| p.into_inner()) == Some(false);
+        *self.scratch.lock().unwrap_or_else(|p| p.into_inner()) =
+            if fallback { Some(gpu.alloc(4 * max_elems)?) } else { None };
+        Ok(())
+    }
+
     /// `y[m, n] = (x[m, k] . w[n, k]^T) * x_scale[m] * w_scale[n]`, bf16 out: x and w E4M3 codes,
     /// the scales f32 device arrays (cuBLASLt FP8 with outer-vector scaling).
     #[allow(clippy::too_many_arguments)]
@@ -196,12 +214,17 @@ impl Gemm {
         if !n.is_multiple_of(4) {
             return Err(crate::error::shape("matmul_fp8", format!("n = {n} (a multiple of 4)")));
         }
-        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if scratch.as_ref().is_none_or(|s| s.bytes() < 4 * m * n) {
-            *scratch = None;
-            *scratch = Some(gpu.alloc(4 * m * n)?);
-        }
-        let acc = scratch.as_ref().map_or(0, DeviceBuffer::ptr);
+        // Never reallocated here: CUDA graphs captured earlier keep its address.
+        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let acc = match scratch.as_ref() {
+            Some(s) if s.bytes() >= 4 * m * n => s.ptr(),
+            _ => {
+                return Err(crate::error::shape(
+                    "matmul_fp8",
+                    format!("a {m}x{n} product needs {} bytes of scratch: reserve_fp8 first", 4 * m * n),
+                ));
+            }
+        };
         self.run(gpu, x, w, acc, m, n, k, GemmOut::F32, GemmIn::Fp8Unscaled, None)?;
         let blocks = (m * n / 4).div_ceil(256).min(gpu.sm_count() as usize * 16).max(1) as u32;
         let (mi, ni) = (m as i32, n as i32);

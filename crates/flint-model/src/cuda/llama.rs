@@ -366,6 +366,11 @@ impl CudaLlama {
             xs: gpu.alloc(4 * max_tokens)?,
         };
 
+        let gemm = Gemm::new(&gpu)?;
+        if options.fp8 {
+            gemm.reserve_fp8(&gpu, max_tokens * (2 * ff).max(qkv_w).max(h))?;
+        }
+
         // The KV cache takes what is left.
         let block_bytes = bf16_bytes(c.n_layers * options.block_size * kv_dim);
         let n_blocks = match options.n_blocks {
@@ -386,7 +391,6 @@ impl CudaLlama {
             ops::prefill_smem_bytes(c.head_dim),
         )?;
         gpu.synchronize()?;
-        let gemm = Gemm::new(&gpu)?;
         let staging = gpu.staging(layout.bytes)?;
         tracing::info!(n_blocks, block_size = options.block_size, kv_gib = gib(2 * n_blocks * block_bytes), "KV cache");
         Ok(CudaLlama {
