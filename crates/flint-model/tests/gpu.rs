@@ -238,7 +238,8 @@ fn batched_decode_matches_each_sequence_alone() {
                 assert!(e <= tol, "sequence {s} step {i} (fp8 {fp8}): batched vs alone rel err {e:.3e}");
                 let mut sorted = logits[i].clone();
                 sorted.sort_by(|a, b| b.total_cmp(a));
-                if sorted[0] - sorted[1] > 0.1 {
+                // FP8's rounding noise is larger: only margins it cannot flip count.
+                if sorted[0] - sorted[1] > if fp8 { 0.5 } else { 0.1 } {
                     clear += 1;
                     assert_eq!(argmax(together), toks[i], "sequence {s} step {i}: greedy token changed by batching");
                 }

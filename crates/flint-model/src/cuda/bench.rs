@@ -86,6 +86,7 @@ pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usiz
 
 /// [`gemm_rate`] for cuBLASLt FP8 (E4M3 inputs with per-row scales on both sides, BF16 out).
 pub fn gemm_rate_fp8(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usize) -> Result<GemmRate> {
+    gemm.reserve_fp8(gpu, m * n)?;
     let copies = (256usize << 20).div_ceil(n * k).clamp(1, 8);
     let tmp = gpu.alloc(2 * m.max(n) * k)?;
     let x = gpu.alloc(m * k)?;
