@@ -321,19 +321,7 @@ impl SafetensorsDir {
     }
 
     fn raw_bf16(&self, name: &str) -> Result<Option<(Vec<usize>, &[u8])>> {
-        let Some(&shard) = self.index.get(name) else { return Ok(None) };
-        let (path, mmap) = &self.shards[shard];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
-        let view = st.tensor(name).map_err(|e| Error::Safetensors { path: path.clone(), message: e.to_string() })?;
-        if view.dtype() != StDtype::BF16 {
-            return Ok(None);
-        }
-        let dims = view.shape().to_vec();
-        let bytes = view.data();
-        // Re-borrow from the mapping, which outlives `st`.
-        let offset = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
-        Ok(Some((dims, &mmap[offset..offset + bytes.len()])))
+        Ok(self.raw(name)?.filter(|(dtype, _, _)| *dtype == StDtype::BF16).map(|(_, dims, bytes)| (dims, bytes)))
     }
 
     pub fn dir(&self) -> &Path {

@@ -967,24 +967,21 @@ impl Loader<'_> {
         let rows: usize = parts.iter().map(|p| p.1).sum();
         let data = self.gpu.alloc(rows * cols)?;
         let scales = self.gpu.alloc(4 * rows)?;
-        let any_fp8 = match &self.weights {
+        // Each part as stored, read once: FP8 codes and scales, or `None`.
+        let stored: Vec<Option<flint_quant::Fp8Matrix>> = match &self.weights {
             WeightSource::Checkpoint(source) => {
-                parts.iter().map(|(name, _)| source.fp8_tensor(name).map(|t| t.is_some())).any(|r| r.unwrap_or(false))
+                parts.iter().map(|(name, _)| source.fp8_tensor(name)).collect::<Result<_>>()?
             }
-            WeightSource::Random(_) => false,
+            WeightSource::Random(_) => parts.iter().map(|_| None).collect(),
         };
-        if !any_fp8 {
+        if stored.iter().all(Option::is_none) {
             // The BF16 weights (the same random ones a BF16 model of this seed has), per row.
             let full = self.stacked(parts, cols, seed)?;
             ops::quantize_rows(self.gpu, full.ptr(), data.ptr(), scales.ptr(), rows, cols)?;
             return Ok(Weight { data, scales: Some(scales) });
         }
         let mut row = 0;
-        for (i, (name, r)) in parts.iter().enumerate() {
-            let stored = match &self.weights {
-                WeightSource::Checkpoint(source) => source.fp8_tensor(name)?,
-                WeightSource::Random(_) => None,
-            };
+        for (i, ((name, r), stored)) in parts.iter().zip(stored).enumerate() {
             match stored {
                 Some(m)
                     if m.format == flint_quant::Fp8Format::E4M3
