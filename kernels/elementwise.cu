@@ -4,9 +4,14 @@
 using namespace flint;
 
 extern "C" __global__ void flint_embedding(const uint32_t* tokens, const bf16* table, bf16* out, int hidden,
-                                           int vocab) {
+                                           int vocab, int first) {
     pdl_wait();
-    embedding_row(tokens, table, out, hidden, vocab);
+    embedding_row(tokens, table, out, hidden, vocab, first);
+}
+
+extern "C" __global__ void flint_unshard_rows(const float* in, float* out, int rows, int part, int vocab) {
+    pdl_wait();
+    unshard_rows_all(in, out, rows, part, vocab);
 }
 
 extern "C" __global__ void flint_add_rms_norm(bf16* residual, const bf16* add, const float* weight, bf16* out,

@@ -277,35 +277,49 @@ mod scheduling {
     /// greedy stream equals the reference, and every block is free afterwards.
     #[test]
     fn concurrent_requests_under_memory_pressure_match_the_reference() {
-        let engine = cpu_engine();
+        concurrent_requests_match_the_reference(cpu_engine());
+    }
+
+    /// The same schedule with SmolLM2 split over 3 tensor-parallel ranks (9 heads, 3 KV heads:
+    /// each rank 3 heads and 1 KV head, a third of the MLP and of the vocabulary): the same
+    /// greedy tokens as the reference, with requests joining and leaving the running batch.
+    #[test]
+    fn tensor_parallel_ranks_under_continuous_batching_match_the_reference() {
+        let engine = flint_e2e::cpu_tp_engine(3);
+        assert!(engine.device().contains("3 x cpu"), "{}", engine.device());
+        concurrent_requests_match_the_reference(&engine);
+    }
+
+    fn concurrent_requests_match_the_reference(engine: &flint_engine::Engine) {
         let reference = smollm2_reference();
         let config =
             SchedulerConfig { block_size: 16, n_blocks: 14, max_batch_tokens: 48, max_running: 8, max_waiting: 64 };
-        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).unwrap();
-        let mut scheduler = Scheduler::new(config, engine.stop_ids()).unwrap();
+        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).expect("scheduler call");
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).expect("scheduler call");
         let mut expected = Vec::new();
         for round in 0..2 {
             for case in &reference.cases {
                 let max_tokens = 6 + (expected.len() % 5) * 3;
-                let request = engine.prepare(&request_for(&case.kind, &case.prompt, max_tokens)).unwrap();
+                let request =
+                    engine.prepare(&request_for(&case.kind, &case.prompt, max_tokens)).expect("scheduler call");
                 let (out, sink) = collector();
-                scheduler.add(request, sink, Arc::new(AtomicBool::new(false))).unwrap();
+                scheduler.add(request, sink, Arc::new(AtomicBool::new(false))).expect("scheduler call");
                 let n = max_tokens.min(case.token_ids.len());
                 expected.push((out, case.token_ids[..n].to_vec(), round));
             }
             // Let the first round get going so the second finds its prefixes cached.
             for _ in 0..4 {
-                scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
+                scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("scheduler call");
             }
         }
-        engine.run_to_completion(&mut scheduler, &cache).unwrap();
+        engine.run_to_completion(&mut scheduler, &cache).expect("scheduler call");
         let stats = scheduler.stats();
         assert!(stats.preemptions > 0, "the test must exercise preemption: {stats:?}");
         assert!(stats.prefix_hit_tokens > 0, "the test must exercise prefix reuse: {stats:?}");
         assert_eq!(stats.kv_blocks_used, 0, "every block is free after the run: {stats:?}");
         assert_eq!((stats.running, stats.waiting), (0, 0));
         for (out, want, round) in expected {
-            let out = out.lock().unwrap();
+            let out = out.lock().expect("scheduler call");
             assert_eq!(out.error, None);
             assert_eq!(out.tokens, want, "round {round}: {:?}", out.text);
             assert!(out.finish.is_some());

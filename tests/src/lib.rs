@@ -44,6 +44,16 @@ pub fn shared_cpu_engine() -> &'static Arc<Engine> {
     })
 }
 
+/// The default model split over `world` tensor-parallel CPU ranks (threads over `LocalComm`).
+pub fn cpu_tp_engine(world: usize) -> Engine {
+    let source = std::sync::Arc::new(ModelSource::open(&default_model_path()).expect("default model opens"));
+    let config = source.config().expect("config");
+    let tokenizer = flint_engine::Tokenizer::for_source(&source, &config).expect("tokenizer");
+    let group = flint_model::TpGroup::cpu(source, config, world, DType::F32, || Box::new(CpuBackend::new()))
+        .expect("the default model splits");
+    Engine::with_group(group, tokenizer)
+}
+
 /// Output of the independent reference (Hugging Face transformers on the same GGUF file).
 #[derive(Debug, Deserialize)]
 pub struct Reference {

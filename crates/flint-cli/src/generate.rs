@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -90,6 +91,9 @@ pub struct GenerateArgs {
     /// Weight and activation type of the linear layers.
     #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
     dtype: DtypeArg,
+    /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tp: u32,
 }
 
 /// How to size a CUDA runtime.
@@ -101,6 +105,8 @@ pub struct CudaSizing {
     pub block_size: usize,
     /// FP8 linear layers (GPU only).
     pub fp8: bool,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -133,10 +139,16 @@ pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine>
     let config = flint_model::ModelConfig::preset(preset).with_context(|| {
         format!("unknown preset {preset:?}; presets: {}", flint_model::ModelConfig::PRESETS.join(", "))
     })?;
-    let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
     let options = cuda_options(sizing, config.max_position_embeddings);
+    let tokenizer = flint_engine::Tokenizer::byte_level()?;
+    if sizing.tp > 1 {
+        let weights = flint_model::cuda::GroupWeights::Random(0x5eed);
+        let group = flint_model::TpGroup::cuda(config, sizing.tp, options, weights)?;
+        return Ok(Engine::with_group(group, tokenizer));
+    }
+    let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
     let model = flint_model::cuda::CudaLlama::random(gpu, config, options, 0x5eed)?;
-    Ok(Engine::with_cuda(model, flint_engine::Tokenizer::byte_level()?))
+    Ok(Engine::with_cuda(model, tokenizer))
 }
 
 /// Opens the model at `path` and loads it on `device`, with a progress bar on stderr.
@@ -146,11 +158,17 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
         DeviceArg::Cuda => true,
         DeviceArg::Auto => gpu_usable(),
     };
-    let source = ModelSource::open(model_path)?;
+    let source = Arc::new(ModelSource::open(model_path)?);
     if use_cuda {
         let attempt = (|| -> anyhow::Result<Engine> {
             let config = source.config()?;
             let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+            if sizing.tp > 1 {
+                let options = cuda_options(sizing, config.max_position_embeddings);
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let group = flint_model::TpGroup::cuda(config, sizing.tp, options, weights)?;
+                return Ok(Engine::with_group(group, tokenizer));
+            }
             let gpu = flint_cuda::Gpu::new(0)?;
             let options = cuda_options(sizing, config.max_position_embeddings);
             let model = flint_model::cuda::CudaLlama::load(gpu, &source, config, options)?;
@@ -166,6 +184,15 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
     }
     if sizing.fp8 {
         bail!("--dtype fp8 runs on the GPU (`flint eval` measures its accuracy on the CPU by emulation)");
+    }
+    if sizing.tp > 1 {
+        let config = source.config()?;
+        let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+        let group = flint_model::TpGroup::cpu(Arc::clone(&source), config, sizing.tp, DType::F32, || {
+            Box::new(CpuBackend::new())
+        })
+        .with_context(|| format!("loading {} over {} CPU ranks", model_path.display(), sizing.tp))?;
+        return Ok(Engine::with_group(group, tokenizer));
     }
     let backend: Box<dyn Backend> = Box::new(CpuBackend::new());
     let bar = ProgressBar::new(0).with_style(
@@ -209,6 +236,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len as usize,
         block_size: 16,
         fp8: args.dtype == DtypeArg::Fp8,
+        tp: args.tp as usize,
     };
     let (engine, model_name) = match &args.random_weights {
         Some(preset) => {

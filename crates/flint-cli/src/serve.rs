@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tp: u32,
 }
 
 async fn shutdown_signal() {
@@ -112,6 +115,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len as usize,
         block_size: args.block_size as usize,
         fp8: args.dtype == crate::generate::DtypeArg::Fp8,
+        tp: args.tp as usize,
     };
     let engine = load_engine(&model_path, args.device, sizing)?;
     let block_size = args.block_size as usize;

@@ -242,15 +242,7 @@ impl Communicator<DeviceSlice> for NcclComm {
         let recv = buf.ptr + (self.rank * n * buf.dtype.size()) as u64;
         // SAFETY: in place: the receive part lies at offset rank * n of the send buffer.
         unsafe {
-            result::reduce_scatter(
-                ptr(buf.ptr),
-                ptr(recv),
-                n,
-                buf.dtype.nccl(),
-                Self::op(op),
-                self.comm,
-                self.stream(),
-            )
+            result::reduce_scatter(ptr(buf.ptr), ptr(recv), n, buf.dtype.nccl(), Self::op(op), self.comm, self.stream())
         }
         .map_err(|e| nccl_err("ncclReduceScatter", e))?;
         Ok(())

@@ -404,6 +404,7 @@ pub fn gib(bytes: usize) -> f64 {
 /// Every kernel entry point of `kernels/*.cu`.
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_embedding",
+    "flint_unshard_rows",
     "flint_add_rms_norm",
     "flint_rope_kv_write",
     "flint_silu_mul",

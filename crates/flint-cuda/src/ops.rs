@@ -26,13 +26,43 @@ pub fn check_head_dim(head_dim: usize) -> Result<()> {
 }
 
 pub fn embedding(gpu: &Gpu, tokens: u64, table: u64, out: u64, n: usize, hidden: usize, vocab: usize) -> Result<()> {
-    let (hidden, vocab) = (hidden as i32, vocab as i32);
+    embedding_shard(gpu, tokens, table, out, n, hidden, vocab, 0)
+}
+
+/// [`embedding`] from a table holding rows `first..first + vocab` of the whole vocabulary
+/// (vocab-parallel): tokens outside that range get zero rows, to be summed over the ranks.
+pub fn embedding_shard(
+    gpu: &Gpu,
+    tokens: u64,
+    table: u64,
+    out: u64,
+    n: usize,
+    hidden: usize,
+    vocab: usize,
+    first: usize,
+) -> Result<()> {
+    let (hidden, vocab, first) = (hidden as i32, vocab as i32, first as i32);
     gpu.launch(
         "flint_embedding",
         (n as u32, 1, 1),
         128,
         0,
-        &mut [arg(&tokens), arg(&table), arg(&out), arg(&hidden), arg(&vocab)],
+        &mut [arg(&tokens), arg(&table), arg(&out), arg(&hidden), arg(&vocab), arg(&first)],
+    )
+}
+
+/// `out[r, v] = in[v / part, r, v % part]` for `v < vocab`: logits `[rows, part]` gathered from
+/// every rank (`[world, rows, part]`) back into `[rows, vocab]` rows (f32).
+pub fn unshard_rows(gpu: &Gpu, input: u64, out: u64, rows: usize, part: usize, vocab: usize) -> Result<()> {
+    let total = rows * vocab;
+    let blocks = total.div_ceil(256).clamp(1, 4 * gpu.sm_count() as usize) as u32;
+    let (rows, part, vocab) = (rows as i32, part as i32, vocab as i32);
+    gpu.launch(
+        "flint_unshard_rows",
+        (blocks, 1, 1),
+        256,
+        0,
+        &mut [arg(&input), arg(&out), arg(&rows), arg(&part), arg(&vocab)],
     )
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use flint_model::cuda::CudaLlama;
-use flint_model::{ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache};
+use flint_model::{ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache, TpGroup};
 use flint_tensor::{Backend, DType};
 use serde::Serialize;
 
@@ -107,6 +107,8 @@ pub enum Runtime {
     Backend { backend: Box<dyn Backend>, model: Box<Llama> },
     /// The CUDA runner, which owns its KV cache (sized at load).
     Cuda(Box<CudaLlama>),
+    /// A model split over tensor-parallel ranks, each on its own thread with its own cache.
+    Parallel(Box<TpGroup>),
 }
 
 /// The KV storage a scheduler's block tables index.
@@ -117,6 +119,13 @@ pub enum KvStore {
     Cuda {
         n_blocks: usize,
         block_size: usize,
+    },
+    /// Blocks `0..n_blocks` of every tensor-parallel rank's cache (`cache_id`: which of the
+    /// group's caches, for CPU ranks, which keep one at a time; 0 for caches fixed at load).
+    Parallel {
+        n_blocks: usize,
+        block_size: usize,
+        cache_id: u64,
     },
 }
 
@@ -139,6 +148,7 @@ impl Executor<'_> {
             (Runtime::Cuda(model), KvStore::Cuda { .. }) => {
                 model.forward(batch).map_err(|e| Error::Device(e.to_string()))
             }
+            (Runtime::Parallel(group), KvStore::Parallel { cache_id, .. }) => Ok(group.forward_in(batch, *cache_id)?),
             _ => Err(Error::Internal("a KV store used with another engine's runtime".to_string())),
         }
     }
@@ -175,6 +185,12 @@ impl Engine {
         Engine { runtime: Runtime::Cuda(Box::new(model)), config, tokenizer }
     }
 
+    /// An engine over a tensor-parallel group, with the checkpoint's tokenizer (or another).
+    pub fn with_group(group: TpGroup, tokenizer: Tokenizer) -> Self {
+        let config = group.config().clone();
+        Engine { runtime: Runtime::Parallel(Box::new(group)), config, tokenizer }
+    }
+
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
     }
@@ -184,6 +200,7 @@ impl Engine {
         match &self.runtime {
             Runtime::Backend { backend, .. } => backend.device().to_string(),
             Runtime::Cuda(m) => format!("cuda:{} ({})", m.gpu().ordinal(), m.gpu().name()),
+            Runtime::Parallel(g) => format!("{} x {} (tensor parallel)", g.world_size(), g.info().device),
         }
     }
 
@@ -192,6 +209,7 @@ impl Engine {
         match &self.runtime {
             Runtime::Backend { model, .. } => model.dtype(),
             Runtime::Cuda(_) => DType::BF16,
+            Runtime::Parallel(g) => g.info().dtype,
         }
     }
 
@@ -203,6 +221,7 @@ impl Engine {
                 let c = &self.config;
                 2 * 2 * c.n_layers * c.n_kv_heads * c.head_dim
             }
+            Runtime::Parallel(g) => g.info().kv_bytes_per_token,
         }
     }
 
@@ -215,6 +234,7 @@ impl Engine {
                 let o = m.options();
                 Some((m.n_blocks(), m.block_size(), o.max_batch_tokens, o.max_seqs))
             }
+            Runtime::Parallel(g) => g.info().fixed_limits,
         }
     }
 
@@ -224,6 +244,7 @@ impl Engine {
         match &self.runtime {
             Runtime::Backend { .. } => self.config.max_position_embeddings,
             Runtime::Cuda(m) => self.config.max_position_embeddings.min(m.options().max_seq_len),
+            Runtime::Parallel(g) => self.config.max_position_embeddings.min(g.info().max_seq_len),
         }
     }
 
@@ -244,7 +265,7 @@ impl Engine {
     pub fn backend_model(&self) -> Option<(&Llama, &dyn Backend)> {
         match &self.runtime {
             Runtime::Backend { backend, model } => Some((model.as_ref(), backend.as_ref())),
-            Runtime::Cuda(_) => None,
+            Runtime::Cuda(_) | Runtime::Parallel(_) => None,
         }
     }
 
@@ -322,6 +343,18 @@ impl Engine {
                 }
                 Ok(KvStore::Cuda { n_blocks, block_size })
             }
+            Runtime::Parallel(g) => match g.info().fixed_limits {
+                None => {
+                    let cache_id = g.new_kv_cache(n_blocks, block_size)?;
+                    Ok(KvStore::Parallel { n_blocks, block_size, cache_id })
+                }
+                Some((have, size, _, _)) if block_size != size || n_blocks > have => {
+                    Err(Error::InvalidRequest(format!(
+                        "each rank's KV cache holds {have} blocks of {size} positions; asked for {n_blocks} of {block_size}"
+                    )))
+                }
+                Some(_) => Ok(KvStore::Parallel { n_blocks, block_size, cache_id: 0 }),
+            },
         }
     }
 

@@ -40,6 +40,12 @@ pub enum Error {
 
     #[error(transparent)]
     Cuda(#[from] flint_cuda::Error),
+
+    #[error("tensor parallelism: {0}")]
+    Sharding(String),
+
+    #[error(transparent)]
+    Comm(#[from] flint_comm::Error),
 }
 
 /// `Result` with this crate's [`Error`] as the default error.

@@ -13,9 +13,13 @@ pub mod fp8_checkpoint;
 pub mod gguf;
 mod llama;
 pub mod quant;
+mod shard;
 mod source;
+pub mod tp;
 
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, PagedKvCache, rope_inv_freq};
+pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};
+pub use tp::{RankInfo, RankModel, TpGroup};

@@ -1,10 +1,14 @@
 //! The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2): pre-norm decoder blocks with RMSNorm,
 //! rotary embeddings, grouped-query attention and a SwiGLU MLP, over any [`Backend`].
 
+use std::ops::Range;
+
+use flint_comm::{Communicator, ReduceOp};
 use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::shard::{Shard, slice_cols, slice_rows};
 use crate::source::{HostTensor, ModelSource};
 use crate::{Error, Result};
 
@@ -58,6 +62,7 @@ impl Fp8Spec {
 #[derive(Debug)]
 pub struct Llama {
     config: ModelConfig,
+    shard: Shard,
     dtype: DType,
     fp8: Fp8Spec,
     embed_tokens: Tensor,
@@ -306,6 +311,14 @@ fn expect_dims(name: &str, t: &HostTensor, expected: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Which part of a stored matrix a rank loads.
+#[derive(Clone, Debug)]
+enum Part {
+    All,
+    Rows(Range<usize>),
+    Cols(Range<usize>),
+}
+
 struct Loader<'a> {
     source: &'a ModelSource,
     config: &'a ModelConfig,
@@ -317,19 +330,34 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn optional(&mut self, name: &str, dims: &[usize]) -> Result<Option<Tensor>> {
+    /// Loads `part` of the weight `name` stored with `dims` (rows of a vector: its elements).
+    fn optional_part(&mut self, name: &str, dims: &[usize], part: Part) -> Result<Option<Tensor>> {
         let Some(host) = self.source.tensor(name, self.config)? else { return Ok(None) };
         expect_dims(name, &host, dims)?;
+        let cols = if dims.len() == 2 { dims[1] } else { 1 };
+        let (data, local) = match part {
+            Part::All => (host.data, dims.to_vec()),
+            Part::Rows(r) => {
+                let mut local = dims.to_vec();
+                local[0] = r.len();
+                (slice_rows(&host.data, cols, r), local)
+            }
+            Part::Cols(c) => (slice_cols(&host.data, cols, c.clone()), vec![dims[0], c.len()]),
+        };
         // Norm weights and biases stay f32: they are tiny and every backend keeps them so.
         let dtype = if dims.len() == 1 { DType::F32 } else { self.dtype };
-        let tensor = self.backend.upload_f32(&host.data, Shape::new(dims), dtype)?;
-        self.loaded_bytes += self.dtype.size_in_bytes(host.data.len());
+        let tensor = self.backend.upload_f32(&data, Shape::new(local), dtype)?;
+        self.loaded_bytes += self.dtype.size_in_bytes(data.len());
         (self.progress)(LoadProgress { loaded_bytes: self.loaded_bytes, total_bytes: self.total_bytes });
         Ok(Some(tensor))
     }
 
     fn required(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
-        self.optional(name, dims)?.ok_or_else(|| Error::MissingWeight {
+        self.required_part(name, dims, Part::All)
+    }
+
+    fn required_part(&mut self, name: &str, dims: &[usize], part: Part) -> Result<Tensor> {
+        self.optional_part(name, dims, part)?.ok_or_else(|| Error::MissingWeight {
             name: name.to_string(),
             source_name: self.source.path().display().to_string(),
         })
@@ -345,41 +373,80 @@ impl Llama {
         dtype: DType,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        Self::load_shard(source, config, backend, dtype, Shard::SINGLE, progress)
+    }
+
+    /// Loads rank `shard.rank`'s part of a model split over `shard.world` tensor-parallel ranks
+    /// (see [`Shard`]); run it with [`Llama::forward_batch_tp`].
+    pub fn load_shard(
+        source: &ModelSource,
+        config: ModelConfig,
+        backend: &dyn Backend,
+        dtype: DType,
+        shard: Shard,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let c = &config;
+        Shard::check(shard.world, c)?;
         let h = c.hidden_size;
-        let q_dim = c.n_heads * c.head_dim;
-        let kv_dim = c.n_kv_heads * c.head_dim;
-        let total_bytes = dtype.size_in_bytes(c.n_parameters());
+        let hd = c.head_dim;
+        let q_dim = c.n_heads * hd;
+        let kv_dim = c.n_kv_heads * hd;
+        let (heads, kv_heads, ffn, vocab) = (shard.heads(c), shard.kv_heads(c), shard.ffn(c), shard.vocab(c));
+        let q_rows = heads.start * hd..heads.end * hd;
+        let kv_rows = kv_heads.start * hd..kv_heads.end * hd;
+        let total_bytes = dtype.size_in_bytes(c.n_parameters()) / shard.world;
         let mut ld = Loader { source, config: c, backend, dtype, loaded_bytes: 0, total_bytes, progress };
 
-        let embed_tokens = ld.required("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens =
+            ld.required_part("model.embed_tokens.weight", &[c.vocab_size, h], Part::Rows(vocab.clone()))?;
         // Not preallocated from the config: a corrupt file could claim any layer count.
         let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let bias = |ld: &mut Loader<'_>, name: &str, n: usize| -> Result<Option<Tensor>> {
-                if c.attention_bias { ld.optional(&format!("{p}.self_attn.{name}.bias"), &[n]) } else { Ok(None) }
+            let bias = |ld: &mut Loader<'_>, name: &str, n: usize, rows: &Range<usize>| -> Result<Option<Tensor>> {
+                if !c.attention_bias {
+                    return Ok(None);
+                }
+                ld.optional_part(&format!("{p}.self_attn.{name}.bias"), &[n], Part::Rows(rows.clone()))
             };
+            let ff = c.intermediate_size;
             layers.push(Layer {
                 attn_norm: ld.required(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q_proj: ld.required(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, h])?,
-                k_proj: ld.required(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h])?,
-                v_proj: ld.required(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h])?,
-                q_bias: bias(&mut ld, "q_proj", q_dim)?,
-                k_bias: bias(&mut ld, "k_proj", kv_dim)?,
-                v_bias: bias(&mut ld, "v_proj", kv_dim)?,
-                o_proj: ld.required(&format!("{p}.self_attn.o_proj.weight"), &[h, q_dim])?,
+                q_proj: ld.required_part(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    &[q_dim, h],
+                    Part::Rows(q_rows.clone()),
+                )?,
+                k_proj: ld.required_part(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    &[kv_dim, h],
+                    Part::Rows(kv_rows.clone()),
+                )?,
+                v_proj: ld.required_part(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    &[kv_dim, h],
+                    Part::Rows(kv_rows.clone()),
+                )?,
+                q_bias: bias(&mut ld, "q_proj", q_dim, &q_rows)?,
+                k_bias: bias(&mut ld, "k_proj", kv_dim, &kv_rows)?,
+                v_bias: bias(&mut ld, "v_proj", kv_dim, &kv_rows)?,
+                o_proj: ld.required_part(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, q_dim],
+                    Part::Cols(q_rows.clone()),
+                )?,
                 mlp_norm: ld.required(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_proj: ld.required(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?,
-                up_proj: ld.required(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?,
-                down_proj: ld.required(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                gate_proj: ld.required_part(&format!("{p}.mlp.gate_proj.weight"), &[ff, h], Part::Rows(ffn.clone()))?,
+                up_proj: ld.required_part(&format!("{p}.mlp.up_proj.weight"), &[ff, h], Part::Rows(ffn.clone()))?,
+                down_proj: ld.required_part(&format!("{p}.mlp.down_proj.weight"), &[h, ff], Part::Cols(ffn.clone()))?,
             });
         }
         let norm = ld.required("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            match ld.optional("lm_head.weight", &[c.vocab_size, h])? {
+            match ld.optional_part("lm_head.weight", &[c.vocab_size, h], Part::Rows(vocab))? {
                 Some(t) => t,
                 // Some checkpoints declare untied embeddings but ship no head: use the embedding.
                 None => embed_tokens.clone(),
@@ -391,7 +458,18 @@ impl Llama {
 
         // An FP8 checkpoint's weights are FP8 values already; its activations are quantized.
         let fp8 = Fp8Spec { weights: None, activations: source.quant_config().is_some(), kv_cache: false };
-        Ok(Llama { config, dtype, fp8, embed_tokens, layers, norm, lm_head, rope_inv_freq })
+        Ok(Llama { config, shard, dtype, fp8, embed_tokens, layers, norm, lm_head, rope_inv_freq })
+    }
+
+    /// This model's tensor-parallel rank.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// (query heads, KV heads, MLP columns) this rank computes.
+    fn local_dims(&self) -> (usize, usize, usize) {
+        let c = &self.config;
+        (self.shard.heads(c).len(), self.shard.kv_heads(c).len(), self.shard.ffn(c).len())
     }
 
     /// The FP8 emulation in effect.
@@ -455,7 +533,7 @@ impl Llama {
         n_blocks: usize,
         block_size: usize,
     ) -> Result<PagedKvCache> {
-        let shape = Shape::from([n_blocks, block_size, self.config.n_kv_heads, self.config.head_dim]);
+        let shape = Shape::from([n_blocks, block_size, self.local_dims().1, self.config.head_dim]);
         let mut keys = Vec::with_capacity(self.layers.len());
         let mut values = Vec::with_capacity(self.layers.len());
         for _ in 0..self.layers.len() {
@@ -468,7 +546,7 @@ impl Llama {
     /// Bytes of KV cache one position takes across all layers, as stored by
     /// [`Llama::new_paged_kv_cache`].
     pub fn kv_bytes_per_token(&self) -> usize {
-        DType::F32.size_in_bytes(2 * self.layers.len() * self.config.n_kv_heads * self.config.head_dim)
+        DType::F32.size_in_bytes(2 * self.layers.len() * self.local_dims().1 * self.config.head_dim)
     }
 
     /// A KV cache for one sequence of up to `capacity` positions (at most the model's context).
@@ -505,6 +583,95 @@ impl Llama {
     /// Every row is computed independently of the others, so a sequence's logits do not depend
     /// on what else is in the batch.
     pub fn forward_batch(&self, backend: &dyn Backend, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<Tensor> {
+        if !self.shard.is_single() {
+            return Err(Error::Sharding(format!(
+                "rank {} of {} runs with forward_batch_tp and its communicator",
+                self.shard.rank, self.shard.world
+            )));
+        }
+        self.forward_inner(backend, batch, cache, None)
+    }
+
+    /// [`Llama::forward_batch`] for one rank of a tensor-parallel group: every rank calls it with
+    /// the same batch and its own cache; each returns the full logits.
+    pub fn forward_batch_tp(
+        &self,
+        backend: &dyn Backend,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        comm: &dyn Communicator<[f32]>,
+    ) -> Result<Tensor> {
+        if comm.world_size() != self.shard.world || comm.rank() != self.shard.rank {
+            return Err(Error::Sharding(format!(
+                "rank {} of {} given the communicator of rank {} of {}",
+                self.shard.rank,
+                self.shard.world,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        self.forward_inner(backend, batch, cache, Some(comm))
+    }
+
+    /// Sums a row-parallel partial result over the ranks (nothing on one rank).
+    fn all_reduce(&self, backend: &dyn Backend, t: Tensor, comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
+        let Some(comm) = comm else { return Ok(t) };
+        let mut values = backend.to_f32_vec(&t)?;
+        comm.all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(backend.upload_f32(&values, t.shape().clone(), t.dtype())?)
+    }
+
+    /// Embedding rows of `tokens` from this rank's vocabulary rows, summed over the ranks.
+    fn embed(&self, backend: &dyn Backend, tokens: &[u32], comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
+        let Some(comm) = comm else { return Ok(backend.embedding(&self.embed_tokens, tokens)?) };
+        let vocab = self.shard.vocab(&self.config);
+        let local: Vec<u32> =
+            tokens.iter().map(|&t| if vocab.contains(&(t as usize)) { t - vocab.start as u32 } else { 0 }).collect();
+        let rows = backend.embedding(&self.embed_tokens, &local)?;
+        let h = self.config.hidden_size;
+        let mut values = backend.to_f32_vec(&rows)?;
+        for (row, &t) in values.chunks_exact_mut(h).zip(tokens) {
+            if !vocab.contains(&(t as usize)) {
+                row.fill(0.0);
+            }
+        }
+        comm.all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(backend.upload_f32(&values, rows.shape().clone(), rows.dtype())?)
+    }
+
+    /// Logits of `hidden` over the whole vocabulary: each rank's rows, gathered.
+    fn lm_head(
+        &self,
+        backend: &dyn Backend,
+        hidden: &Tensor,
+        comm: Option<&dyn Communicator<[f32]>>,
+    ) -> Result<Tensor> {
+        let local = backend.linear(hidden, &self.lm_head, None)?;
+        let Some(comm) = comm else { return Ok(local) };
+        let c = &self.config;
+        let rows = hidden.shape().dims()[0];
+        let part = self.shard.vocab_part(c);
+        let mine = backend.to_f32_vec(&local)?;
+        let width = self.shard.vocab(c).len();
+        let mut all = vec![f32::NEG_INFINITY; self.shard.world * rows * part];
+        let at = self.shard.rank * rows * part;
+        for (r, row) in mine.chunks_exact(width.max(1)).take(rows).enumerate() {
+            all[at + r * part..][..width].copy_from_slice(row);
+        }
+        comm.all_gather(&mut all)?;
+        let mut logits = vec![0.0f32; rows * c.vocab_size];
+        for (r, out) in logits.chunks_exact_mut(c.vocab_size).enumerate() {
+            for (v, o) in out.iter_mut().enumerate() {
+                let (rank, col) = (v / part, v % part);
+                *o = all[rank * rows * part + r * part + col];
+            }
+        }
+        Ok(backend.upload_f32(&logits, Shape::from([rows, c.vocab_size]), DType::F32)?)
+    }
+
+    /// Checks `batch` against `cache` and the model without computing anything; what
+    /// [`Llama::forward_batch`] refuses, this refuses with the same error.
+    pub fn check_batch(&self, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<AttentionBatch> {
         let c = &self.config;
         let n = batch.n_tokens();
         if n == 0 {
@@ -524,10 +691,24 @@ impl Llama {
         }
         let attention = batch.attention_batch();
         attention.validate("forward", cache.n_blocks)?;
+        Ok(attention)
+    }
+
+    fn forward_inner(
+        &self,
+        backend: &dyn Backend,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        comm: Option<&dyn Communicator<[f32]>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (n_heads, n_kv_heads, ff) = self.local_dims();
+        let n = batch.n_tokens();
+        let attention = self.check_batch(batch, cache)?;
         let positions = &batch.positions;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let q_shape = Shape::from([n, c.n_heads, c.head_dim]);
-        let kv_shape = Shape::from([n, c.n_kv_heads, c.head_dim]);
+        let q_shape = Shape::from([n, n_heads, c.head_dim]);
+        let kv_shape = Shape::from([n, n_kv_heads, c.head_dim]);
         let flat = |t: Tensor, shape: &Shape| {
             t.reshape(shape.clone()).ok_or_else(|| {
                 Error::Backend(flint_tensor::Error::ShapeMismatch {
@@ -537,7 +718,7 @@ impl Llama {
             })
         };
 
-        let mut residual = backend.embedding(&self.embed_tokens, &batch.tokens)?;
+        let mut residual = self.embed(backend, &batch.tokens, comm)?;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = match pending.take() {
@@ -560,9 +741,10 @@ impl Llama {
             backend.write_kv(&cache.keys[i], &k, &batch.slots)?;
             backend.write_kv(&cache.values[i], &v, &batch.slots)?;
             let attn = backend.attention(&q, &cache.keys[i], &cache.values[i], &attention, scale)?;
-            let attn = flat(attn, &Shape::from([n, c.n_heads * c.head_dim]))?;
-            let attn = self.fake_quant(backend, attn, c.n_heads * c.head_dim, acts)?;
+            let attn = flat(attn, &Shape::from([n, n_heads * c.head_dim]))?;
+            let attn = self.fake_quant(backend, attn, n_heads * c.head_dim, acts)?;
             let o = backend.linear(&attn, &layer.o_proj, None)?;
+            let o = self.all_reduce(backend, o, comm)?;
 
             let (sum, normed) = backend.add_rms_norm(&residual, &o, &layer.mlp_norm, c.rms_norm_eps)?;
             residual = sum;
@@ -570,8 +752,9 @@ impl Llama {
             let gate = backend.linear(&normed, &layer.gate_proj, None)?;
             let up = backend.linear(&normed, &layer.up_proj, None)?;
             let act = backend.silu_mul(&gate, &up)?;
-            let act = self.fake_quant(backend, act, c.intermediate_size, acts)?;
-            pending = Some(backend.linear(&act, &layer.down_proj, None)?);
+            let act = self.fake_quant(backend, act, ff, acts)?;
+            let down = backend.linear(&act, &layer.down_proj, None)?;
+            pending = Some(self.all_reduce(backend, down, comm)?);
         }
         if batch.logit_rows.is_empty() {
             return Ok(backend.zeros(Shape::from([0, c.vocab_size]), DType::F32)?);
@@ -581,7 +764,7 @@ impl Llama {
             None => backend.rms_norm(&residual, &self.norm, c.rms_norm_eps)?,
         };
         let hidden = backend.gather_rows(&hidden, &batch.logit_rows)?;
-        Ok(backend.linear(&hidden, &self.lm_head, None)?)
+        self.lm_head(backend, &hidden, comm)
     }
 }
 

@@ -6,15 +6,32 @@
 
 namespace flint {
 
-// out[t, :] = table[tokens[t], :]. One block per token; hidden % 8 == 0.
+// out[t, :] = table[tokens[t] - first, :] for ids in [first, first + vocab), zeros for others
+// (the rows another tensor-parallel rank holds; padding rows of a graph bucket are id 0, and real
+// ids are checked on the host). One block per token; hidden % 8 == 0.
 __device__ __forceinline__ void embedding_row(const uint32_t* tokens, const bf16* table, bf16* out, int hidden,
-                                              int vocab) {
+                                              int vocab, int first) {
     const int t = blockIdx.x;
-    uint32_t id = tokens[t];
-    if (id >= (uint32_t)vocab) id = 0;  // padding rows of a graph bucket; real ids are checked on the host
-    const Bf16x8* src = reinterpret_cast<const Bf16x8*>(table + (size_t)id * hidden);
+    const uint32_t id = tokens[t] - (uint32_t)first;  // wraps for ids below `first`
     Bf16x8* dst = reinterpret_cast<Bf16x8*>(out + (size_t)t * hidden);
+    if (id >= (uint32_t)vocab) {
+        const Bf16x8 zero{};
+        for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = zero;
+        return;
+    }
+    const Bf16x8* src = reinterpret_cast<const Bf16x8*>(table + (size_t)id * hidden);
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+// out[r, v] = in[v / part, r, v % part] for v < vocab: logits all-gathered from `world` ranks
+// (each `rows x part`, the last rank's tail padding) back to rows of the whole vocabulary.
+__device__ __forceinline__ void unshard_rows_all(const float* in, float* out, int rows, int part, int vocab) {
+    const size_t total = (size_t)rows * vocab;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const int r = (int)(i / vocab), v = (int)(i % vocab);
+        const int rank = v / part, col = v % part;
+        out[i] = in[((size_t)rank * rows + r) * part + col];
+    }
 }
 
 // If `add` is given: residual[t] += add[t] (rounded to bf16, as a bf16 model does), then

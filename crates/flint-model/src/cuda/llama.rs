@@ -9,13 +9,16 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::ops::Range;
+
+use flint_comm::{CommType, Communicator, DeviceSlice, NcclComm, ReduceOp};
 use flint_cuda::gemm::{Gemm, GemmOut};
 use flint_cuda::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
 use flint_cuda::{DeviceBuffer, Gpu, Graph, Staging, gib};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, rope_inv_freq};
+use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, Shard, rope_inv_freq};
 
 /// Every sequence of the batch brings exactly one new token.
 fn is_decode_only(batch: &ForwardBatch) -> bool {
@@ -180,12 +183,40 @@ struct Workspace {
     act: DeviceBuffer,
     gathered: DeviceBuffer,
     logits: DeviceBuffer,
+    /// Tensor parallel: every rank's LM-head rows, all-gathered (`[world, rows, vocab_part]`).
+    logits_parts: DeviceBuffer,
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
     sampled: DeviceBuffer,
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
     xs: DeviceBuffer,
+}
+
+/// What one tensor-parallel rank computes (everything, on one GPU).
+#[derive(Clone, Debug)]
+struct Local {
+    shard: Shard,
+    n_heads: usize,
+    n_kv: usize,
+    ff: usize,
+    /// Vocabulary rows of the embedding and LM head.
+    vocab: Range<usize>,
+    /// Rows each rank's embedding and LM head hold (zero rows past the vocabulary).
+    vocab_part: usize,
+}
+
+impl Local {
+    fn new(c: &ModelConfig, shard: Shard) -> Self {
+        Local {
+            shard,
+            n_heads: shard.heads(c).len(),
+            n_kv: shard.kv_heads(c).len(),
+            ff: shard.ffn(c).len(),
+            vocab: shard.vocab(c),
+            vocab_part: shard.vocab_part(c),
+        }
+    }
 }
 
 /// A host-side step plan: what goes into the metadata buffer and how kernels are sized.
@@ -214,6 +245,9 @@ pub struct CudaLlama {
     gpu: Arc<Gpu>,
     gemm: Gemm,
     config: ModelConfig,
+    local: Local,
+    /// The tensor-parallel group's communicator (none on one GPU).
+    comm: Option<Mutex<NcclComm>>,
     options: CudaLlamaOptions,
     embed: DeviceBuffer,
     lm_head: Option<DeviceBuffer>,
@@ -233,7 +267,14 @@ pub struct CudaLlama {
 
 impl std::fmt::Debug for CudaLlama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaLlama({} layers on {:?})", self.layers.len(), self.gpu)
+        write!(
+            f,
+            "CudaLlama({} layers on {:?}, rank {} of {})",
+            self.layers.len(),
+            self.gpu,
+            self.local.shard.rank,
+            self.local.shard.world
+        )
     }
 }
 
@@ -250,17 +291,63 @@ fn bf16_bytes(n: usize) -> usize {
 impl CudaLlama {
     /// Loads `source`'s weights, converted to BF16, onto `gpu`.
     pub fn load(gpu: Arc<Gpu>, source: &ModelSource, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
-        Self::build(gpu, WeightSource::Checkpoint(source), config, options)
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, None)
+    }
+
+    /// Loads rank `comm.rank()`'s shard of `source` for tensor parallelism over `comm`'s group
+    /// (see [`Shard`]): every rank of the group loads its own and runs every step.
+    pub fn load_tp(
+        gpu: Arc<Gpu>,
+        source: &ModelSource,
+        config: ModelConfig,
+        options: CudaLlamaOptions,
+        comm: NcclComm,
+    ) -> Result<Self> {
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, Some(comm))
+    }
+
+    /// [`CudaLlama::random`] for one rank of a tensor-parallel group (each rank's weights come
+    /// from `seed` and its rank).
+    pub fn random_tp(
+        gpu: Arc<Gpu>,
+        config: ModelConfig,
+        options: CudaLlamaOptions,
+        seed: u64,
+        comm: NcclComm,
+    ) -> Result<Self> {
+        Self::build(gpu, WeightSource::Random(seed), config, options, Some(comm))
     }
 
     /// A model of `config`'s shapes with random weights (uniform, standard deviation 0.02, as the
     /// reference initialisation; norms one), generated on the device from `seed`.
     pub fn random(gpu: Arc<Gpu>, config: ModelConfig, options: CudaLlamaOptions, seed: u64) -> Result<Self> {
-        Self::build(gpu, WeightSource::Random(seed), config, options)
+        Self::build(gpu, WeightSource::Random(seed), config, options, None)
     }
 
-    fn build(gpu: Arc<Gpu>, weights: WeightSource<'_>, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
+    fn build(
+        gpu: Arc<Gpu>,
+        weights: WeightSource<'_>,
+        config: ModelConfig,
+        options: CudaLlamaOptions,
+        comm: Option<NcclComm>,
+    ) -> Result<Self> {
         let c = config.clone();
+        let shard = match &comm {
+            Some(comm) => Shard::new(comm.rank(), comm.world_size())?,
+            None => Shard::SINGLE,
+        };
+        Shard::check(shard.world, &c)?;
+        if let Some(comm) = &comm
+            && comm.gpu().ordinal() != gpu.ordinal()
+        {
+            return Err(Error::Sharding(format!(
+                "rank {} communicates on GPU {} but loads on GPU {}",
+                shard.rank,
+                comm.gpu().ordinal(),
+                gpu.ordinal()
+            )));
+        }
+        let local = Local::new(&c, shard);
         ops::check_head_dim(c.head_dim)?;
         if c.n_heads / c.n_kv_heads > 8 {
             return Err(unsupported(format!(
@@ -277,18 +364,19 @@ impl CudaLlama {
                 options.max_batch_tokens, options.max_seqs
             )));
         }
-        let (h, ff, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let q_dim = c.n_heads * c.head_dim;
-        let kv_dim = c.n_kv_heads * c.head_dim;
+        let (h, ff, vp) = (c.hidden_size, local.ff, local.vocab_part);
+        let q_dim = local.n_heads * c.head_dim;
+        let kv_dim = local.n_kv * c.head_dim;
         let qkv_w = q_dim + 2 * kv_dim;
 
-        // Check the weights fit before touching them.
+        // Check this rank's weights fit before touching them.
         let (free, total) = gpu.memory()?;
         let linear_params = c.n_layers * (h * qkv_w + q_dim * h + 3 * h * ff);
+        let other_params = vp * h * if c.tie_word_embeddings { 1 } else { 2 } + (2 * c.n_layers + 1) * h;
         let weight_bytes = if options.fp8 {
-            bf16_bytes(c.n_parameters() - linear_params) + linear_params + 4 * c.n_layers * (qkv_w + 2 * h + 2 * ff)
+            bf16_bytes(other_params) + linear_params + 4 * c.n_layers * (qkv_w + 2 * h + 2 * ff)
         } else {
-            bf16_bytes(c.n_parameters())
+            bf16_bytes(other_params + linear_params)
         };
         if weight_bytes > free {
             let kind = if options.fp8 { "FP8" } else { "BF16" };
@@ -296,48 +384,85 @@ impl CudaLlama {
         }
         tracing::info!(device = gpu.name(), total_gib = gib(total), weights_gib = gib(weight_bytes), "loading");
 
+        let weights = match weights {
+            // Each rank its own random weights.
+            WeightSource::Random(seed) => WeightSource::Random(seed ^ ((shard.rank as u64) << 48)),
+            w => w,
+        };
         let loader = Loader { gpu: &gpu, config: &c, weights, fp8: options.fp8 };
-        let embed = loader.matrix("model.embed_tokens.weight", v, h, 1)?;
+        let hd = c.head_dim;
+        let (heads, kv_heads, ffn) = (shard.heads(&c), shard.kv_heads(&c), shard.ffn(&c));
+        let q_rows = Take::Rows(heads.start * hd..heads.end * hd);
+        let kv_rows = Take::Rows(kv_heads.start * hd..kv_heads.end * hd);
+        let ffn_rows = Take::Rows(ffn.clone());
+        let vocab_rows = Take::Rows(local.vocab.clone());
+        let (full_q, full_kv, full_ff, v) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size, c.vocab_size);
+        let embed = loader.padded("model.embed_tokens.weight", v, h, &vocab_rows, vp, 1)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
+            let (q, k, vn) =
+                (format!("{p}.self_attn.q_proj"), format!("{p}.self_attn.k_proj"), format!("{p}.self_attn.v_proj"));
+            let (qw, kw, vw) = (format!("{q}.weight"), format!("{k}.weight"), format!("{vn}.weight"));
             let qkv = loader.linear(
                 &[
-                    (&format!("{p}.self_attn.q_proj.weight"), q_dim),
-                    (&format!("{p}.self_attn.k_proj.weight"), kv_dim),
-                    (&format!("{p}.self_attn.v_proj.weight"), kv_dim),
+                    Part { name: &qw, rows: full_q, take: q_rows.clone() },
+                    Part { name: &kw, rows: full_kv, take: kv_rows.clone() },
+                    Part { name: &vw, rows: full_kv, take: kv_rows.clone() },
                 ],
                 h,
                 (i as u64) * 16 + 2,
             )?;
             let qkv_bias = if c.attention_bias {
+                let (qb, kb, vb) = (format!("{q}.bias"), format!("{k}.bias"), format!("{vn}.bias"));
                 loader.bias(
                     &[
-                        (&format!("{p}.self_attn.q_proj.bias"), q_dim),
-                        (&format!("{p}.self_attn.k_proj.bias"), kv_dim),
-                        (&format!("{p}.self_attn.v_proj.bias"), kv_dim),
+                        Part { name: &qb, rows: full_q, take: q_rows.clone() },
+                        Part { name: &kb, rows: full_kv, take: kv_rows.clone() },
+                        Part { name: &vb, rows: full_kv, take: kv_rows.clone() },
                     ],
                     (i as u64) * 16 + 3,
                 )?
             } else {
                 None
             };
+            let (ow, gw, uw, dw) = (
+                format!("{p}.self_attn.o_proj.weight"),
+                format!("{p}.mlp.gate_proj.weight"),
+                format!("{p}.mlp.up_proj.weight"),
+                format!("{p}.mlp.down_proj.weight"),
+            );
+            let o_cols = match &q_rows {
+                Take::Rows(r) => Take::Cols(r.clone()),
+                other => other.clone(),
+            };
             layers.push(Layer {
                 attn_norm: loader.norm(&format!("{p}.input_layernorm.weight"), h)?,
                 qkv,
                 qkv_bias,
-                o: loader.linear(&[(&format!("{p}.self_attn.o_proj.weight"), h)], q_dim, (i as u64) * 16 + 4)?,
+                o: loader.linear(&[Part { name: &ow, rows: h, take: o_cols }], full_q, (i as u64) * 16 + 4)?,
                 mlp_norm: loader.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: loader.linear(
-                    &[(&format!("{p}.mlp.gate_proj.weight"), ff), (&format!("{p}.mlp.up_proj.weight"), ff)],
+                    &[
+                        Part { name: &gw, rows: full_ff, take: ffn_rows.clone() },
+                        Part { name: &uw, rows: full_ff, take: ffn_rows.clone() },
+                    ],
                     h,
                     (i as u64) * 16 + 5,
                 )?,
-                down: loader.linear(&[(&format!("{p}.mlp.down_proj.weight"), h)], ff, (i as u64) * 16 + 6)?,
+                down: loader.linear(
+                    &[Part { name: &dw, rows: h, take: Take::Cols(ffn.clone()) }],
+                    full_ff,
+                    (i as u64) * 16 + 6,
+                )?,
             });
         }
         let norm = loader.norm("model.norm.weight", h)?;
-        let lm_head = if c.tie_word_embeddings { None } else { loader.optional_matrix("lm_head.weight", v, h, 7)? };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            loader.optional_padded("lm_head.weight", v, h, &vocab_rows, vp, 7)?
+        };
         let inv_freq = gpu.upload(&rope_inv_freq(&c))?;
 
         // Workspace for the largest step.
@@ -347,7 +472,8 @@ impl CudaLlama {
         let max_tiles = max_tokens.div_ceil(64) + max_seqs;
         let max_splits = options.max_seq_len.div_ceil(32).clamp(1, 32);
         let layout = MetaLayout::new(max_tokens, max_seqs, max_tiles, max_blocks);
-        let part_rows = (1..=max_seqs).map(|b| b * Self::splits_for(&gpu, &c, b, max_splits)).max().unwrap_or(1);
+        let part_rows =
+            (1..=max_seqs).map(|b| b * Self::splits_for(&gpu, local.n_kv, b, max_splits)).max().unwrap_or(1);
         let ws = Workspace {
             meta: gpu.zeros(layout.bytes)?,
             residual: gpu.alloc(bf16_bytes(max_tokens * h))?,
@@ -359,8 +485,9 @@ impl CudaLlama {
             act: gpu.alloc(bf16_bytes(max_tokens * ff))?,
             gathered: gpu.alloc(bf16_bytes(max_seqs.max(BUCKETS[0]) * h))?,
             logits: gpu.alloc(4 * max_seqs * v)?,
-            part_o: gpu.alloc(4 * part_rows * c.n_heads * c.head_dim)?,
-            part_ml: gpu.alloc(4 * part_rows * c.n_heads * 2)?,
+            logits_parts: gpu.alloc(if shard.is_single() { 0 } else { 4 * max_seqs * vp * shard.world })?,
+            part_o: gpu.alloc(4 * part_rows * local.n_heads * c.head_dim)?,
+            part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             sampled: gpu.alloc(4 * max_seqs)?,
             xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
             xs: gpu.alloc(4 * max_tokens)?,
@@ -380,6 +507,17 @@ impl CudaLlama {
                 ((free as f64 * options.kv_memory_fraction) as usize / (2 * block_bytes)).min(1 << 22)
             }
         };
+        // Every rank of a group must index the same blocks: take the smallest cache.
+        let n_blocks = match &comm {
+            None => n_blocks,
+            Some(comm) => {
+                let buf = gpu.upload(&[n_blocks.min(u32::MAX as usize) as u32])?;
+                comm.all_reduce(&mut DeviceSlice::new(buf.ptr(), 1, CommType::U32), ReduceOp::Min)?;
+                let mut agreed = [0u32];
+                gpu.read(buf.ptr(), &mut agreed)?;
+                agreed[0] as usize
+            }
+        };
         if n_blocks < max_blocks.min(2) {
             let (free, _) = gpu.memory()?;
             return Err(out_of_memory("the KV cache".into(), 2 * block_bytes * max_blocks, free));
@@ -397,6 +535,8 @@ impl CudaLlama {
             gpu,
             gemm,
             config,
+            local,
+            comm: comm.map(Mutex::new),
             options,
             embed,
             lm_head,
@@ -449,11 +589,29 @@ impl CudaLlama {
     /// Bytes of KV cache one step's attention reads for sequences of these context lengths.
     pub fn kv_bytes_read(&self, context_lens: &[usize]) -> usize {
         let c = &self.config;
-        context_lens.iter().sum::<usize>() * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+        context_lens.iter().sum::<usize>() * 2 * c.n_layers * self.local.n_kv * c.head_dim * 2
     }
 
-    fn splits_for(gpu: &Gpu, c: &ModelConfig, batch: usize, max_splits: usize) -> usize {
-        let blocks = batch * c.n_kv_heads;
+    /// This model's tensor-parallel rank ([`Shard::SINGLE`] on one GPU).
+    pub fn shard(&self) -> Shard {
+        self.local.shard
+    }
+
+    /// Bytes of KV cache per position on this GPU.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        bf16_bytes(2 * self.config.n_layers * self.local.n_kv * self.config.head_dim)
+    }
+
+    /// Sums `len` BF16 values at `ptr` over the tensor-parallel ranks, in place, on the stream.
+    fn all_reduce(&self, ptr: u64, len: usize) -> Result<()> {
+        let Some(comm) = &self.comm else { return Ok(()) };
+        let comm = comm.lock().unwrap_or_else(|p| p.into_inner());
+        comm.all_reduce(&mut DeviceSlice::new(ptr, len, CommType::Bf16), ReduceOp::Sum)?;
+        Ok(())
+    }
+
+    fn splits_for(gpu: &Gpu, n_kv: usize, batch: usize, max_splits: usize) -> usize {
+        let blocks = batch * n_kv;
         (2 * gpu.sm_count() as usize).div_ceil(blocks.max(1)).clamp(1, max_splits)
     }
 
@@ -624,8 +782,7 @@ impl CudaLlama {
 
     /// Whether a step of `m` tokens runs its gate/up projection through the fused FP8 GEMV.
     fn fp8_gate_up_gemv(&self, m: usize) -> bool {
-        let c = &self.config;
-        m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(c.intermediate_size, c.hidden_size, ops::Fp8Epilogue::SwiGlu)
+        m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(self.local.ff, self.config.hidden_size, ops::Fp8Epilogue::SwiGlu)
     }
 
     /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
@@ -646,14 +803,17 @@ impl CudaLlama {
         let l = &self.layout;
         let meta = |off: usize| ws.meta.at(off);
         let n = plan.n_tokens;
-        let (h, ff) = (c.hidden_size, c.intermediate_size);
-        let q_dim = c.n_heads * c.head_dim;
-        let kv_dim = c.n_kv_heads * c.head_dim;
+        let lo = &self.local;
+        let (h, ff) = (c.hidden_size, lo.ff);
+        let q_dim = lo.n_heads * c.head_dim;
+        let kv_dim = lo.n_kv * c.head_dim;
         let qkv_w = q_dim + 2 * kv_dim;
         let layer_kv = self.n_blocks * self.options.block_size * kv_dim * 2;
         let eps = c.rms_norm_eps;
 
-        ops::embedding(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, c.vocab_size)?;
+        let (first, rows) = (lo.vocab.start, lo.vocab.len());
+        ops::embedding_shard(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, rows, first)?;
+        self.all_reduce(ws.residual.ptr(), n * h)?;
         mark("embedding")?;
         let fp8 = self.options.fp8;
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
@@ -681,8 +841,8 @@ impl CudaLlama {
                 k_cache,
                 v_cache,
                 n,
-                c.n_heads,
-                c.n_kv_heads,
+                lo.n_heads,
+                lo.n_kv,
                 c.head_dim,
             )?;
             mark("rope_kv_write")?;
@@ -692,13 +852,13 @@ impl CudaLlama {
                 block_tables: meta(l.tables),
                 max_blocks: self.max_blocks,
                 block_size: self.options.block_size,
-                n_heads: c.n_heads,
-                n_kv: c.n_kv_heads,
+                n_heads: lo.n_heads,
+                n_kv: lo.n_kv,
                 head_dim: c.head_dim,
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
             };
             if plan.decode_only {
-                let splits = Self::splits_for(g, c, n, self.max_splits);
+                let splits = Self::splits_for(g, lo.n_kv, n, self.max_splits);
                 ops::attention_decode(
                     g,
                     &kv,
@@ -731,6 +891,7 @@ impl CudaLlama {
                 ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                 mark("quantize")?;
                 self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi)?;
+                self.all_reduce(ws.proj.ptr(), n * h)?;
                 mark("o_proj")?;
                 ops::add_rms_norm_fp8(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), xq, xs, n, h, eps)?;
                 mark("add_rms_norm")?;
@@ -746,10 +907,12 @@ impl CudaLlama {
                     mark("swiglu_quantize")?;
                 }
                 self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi)?;
+                self.all_reduce(ws.proj.ptr(), n * h)?;
                 mark("down_proj")?;
                 continue;
             }
             self.linear(ws.attn.ptr(), &layer.o.data, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
+            self.all_reduce(ws.proj.ptr(), n * h)?;
             mark("o_proj")?;
             ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
             mark("add_rms_norm")?;
@@ -770,6 +933,7 @@ impl CudaLlama {
             }
             mark("gate_up_swiglu")?;
             self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
+            self.all_reduce(ws.proj.ptr(), n * h)?;
             mark("down_proj")?;
         }
         if plan.n_logit_rows == 0 {
@@ -787,7 +951,20 @@ impl CudaLlama {
         };
         let rows_run = if plan.logit_rows_identity { n } else { rows };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?;
+        match &self.comm {
+            None => self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?,
+            Some(comm) => {
+                // Each rank's vocabulary rows into its part of the gather buffer, gathered, then
+                // laid out as whole rows.
+                let (vp, world, rank) = (lo.vocab_part, lo.shard.world, lo.shard.rank);
+                let mine = ws.logits_parts.at(4 * rank * rows_run * vp);
+                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32)?;
+                let comm = comm.lock().unwrap_or_else(|p| p.into_inner());
+                let mut all = DeviceSlice::new(ws.logits_parts.ptr(), world * rows_run * vp, CommType::F32);
+                comm.all_gather(&mut all)?;
+                ops::unshard_rows(g, ws.logits_parts.ptr(), ws.logits.ptr(), rows_run, vp, c.vocab_size)?;
+            }
+        }
         mark("lm_head")?;
         if sample {
             ops::sample(g, ws.logits.ptr(), c.vocab_size, meta(l.sampling), meta(l.steps), ws.sampled.ptr(), rows_run)?;
@@ -802,6 +979,25 @@ impl CudaLlama {
     ///
     /// Decode-only batches replay a CUDA graph of their bucket (captured on first use).
     pub fn step(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>) -> Result<StepOutput> {
+        self.run_step(batch, sampling, true)
+    }
+
+    /// [`CudaLlama::step`] without reading anything back (it waits for the step to finish): what
+    /// tensor-parallel ranks other than 0 run. Returns empty logits.
+    pub fn step_quiet(
+        &self,
+        batch: &ForwardBatch,
+        sampling: Option<(&[DeviceSampling], &[u64])>,
+    ) -> Result<StepOutput> {
+        self.run_step(batch, sampling, false)
+    }
+
+    fn run_step(
+        &self,
+        batch: &ForwardBatch,
+        sampling: Option<(&[DeviceSampling], &[u64])>,
+        read_back: bool,
+    ) -> Result<StepOutput> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = batch.n_tokens();
         let decode_only = is_decode_only(batch);
@@ -830,6 +1026,11 @@ impl CudaLlama {
             self.enqueue(&plan, sample)?;
         }
         let rows = batch.logit_rows().len();
+        if !read_back {
+            // The staging buffer is rewritten by the next step: its copy must be done.
+            self.gpu.synchronize()?;
+            return Ok(StepOutput::Logits(Vec::new()));
+        }
         if sample {
             let mut tokens = vec![0u32; rows];
             self.gpu.read(self.ws.sampled.ptr(), &mut tokens)?;
@@ -894,6 +1095,52 @@ impl CudaLlama {
     }
 }
 
+/// Which part of a stored matrix (or vector) a rank loads.
+#[derive(Clone, Debug)]
+enum Take {
+    Rows(Range<usize>),
+    Cols(Range<usize>),
+}
+
+/// A stored weight of `rows` rows (whole), and the part of it this rank loads.
+struct Part<'a> {
+    name: &'a str,
+    rows: usize,
+    take: Take,
+}
+
+impl Part<'_> {
+    fn local_rows(&self) -> usize {
+        match &self.take {
+            Take::Rows(r) => r.len(),
+            Take::Cols(_) => self.rows,
+        }
+    }
+
+    /// Columns this rank loads of a stored matrix of `cols` columns.
+    fn local_cols(&self, cols: usize) -> usize {
+        match &self.take {
+            Take::Rows(_) => cols,
+            Take::Cols(c) => c.len(),
+        }
+    }
+
+    /// This rank's part of a row-major `[rows, cols]` matrix of `T`s.
+    fn select<T: Copy>(&self, data: &[T], cols: usize) -> Vec<T> {
+        match &self.take {
+            Take::Rows(r) => data[r.start * cols..r.end * cols].to_vec(),
+            Take::Cols(c) => data.chunks_exact(cols).flat_map(|row| row[c.clone()].iter().copied()).collect(),
+        }
+    }
+
+    fn is_whole(&self, cols: usize) -> bool {
+        match &self.take {
+            Take::Rows(r) => r.start == 0 && r.end == self.rows,
+            Take::Cols(c) => c.start == 0 && c.end == cols,
+        }
+    }
+}
+
 struct Loader<'a> {
     gpu: &'a Arc<Gpu>,
     config: &'a ModelConfig,
@@ -924,64 +1171,91 @@ impl Loader<'_> {
         Ok(self.gpu.upload(&converted)?)
     }
 
-    /// Matrices stacked by rows into one `[sum rows, cols]` buffer.
-    fn stacked(&self, parts: &[(&str, usize)], cols: usize, seed: u64) -> Result<DeviceBuffer> {
-        let rows: usize = parts.iter().map(|p| p.1).sum();
-        let buf = self.gpu.alloc(bf16_bytes(rows * cols))?;
+    /// This rank's parts of stored `[rows, cols]` matrices, stacked by rows into one buffer of
+    /// at least `min_rows` rows (rows past the parts are zero).
+    fn stacked_padded(&self, parts: &[Part<'_>], cols: usize, min_rows: usize, seed: u64) -> Result<DeviceBuffer> {
+        let rows: usize = parts.iter().map(Part::local_rows).sum();
+        let local_cols = parts.first().map_or(cols, |p| p.local_cols(cols));
+        let buf = if min_rows > rows {
+            self.gpu.zeros(bf16_bytes(min_rows * local_cols))?
+        } else {
+            self.gpu.alloc(bf16_bytes(rows * local_cols))?
+        };
         match &self.weights {
             WeightSource::Random(base) => {
-                ops::fill_uniform(self.gpu, buf.ptr(), rows * cols, base ^ (seed << 20), 0.0, 0.02)?;
+                ops::fill_uniform(self.gpu, buf.ptr(), rows * local_cols, base ^ (seed << 20), 0.0, 0.02)?;
             }
             WeightSource::Checkpoint(source) => {
                 let mut row = 0;
-                for (name, r) in parts {
-                    // BF16 safetensors go straight from the mapped file to the device.
-                    if let Some((dims, bytes)) = source.raw_bf16(name)? {
-                        if dims != [*r, cols] {
-                            return Err(Error::WeightShape {
-                                name: name.to_string(),
-                                got: dims,
-                                expected: vec![*r, cols],
-                            });
+                for part in parts {
+                    let expected = vec![part.rows, cols];
+                    // BF16 safetensors go from the mapped file to the device (row slices without
+                    // a copy on the host).
+                    if let Some((dims, bytes)) = source.raw_bf16(part.name)? {
+                        if dims != expected {
+                            return Err(Error::WeightShape { name: part.name.to_string(), got: dims, expected });
                         }
-                        self.gpu.write(&buf, bf16_bytes(row * cols), bytes)?;
+                        let at = bf16_bytes(row * local_cols);
+                        match &part.take {
+                            _ if part.is_whole(cols) => self.gpu.write(&buf, at, bytes)?,
+                            Take::Rows(r) => self.gpu.write(
+                                &buf,
+                                at,
+                                &bytes[bf16_bytes(r.start * cols)..bf16_bytes(r.end * cols)],
+                            )?,
+                            Take::Cols(c) => {
+                                let picked: Vec<u8> = bytes
+                                    .chunks_exact(bf16_bytes(cols))
+                                    .flat_map(|r| r[bf16_bytes(c.start)..bf16_bytes(c.end)].iter().copied())
+                                    .collect();
+                                self.gpu.write(&buf, at, &picked)?;
+                            }
+                        }
                     } else {
-                        let data = self.host(name, &[*r, cols])?.ok_or_else(|| self.missing(name))?;
+                        let data = self.host(part.name, &expected)?.ok_or_else(|| self.missing(part.name))?;
+                        let data = if part.is_whole(cols) { data } else { part.select(&data, cols) };
                         let converted: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
-                        self.gpu.write(&buf, bf16_bytes(row * cols), &converted)?;
+                        self.gpu.write(&buf, bf16_bytes(row * local_cols), &converted)?;
                     }
-                    row += r;
+                    row += part.local_rows();
                 }
             }
         }
         Ok(buf)
     }
 
-    /// A linear layer's weight, parts stacked by rows: BF16, or for FP8 models E4M3 codes with a
-    /// scale per row. FP8 checkpoints with per-tensor or per-channel scales are copied as stored;
-    /// anything else (BF16 weights, block scales) is quantized per row on the device.
-    fn linear(&self, parts: &[(&str, usize)], cols: usize, seed: u64) -> Result<Weight> {
+    fn stacked(&self, parts: &[Part<'_>], cols: usize, seed: u64) -> Result<DeviceBuffer> {
+        self.stacked_padded(parts, cols, 0, seed)
+    }
+
+    /// A linear layer's weight (this rank's parts, stacked by rows): BF16, or for FP8 models
+    /// E4M3 codes with a scale per row. FP8 checkpoints with per-tensor or per-channel scales are
+    /// copied as stored; anything else (BF16 weights, block scales) is quantized per row on the
+    /// device.
+    fn linear(&self, parts: &[Part<'_>], cols: usize, seed: u64) -> Result<Weight> {
         if !self.fp8 {
             return Ok(Weight { data: self.stacked(parts, cols, seed)?, scales: None });
         }
-        let rows: usize = parts.iter().map(|p| p.1).sum();
-        let data = self.gpu.alloc(rows * cols)?;
+        let rows: usize = parts.iter().map(Part::local_rows).sum();
+        let local_cols = parts.first().map_or(cols, |p| p.local_cols(cols));
+        let data = self.gpu.alloc(rows * local_cols)?;
         let scales = self.gpu.alloc(4 * rows)?;
         // Each part as stored, read once: FP8 codes and scales, or `None`.
         let stored: Vec<Option<flint_quant::Fp8Matrix>> = match &self.weights {
             WeightSource::Checkpoint(source) => {
-                parts.iter().map(|(name, _)| source.fp8_tensor(name)).collect::<Result<_>>()?
+                parts.iter().map(|p| source.fp8_tensor(p.name)).collect::<Result<_>>()?
             }
             WeightSource::Random(_) => parts.iter().map(|_| None).collect(),
         };
         if stored.iter().all(Option::is_none) {
             // The BF16 weights (the same random ones a BF16 model of this seed has), per row.
             let full = self.stacked(parts, cols, seed)?;
-            ops::quantize_rows(self.gpu, full.ptr(), data.ptr(), scales.ptr(), rows, cols)?;
+            ops::quantize_rows(self.gpu, full.ptr(), data.ptr(), scales.ptr(), rows, local_cols)?;
             return Ok(Weight { data, scales: Some(scales) });
         }
         let mut row = 0;
-        for (i, ((name, r), stored)) in parts.iter().zip(stored).enumerate() {
+        for (i, (part, stored)) in parts.iter().zip(stored).enumerate() {
+            let r = part.local_rows();
             match stored {
                 Some(m)
                     if m.format == flint_quant::Fp8Format::E4M3
@@ -990,20 +1264,32 @@ impl Loader<'_> {
                             flint_quant::Granularity::Tensor | flint_quant::Granularity::Channel
                         ) =>
                 {
-                    if (m.rows, m.cols) != (*r, cols) {
+                    if (m.rows, m.cols) != (part.rows, cols) {
                         return Err(Error::WeightShape {
-                            name: name.to_string(),
+                            name: part.name.to_string(),
                             got: vec![m.rows, m.cols],
-                            expected: vec![*r, cols],
+                            expected: vec![part.rows, cols],
                         });
                     }
-                    let per_row: Vec<f32> = (0..*r).map(|j| m.scale_at(j * cols)).collect();
-                    self.gpu.write(&data, row * cols, &m.codes)?;
+                    let all_scales: Vec<f32> = (0..part.rows).map(|j| m.scale_at(j * cols)).collect();
+                    let per_row = match &part.take {
+                        Take::Rows(rr) => all_scales[rr.clone()].to_vec(),
+                        Take::Cols(_) => all_scales,
+                    };
+                    self.gpu.write(&data, row * local_cols, &part.select(&m.codes, cols))?;
                     self.gpu.write(&scales, 4 * row, &per_row)?;
                 }
                 _ => {
-                    let part = self.stacked(&[(name, *r)], cols, seed.wrapping_add(i as u64 * 0x9e37))?;
-                    ops::quantize_rows(self.gpu, part.ptr(), data.at(row * cols), scales.at(4 * row), *r, cols)?;
+                    let one = [Part { name: part.name, rows: part.rows, take: part.take.clone() }];
+                    let bf = self.stacked(&one, cols, seed.wrapping_add(i as u64 * 0x9e37))?;
+                    ops::quantize_rows(
+                        self.gpu,
+                        bf.ptr(),
+                        data.at(row * local_cols),
+                        scales.at(4 * row),
+                        r,
+                        local_cols,
+                    )?;
                 }
             }
             row += r;
@@ -1011,21 +1297,35 @@ impl Loader<'_> {
         Ok(Weight { data, scales: Some(scales) })
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<DeviceBuffer> {
-        self.stacked(&[(name, rows)], cols, seed)
+    /// Rows `take` of the stored `[rows, cols]` matrix `name`, in a buffer of `min_rows` rows.
+    fn padded(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        take: &Take,
+        min_rows: usize,
+        seed: u64,
+    ) -> Result<DeviceBuffer> {
+        self.stacked_padded(&[Part { name, rows, take: take.clone() }], cols, min_rows, seed)
     }
 
-    fn optional_matrix(&self, name: &str, rows: usize, cols: usize, seed: u64) -> Result<Option<DeviceBuffer>> {
+    fn optional_padded(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        take: &Take,
+        min_rows: usize,
+        seed: u64,
+    ) -> Result<Option<DeviceBuffer>> {
         match &self.weights {
-            WeightSource::Random(_) => self.matrix(name, rows, cols, seed).map(Some),
+            WeightSource::Random(_) => self.padded(name, rows, cols, take, min_rows, seed).map(Some),
             WeightSource::Checkpoint(source) => {
-                if source.raw_bf16(name)?.is_some() {
-                    return self.stacked(&[(name, rows)], cols, seed).map(Some);
+                if source.raw_bf16(name)?.is_some() || source.tensor(name, self.config)?.is_some() {
+                    return self.padded(name, rows, cols, take, min_rows, seed).map(Some);
                 }
-                match self.host(name, &[rows, cols])? {
-                    Some(data) => self.upload_bf16(&data).map(Some),
-                    None => Ok(None),
-                }
+                Ok(None)
             }
         }
     }
@@ -1040,8 +1340,9 @@ impl Loader<'_> {
         Ok(self.gpu.upload(&rounded)?)
     }
 
-    fn bias(&self, parts: &[(&str, usize)], seed: u64) -> Result<Option<DeviceBuffer>> {
-        let total: usize = parts.iter().map(|p| p.1).sum();
+    /// This rank's elements of stored bias vectors, concatenated (absent ones are zeros).
+    fn bias(&self, parts: &[Part<'_>], seed: u64) -> Result<Option<DeviceBuffer>> {
+        let total: usize = parts.iter().map(Part::local_rows).sum();
         match &self.weights {
             WeightSource::Random(base) => {
                 let buf = self.gpu.alloc(bf16_bytes(total))?;
@@ -1050,10 +1351,10 @@ impl Loader<'_> {
             }
             WeightSource::Checkpoint(_) => {
                 let mut all = Vec::with_capacity(total);
-                for (name, n) in parts {
-                    match self.host(name, &[*n])? {
-                        Some(d) => all.extend(d),
-                        None => all.extend(std::iter::repeat_n(0.0, *n)),
+                for part in parts {
+                    match self.host(part.name, &[part.rows])? {
+                        Some(d) => all.extend(part.select(&d, 1)),
+                        None => all.extend(std::iter::repeat_n(0.0, part.local_rows())),
                     }
                 }
                 self.upload_bf16(&all).map(Some)

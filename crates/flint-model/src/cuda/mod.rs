@@ -6,5 +6,7 @@
 
 pub mod bench;
 mod llama;
+pub mod tp;
 
 pub use llama::{CudaLlama, CudaLlamaOptions, StepOutput};
+pub use tp::{CudaRank, GroupWeights, with_cuda_rank};

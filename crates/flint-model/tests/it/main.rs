@@ -5,3 +5,4 @@ mod fp8;
 mod fuzz;
 mod loaders;
 mod support;
+mod tp;

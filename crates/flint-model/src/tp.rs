@@ -1,0 +1,314 @@
+//! Running a tensor-parallel group: one thread per rank, each owning its shard of the model,
+//! its KV cache and its communicator; the caller sees one model.
+//!
+//! Every step goes to every rank (the same [`ForwardBatch`]); the ranks meet in their
+//! collectives, and rank 0's output is the group's. A request every rank refuses the same way
+//! (a bad batch, no cache) is refused before any collective and leaves the group serving; a
+//! rank that fails inside a step aborts its communicator, so the others fail too instead of
+//! waiting, and the group reports the first failing rank's error (it is unusable from then on).
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use flint_comm::LocalComm;
+use flint_tensor::{Backend, DType};
+
+use crate::{Error, ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache, Result, Shard};
+
+/// What one rank of a group does.
+pub trait RankModel: Send {
+    /// Runs one step; returns the logits `[batch.logit_rows().len(), vocab]` (rank 0's are used).
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>>;
+
+    /// Makes (or checks) the KV cache the next steps' block tables index.
+    fn new_kv_cache(&mut self, n_blocks: usize, block_size: usize) -> Result<()>;
+
+    /// The rank as `Any`, for [`TpGroup::run_on_all`] jobs that need its concrete type.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// Work for every rank: called with the rank and its model; rank 0's values are returned.
+pub type RankJob = Arc<dyn Fn(usize, &mut dyn RankModel) -> Result<Vec<f32>> + Send + Sync>;
+
+/// What the group reports about itself (rank 0's view; every rank holds the same shapes).
+#[derive(Clone, Debug)]
+pub struct RankInfo {
+    /// Device of rank 0 (`cpu`, `cuda:0 (NVIDIA H200)`).
+    pub device: String,
+    pub dtype: DType,
+    /// KV cache bytes per position on one rank.
+    pub kv_bytes_per_token: usize,
+    /// (KV blocks, block size, tokens per step, sequences per step) fixed at load, if any.
+    pub fixed_limits: Option<(usize, usize, usize, usize)>,
+    /// Longest sequence a rank was sized for.
+    pub max_seq_len: usize,
+}
+
+enum Command {
+    Forward(Arc<ForwardBatch>),
+    NewKvCache(usize, usize),
+    Run(RankJob),
+}
+
+struct Worker {
+    commands: Sender<Command>,
+    replies: Receiver<Result<Vec<f32>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A model split over `world` ranks, each on its own thread.
+pub struct TpGroup {
+    /// Locked for a whole step: the ranks take one step at a time.
+    workers: std::sync::Mutex<Vec<Worker>>,
+    world: usize,
+    /// Which [`TpGroup::new_kv_cache`] the ranks' caches come from.
+    cache_id: std::sync::atomic::AtomicU64,
+    config: ModelConfig,
+    info: RankInfo,
+}
+
+impl std::fmt::Debug for TpGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TpGroup({} ranks on {})", self.world, self.info.device)
+    }
+}
+
+fn rank_gone(rank: usize) -> Error {
+    Error::Sharding(format!("rank {rank}'s thread has exited"))
+}
+
+impl TpGroup {
+    /// Starts `world` rank threads; thread `r` builds its rank with `make(r)` (on that thread:
+    /// device contexts and communicators are joined there) and then serves steps.
+    pub fn spawn<F>(world: usize, config: ModelConfig, make: F) -> Result<Self>
+    where
+        F: Fn(usize) -> Result<(Box<dyn RankModel>, RankInfo)> + Send + Sync + 'static,
+    {
+        Shard::check(world, &config)?;
+        let make = Arc::new(make);
+        let mut workers = Vec::with_capacity(world);
+        let mut built = Vec::with_capacity(world);
+        for rank in 0..world {
+            let (commands, command_rx) = channel::<Command>();
+            let (reply_tx, replies) = channel::<Result<Vec<f32>>>();
+            let (info_tx, info_rx) = channel::<Result<RankInfo>>();
+            let make = make.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("flint-tp{rank}"))
+                .spawn(move || {
+                    let mut model = match make(rank) {
+                        Ok((model, info)) => {
+                            let _ = info_tx.send(Ok(info));
+                            model
+                        }
+                        Err(e) => {
+                            let _ = info_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    while let Ok(command) = command_rx.recv() {
+                        let reply = match command {
+                            Command::Forward(batch) => model.forward(&batch),
+                            Command::NewKvCache(n, b) => model.new_kv_cache(n, b).map(|()| Vec::new()),
+                            Command::Run(job) => job(rank, model.as_mut()),
+                        };
+                        if reply_tx.send(reply).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| Error::Sharding(format!("cannot start rank {rank}'s thread: {e}")))?;
+            workers.push(Worker { commands, replies, handle: Some(handle) });
+            built.push(info_rx);
+        }
+        let mut infos = Vec::with_capacity(world);
+        let mut first_error = None;
+        for (rank, rx) in built.into_iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(info)) => infos.push(info),
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(Error::Sharding(format!("rank {rank}: {e}")));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(rank_gone(rank));
+                }
+            }
+        }
+        let group_info = infos.first().cloned();
+        let group = TpGroup {
+            world: workers.len(),
+            workers: std::sync::Mutex::new(workers),
+            cache_id: std::sync::atomic::AtomicU64::new(0),
+            config,
+            info: group_info.unwrap_or(RankInfo {
+                device: String::new(),
+                dtype: DType::F32,
+                kv_bytes_per_token: 0,
+                fixed_limits: None,
+                max_seq_len: 0,
+            }),
+        };
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(group),
+        }
+    }
+
+    /// A CPU group over `LocalComm`: rank `r` loads its shard of `source` onto `backend(r)`.
+    pub fn cpu(
+        source: Arc<ModelSource>,
+        config: ModelConfig,
+        world: usize,
+        dtype: DType,
+        backend: impl Fn() -> Box<dyn Backend> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        Shard::check(world, &config)?;
+        let comms = std::sync::Mutex::new(
+            LocalComm::group(world, std::time::Duration::from_secs(600)).into_iter().map(Some).collect::<Vec<_>>(),
+        );
+        let c = config.clone();
+        Self::spawn(world, config, move |rank| {
+            let comm = comms
+                .lock()
+                .map_err(|_| Error::Sharding("communicator list poisoned".to_string()))?
+                .get_mut(rank)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::Sharding(format!("rank {rank} built twice")))?;
+            let backend = backend();
+            let model =
+                Llama::load_shard(&source, c.clone(), backend.as_ref(), dtype, Shard::new(rank, world)?, &mut |_| {})?;
+            let info = RankInfo {
+                device: backend.device().to_string(),
+                dtype,
+                kv_bytes_per_token: model.kv_bytes_per_token(),
+                fixed_limits: None,
+                max_seq_len: c.max_position_embeddings,
+            };
+            Ok((Box::new(CpuRank { backend, model, comm, cache: None }) as Box<dyn RankModel>, info))
+        })
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn info(&self) -> &RankInfo {
+        &self.info
+    }
+
+    fn broadcast(&self, command: impl Fn() -> Command) -> Result<Vec<f32>> {
+        let workers = self.workers.lock().map_err(|_| Error::Sharding("a step panicked".to_string()))?;
+        for (rank, w) in workers.iter().enumerate() {
+            w.commands.send(command()).map_err(|_| rank_gone(rank))?;
+        }
+        let mut out = None;
+        let mut first_error = None;
+        for (rank, w) in workers.iter().enumerate() {
+            match w.replies.recv() {
+                Ok(Ok(v)) if rank == 0 => out = Some(v),
+                Ok(Ok(_)) => {}
+                // A rank that failed on its own comes first; the others only saw it abort.
+                Ok(Err(e)) => match (&first_error, &e) {
+                    (Some((_, Error::Comm(flint_comm::Error::Aborted(_)))), _) | (None, _) => {
+                        first_error = Some((rank, e));
+                    }
+                    _ => {}
+                },
+                Err(_) => {
+                    first_error.get_or_insert((rank, rank_gone(rank)));
+                }
+            }
+        }
+        match (first_error, out) {
+            (Some((rank, e)), _) => Err(Error::Sharding(format!("rank {rank}: {e}"))),
+            (None, Some(v)) => Ok(v),
+            (None, None) => Err(rank_gone(0)),
+        }
+    }
+
+    /// One step on every rank, over the caches of the latest [`TpGroup::new_kv_cache`]: rank
+    /// 0's logits.
+    pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+        let batch = Arc::new(batch.clone());
+        self.broadcast(|| Command::Forward(batch.clone()))
+    }
+
+    /// [`TpGroup::forward`] over the caches `cache_id` names; an error if newer caches replaced
+    /// them.
+    pub fn forward_in(&self, batch: &ForwardBatch, cache_id: u64) -> Result<Vec<f32>> {
+        let current = self.cache_id.load(std::sync::atomic::Ordering::Acquire);
+        if cache_id != current {
+            return Err(Error::Sharding(format!(
+                "KV cache {cache_id} was replaced by cache {current}: ranks keep one cache at a time"
+            )));
+        }
+        self.forward(batch)
+    }
+
+    /// Runs `job` on every rank at once (each on its own thread, so jobs may meet in
+    /// collectives): rank 0's values, or the first failing rank's error.
+    pub fn run_on_all(&self, job: RankJob) -> Result<Vec<f32>> {
+        self.broadcast(|| Command::Run(job.clone()))
+    }
+
+    /// Makes every rank's KV cache for the block tables of the next steps (replacing the
+    /// previous ones) and returns its id.
+    pub fn new_kv_cache(&self, n_blocks: usize, block_size: usize) -> Result<u64> {
+        self.broadcast(|| Command::NewKvCache(n_blocks, block_size))?;
+        Ok(self.cache_id.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1)
+    }
+}
+
+impl Drop for TpGroup {
+    fn drop(&mut self) {
+        let workers = self.workers.get_mut().unwrap_or_else(|p| p.into_inner());
+        for w in workers.iter_mut() {
+            // Closing the channel ends the thread's loop.
+            let (dead, _) = channel();
+            drop(std::mem::replace(&mut w.commands, dead));
+        }
+        for w in workers.iter_mut() {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// A CPU rank: its shard of a [`Llama`], its backend and cache, and a [`LocalComm`].
+struct CpuRank {
+    backend: Box<dyn Backend>,
+    model: Llama,
+    comm: LocalComm,
+    cache: Option<PagedKvCache>,
+}
+
+impl RankModel for CpuRank {
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+        let cache = self.cache.as_ref().ok_or_else(|| Error::Sharding("no KV cache made yet".to_string()))?;
+        self.model.check_batch(batch, cache)?;
+        let logits = self
+            .model
+            .forward_batch_tp(self.backend.as_ref(), batch, cache, &self.comm)
+            .and_then(|l| Ok(self.backend.to_f32_vec(&l)?));
+        if logits.is_err() {
+            self.comm.abort();
+        }
+        logits
+    }
+
+    fn new_kv_cache(&mut self, n_blocks: usize, block_size: usize) -> Result<()> {
+        self.cache = None;
+        self.cache = Some(self.model.new_paged_kv_cache(self.backend.as_ref(), n_blocks, block_size)?);
+        Ok(())
+    }
+
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
