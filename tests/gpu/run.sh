@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with .gpu/bundle carried (cargo xtask gpu-bundle).
-#   bash tests/gpu/run.sh [check|bench|startup|all|fp8-check|fp8-bench|fp8] [PRESET]
+#   bash tests/gpu/run.sh [check|bench|startup|all|fp8-check|fp8-bench|fp8|tp] [PRESET]
 # check:   every kernel against the CPU reference; transformers-built checkpoints against Flint;
 #          SmolLM2 against the CPU's tokens (when the GGUF is there); `flint generate` on the GPU.
 # bench:   cargo xtask bench for PRESET (default llama-3.1-8b), transformers eager beside it.
+# tp:      every GPU of the machine: tensor-parallel checkpoints against one GPU and transformers,
+#          NCCL all-reduce latency, generate/serve with --tp, 8B at TP 1..N and 70B at TP N.
 # startup: process start to first token for PRESET saved as safetensors (in the page cache).
 # The SmolLM2 GGUF (98 MB) is over one call's carry limit: carry .gpu/smol1, .gpu/smol2 and
 # .gpu/smol3 (its three parts) in consecutive calls to one warm machine; they collect in /tmp.
@@ -86,6 +88,33 @@ fi
 if [[ $MODE == fp8-bench || $MODE == fp8 ]]; then
   echo "== bench $PRESET BF16 then FP8"
   $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8,32,128} --lengths ${LENGTHS:-128:128,2048:256} --json-out "$OUT/flint-$PRESET-fp8.json" || status=1
+fi
+if [[ $MODE == tp ]]; then
+  export NCCL_NVLS_ENABLE=0 FLINT_REQUIRE_TP=1
+  N=$(nvidia-smi -L | wc -l)
+  echo "== $N GPUs"; nvidia-smi topo -m 2>/dev/null | head -$((N + 1))
+  [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > "$OUT/tp-model.log" 2>&1 || status=1
+  grep -E "^test .*(ok|FAILED)$|TP [0-9]|panicked|test result" "$OUT/tp-model.log" | tail -14
+  for w in $(seq 2 $N); do
+    [[ $w == 2 || $w == 4 || $w == 8 ]] || continue
+    $B/flint bench --allreduce --tp $w --json-out "$OUT/allreduce-tp$w.json" || status=1
+  done
+  $B/flint generate --device cuda --tp $N --model /tmp/flint-hf/llama-gqa4-hd128 --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-tp.json" 2>&1 || status=1
+  python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print('generate --tp:', g['device'], len(g['token_ids']), 'tokens')" "$OUT/gen-tp.json" || cat "$OUT/gen-tp.json"
+  $B/flint serve --device cuda --tp $N --model /tmp/flint-hf/llama-gqa4-hd128 --port 50153 --max-running 32 --max-batch-tokens 2048 > "$OUT/serve-tp.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 120); do grep -q "serving" "$OUT/serve-tp.log" && break; sleep 0.5; done
+  $B/flint bench --server 127.0.0.1:50153 --num-requests 64 --concurrency 16 --prompt-len 64:256 --output-len 64 2>&1 | tail -8 || status=1
+  kill -TERM $pid; wait $pid || true
+  for w in 1 $N; do
+    echo "== llama-3.1-8b at TP $w"
+    $B/flint bench --preset llama-3.1-8b --tp $w --batches ${BATCHES:-1,8,32} --lengths ${LENGTHS:-128:128} --json-out "$OUT/flint-8b-tp$w.json" 2>&1 | grep -v "^  " || status=1
+  done
+  if [[ -n ${BIG:-} ]]; then
+    echo "== $BIG at TP $N"
+    $B/flint bench --preset "$BIG" --tp $N --batches ${BIG_BATCHES:-1,8} --lengths 128:128 --json-out "$OUT/flint-big-tp$N.json" 2>&1 | grep -v "^  " || status=1
+  fi
 fi
 if [[ $MODE == startup || $MODE == all ]]; then
   echo "== start-up: $PRESET from safetensors in the page cache"

@@ -41,8 +41,18 @@ impl FromStr for LengthRange {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Address of a running `flint serve` (host:port or http://host:port).
-    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+    #[arg(long, required_unless_present_any = ["preset", "allreduce"], conflicts_with_all = ["preset", "allreduce"])]
     server: Option<String>,
+    /// Time NCCL all-reduces among GPUs 0..--tp (BF16 sums, host-enqueued and from a CUDA graph)
+    /// over --sizes.
+    #[arg(long, conflicts_with = "preset")]
+    allreduce: bool,
+    /// With --allreduce: message sizes in bytes, comma-separated (K and M suffixes allowed).
+    #[arg(long, default_value = "4K,16K,64K,256K,1M,4M,16M", requires = "allreduce")]
+    sizes: String,
+    /// With --preset or --allreduce: tensor-parallel ranks (GPUs 0..N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tp: u32,
     /// Benchmark a model on the local GPU instead: random weights of this preset's shapes
     /// (llama-3.2-1b, llama-3.1-8b, llama-3.3-70b).
     #[arg(long)]
@@ -62,8 +72,8 @@ pub struct BenchArgs {
     /// With --preset: bf16, or fp8 to measure the FP8 model after the BF16 one in the same run.
     #[arg(long, default_value = "bf16", requires = "preset", value_parser = ["bf16", "fp8"])]
     dtype: String,
-    /// With --preset: also write the report as JSON to this file.
-    #[arg(long, requires = "preset")]
+    /// With --preset or --allreduce: also write the report as JSON to this file.
+    #[arg(long)]
     json_out: Option<std::path::PathBuf>,
     /// Requests to send.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
@@ -220,7 +230,38 @@ fn endpoint(server: &str) -> String {
     if server.contains("://") { server.to_string() } else { format!("http://{server}") }
 }
 
+fn parse_size(s: &str) -> anyhow::Result<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1usize << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        _ => (s, 1),
+    };
+    let n: usize = num.parse().with_context(|| format!("bad size {s:?} (bytes, or with a K or M suffix)"))?;
+    anyhow::ensure!(n > 0, "sizes must be positive: {s:?}");
+    Ok(n * mult)
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.allreduce {
+        anyhow::ensure!(args.tp >= 2, "--allreduce needs --tp 2 or more");
+        let sizes = args.sizes.split(',').map(parse_size).collect::<anyhow::Result<Vec<_>>>()?;
+        let rows = flint_comm::bench::nccl_all_reduce_latency(args.tp as usize, &sizes, 50)?;
+        let json = serde_json::to_string_pretty(&rows).context("encoding the report")?;
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if args.json {
+            println!("{json}");
+        } else {
+            println!("NCCL all-reduce, BF16 sum in place, {} GPUs (mean of 50, median of 5 runs)", args.tp);
+            println!("{:>10} {:>12} {:>12} {:>10}", "bytes", "eager us", "graph us", "bus GB/s");
+            for r in &rows {
+                println!("{:>10} {:>12.2} {:>12.2} {:>10.1}", r.bytes, r.eager_us, r.graph_us, r.bus_gbs);
+            }
+        }
+        return Ok(());
+    }
     if let Some(preset) = &args.preset {
         let batches = crate::gpubench::parse_batches(&args.batches)?;
         let lengths = crate::gpubench::parse_lengths(&args.lengths)?;
@@ -231,6 +272,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             !args.no_graphs,
             args.gemv_max_m as usize,
             args.dtype == "fp8",
+            args.tp as usize,
         )?;
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         if let Some(path) = &args.json_out {

@@ -41,6 +41,8 @@ pub struct ModelBench {
     pub preset: String,
     pub gpu: String,
     pub dtype: &'static str,
+    /// Tensor-parallel ranks (GPUs); every figure is rank 0's, bytes per step are per GPU.
+    pub tp: usize,
     pub copy_bandwidth_gbs: f64,
     pub cublaslt_peak: GemmRate,
     pub prefill_gemms: Vec<GemmRate>,
@@ -111,7 +113,9 @@ pub fn run_preset(
     graphs: bool,
     gemv_max_m: usize,
     fp8: bool,
+    tp: usize,
 ) -> anyhow::Result<ModelBench> {
+    anyhow::ensure!(!(fp8 && tp > 1), "--dtype fp8 is measured on one GPU");
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
@@ -130,6 +134,9 @@ pub fn run_preset(
         gemv_max_m,
         ..CudaLlamaOptions::default()
     };
+    if tp > 1 {
+        return run_preset_tp(preset, config, options, gpu, bandwidth, batches, lengths, tp, start);
+    }
     let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options.clone(), 0x5eed)?;
     gpu.synchronize()?;
     let startup_s = start.elapsed().as_secs_f64();
@@ -190,6 +197,7 @@ pub fn run_preset(
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
         dtype: "bf16",
+        tp: 1,
         copy_bandwidth_gbs: bandwidth / 1e9,
         cublaslt_peak: peak,
         prefill_gemms,
@@ -205,6 +213,100 @@ pub fn run_preset(
     })
 }
 
+/// The preset split over GPUs `0..tp`: every rank runs the same decode runs (meeting in NCCL),
+/// rank 0's figures are reported. The GEMM rates are one GPU's (cuBLASLt on GPU 0).
+#[allow(clippy::too_many_arguments)]
+fn run_preset_tp(
+    preset: &str,
+    config: ModelConfig,
+    options: CudaLlamaOptions,
+    gpu: Arc<Gpu>,
+    bandwidth: f64,
+    batches: &[usize],
+    lengths: &[(usize, usize)],
+    tp: usize,
+    start: Instant,
+) -> anyhow::Result<ModelBench> {
+    use flint_model::cuda::{GroupWeights, with_cuda_rank};
+    use flint_model::{RankModel, TpGroup};
+    let gemm = flint_cuda::gemm::Gemm::new(&gpu)?;
+    let peak = bench::gemm_rate(&gpu, &gemm, "square 8192", 8192, 8192, 8192)?;
+    drop(gemm);
+    let group = TpGroup::cuda(config, tp, options, GroupWeights::Random(0x5eed))?;
+    let startup_s = start.elapsed().as_secs_f64();
+    eprintln!("TP {tp}: {} ranks ready in {startup_s:.1} s", group.world_size());
+    let rows = Arc::new(std::sync::Mutex::new(Vec::<DecodeRow>::new()));
+    let breakdown = Arc::new(std::sync::Mutex::new(Vec::<Breakdown>::new()));
+    let weight_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut skipped = Vec::new();
+    for &(p, o) in lengths {
+        for &b in batches {
+            let out = Arc::clone(&rows);
+            let wb = Arc::clone(&weight_bytes);
+            let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
+                with_cuda_rank(model, |r| {
+                    let row = bench::decode_run(&r.model, bandwidth, p, o, b, 1 + b as u64)?;
+                    if rank == 0 {
+                        wb.store(r.model.weight_bytes_per_step(), std::sync::atomic::Ordering::Relaxed);
+                        out.lock().map_err(|_| flint_model::Error::Sharding("poisoned".into()))?.push(row);
+                    }
+                    Ok(Vec::new())
+                })
+            });
+            match group.run_on_all(job) {
+                Ok(_) => {
+                    if let Some(row) = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.last() {
+                        eprintln!(
+                            "  TP {tp} {p}/{o} batch {b}: TTFT {:.1} ms, decode {:.3} ms/token, {:.1} tok/s/user, {:.2} of roofline",
+                            row.ttft_ms, row.decode_ms_per_token, row.tok_s_per_user, row.roofline_fraction
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("  TP {tp} {p}/{o} batch {b}: skipped: {e}");
+                    skipped.push(format!("{p}/{o} batch {b}: {e}"));
+                }
+            }
+        }
+    }
+    for &b in batches {
+        let out = Arc::clone(&breakdown);
+        let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
+            with_cuda_rank(model, |r| {
+                let d = bench::decode_breakdown(&r.model, b, 256)?;
+                if rank == 0 {
+                    out.lock().map_err(|_| flint_model::Error::Sharding("poisoned".into()))?.push(d);
+                }
+                Ok(Vec::new())
+            })
+        });
+        if let Err(e) = group.run_on_all(job) {
+            skipped.push(format!("breakdown batch {b}: {e}"));
+        }
+    }
+    drop(group);
+    let rows = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let decode_breakdown = breakdown.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    Ok(ModelBench {
+        preset: preset.to_string(),
+        gpu: gpu.name().to_string(),
+        dtype: "bf16",
+        tp,
+        copy_bandwidth_gbs: bandwidth / 1e9,
+        cublaslt_peak: peak,
+        prefill_gemms: Vec::new(),
+        startup_s,
+        weight_bytes_per_step: weight_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        rows,
+        decode_breakdown,
+        gemv_max_m: 2,
+        skipped,
+        cuda_graphs: true,
+        pdl: gpu.pdl(),
+        fp8: None,
+    })
+}
+
 pub fn print_table(b: &ModelBench) {
     for d in &b.decode_breakdown {
         let parts: Vec<String> = d.ops.iter().map(|(l, ms)| format!("{l} {ms:.3}")).collect();
@@ -216,7 +318,14 @@ pub fn print_table(b: &ModelBench) {
             parts.join(", ")
         );
     }
-    println!("{} on {} (BF16), copy bandwidth {:.0} GB/s", b.preset, b.gpu, b.copy_bandwidth_gbs);
+    let on = if b.tp > 1 { format!("{} x {} (tensor parallel)", b.tp, b.gpu) } else { b.gpu.clone() };
+    println!("{} on {on} (BF16), copy bandwidth {:.0} GB/s per GPU", b.preset, b.copy_bandwidth_gbs);
+    if b.tp > 1 {
+        println!(
+            "weights read per step per GPU {:.2} GB; roofline = that plus the KV cache over one GPU's bandwidth",
+            b.weight_bytes_per_step as f64 / 1e9
+        );
+    }
     println!(
         "cuBLASLt BF16 {}x{}x{}: {:.0} TFLOP/s; prefill GEMMs at 2048 tokens:",
         b.cublaslt_peak.m, b.cublaslt_peak.n, b.cublaslt_peak.k, b.cublaslt_peak.tflops

@@ -13,6 +13,7 @@
 //! [`bootstrap`] hands NCCL's unique id from the first node to the others over TCP, for jobs of
 //! several processes or hosts.
 
+pub mod bench;
 pub mod bootstrap;
 mod error;
 mod local;

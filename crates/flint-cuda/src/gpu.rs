@@ -65,6 +65,14 @@ pub fn cuda_available() -> bool {
     CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
 }
 
+/// CUDA devices on this machine (0 without a driver).
+pub fn device_count() -> usize {
+    if !cuda_available() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
 /// Kernel-parameter pointer to a value.
 pub(crate) fn arg<T>(v: &T) -> *mut c_void {
     v as *const T as *mut c_void

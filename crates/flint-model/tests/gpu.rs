@@ -355,3 +355,99 @@ fn fp8_model_matches_the_cpu_emulation() {
         }
     }
 }
+
+/// Prefill, then teacher-forced decode through a tensor-parallel group.
+fn run_group(group: &flint_model::TpGroup, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+    let table: Vec<u32> = (0..((prompt.len() + forced.len() + 1).div_ceil(16)) as u32).collect();
+    let mut out = Vec::new();
+    let mut b = ForwardBatch::new(16);
+    b.push_sequence(prompt, 0, &table, Logits::Last).expect("batch");
+    out.push(group.forward(&b).expect("prefill"));
+    for (i, &t) in forced.iter().enumerate() {
+        let mut b = ForwardBatch::new(16);
+        b.push_sequence(&[t], prompt.len() + i, &table, Logits::Last).expect("batch");
+        out.push(group.forward(&b).expect("decode"));
+    }
+    out
+}
+
+/// Three sequences of different lengths prefilled together, then decoded together (a graph
+/// bucket of 4 with a padding row): logits of every step, `[3, vocab]` each.
+fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let lens = [prompt.len(), prompt.len() / 2, 5];
+    let per = (prompt.len() + steps + 1).div_ceil(16);
+    let tables: Vec<Vec<u32>> = (0..3).map(|s| ((s * per) as u32..((s + 1) * per) as u32).collect()).collect();
+    let mut b = ForwardBatch::new(16);
+    for s in 0..3 {
+        b.push_sequence(&prompt[..lens[s]], 0, &tables[s], Logits::Last).expect("batch");
+    }
+    let mut out = vec![forward(&b)];
+    for step in 0..steps {
+        let mut b = ForwardBatch::new(16);
+        for s in 0..3 {
+            b.push_sequence(&[prompt[(step + s) % prompt.len()]], lens[s] + step, &tables[s], Logits::Last)
+                .expect("batch");
+        }
+        out.push(forward(&b));
+    }
+    out
+}
+
+#[test]
+fn tensor_parallel_matches_one_gpu_and_transformers() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    let n_gpus = flint_cuda::device_count();
+    let worlds: Vec<usize> = [2, 4].into_iter().filter(|&w| w <= n_gpus).collect();
+    if worlds.is_empty() {
+        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
+        eprintln!("skipped: tensor parallelism needs 2 GPUs, this machine has {n_gpus}");
+        return;
+    }
+    for dir in dirs {
+        let r = read_reference(&dir);
+        let source = Arc::new(ModelSource::open(&dir).expect("open checkpoint"));
+        let config = source.config().expect("config");
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let forced = &r.tokens[..r.tokens.len() - 1];
+        let one = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
+        let one_logits = run_gpu(&one, &r.prompt, forced);
+        let one_batched = run_batched(&|b| one.forward(b).expect("step"), &r.prompt, 8);
+        drop(one);
+        for &world in &worlds {
+            if let Err(e) = flint_model::Shard::check(world, &config) {
+                eprintln!("{name} TP {world}: not split ({e})");
+                continue;
+            }
+            for graphs in [false, true] {
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let group = flint_model::TpGroup::cuda(config.clone(), world, small_options(graphs), weights)
+                    .expect("TP group");
+                let got = run_group(&group, &r.prompt, forced);
+                let (mut worst_ref, mut worst_one, mut clear) = (0f64, 0f64, 0);
+                for (step, l) in got.iter().enumerate() {
+                    let (e_ref, e_one) = (rel_err(l, &r.logits[step]), rel_err(l, &one_logits[step]));
+                    worst_ref = worst_ref.max(e_ref);
+                    worst_one = worst_one.max(e_one);
+                    assert!(
+                        e_ref <= 2e-2,
+                        "{name} TP {world} graphs={graphs}: step {step} vs transformers {e_ref:.3e}"
+                    );
+                    assert!(e_one <= 2e-2, "{name} TP {world} graphs={graphs}: step {step} vs one GPU {e_one:.3e}");
+                    if r.margins[step] > 0.1 {
+                        clear += 1;
+                        assert_eq!(argmax(l), r.tokens[step], "{name} TP {world}: greedy token at step {step}");
+                    }
+                }
+                let batched = run_batched(&|b| group.forward(b).expect("step"), &r.prompt, 8);
+                let worst_batched = batched.iter().zip(&one_batched).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+                assert!(worst_batched <= 2e-2, "{name} TP {world}: batched steps vs one GPU {worst_batched:.3e}");
+                eprintln!(
+                    "{name} TP {world} graphs={graphs}: {} steps, worst rel err {worst_ref:.2e} vs transformers, \
+                     {worst_one:.2e} vs one GPU, batched {worst_batched:.2e}; {clear} clear-margin tokens equal",
+                    got.len()
+                );
+            }
+        }
+    }
+}

@@ -355,8 +355,11 @@ impl CudaLlama {
                 c.n_heads / c.n_kv_heads
             )));
         }
-        if !c.hidden_size.is_multiple_of(8) || !c.intermediate_size.is_multiple_of(8) {
-            return Err(unsupported("hidden and intermediate sizes must be multiples of 8"));
+        if !c.hidden_size.is_multiple_of(8) || !local.ff.is_multiple_of(8) {
+            return Err(unsupported(format!(
+                "hidden size {} and each rank's MLP columns {} must be multiples of 8",
+                c.hidden_size, local.ff
+            )));
         }
         if options.max_seqs == 0 || options.max_batch_tokens < options.max_seqs || options.block_size == 0 {
             return Err(unsupported(format!(
