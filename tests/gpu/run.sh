@@ -94,7 +94,7 @@ if [[ $MODE == tp ]]; then
   N=$(nvidia-smi -L | wc -l)
   echo "== $N GPUs"; nvidia-smi topo -m 2>/dev/null | head -$((N + 1))
   [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
-  FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > "$OUT/tp-model.log" 2>&1 || status=1
+  FLINT_HF_MODELS=/tmp/flint-hf RUST_LOG=info timeout 300 $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > "$OUT/tp-model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|TP [0-9]|panicked|test result" "$OUT/tp-model.log" | tail -14
   for w in $(seq 2 $N); do
     [[ $w == 2 || $w == 4 || $w == 8 ]] || continue

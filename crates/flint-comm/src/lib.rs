@@ -21,7 +21,7 @@ mod nccl;
 
 pub use error::{Error, Result};
 pub use local::{HostElement, LocalComm};
-pub use nccl::{CommType, DeviceSlice, NcclComm, NcclId, nccl_available};
+pub use nccl::{CommType, DeviceSlice, NcclAbort, NcclComm, NcclId, nccl_available};
 
 /// How values of the ranks are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

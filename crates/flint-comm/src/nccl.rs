@@ -1,7 +1,7 @@
 //! NCCL, through cudarc's bindings: one GPU per rank, collectives on the rank's stream.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::nccl::{result, sys};
 use flint_cuda::Gpu;
@@ -96,7 +96,8 @@ impl NcclId {
 /// Collectives are enqueued on the GPU's stream and return before they finish; they order with
 /// the rank's kernels like any other work on that stream, and can be captured in CUDA graphs.
 pub struct NcclComm {
-    comm: sys::ncclComm_t,
+    /// The communicator, shared with [`NcclAbort`] handles; `None` once aborted.
+    comm: Arc<Mutex<Option<RawComm>>>,
     gpu: Arc<Gpu>,
     rank: usize,
     world: usize,
@@ -104,9 +105,34 @@ pub struct NcclComm {
     scratch: flint_cuda::DeviceBuffer,
 }
 
-// SAFETY: an NCCL communicator may be used from any thread, one thread at a time; `NcclComm` is
-// not `Sync`, and its methods take `&self` only on the thread that owns it.
-unsafe impl Send for NcclComm {}
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: an NCCL communicator may be used from any thread, one thread at a time (the mutex
+// around it); `ncclCommAbort` may be called from another thread while operations are in flight.
+unsafe impl Send for RawComm {}
+
+/// Aborts an [`NcclComm`] from any thread: its in-flight and later operations fail instead of
+/// waiting for peers that will never come (a rank that failed mid-step).
+#[derive(Clone)]
+pub struct NcclAbort(Arc<Mutex<Option<RawComm>>>);
+
+impl std::fmt::Debug for NcclAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclAbort")
+    }
+}
+
+impl NcclAbort {
+    pub fn abort(&self) {
+        let mut comm = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(raw) = comm.take() {
+            // SAFETY: the communicator is live (it was not taken before) and is never used again.
+            if let Err(e) = unsafe { result::comm_abort(raw.0) } {
+                tracing::warn!("ncclCommAbort: {e:?}");
+            }
+        }
+    }
+}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,7 +156,7 @@ impl NcclComm {
         unsafe { result::comm_init_rank(&mut comm, world as i32, id.raw(), rank as i32) }
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
         let scratch = gpu.zeros(4)?;
-        Ok(NcclComm { comm, gpu, rank, world, scratch })
+        Ok(NcclComm { comm: Arc::new(Mutex::new(Some(RawComm(comm)))), gpu, rank, world, scratch })
     }
 
     /// One communicator over `gpus` driven from this thread: rank `i` on `gpus[i]`.
@@ -159,13 +185,32 @@ impl NcclComm {
             .enumerate()
             .map(|(rank, (gpu, comm))| {
                 let scratch = gpu.zeros(4)?;
-                Ok(NcclComm { comm, gpu: gpu.clone(), rank, world, scratch })
+                Ok(NcclComm { comm: Arc::new(Mutex::new(Some(RawComm(comm)))), gpu: gpu.clone(), rank, world, scratch })
             })
             .collect()
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// A handle that aborts this communicator from another thread.
+    pub fn abort_handle(&self) -> NcclAbort {
+        NcclAbort(Arc::clone(&self.comm))
+    }
+
+    /// The raw communicator for one call, or an error once aborted.
+    fn raw(&self) -> Result<sys::ncclComm_t> {
+        let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        comm.as_ref().map(|c| c.0).ok_or_else(|| Error::Nccl("the communicator was aborted".to_string()))
     }
 
     fn stream(&self) -> sys::cudaStream_t {
@@ -187,9 +232,12 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: the communicator is ours and no longer used.
-        if let Err(e) = unsafe { result::comm_destroy(self.comm) } {
-            tracing::warn!("ncclCommDestroy: {e:?}");
+        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(raw) = comm.take() {
+            // SAFETY: the communicator is ours and no longer used.
+            if let Err(e) = unsafe { result::comm_destroy(raw.0) } {
+                tracing::warn!("ncclCommDestroy: {e:?}");
+            }
         }
     }
 }
@@ -218,7 +266,7 @@ impl Communicator<DeviceSlice> for NcclComm {
                 buf.len,
                 buf.dtype.nccl(),
                 Self::op(op),
-                self.comm,
+                self.raw()?,
                 self.stream(),
             )
         }
@@ -231,7 +279,7 @@ impl Communicator<DeviceSlice> for NcclComm {
         self.bind()?;
         let send = buf.ptr + (self.rank * n * buf.dtype.size()) as u64;
         // SAFETY: in place: the send part lies at offset rank * n of the receive buffer.
-        unsafe { result::all_gather(ptr(send), ptr(buf.ptr), n, buf.dtype.nccl(), self.comm, self.stream()) }
+        unsafe { result::all_gather(ptr(send), ptr(buf.ptr), n, buf.dtype.nccl(), self.raw()?, self.stream()) }
             .map_err(|e| nccl_err("ncclAllGather", e))?;
         Ok(())
     }
@@ -242,7 +290,15 @@ impl Communicator<DeviceSlice> for NcclComm {
         let recv = buf.ptr + (self.rank * n * buf.dtype.size()) as u64;
         // SAFETY: in place: the receive part lies at offset rank * n of the send buffer.
         unsafe {
-            result::reduce_scatter(ptr(buf.ptr), ptr(recv), n, buf.dtype.nccl(), Self::op(op), self.comm, self.stream())
+            result::reduce_scatter(
+                ptr(buf.ptr),
+                ptr(recv),
+                n,
+                buf.dtype.nccl(),
+                Self::op(op),
+                self.raw()?,
+                self.stream(),
+            )
         }
         .map_err(|e| nccl_err("ncclReduceScatter", e))?;
         Ok(())
@@ -261,7 +317,7 @@ impl Communicator<DeviceSlice> for NcclComm {
                 buf.len,
                 buf.dtype.nccl(),
                 root as i32,
-                self.comm,
+                self.raw()?,
                 self.stream(),
             )
         }
@@ -273,7 +329,7 @@ impl Communicator<DeviceSlice> for NcclComm {
         check_peer("send", peer, self.rank, self.world)?;
         self.bind()?;
         // SAFETY: `len` elements of device memory, read by NCCL in stream order.
-        unsafe { result::send(ptr(buf.ptr), buf.len, buf.dtype.nccl(), peer as i32, self.comm, self.stream()) }
+        unsafe { result::send(ptr(buf.ptr), buf.len, buf.dtype.nccl(), peer as i32, self.raw()?, self.stream()) }
             .map_err(|e| nccl_err("ncclSend", e))?;
         Ok(())
     }
@@ -282,7 +338,7 @@ impl Communicator<DeviceSlice> for NcclComm {
         check_peer("recv", peer, self.rank, self.world)?;
         self.bind()?;
         // SAFETY: `len` elements of device memory, written by NCCL in stream order.
-        unsafe { result::recv(ptr(buf.ptr), buf.len, buf.dtype.nccl(), peer as i32, self.comm, self.stream()) }
+        unsafe { result::recv(ptr(buf.ptr), buf.len, buf.dtype.nccl(), peer as i32, self.raw()?, self.stream()) }
             .map_err(|e| nccl_err("ncclRecv", e))?;
         Ok(())
     }

@@ -26,7 +26,18 @@ pub trait RankModel: Send {
 
     /// The rank as `Any`, for [`TpGroup::run_on_all`] jobs that need its concrete type.
     fn as_any(&mut self) -> &mut dyn std::any::Any;
+
+    /// Something any thread may call to make this rank's pending and later collectives fail
+    /// (for ranks whose collectives have no timeout of their own, like NCCL's).
+    fn aborter(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        None
+    }
 }
+
+/// How long the ranks still running get to answer after one rank failed, before the group
+/// aborts their communicators (a rank failing alone leaves the others waiting in a collective;
+/// ranks refusing a bad step all answer at once).
+const STRAGGLER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Work for every rank: called with the rank and its model; rank 0's values are returned.
 pub type RankJob = Arc<dyn Fn(usize, &mut dyn RankModel) -> Result<Vec<f32>> + Send + Sync>;
@@ -55,6 +66,7 @@ struct Worker {
     commands: Sender<Command>,
     replies: Receiver<Result<Vec<f32>>>,
     handle: Option<JoinHandle<()>>,
+    aborter: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// A model split over `world` ranks, each on its own thread.
@@ -92,14 +104,15 @@ impl TpGroup {
         for rank in 0..world {
             let (commands, command_rx) = channel::<Command>();
             let (reply_tx, replies) = channel::<Result<Vec<f32>>>();
-            let (info_tx, info_rx) = channel::<Result<RankInfo>>();
+            type Built = (RankInfo, Option<Arc<dyn Fn() + Send + Sync>>);
+            let (info_tx, info_rx) = channel::<Result<Built>>();
             let make = make.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("flint-tp{rank}"))
                 .spawn(move || {
                     let mut model = match make(rank) {
                         Ok((model, info)) => {
-                            let _ = info_tx.send(Ok(info));
+                            let _ = info_tx.send(Ok((info, model.aborter())));
                             model
                         }
                         Err(e) => {
@@ -119,14 +132,17 @@ impl TpGroup {
                     }
                 })
                 .map_err(|e| Error::Sharding(format!("cannot start rank {rank}'s thread: {e}")))?;
-            workers.push(Worker { commands, replies, handle: Some(handle) });
+            workers.push(Worker { commands, replies, handle: Some(handle), aborter: None });
             built.push(info_rx);
         }
         let mut infos = Vec::with_capacity(world);
         let mut first_error = None;
         for (rank, rx) in built.into_iter().enumerate() {
             match rx.recv() {
-                Ok(Ok(info)) => infos.push(info),
+                Ok(Ok((info, aborter))) => {
+                    workers[rank].aborter = aborter;
+                    infos.push(info);
+                }
                 Ok(Err(e)) => {
                     first_error.get_or_insert(Error::Sharding(format!("rank {rank}: {e}")));
                 }
@@ -206,21 +222,52 @@ impl TpGroup {
         for (rank, w) in workers.iter().enumerate() {
             w.commands.send(command()).map_err(|_| rank_gone(rank))?;
         }
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut replies: Vec<Option<Result<Vec<f32>>>> = (0..workers.len()).map(|_| None).collect();
+        let mut failed_at: Option<std::time::Instant> = None;
+        let mut aborted = false;
+        while replies.iter().any(Option::is_none) {
+            for (rank, w) in workers.iter().enumerate() {
+                if replies[rank].is_some() {
+                    continue;
+                }
+                let reply = match w.replies.recv_timeout(std::time::Duration::from_millis(20)) {
+                    Ok(r) => r,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => Err(rank_gone(rank)),
+                };
+                if reply.is_err() {
+                    failed_at.get_or_insert_with(std::time::Instant::now);
+                }
+                replies[rank] = Some(reply);
+            }
+            if let Some(t) = failed_at
+                && !aborted
+                && t.elapsed() > STRAGGLER_WAIT
+            {
+                tracing::error!(
+                    "a rank failed and others are stuck in a collective: aborting the group's communicators"
+                );
+                workers.iter().filter_map(|w| w.aborter.as_ref()).for_each(|abort| abort());
+                aborted = true;
+            }
+        }
+        // A rank that failed on its own is reported first; the others only saw it abort.
+        let mut first_error: Option<(usize, Error)> = None;
         let mut out = None;
-        let mut first_error = None;
-        for (rank, w) in workers.iter().enumerate() {
-            match w.replies.recv() {
-                Ok(Ok(v)) if rank == 0 => out = Some(v),
-                Ok(Ok(_)) => {}
-                // A rank that failed on its own comes first; the others only saw it abort.
-                Ok(Err(e)) => match (&first_error, &e) {
-                    (Some((_, Error::Comm(flint_comm::Error::Aborted(_)))), _) | (None, _) => {
-                        first_error = Some((rank, e));
+        for (rank, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Some(Ok(v)) if rank == 0 => out = Some(v),
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => {
+                    let secondary = |e: &Error| {
+                        matches!(e, Error::Comm(flint_comm::Error::Aborted(_))) || e.to_string().contains("aborted")
+                    };
+                    match &first_error {
+                        None => first_error = Some((rank, e)),
+                        Some((_, prev)) if secondary(prev) && !secondary(&e) => first_error = Some((rank, e)),
+                        Some(_) => {}
                     }
-                    _ => {}
-                },
-                Err(_) => {
-                    first_error.get_or_insert((rank, rank_gone(rank)));
                 }
             }
         }

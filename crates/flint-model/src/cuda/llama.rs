@@ -291,19 +291,23 @@ fn bf16_bytes(n: usize) -> usize {
 impl CudaLlama {
     /// Loads `source`'s weights, converted to BF16, onto `gpu`.
     pub fn load(gpu: Arc<Gpu>, source: &ModelSource, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
-        Self::build(gpu, WeightSource::Checkpoint(source), config, options, None)
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, None, None)
     }
 
     /// Loads rank `comm.rank()`'s shard of `source` for tensor parallelism over `comm`'s group
-    /// (see [`Shard`]): every rank of the group loads its own and runs every step.
+    /// (see [`Shard`]): every rank of the group loads its own and runs every step. The ranks'
+    /// KV caches must hold the same blocks: `agree_blocks(n)` gets this rank's count and returns
+    /// the group's (the smallest), exchanged outside NCCL so that a rank that failed to load
+    /// cannot leave the others waiting in a collective.
     pub fn load_tp(
         gpu: Arc<Gpu>,
         source: &ModelSource,
         config: ModelConfig,
         options: CudaLlamaOptions,
         comm: NcclComm,
+        agree_blocks: &dyn Fn(usize) -> Result<usize>,
     ) -> Result<Self> {
-        Self::build(gpu, WeightSource::Checkpoint(source), config, options, Some(comm))
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, Some(comm), Some(agree_blocks))
     }
 
     /// [`CudaLlama::random`] for one rank of a tensor-parallel group (each rank's weights come
@@ -314,14 +318,15 @@ impl CudaLlama {
         options: CudaLlamaOptions,
         seed: u64,
         comm: NcclComm,
+        agree_blocks: &dyn Fn(usize) -> Result<usize>,
     ) -> Result<Self> {
-        Self::build(gpu, WeightSource::Random(seed), config, options, Some(comm))
+        Self::build(gpu, WeightSource::Random(seed), config, options, Some(comm), Some(agree_blocks))
     }
 
     /// A model of `config`'s shapes with random weights (uniform, standard deviation 0.02, as the
     /// reference initialisation; norms one), generated on the device from `seed`.
     pub fn random(gpu: Arc<Gpu>, config: ModelConfig, options: CudaLlamaOptions, seed: u64) -> Result<Self> {
-        Self::build(gpu, WeightSource::Random(seed), config, options, None)
+        Self::build(gpu, WeightSource::Random(seed), config, options, None, None)
     }
 
     fn build(
@@ -330,6 +335,7 @@ impl CudaLlama {
         config: ModelConfig,
         options: CudaLlamaOptions,
         comm: Option<NcclComm>,
+        agree_blocks: Option<&dyn Fn(usize) -> Result<usize>>,
     ) -> Result<Self> {
         let c = config.clone();
         let shard = match &comm {
@@ -511,15 +517,9 @@ impl CudaLlama {
             }
         };
         // Every rank of a group must index the same blocks: take the smallest cache.
-        let n_blocks = match &comm {
+        let n_blocks = match agree_blocks {
             None => n_blocks,
-            Some(comm) => {
-                let buf = gpu.upload(&[n_blocks.min(u32::MAX as usize) as u32])?;
-                comm.all_reduce(&mut DeviceSlice::new(buf.ptr(), 1, CommType::U32), ReduceOp::Min)?;
-                let mut agreed = [0u32];
-                gpu.read(buf.ptr(), &mut agreed)?;
-                agreed[0] as usize
-            }
+            Some(agree) => agree(n_blocks)?,
         };
         if n_blocks < max_blocks.min(2) {
             let (free, _) = gpu.memory()?;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use flint_comm::{NcclComm, NcclId};
+use flint_comm::{Communicator, LocalComm, NcclAbort, NcclComm, NcclId, ReduceOp};
 use flint_cuda::Gpu;
 use flint_tensor::DType;
 
@@ -16,6 +16,7 @@ use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, Shard};
 #[derive(Debug)]
 pub struct CudaRank {
     pub model: CudaLlama,
+    abort: NcclAbort,
 }
 
 impl RankModel for CudaRank {
@@ -43,6 +44,11 @@ impl RankModel for CudaRank {
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
     }
+
+    fn aborter(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        let abort = self.abort.clone();
+        Some(Arc::new(move || abort.abort()))
+    }
 }
 
 /// Where a CUDA group's weights come from.
@@ -68,15 +74,43 @@ impl TpGroup {
         Shard::check(world, &config)?;
         let id = NcclId::new()?;
         let c = config.clone();
+        // The ranks meet on the host before NCCL: a rank that fails to open its GPU or to load
+        // aborts this group, and the others stop with an error instead of waiting in NCCL.
+        let hosts = std::sync::Mutex::new(
+            LocalComm::group(world, std::time::Duration::from_secs(900)).into_iter().map(Some).collect::<Vec<_>>(),
+        );
         Self::spawn(world, config, move |rank| {
-            let gpu = Gpu::new(rank)?;
-            let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
-            let model = match &weights {
-                GroupWeights::Checkpoint(source) => {
-                    CudaLlama::load_tp(Arc::clone(&gpu), source, c.clone(), options.clone(), comm)?
-                }
-                GroupWeights::Random(seed) => {
-                    CudaLlama::random_tp(Arc::clone(&gpu), c.clone(), options.clone(), *seed, comm)?
+            let host = hosts
+                .lock()
+                .map_err(|_| Error::Sharding("host communicator list poisoned".to_string()))?
+                .get_mut(rank)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::Sharding(format!("rank {rank} built twice")))?;
+            let built = (|| {
+                let gpu = Gpu::new(rank)?;
+                host.barrier()?;
+                let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
+                let abort = comm.abort_handle();
+                let agree = |n: usize| -> Result<usize> {
+                    let mut v = [n.min(u32::MAX as usize) as u32];
+                    Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
+                    Ok(v[0] as usize)
+                };
+                let model = match &weights {
+                    GroupWeights::Checkpoint(source) => {
+                        CudaLlama::load_tp(Arc::clone(&gpu), source, c.clone(), options.clone(), comm, &agree)?
+                    }
+                    GroupWeights::Random(seed) => {
+                        CudaLlama::random_tp(Arc::clone(&gpu), c.clone(), options.clone(), *seed, comm, &agree)?
+                    }
+                };
+                Ok::<_, Error>((gpu, model, abort))
+            })();
+            let (gpu, model, abort) = match built {
+                Ok(b) => b,
+                Err(e) => {
+                    host.abort();
+                    return Err(e);
                 }
             };
             let info = RankInfo {
@@ -86,7 +120,7 @@ impl TpGroup {
                 fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
                 max_seq_len: options.max_seq_len,
             };
-            Ok((Box::new(CudaRank { model }) as Box<dyn RankModel>, info))
+            Ok((Box::new(CudaRank { model, abort }) as Box<dyn RankModel>, info))
         })
     }
 }
