@@ -120,12 +120,20 @@ impl TpGroup {
                             return;
                         }
                     };
+                    tracing::debug!(rank, "rank ready");
                     while let Ok(command) = command_rx.recv() {
+                        let what = match &command {
+                            Command::Forward(b) => format!("forward of {} tokens", b.n_tokens()),
+                            Command::NewKvCache(n, b) => format!("KV cache of {n} blocks of {b}"),
+                            Command::Run(_) => "job".to_string(),
+                        };
+                        tracing::debug!(rank, "start {what}");
                         let reply = match command {
                             Command::Forward(batch) => model.forward(&batch),
                             Command::NewKvCache(n, b) => model.new_kv_cache(n, b).map(|()| Vec::new()),
                             Command::Run(job) => job(rank, model.as_mut()),
                         };
+                        tracing::debug!(rank, ok = reply.is_ok(), "done {what}");
                         if reply_tx.send(reply).is_err() {
                             return;
                         }

@@ -395,6 +395,10 @@ fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], step
 
 #[test]
 fn tensor_parallel_matches_one_gpu_and_transformers() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
     let n_gpus = flint_cuda::device_count();
@@ -420,9 +424,11 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 continue;
             }
             for graphs in [false, true] {
+                eprintln!("{name} TP {world} graphs={graphs}: loading");
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
                 let group = flint_model::TpGroup::cuda(config.clone(), world, small_options(graphs), weights)
                     .expect("TP group");
+                eprintln!("{name} TP {world} graphs={graphs}: loaded");
                 let got = run_group(&group, &r.prompt, forced);
                 let (mut worst_ref, mut worst_one, mut clear) = (0f64, 0f64, 0);
                 for (step, l) in got.iter().enumerate() {

@@ -88,10 +88,13 @@ impl TpGroup {
                 .ok_or_else(|| Error::Sharding(format!("rank {rank} built twice")))?;
             let built = (|| {
                 let gpu = Gpu::new(rank)?;
+                tracing::debug!(rank, "GPU open");
                 host.barrier()?;
                 let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
+                tracing::debug!(rank, "NCCL joined");
                 let abort = comm.abort_handle();
                 let agree = |n: usize| -> Result<usize> {
+                    tracing::debug!(rank, n, "loaded; agreeing on KV blocks");
                     let mut v = [n.min(u32::MAX as usize) as u32];
                     Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
                     Ok(v[0] as usize)
