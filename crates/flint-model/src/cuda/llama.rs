@@ -265,6 +265,20 @@ pub struct CudaLlama {
     state: Mutex<State>,
 }
 
+impl Drop for CudaLlama {
+    fn drop(&mut self) {
+        // NCCL does not destroy a communicator while CUDA graphs that captured its operations
+        // exist: the graphs go first, then the communicator.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.graphs.clear();
+        drop(state);
+        if let Err(e) = self.gpu.synchronize() {
+            tracing::warn!("synchronizing before dropping the model: {e}");
+        }
+        drop(self.comm.take());
+    }
+}
+
 impl std::fmt::Debug for CudaLlama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
