@@ -4,6 +4,7 @@
 # check:   every kernel against the CPU reference; transformers-built checkpoints against Flint;
 #          SmolLM2 against the CPU's tokens (when the GGUF is there); `flint generate` on the GPU.
 # bench:   cargo xtask bench for PRESET (default llama-3.1-8b), transformers eager beside it.
+# (tests/gpu/tp-quick.sh: the TP model test and batch-1 decode at TP 1 and N, for short sessions.)
 # tp:      every GPU of the machine: tensor-parallel checkpoints against one GPU and transformers,
 #          NCCL all-reduce latency, generate/serve with --tp, 8B at TP 1..N and 70B at TP N.
 # startup: process start to first token for PRESET saved as safetensors (in the page cache).
@@ -100,7 +101,7 @@ if [[ $MODE == tp ]]; then
     [[ $w == 2 || $w == 4 || $w == 8 ]] || continue
     $B/flint bench --allreduce --tp $w --json-out "$OUT/allreduce-tp$w.json" || status=1
   done
-  $B/flint generate --device cuda --tp $N --model /tmp/flint-hf/llama-gqa4-hd128 --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-tp.json" 2>&1 || status=1
+  $B/flint generate --device cuda --tp $N --model /tmp/flint-hf/llama-gqa4-hd128 --raw --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-tp.json" 2>&1 || status=1
   python3 -c "import json,sys; g=json.load(open(sys.argv[1])); print('generate --tp:', g['device'], len(g['token_ids']), 'tokens')" "$OUT/gen-tp.json" || cat "$OUT/gen-tp.json"
   $B/flint serve --device cuda --tp $N --model /tmp/flint-hf/llama-gqa4-hd128 --port 50153 --max-running 32 --max-batch-tokens 2048 > "$OUT/serve-tp.log" 2>&1 &
   pid=$!

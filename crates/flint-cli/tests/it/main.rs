@@ -127,6 +127,26 @@ fn invalid_flags_fail_cleanly() {
     );
 }
 
+/// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's
+/// greedy answer; a rank count the heads do not divide is refused by name.
+#[test]
+fn tensor_parallel_generation_on_the_cpu() {
+    let reference = smollm2_reference();
+    let case = reference.cases.iter().find(|c| c.kind == "chat").expect("a chat case");
+    let max = case.token_ids.len().to_string();
+    let model = model();
+    let args = ["generate", "--device", "cpu", "--tp", "3", "--model", &model, "--prompt", &case.prompt];
+    let out = flint(&[&args[..], &["--max-tokens", &max, "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+    assert_eq!(ids, case.token_ids);
+    assert!(json["device"].as_str().is_some_and(|d| d.starts_with("3 x cpu")), "{}", json["device"]);
+    let out = flint(&["generate", "--device", "cpu", "--tp", "2", "--model", &model, "--prompt", "hi"]);
+    assert_clean_failure(&out, "9 attention heads do not split over 2 ranks");
+    assert_clean_failure(&flint(&["generate", "--tp", "0", "--prompt", "hi"]), "--tp");
+}
+
 #[test]
 fn unavailable_device_is_a_clear_error() {
     assert_clean_failure(&flint(&["generate", "--model", &model(), "--prompt", "hi", "--device", "cuda"]), "cuda");
