@@ -290,6 +290,17 @@ mod scheduling {
         concurrent_requests_match_the_reference(&engine);
     }
 
+    /// SmolLM2's 30 layers in 3 pipeline stages (balanced by weights read: the LM head makes
+    /// the last stage shorter), each step's sequences flowing through as 3 micro-batches; and
+    /// 2 stages of 3 tensor-parallel ranks each. The same tokens as the reference.
+    #[test]
+    fn pipeline_stages_under_continuous_batching_match_the_reference() {
+        for (tp, pp) in [(1, 3), (3, 2)] {
+            let engine = flint_e2e::cpu_pipeline_engine(tp, pp);
+            concurrent_requests_match_the_reference(&engine);
+        }
+    }
+
     fn concurrent_requests_match_the_reference(engine: &flint_engine::Engine) {
         let reference = smollm2_reference();
         let config =

@@ -54,6 +54,18 @@ pub fn cpu_tp_engine(world: usize) -> Engine {
     Engine::with_group(group, tokenizer)
 }
 
+/// The default model as a pipeline of `pp` balanced stages, each split over `tp` ranks, with
+/// `pp` micro-batches per step.
+pub fn cpu_pipeline_engine(tp: usize, pp: usize) -> Engine {
+    let source = std::sync::Arc::new(ModelSource::open(&default_model_path()).expect("default model opens"));
+    let config = source.config().expect("config");
+    let tokenizer = flint_engine::Tokenizer::for_source(&source, &config).expect("tokenizer");
+    let plan = flint_stages::StagePlan::balanced(&config, pp).expect("plan");
+    let group = flint_stages::pipeline_cpu(source, config, tp, plan, pp, DType::F32, || Box::new(CpuBackend::new()))
+        .expect("the default model splits");
+    Engine::with_group(group, tokenizer)
+}
+
 /// Output of the independent reference (Hugging Face transformers on the same GGUF file).
 #[derive(Debug, Deserialize)]
 pub struct Reference {

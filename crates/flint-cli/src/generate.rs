@@ -94,6 +94,9 @@ pub struct GenerateArgs {
     /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
+    /// Pipeline stages (CPU): the layers split into N balanced stages, each of --tp ranks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pp: u32,
 }
 
 /// How to size a CUDA runtime.
@@ -107,6 +110,8 @@ pub struct CudaSizing {
     pub fp8: bool,
     /// Tensor-parallel ranks.
     pub tp: usize,
+    /// Pipeline stages (CPU only).
+    pub pp: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -159,6 +164,21 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
         DeviceArg::Auto => gpu_usable(),
     };
     let source = Arc::new(ModelSource::open(model_path)?);
+    if sizing.pp > 1 {
+        if device == DeviceArg::Cuda {
+            bail!("--pp runs on the CPU (GPU pipeline stages are not built yet); use --tp on the GPU");
+        }
+        let config = source.config()?;
+        let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+        let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
+        let what = format!("{} stages of {} CPU ranks", sizing.pp, sizing.tp);
+        let group =
+            flint_stages::pipeline_cpu(Arc::clone(&source), config, sizing.tp, plan, sizing.pp, DType::F32, || {
+                Box::new(CpuBackend::new())
+            })
+            .with_context(|| format!("loading {} as {what}", model_path.display()))?;
+        return Ok(Engine::with_group(group, tokenizer));
+    }
     if use_cuda {
         let attempt = (|| -> anyhow::Result<Engine> {
             let config = source.config()?;
@@ -237,11 +257,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         block_size: 16,
         fp8: args.dtype == DtypeArg::Fp8,
         tp: args.tp as usize,
+        pp: args.pp as usize,
     };
     let (engine, model_name) = match &args.random_weights {
         Some(preset) => {
             if args.device == DeviceArg::Cpu {
                 bail!("--random-weights runs on the GPU only");
+            }
+            if args.pp > 1 {
+                bail!("--pp runs on the CPU (GPU pipeline stages are not built yet); use --tp on the GPU");
             }
             (random_engine(preset, sizing)?, format!("{preset} (random weights)"))
         }

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
+    /// Pipeline stages (CPU): the layers split into N balanced stages, each of --tp ranks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pp: u32,
 }
 
 async fn shutdown_signal() {
@@ -116,6 +119,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         block_size: args.block_size as usize,
         fp8: args.dtype == crate::generate::DtypeArg::Fp8,
         tp: args.tp as usize,
+        pp: args.pp as usize,
     };
     let engine = load_engine(&model_path, args.device, sizing)?;
     let block_size = args.block_size as usize;

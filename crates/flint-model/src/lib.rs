@@ -19,7 +19,9 @@ pub mod tp;
 
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use llama::{ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, PagedKvCache, rope_inv_freq};
+pub use llama::{
+    ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, PagedKvCache, StageInput, StageOutput, rope_inv_freq,
+};
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};
 pub use tp::{RankInfo, RankModel, TpGroup};

@@ -65,11 +65,34 @@ pub struct Llama {
     shard: Shard,
     dtype: DType,
     fp8: Fp8Spec,
-    embed_tokens: Tensor,
+    /// Global indices of the decoder layers held (all of them, or a pipeline stage's).
+    layer_range: Range<usize>,
+    /// On the part holding the first layer.
+    embed_tokens: Option<Tensor>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    /// Final norm and LM head: on the part holding the last layer.
+    norm: Option<Tensor>,
+    lm_head: Option<Tensor>,
     rope_inv_freq: Tensor,
+}
+
+/// What a pipeline stage starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    /// The batch's tokens (the first stage).
+    Tokens,
+    /// The residual stream and the last MLP output (not yet added), `[n_tokens, hidden]` each,
+    /// from the previous stage.
+    Hidden { residual: &'a [f32], pending: &'a [f32] },
+}
+
+/// What a pipeline stage hands on.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// The last stage's logits `[batch.logit_rows().len(), vocab]`.
+    Logits(Tensor),
+    /// For the next stage (see [`StageInput::Hidden`]).
+    Hidden { residual: Vec<f32>, pending: Vec<f32> },
 }
 
 /// Paged key/value storage for every layer: per layer, keys and values of shape
@@ -224,6 +247,46 @@ impl ForwardBatch {
         &self.tables
     }
 
+    /// Splits the batch by sequences into at most `parts` batches of about equal token counts,
+    /// in order (micro-batches of a pipeline). Logit rows follow their sequences.
+    pub fn split(&self, parts: usize) -> Vec<ForwardBatch> {
+        let s = self.n_seqs();
+        let parts = parts.clamp(1, s.max(1));
+        let total = self.tokens.len();
+        let mut out = Vec::with_capacity(parts);
+        let mut seq = 0;
+        for p in 0..parts {
+            let start = seq;
+            // At least one sequence, leaving one for every later part; then up to the
+            // cumulative token share of parts 0..=p.
+            let max_end = s - (parts - p - 1);
+            let target = total * (p + 1) / parts;
+            seq += 1;
+            while seq < max_end && (self.query_starts[seq] as usize) < target {
+                seq += 1;
+            }
+            if p + 1 == parts {
+                seq = s;
+            }
+            let mut b = ForwardBatch::new(self.block_size);
+            for i in start..seq {
+                let (from, to) = (self.query_starts[i] as usize, self.query_starts[i + 1] as usize);
+                let first_row = b.tokens.len();
+                b.tokens.extend_from_slice(&self.tokens[from..to]);
+                b.positions.extend_from_slice(&self.positions[from..to]);
+                b.slots.extend_from_slice(&self.slots[from..to]);
+                b.query_starts.push(b.tokens.len() as u32);
+                b.context_lens.push(self.context_lens[i]);
+                b.tables.push(self.tables[i].clone());
+                b.logit_rows.extend(
+                    self.logit_rows.iter().filter(|&&r| (from..to).contains(&r)).map(|&r| r - from + first_row),
+                );
+            }
+            out.push(b);
+        }
+        out
+    }
+
     fn attention_batch(&self) -> AttentionBatch {
         let max_blocks_per_seq = self.tables.iter().map(Vec::len).max().unwrap_or(0);
         let mut block_tables = vec![0u32; self.tables.len() * max_blocks_per_seq];
@@ -376,8 +439,7 @@ impl Llama {
         Self::load_shard(source, config, backend, dtype, Shard::SINGLE, progress)
     }
 
-    /// Loads rank `shard.rank`'s part of a model split over `shard.world` tensor-parallel ranks
-    /// (see [`Shard`]); run it with [`Llama::forward_batch_tp`].
+    /// Loads rank `shard.rank`'s part of `source`, every layer: [`Llama::load_part`] of all.
     pub fn load_shard(
         source: &ModelSource,
         config: ModelConfig,
@@ -386,8 +448,29 @@ impl Llama {
         shard: Shard,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        let all = 0..config.n_layers;
+        Self::load_part(source, config, backend, dtype, shard, all, progress)
+    }
+
+    /// Loads rank `shard.rank`'s part (see [`Shard`]) of decoder layers `layers` (a pipeline
+    /// stage; the embedding with the first layer, the final norm and LM head with the last).
+    /// Run a whole model's ranks with [`Llama::forward_batch_tp`], stages with
+    /// [`Llama::forward_stage`].
+    pub fn load_part(
+        source: &ModelSource,
+        config: ModelConfig,
+        backend: &dyn Backend,
+        dtype: DType,
+        shard: Shard,
+        layer_range: Range<usize>,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let c = &config;
         Shard::check(shard.world, c)?;
+        if layer_range.is_empty() || layer_range.end > c.n_layers {
+            return Err(Error::Sharding(format!("layers {layer_range:?} of a model of {}", c.n_layers)));
+        }
+        let (first, last) = (layer_range.start == 0, layer_range.end == c.n_layers);
         let h = c.hidden_size;
         let hd = c.head_dim;
         let q_dim = c.n_heads * hd;
@@ -398,11 +481,15 @@ impl Llama {
         let total_bytes = dtype.size_in_bytes(c.n_parameters()) / shard.world;
         let mut ld = Loader { source, config: c, backend, dtype, loaded_bytes: 0, total_bytes, progress };
 
-        let embed_tokens =
-            ld.required_part("model.embed_tokens.weight", &[c.vocab_size, h], Part::Rows(vocab.clone()))?;
+        // The LM head may be the embedding (tied): the last stage loads it then too.
+        let embed_tokens = if first || (last && c.tie_word_embeddings) {
+            Some(ld.required_part("model.embed_tokens.weight", &[c.vocab_size, h], Part::Rows(vocab.clone()))?)
+        } else {
+            None
+        };
         // Not preallocated from the config: a corrupt file could claim any layer count.
         let mut layers = Vec::new();
-        for i in 0..c.n_layers {
+        for i in layer_range.clone() {
             let p = format!("model.layers.{i}");
             let bias = |ld: &mut Loader<'_>, name: &str, n: usize, rows: &Range<usize>| -> Result<Option<Tensor>> {
                 if !c.attention_bias {
@@ -442,28 +529,48 @@ impl Llama {
                 down_proj: ld.required_part(&format!("{p}.mlp.down_proj.weight"), &[h, ff], Part::Cols(ffn.clone()))?,
             });
         }
-        let norm = ld.required("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings {
-            embed_tokens.clone()
+        let (norm, lm_head) = if last {
+            let norm = ld.required("model.norm.weight", &[h])?;
+            let embed_rows = |ld: &mut Loader<'_>| {
+                ld.required_part("model.embed_tokens.weight", &[c.vocab_size, h], Part::Rows(vocab.clone()))
+            };
+            let lm_head = if c.tie_word_embeddings {
+                match &embed_tokens {
+                    Some(t) => t.clone(),
+                    None => embed_rows(&mut ld)?,
+                }
+            } else {
+                match ld.optional_part("lm_head.weight", &[c.vocab_size, h], Part::Rows(vocab.clone()))? {
+                    Some(t) => t,
+                    // Some checkpoints declare untied embeddings but ship no head: use the embedding.
+                    None => match &embed_tokens {
+                        Some(t) => t.clone(),
+                        None => embed_rows(&mut ld)?,
+                    },
+                }
+            };
+            (Some(norm), Some(lm_head))
         } else {
-            match ld.optional_part("lm_head.weight", &[c.vocab_size, h], Part::Rows(vocab))? {
-                Some(t) => t,
-                // Some checkpoints declare untied embeddings but ship no head: use the embedding.
-                None => embed_tokens.clone(),
-            }
+            (None, None)
         };
+        let embed_tokens = if first { embed_tokens } else { None };
 
         let inv_freq = rope_inv_freq(c);
         let rope_inv_freq = backend.upload_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
 
         // An FP8 checkpoint's weights are FP8 values already; its activations are quantized.
         let fp8 = Fp8Spec { weights: None, activations: source.quant_config().is_some(), kv_cache: false };
-        Ok(Llama { config, shard, dtype, fp8, embed_tokens, layers, norm, lm_head, rope_inv_freq })
+        Ok(Llama { config, shard, dtype, fp8, layer_range, embed_tokens, layers, norm, lm_head, rope_inv_freq })
     }
 
     /// This model's tensor-parallel rank.
     pub fn shard(&self) -> Shard {
         self.shard
+    }
+
+    /// Global indices of the decoder layers this part holds.
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layer_range.clone()
     }
 
     /// (query heads, KV heads, MLP columns) this rank computes.
@@ -589,7 +696,36 @@ impl Llama {
                 self.shard.rank, self.shard.world
             )));
         }
-        self.forward_inner(backend, batch, cache, None)
+        self.whole(self.forward_inner(backend, batch, cache, None, StageInput::Tokens)?)
+    }
+
+    fn whole(&self, out: StageOutput) -> Result<Tensor> {
+        match out {
+            StageOutput::Logits(t) => Ok(t),
+            StageOutput::Hidden { .. } => Err(Error::Sharding(format!(
+                "layers {:?} of {} are a pipeline stage: run it with forward_stage",
+                self.layer_range, self.config.n_layers
+            ))),
+        }
+    }
+
+    /// Runs this part's layers for one step of a pipeline stage (every tensor-parallel rank of
+    /// the stage with the same input): the last stage's logits, or the hidden state for the next.
+    pub fn forward_stage(
+        &self,
+        backend: &dyn Backend,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        comm: Option<&dyn Communicator<[f32]>>,
+        input: StageInput<'_>,
+    ) -> Result<StageOutput> {
+        if comm.is_none() && !self.shard.is_single() {
+            return Err(Error::Sharding(format!(
+                "rank {} of {} needs its communicator",
+                self.shard.rank, self.shard.world
+            )));
+        }
+        self.forward_inner(backend, batch, cache, comm, input)
     }
 
     /// [`Llama::forward_batch`] for one rank of a tensor-parallel group: every rank calls it with
@@ -610,7 +746,7 @@ impl Llama {
                 comm.world_size()
             )));
         }
-        self.forward_inner(backend, batch, cache, Some(comm))
+        self.whole(self.forward_inner(backend, batch, cache, Some(comm), StageInput::Tokens)?)
     }
 
     /// Sums a row-parallel partial result over the ranks (nothing on one rank).
@@ -623,11 +759,12 @@ impl Llama {
 
     /// Embedding rows of `tokens` from this rank's vocabulary rows, summed over the ranks.
     fn embed(&self, backend: &dyn Backend, tokens: &[u32], comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
-        let Some(comm) = comm else { return Ok(backend.embedding(&self.embed_tokens, tokens)?) };
+        let table = self.embed_tokens.as_ref().ok_or_else(|| Error::Sharding("this stage has no embedding".into()))?;
+        let Some(comm) = comm else { return Ok(backend.embedding(table, tokens)?) };
         let vocab = self.shard.vocab(&self.config);
         let local: Vec<u32> =
             tokens.iter().map(|&t| if vocab.contains(&(t as usize)) { t - vocab.start as u32 } else { 0 }).collect();
-        let rows = backend.embedding(&self.embed_tokens, &local)?;
+        let rows = backend.embedding(table, &local)?;
         let h = self.config.hidden_size;
         let mut values = backend.to_f32_vec(&rows)?;
         for (row, &t) in values.chunks_exact_mut(h).zip(tokens) {
@@ -646,7 +783,8 @@ impl Llama {
         hidden: &Tensor,
         comm: Option<&dyn Communicator<[f32]>>,
     ) -> Result<Tensor> {
-        let local = backend.linear(hidden, &self.lm_head, None)?;
+        let head = self.lm_head.as_ref().ok_or_else(|| Error::Sharding("this stage has no LM head".into()))?;
+        let local = backend.linear(hidden, head, None)?;
         let Some(comm) = comm else { return Ok(local) };
         let c = &self.config;
         let rows = hidden.shape().dims()[0];
@@ -700,7 +838,8 @@ impl Llama {
         batch: &ForwardBatch,
         cache: &PagedKvCache,
         comm: Option<&dyn Communicator<[f32]>>,
-    ) -> Result<Tensor> {
+        input: StageInput<'_>,
+    ) -> Result<StageOutput> {
         let c = &self.config;
         let (n_heads, n_kv_heads, ff) = self.local_dims();
         let n = batch.n_tokens();
@@ -718,8 +857,33 @@ impl Llama {
             })
         };
 
-        let mut residual = self.embed(backend, &batch.tokens, comm)?;
-        let mut pending: Option<Tensor> = None;
+        let hidden_shape = Shape::from([n, c.hidden_size]);
+        let (mut residual, mut pending) = match (input, self.layer_range.start == 0) {
+            (StageInput::Tokens, true) => (self.embed(backend, &batch.tokens, comm)?, None),
+            (StageInput::Hidden { residual, pending }, false) => {
+                if residual.len() != n * c.hidden_size || pending.len() != n * c.hidden_size {
+                    return Err(Error::Sharding(format!(
+                        "a stage got hidden states of {} and {} values for {n} tokens of {}",
+                        residual.len(),
+                        pending.len(),
+                        c.hidden_size
+                    )));
+                }
+                (
+                    backend.upload_f32(residual, hidden_shape.clone(), DType::F32)?,
+                    Some(backend.upload_f32(pending, hidden_shape.clone(), DType::F32)?),
+                )
+            }
+            (StageInput::Tokens, false) => {
+                return Err(Error::Sharding(format!(
+                    "stage {:?} needs the previous stage's hidden states",
+                    self.layer_range
+                )));
+            }
+            (StageInput::Hidden { .. }, true) => {
+                return Err(Error::Sharding("the first stage starts from tokens".to_string()));
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = match pending.take() {
                 None => backend.rms_norm(&residual, &layer.attn_norm, c.rms_norm_eps)?,
@@ -756,15 +920,22 @@ impl Llama {
             let down = backend.linear(&act, &layer.down_proj, None)?;
             pending = Some(self.all_reduce(backend, down, comm)?);
         }
+        let Some(norm) = &self.norm else {
+            let pending = pending.ok_or_else(|| Error::Sharding("a stage without layers".to_string()))?;
+            return Ok(StageOutput::Hidden {
+                residual: backend.to_f32_vec(&residual)?,
+                pending: backend.to_f32_vec(&pending)?,
+            });
+        };
         if batch.logit_rows.is_empty() {
-            return Ok(backend.zeros(Shape::from([0, c.vocab_size]), DType::F32)?);
+            return Ok(StageOutput::Logits(backend.zeros(Shape::from([0, c.vocab_size]), DType::F32)?));
         }
         let hidden = match pending {
-            Some(mlp_out) => backend.add_rms_norm(&residual, &mlp_out, &self.norm, c.rms_norm_eps)?.1,
-            None => backend.rms_norm(&residual, &self.norm, c.rms_norm_eps)?,
+            Some(mlp_out) => backend.add_rms_norm(&residual, &mlp_out, norm, c.rms_norm_eps)?.1,
+            None => backend.rms_norm(&residual, norm, c.rms_norm_eps)?,
         };
         let hidden = backend.gather_rows(&hidden, &batch.logit_rows)?;
-        self.lm_head(backend, &hidden, comm)
+        Ok(StageOutput::Logits(self.lm_head(backend, &hidden, comm)?))
     }
 }
 

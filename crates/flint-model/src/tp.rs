@@ -2,7 +2,7 @@
 //! its KV cache and its communicator; the caller sees one model.
 //!
 //! Every step goes to every rank (the same [`ForwardBatch`]); the ranks meet in their
-//! collectives, and rank 0's output is the group's. A request every rank refuses the same way
+//! collectives, and the output rank's output (rank 0, or a pipeline's last stage) is the group's. A request every rank refuses the same way
 //! (a bad batch, no cache) is refused before any collective and leaves the group serving; a
 //! rank that fails inside a step aborts its communicator, so the others fail too instead of
 //! waiting, and the group reports the first failing rank's error (it is unusable from then on).
@@ -18,7 +18,7 @@ use crate::{Error, ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache, 
 
 /// What one rank of a group does.
 pub trait RankModel: Send {
-    /// Runs one step; returns the logits `[batch.logit_rows().len(), vocab]` (rank 0's are used).
+    /// Runs one step; returns the logits `[batch.logit_rows().len(), vocab]` (the output rank's are used).
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>>;
 
     /// Makes (or checks) the KV cache the next steps' block tables index.
@@ -39,13 +39,13 @@ pub trait RankModel: Send {
 /// ranks refusing a bad step all answer at once).
 const STRAGGLER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Work for every rank: called with the rank and its model; rank 0's values are returned.
+/// Work for every rank: called with the rank and its model; the output rank's values are returned.
 pub type RankJob = Arc<dyn Fn(usize, &mut dyn RankModel) -> Result<Vec<f32>> + Send + Sync>;
 
-/// What the group reports about itself (rank 0's view; every rank holds the same shapes).
+/// What the group reports about itself (the output rank's view).
 #[derive(Clone, Debug)]
 pub struct RankInfo {
-    /// Device of rank 0 (`cpu`, `cuda:0 (NVIDIA H200)`).
+    /// Device of the rank (`cpu`, `cuda:0 (NVIDIA H200)`).
     pub device: String,
     pub dtype: DType,
     /// KV cache bytes per position on one rank.
@@ -74,6 +74,8 @@ pub struct TpGroup {
     /// Locked for a whole step: the ranks take one step at a time.
     workers: std::sync::Mutex<Vec<Worker>>,
     world: usize,
+    /// The rank whose outputs are the group's (0; a pipeline's last stage).
+    output_rank: usize,
     /// Which [`TpGroup::new_kv_cache`] the ranks' caches come from.
     cache_id: std::sync::atomic::AtomicU64,
     config: ModelConfig,
@@ -92,12 +94,15 @@ fn rank_gone(rank: usize) -> Error {
 
 impl TpGroup {
     /// Starts `world` rank threads; thread `r` builds its rank with `make(r)` (on that thread:
-    /// device contexts and communicators are joined there) and then serves steps.
-    pub fn spawn<F>(world: usize, config: ModelConfig, make: F) -> Result<Self>
+    /// device contexts and communicators are joined there) and then serves steps. Rank
+    /// `output_rank`'s outputs (and information) are the group's.
+    pub fn spawn<F>(world: usize, output_rank: usize, config: ModelConfig, make: F) -> Result<Self>
     where
         F: Fn(usize) -> Result<(Box<dyn RankModel>, RankInfo)> + Send + Sync + 'static,
     {
-        Shard::check(world, &config)?;
+        if output_rank >= world {
+            return Err(Error::Sharding(format!("output rank {output_rank} of {world}")));
+        }
         let make = Arc::new(make);
         let mut workers = Vec::with_capacity(world);
         let mut built = Vec::with_capacity(world);
@@ -159,9 +164,10 @@ impl TpGroup {
                 }
             }
         }
-        let group_info = infos.first().cloned();
+        let group_info = infos.get(output_rank).or(infos.first()).cloned();
         let group = TpGroup {
             world: workers.len(),
+            output_rank,
             workers: std::sync::Mutex::new(workers),
             cache_id: std::sync::atomic::AtomicU64::new(0),
             config,
@@ -192,7 +198,7 @@ impl TpGroup {
             LocalComm::group(world, std::time::Duration::from_secs(600)).into_iter().map(Some).collect::<Vec<_>>(),
         );
         let c = config.clone();
-        Self::spawn(world, config, move |rank| {
+        Self::spawn(world, 0, config, move |rank| {
             let comm = comms
                 .lock()
                 .map_err(|_| Error::Sharding("communicator list poisoned".to_string()))?
@@ -265,7 +271,7 @@ impl TpGroup {
         let mut out = None;
         for (rank, reply) in replies.into_iter().enumerate() {
             match reply {
-                Some(Ok(v)) if rank == 0 => out = Some(v),
+                Some(Ok(v)) if rank == self.output_rank => out = Some(v),
                 Some(Ok(_)) | None => {}
                 Some(Err(e)) => {
                     let secondary = |e: &Error| {
@@ -282,7 +288,7 @@ impl TpGroup {
         match (first_error, out) {
             (Some((rank, e)), _) => Err(Error::Sharding(format!("rank {rank}: {e}"))),
             (None, Some(v)) => Ok(v),
-            (None, None) => Err(rank_gone(0)),
+            (None, None) => Err(rank_gone(self.output_rank)),
         }
     }
 
@@ -306,7 +312,7 @@ impl TpGroup {
     }
 
     /// Runs `job` on every rank at once (each on its own thread, so jobs may meet in
-    /// collectives): rank 0's values, or the first failing rank's error.
+    /// collectives): the output rank's values, or the first failing rank's error.
     pub fn run_on_all(&self, job: RankJob) -> Result<Vec<f32>> {
         self.broadcast(|| Command::Run(job.clone()))
     }

@@ -79,7 +79,7 @@ impl TpGroup {
         let hosts = std::sync::Mutex::new(
             LocalComm::group(world, std::time::Duration::from_secs(900)).into_iter().map(Some).collect::<Vec<_>>(),
         );
-        Self::spawn(world, config, move |rank| {
+        Self::spawn(world, 0, config, move |rank| {
             let host = hosts
                 .lock()
                 .map_err(|_| Error::Sharding("host communicator list poisoned".to_string()))?
