@@ -2,6 +2,8 @@
 //! against an independent reference: Hugging Face transformers' GGUF loader in f32
 //! (`tests/data/make_reference.py` made `tests/data/smollm2_reference.json`).
 
+mod parallel;
+
 use flint_e2e::{cpu_engine, smollm2_reference};
 use flint_engine::{ChatMessage, FinishReason, GenerateRequest, Prompt, SamplingParams};
 

@@ -20,7 +20,7 @@ mod local;
 mod nccl;
 
 pub use error::{Error, Result};
-pub use local::{HostElement, LocalComm};
+pub use local::{HostElement, LocalComm, Members};
 pub use nccl::{CommType, DeviceSlice, NcclAbort, NcclComm, NcclId, nccl_available};
 
 /// How values of the ranks are combined.

@@ -73,6 +73,11 @@ impl LocalComm {
         (0..world).map(|rank| LocalComm { rank, shared: shared.clone(), timeout }).collect()
     }
 
+    /// [`LocalComm::group`] as [`Members`] for threads to take.
+    pub fn members(world: usize, timeout: Duration) -> Members {
+        Members(Mutex::new(Self::group(world, timeout).into_iter().map(Some).collect()))
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -153,6 +158,22 @@ impl LocalComm {
         };
         self.rendezvous(op)?;
         result
+    }
+}
+
+/// The members of a [`LocalComm`] group, each taken once by the thread that will own it.
+#[derive(Debug)]
+pub struct Members(Mutex<Vec<Option<LocalComm>>>);
+
+impl Members {
+    /// Rank `rank`'s member; an error if it was taken already or does not exist.
+    pub fn take(&self, rank: usize) -> Result<LocalComm> {
+        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let world = members.len();
+        members.get_mut(rank).and_then(Option::take).ok_or_else(|| Error::Size {
+            op: "Members::take",
+            detail: format!("rank {rank} of {world} is taken or does not exist"),
+        })
     }
 }
 

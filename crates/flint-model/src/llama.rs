@@ -696,7 +696,7 @@ impl Llama {
                 self.shard.rank, self.shard.world
             )));
         }
-        self.whole(self.forward_inner(backend, batch, cache, None, StageInput::Tokens)?)
+        self.whole(self.forward_stage(backend, batch, cache, None, StageInput::Tokens)?)
     }
 
     fn whole(&self, out: StageOutput) -> Result<Tensor> {
@@ -721,125 +721,10 @@ impl Llama {
     ) -> Result<StageOutput> {
         if comm.is_none() && !self.shard.is_single() {
             return Err(Error::Sharding(format!(
-                "rank {} of {} needs its communicator",
+                "rank {} of {} runs with forward_batch_tp (or forward_stage) and its communicator",
                 self.shard.rank, self.shard.world
             )));
         }
-        self.forward_inner(backend, batch, cache, comm, input)
-    }
-
-    /// [`Llama::forward_batch`] for one rank of a tensor-parallel group: every rank calls it with
-    /// the same batch and its own cache; each returns the full logits.
-    pub fn forward_batch_tp(
-        &self,
-        backend: &dyn Backend,
-        batch: &ForwardBatch,
-        cache: &PagedKvCache,
-        comm: &dyn Communicator<[f32]>,
-    ) -> Result<Tensor> {
-        if comm.world_size() != self.shard.world || comm.rank() != self.shard.rank {
-            return Err(Error::Sharding(format!(
-                "rank {} of {} given the communicator of rank {} of {}",
-                self.shard.rank,
-                self.shard.world,
-                comm.rank(),
-                comm.world_size()
-            )));
-        }
-        self.whole(self.forward_inner(backend, batch, cache, Some(comm), StageInput::Tokens)?)
-    }
-
-    /// Sums a row-parallel partial result over the ranks (nothing on one rank).
-    fn all_reduce(&self, backend: &dyn Backend, t: Tensor, comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
-        let Some(comm) = comm else { return Ok(t) };
-        let mut values = backend.to_f32_vec(&t)?;
-        comm.all_reduce(&mut values, ReduceOp::Sum)?;
-        Ok(backend.upload_f32(&values, t.shape().clone(), t.dtype())?)
-    }
-
-    /// Embedding rows of `tokens` from this rank's vocabulary rows, summed over the ranks.
-    fn embed(&self, backend: &dyn Backend, tokens: &[u32], comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
-        let table = self.embed_tokens.as_ref().ok_or_else(|| Error::Sharding("this stage has no embedding".into()))?;
-        let Some(comm) = comm else { return Ok(backend.embedding(table, tokens)?) };
-        let vocab = self.shard.vocab(&self.config);
-        let local: Vec<u32> =
-            tokens.iter().map(|&t| if vocab.contains(&(t as usize)) { t - vocab.start as u32 } else { 0 }).collect();
-        let rows = backend.embedding(table, &local)?;
-        let h = self.config.hidden_size;
-        let mut values = backend.to_f32_vec(&rows)?;
-        for (row, &t) in values.chunks_exact_mut(h).zip(tokens) {
-            if !vocab.contains(&(t as usize)) {
-                row.fill(0.0);
-            }
-        }
-        comm.all_reduce(&mut values, ReduceOp::Sum)?;
-        Ok(backend.upload_f32(&values, rows.shape().clone(), rows.dtype())?)
-    }
-
-    /// Logits of `hidden` over the whole vocabulary: each rank's rows, gathered.
-    fn lm_head(
-        &self,
-        backend: &dyn Backend,
-        hidden: &Tensor,
-        comm: Option<&dyn Communicator<[f32]>>,
-    ) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().ok_or_else(|| Error::Sharding("this stage has no LM head".into()))?;
-        let local = backend.linear(hidden, head, None)?;
-        let Some(comm) = comm else { return Ok(local) };
-        let c = &self.config;
-        let rows = hidden.shape().dims()[0];
-        let part = self.shard.vocab_part(c);
-        let mine = backend.to_f32_vec(&local)?;
-        let width = self.shard.vocab(c).len();
-        let mut all = vec![f32::NEG_INFINITY; self.shard.world * rows * part];
-        let at = self.shard.rank * rows * part;
-        for (r, row) in mine.chunks_exact(width.max(1)).take(rows).enumerate() {
-            all[at + r * part..][..width].copy_from_slice(row);
-        }
-        comm.all_gather(&mut all)?;
-        let mut logits = vec![0.0f32; rows * c.vocab_size];
-        for (r, out) in logits.chunks_exact_mut(c.vocab_size).enumerate() {
-            for (v, o) in out.iter_mut().enumerate() {
-                let (rank, col) = (v / part, v % part);
-                *o = all[rank * rows * part + r * part + col];
-            }
-        }
-        Ok(backend.upload_f32(&logits, Shape::from([rows, c.vocab_size]), DType::F32)?)
-    }
-
-    /// Checks `batch` against `cache` and the model without computing anything; what
-    /// [`Llama::forward_batch`] refuses, this refuses with the same error.
-    pub fn check_batch(&self, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<AttentionBatch> {
-        let c = &self.config;
-        let n = batch.n_tokens();
-        if n == 0 {
-            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
-                op: "forward",
-                detail: "no tokens to run".to_string(),
-            }));
-        }
-        if cache.block_size != batch.block_size || cache.keys.len() != self.layers.len() {
-            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
-                op: "forward",
-                detail: format!("batch block size {} with cache block size {}", batch.block_size, cache.block_size),
-            }));
-        }
-        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= c.max_position_embeddings) {
-            return Err(Error::ContextOverflow { needed: p as usize + 1, capacity: c.max_position_embeddings });
-        }
-        let attention = batch.attention_batch();
-        attention.validate("forward", cache.n_blocks)?;
-        Ok(attention)
-    }
-
-    fn forward_inner(
-        &self,
-        backend: &dyn Backend,
-        batch: &ForwardBatch,
-        cache: &PagedKvCache,
-        comm: Option<&dyn Communicator<[f32]>>,
-        input: StageInput<'_>,
-    ) -> Result<StageOutput> {
         let c = &self.config;
         let (n_heads, n_kv_heads, ff) = self.local_dims();
         let n = batch.n_tokens();
@@ -936,6 +821,110 @@ impl Llama {
         };
         let hidden = backend.gather_rows(&hidden, &batch.logit_rows)?;
         Ok(StageOutput::Logits(self.lm_head(backend, &hidden, comm)?))
+    }
+
+    /// [`Llama::forward_batch`] for one rank of a tensor-parallel group: every rank calls it with
+    /// the same batch and its own cache; each returns the full logits.
+    pub fn forward_batch_tp(
+        &self,
+        backend: &dyn Backend,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        comm: &dyn Communicator<[f32]>,
+    ) -> Result<Tensor> {
+        if comm.world_size() != self.shard.world || comm.rank() != self.shard.rank {
+            return Err(Error::Sharding(format!(
+                "rank {} of {} given the communicator of rank {} of {}",
+                self.shard.rank,
+                self.shard.world,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        self.whole(self.forward_stage(backend, batch, cache, Some(comm), StageInput::Tokens)?)
+    }
+
+    /// Sums a row-parallel partial result over the ranks (nothing on one rank).
+    fn all_reduce(&self, backend: &dyn Backend, t: Tensor, comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
+        let Some(comm) = comm else { return Ok(t) };
+        let mut values = backend.to_f32_vec(&t)?;
+        comm.all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(backend.upload_f32(&values, t.shape().clone(), t.dtype())?)
+    }
+
+    /// Embedding rows of `tokens` from this rank's vocabulary rows, summed over the ranks.
+    fn embed(&self, backend: &dyn Backend, tokens: &[u32], comm: Option<&dyn Communicator<[f32]>>) -> Result<Tensor> {
+        let table = self.embed_tokens.as_ref().ok_or_else(|| Error::Sharding("this stage has no embedding".into()))?;
+        let Some(comm) = comm else { return Ok(backend.embedding(table, tokens)?) };
+        let vocab = self.shard.vocab(&self.config);
+        let local: Vec<u32> =
+            tokens.iter().map(|&t| if vocab.contains(&(t as usize)) { t - vocab.start as u32 } else { 0 }).collect();
+        let rows = backend.embedding(table, &local)?;
+        let h = self.config.hidden_size;
+        let mut values = backend.to_f32_vec(&rows)?;
+        for (row, &t) in values.chunks_exact_mut(h).zip(tokens) {
+            if !vocab.contains(&(t as usize)) {
+                row.fill(0.0);
+            }
+        }
+        comm.all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(backend.upload_f32(&values, rows.shape().clone(), rows.dtype())?)
+    }
+
+    /// Logits of `hidden` over the whole vocabulary: each rank's rows, gathered.
+    fn lm_head(
+        &self,
+        backend: &dyn Backend,
+        hidden: &Tensor,
+        comm: Option<&dyn Communicator<[f32]>>,
+    ) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().ok_or_else(|| Error::Sharding("this stage has no LM head".into()))?;
+        let local = backend.linear(hidden, head, None)?;
+        let Some(comm) = comm else { return Ok(local) };
+        let c = &self.config;
+        let rows = hidden.shape().dims()[0];
+        let part = self.shard.vocab_part(c);
+        let mine = backend.to_f32_vec(&local)?;
+        let width = self.shard.vocab(c).len();
+        let mut all = vec![f32::NEG_INFINITY; self.shard.world * rows * part];
+        let at = self.shard.rank * rows * part;
+        for (r, row) in mine.chunks_exact(width.max(1)).take(rows).enumerate() {
+            all[at + r * part..][..width].copy_from_slice(row);
+        }
+        comm.all_gather(&mut all)?;
+        let mut logits = vec![0.0f32; rows * c.vocab_size];
+        for (r, out) in logits.chunks_exact_mut(c.vocab_size).enumerate() {
+            for (v, o) in out.iter_mut().enumerate() {
+                let (rank, col) = (v / part, v % part);
+                *o = all[rank * rows * part + r * part + col];
+            }
+        }
+        Ok(backend.upload_f32(&logits, Shape::from([rows, c.vocab_size]), DType::F32)?)
+    }
+
+    /// Checks `batch` against `cache` and the model without computing anything; what
+    /// [`Llama::forward_batch`] refuses, this refuses with the same error.
+    pub fn check_batch(&self, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<AttentionBatch> {
+        let c = &self.config;
+        let n = batch.n_tokens();
+        if n == 0 {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward",
+                detail: "no tokens to run".to_string(),
+            }));
+        }
+        if cache.block_size != batch.block_size || cache.keys.len() != self.layers.len() {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward",
+                detail: format!("batch block size {} with cache block size {}", batch.block_size, cache.block_size),
+            }));
+        }
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= c.max_position_embeddings) {
+            return Err(Error::ContextOverflow { needed: p as usize + 1, capacity: c.max_position_embeddings });
+        }
+        let attention = batch.attention_batch();
+        attention.validate("forward", cache.n_blocks)?;
+        Ok(attention)
     }
 }
 

@@ -194,17 +194,10 @@ impl TpGroup {
         backend: impl Fn() -> Box<dyn Backend> + Send + Sync + 'static,
     ) -> Result<Self> {
         Shard::check(world, &config)?;
-        let comms = std::sync::Mutex::new(
-            LocalComm::group(world, std::time::Duration::from_secs(600)).into_iter().map(Some).collect::<Vec<_>>(),
-        );
+        let comms = LocalComm::members(world, std::time::Duration::from_secs(600));
         let c = config.clone();
         Self::spawn(world, 0, config, move |rank| {
-            let comm = comms
-                .lock()
-                .map_err(|_| Error::Sharding("communicator list poisoned".to_string()))?
-                .get_mut(rank)
-                .and_then(Option::take)
-                .ok_or_else(|| Error::Sharding(format!("rank {rank} built twice")))?;
+            let comm = comms.take(rank)?;
             let backend = backend();
             let model =
                 Llama::load_shard(&source, c.clone(), backend.as_ref(), dtype, Shard::new(rank, world)?, &mut |_| {})?;

@@ -10,10 +10,10 @@
 //! each step's sequences flow through the stages as micro-batches.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use flint_comm::{Communicator, LocalComm};
+use flint_comm::{Communicator, LocalComm, Members};
 use flint_model::{
     ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache, RankInfo, RankModel, Shard, StageInput, StageOutput,
     TpGroup,
@@ -119,21 +119,15 @@ pub fn pipeline_cpu(
         return Err(Error::Plan(format!("the plan {:?} does not cover {} layers", plan.stages, config.n_layers)));
     }
     let timeout = Duration::from_secs(600);
-    let take = |groups: &Mutex<Vec<Vec<Option<LocalComm>>>>, g: usize, r: usize| {
-        groups.lock().ok().and_then(|mut v| v.get_mut(g).and_then(|x| x.get_mut(r)).and_then(Option::take))
-    };
     // One TP group per stage, one PP group per TP index.
-    let tp_groups: Mutex<Vec<Vec<Option<LocalComm>>>> =
-        Mutex::new((0..pp).map(|_| LocalComm::group(tp, timeout).into_iter().map(Some).collect()).collect());
-    let pp_groups: Mutex<Vec<Vec<Option<LocalComm>>>> =
-        Mutex::new((0..tp).map(|_| LocalComm::group(pp, timeout).into_iter().map(Some).collect()).collect());
+    let tp_groups: Vec<Members> = (0..pp).map(|_| LocalComm::members(tp, timeout)).collect();
+    let pp_groups: Vec<Members> = (0..tp).map(|_| LocalComm::members(pp, timeout)).collect();
     let c = config.clone();
     let micro_batches = micro_batches.max(1);
     let group = TpGroup::spawn(tp * pp, (pp - 1) * tp, config, move |rank| {
         let (stage, t) = (rank / tp, rank % tp);
-        let missing = || flint_model::Error::Sharding(format!("rank {rank} built twice"));
-        let tp_comm = take(&tp_groups, stage, t).ok_or_else(missing)?;
-        let pp_comm = take(&pp_groups, t, stage).ok_or_else(missing)?;
+        let tp_comm = tp_groups[stage].take(t)?;
+        let pp_comm = pp_groups[t].take(stage)?;
         let backend = backend();
         let layers = plan.stages[stage].clone();
         let shard = Shard::new(t, tp)?;

@@ -76,16 +76,9 @@ impl TpGroup {
         let c = config.clone();
         // The ranks meet on the host before NCCL: a rank that fails to open its GPU or to load
         // aborts this group, and the others stop with an error instead of waiting in NCCL.
-        let hosts = std::sync::Mutex::new(
-            LocalComm::group(world, std::time::Duration::from_secs(900)).into_iter().map(Some).collect::<Vec<_>>(),
-        );
+        let hosts = LocalComm::members(world, std::time::Duration::from_secs(900));
         Self::spawn(world, 0, config, move |rank| {
-            let host = hosts
-                .lock()
-                .map_err(|_| Error::Sharding("host communicator list poisoned".to_string()))?
-                .get_mut(rank)
-                .and_then(Option::take)
-                .ok_or_else(|| Error::Sharding(format!("rank {rank} built twice")))?;
+            let host = hosts.take(rank)?;
             let built = (|| {
                 let gpu = Gpu::new(rank)?;
                 tracing::debug!(rank, "GPU open");

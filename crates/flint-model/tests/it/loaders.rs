@@ -182,3 +182,24 @@ fn batched_paged_forward_equals_each_sequence_alone() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn micro_batches_split_by_sequence_and_keep_logit_rows() {
+    let mut batch = flint_model::ForwardBatch::new(4);
+    batch.push_sequence(&[1, 2, 3, 4, 5], 0, &[0, 1], flint_model::Logits::Last).expect("push");
+    batch.push_sequence(&[6], 3, &[2], flint_model::Logits::Last).expect("push");
+    batch.push_sequence(&[7, 8], 0, &[3], flint_model::Logits::All).expect("push");
+    batch.push_sequence(&[9], 9, &[4, 5, 6], flint_model::Logits::None).expect("push");
+    for parts in 1..6 {
+        let split = batch.split(parts);
+        assert_eq!(split.len(), parts.min(4));
+        let tokens: Vec<u32> = split.iter().flat_map(|b| b.tokens().to_vec()).collect();
+        assert_eq!(tokens, batch.tokens());
+        let rows: usize = split.iter().map(|b| b.logit_rows().len()).sum();
+        assert_eq!(rows, batch.logit_rows().len());
+        assert!(split.iter().all(|b| !b.is_empty()));
+    }
+    let two = batch.split(2);
+    assert_eq!(two[0].n_seqs(), 1);
+    assert_eq!(two[1].logit_rows(), &[0, 1, 2]);
+}

@@ -5,4 +5,3 @@ mod fp8;
 mod fuzz;
 mod loaders;
 mod support;
-mod tp;
