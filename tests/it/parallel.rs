@@ -106,6 +106,10 @@ fn pipelines_compute_what_one_rank_computes() {
         })
         .expect("pipeline");
         group.new_kv_cache(24, 4).expect("caches");
+        // Caches are sized for the rank with the most layers.
+        let most_layers = plan.stages.iter().map(|r| r.len()).max().expect("stages");
+        let kv_per_rank = dims.kv_heads / tp;
+        assert_eq!(group.info().kv_bytes_per_token, 4 * 2 * most_layers * kv_per_rank * dims.head_dim);
         let (logits, tokens) = run_schedule(dims.vocab, |b| group.forward(b).expect("pipeline step"));
         assert_eq!(tokens, want_tokens, "TP {tp} x PP {pp} ({:?}), {micro} micro-batches", plan.stages);
         for (step, (got, want)) in logits.iter().zip(&want_logits).enumerate() {

@@ -48,7 +48,7 @@ pub struct RankInfo {
     /// Device of the rank (`cpu`, `cuda:0 (NVIDIA H200)`).
     pub device: String,
     pub dtype: DType,
-    /// KV cache bytes per position on one rank.
+    /// KV cache bytes per position on one rank (for a group: the most any rank needs).
     pub kv_bytes_per_token: usize,
     /// (KV blocks, block size, tokens per step, sequences per step) fixed at load, if any.
     pub fixed_limits: Option<(usize, usize, usize, usize)>,
@@ -164,7 +164,11 @@ impl TpGroup {
                 }
             }
         }
-        let group_info = infos.get(output_rank).or(infos.first()).cloned();
+        // Memory is sized per rank: report the rank that needs the most KV cache per position
+        // (a pipeline's stages hold different layer counts).
+        let kv_max = infos.iter().map(|i| i.kv_bytes_per_token).max().unwrap_or(0);
+        let group_info =
+            infos.get(output_rank).or(infos.first()).cloned().map(|i| RankInfo { kv_bytes_per_token: kv_max, ..i });
         let group = TpGroup {
             world: workers.len(),
             output_rank,
