@@ -285,13 +285,23 @@ fn serve_bench_metrics_and_sigterm() {
     assert_eq!(report["output_tokens"], 24);
     assert!(report["ttft_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0));
 
-    let metrics = http_get(metrics_port, "/metrics");
-    for name in [
+    // The gauges are published after the step that finished the requests, which may come a
+    // moment after their last tokens reached the client.
+    let names = [
         "flint_time_to_first_token_seconds",
         "flint_time_per_output_token_seconds",
         "flint_kv_blocks_used 0",
         "flint_generation_tokens_total 24",
-    ] {
+    ];
+    let mut metrics = http_get(metrics_port, "/metrics");
+    for _ in 0..50 {
+        if names.iter().all(|n| metrics.contains(n)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        metrics = http_get(metrics_port, "/metrics");
+    }
+    for name in names {
         assert!(metrics.contains(name), "/metrics lacks {name:?}:\n{metrics}");
     }
 
