@@ -14,6 +14,15 @@ use flint_tensor::{Backend, DType};
 
 const LAYERS: usize = 6;
 
+/// The schedule's logits and tokens with the whole model on one rank.
+fn one_rank(source: &ModelSource, vocab: usize) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let backend = CpuBackend::new();
+    let config = source.config().expect("config");
+    let one = Llama::load(source, config, &backend, DType::F32, &mut |_| {}).expect("loads");
+    let cache = one.new_paged_kv_cache(&backend, 24, 4).expect("cache");
+    run_schedule(vocab, |b| backend.to_f32_vec(&one.forward_batch(&backend, b, &cache).expect("fwd")).expect("read"))
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("flint-e2e-parallel-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -33,12 +42,7 @@ fn split_models_compute_what_one_rank_computes() {
         write_random_llama(&dir, dims, 2, 100 * n as u64);
         let source = Arc::new(ModelSource::open(&dir).expect("opens"));
         let config = source.config().expect("config");
-        let backend = CpuBackend::new();
-        let one = Llama::load(&source, config.clone(), &backend, DType::F32, &mut |_| {}).expect("loads");
-        let cache = one.new_paged_kv_cache(&backend, 24, 4).expect("cache");
-        let (want_logits, want_tokens) = run_schedule(dims.vocab, |b| {
-            backend.to_f32_vec(&one.forward_batch(&backend, b, &cache).expect("fwd")).expect("read")
-        });
+        let (want_logits, want_tokens) = one_rank(&source, dims.vocab);
         for world in worlds {
             let group = TpGroup::cpu(source.clone(), config.clone(), world, DType::F32, || Box::new(CpuBackend::new()))
                 .expect("group");
@@ -93,12 +97,8 @@ fn pipelines_compute_what_one_rank_computes() {
     write_random_llama(&dir, dims, LAYERS, 11);
     let source = Arc::new(ModelSource::open(&dir).expect("opens"));
     let config = source.config().expect("config");
+    let (want_logits, want_tokens) = one_rank(&source, dims.vocab);
     let backend = CpuBackend::new();
-    let one = Llama::load(&source, config.clone(), &backend, DType::F32, &mut |_| {}).expect("loads");
-    let cache = one.new_paged_kv_cache(&backend, 24, 4).expect("cache");
-    let (want_logits, want_tokens) = run_schedule(dims.vocab, |b| {
-        backend.to_f32_vec(&one.forward_batch(&backend, b, &cache).expect("fwd")).expect("read")
-    });
     for (tp, pp, micro) in [(1, 2, 2), (1, 3, 3), (2, 2, 2), (1, 3, 1), (2, 3, 8)] {
         let plan = StagePlan::balanced(&config, pp).expect("plan");
         let group = pipeline_cpu(source.clone(), config.clone(), tp, plan.clone(), micro, DType::F32, || {

@@ -56,6 +56,20 @@ pub struct RankInfo {
     pub max_seq_len: usize,
 }
 
+impl RankInfo {
+    /// A CPU rank's information: its backend's device, the model's KV bytes, caches sized per
+    /// use (no fixed limits), the model's whole context.
+    pub fn cpu(backend: &dyn Backend, model: &Llama, dtype: DType) -> Self {
+        RankInfo {
+            device: backend.device().to_string(),
+            dtype,
+            kv_bytes_per_token: model.kv_bytes_per_token(),
+            fixed_limits: None,
+            max_seq_len: model.config().max_position_embeddings,
+        }
+    }
+}
+
 enum Command {
     Forward(Arc<ForwardBatch>),
     NewKvCache(usize, usize),
@@ -127,18 +141,19 @@ impl TpGroup {
                     };
                     tracing::debug!(rank, "rank ready");
                     while let Ok(command) = command_rx.recv() {
-                        let what = match &command {
-                            Command::Forward(b) => format!("forward of {} tokens", b.n_tokens()),
-                            Command::NewKvCache(n, b) => format!("KV cache of {n} blocks of {b}"),
-                            Command::Run(_) => "job".to_string(),
+                        // No formatting on the step path unless debug logs are on.
+                        let (what, tokens) = match &command {
+                            Command::Forward(b) => ("forward", b.n_tokens()),
+                            Command::NewKvCache(n, _) => ("new KV cache", *n),
+                            Command::Run(_) => ("job", 0),
                         };
-                        tracing::debug!(rank, "start {what}");
+                        tracing::debug!(rank, what, tokens, "start");
                         let reply = match command {
                             Command::Forward(batch) => model.forward(&batch),
                             Command::NewKvCache(n, b) => model.new_kv_cache(n, b).map(|()| Vec::new()),
                             Command::Run(job) => job(rank, model.as_mut()),
                         };
-                        tracing::debug!(rank, ok = reply.is_ok(), "done {what}");
+                        tracing::debug!(rank, what, ok = reply.is_ok(), "done");
                         if reply_tx.send(reply).is_err() {
                             return;
                         }
@@ -205,13 +220,7 @@ impl TpGroup {
             let backend = backend();
             let model =
                 Llama::load_shard(&source, c.clone(), backend.as_ref(), dtype, Shard::new(rank, world)?, &mut |_| {})?;
-            let info = RankInfo {
-                device: backend.device().to_string(),
-                dtype,
-                kv_bytes_per_token: model.kv_bytes_per_token(),
-                fixed_limits: None,
-                max_seq_len: c.max_position_embeddings,
-            };
+            let info = RankInfo::cpu(backend.as_ref(), &model, dtype);
             Ok((Box::new(CpuRank { backend, model, comm, cache: None }) as Box<dyn RankModel>, info))
         })
     }

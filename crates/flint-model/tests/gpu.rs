@@ -94,19 +94,24 @@ fn read_reference(dir: &Path) -> Reference {
     }
 }
 
-/// Prefill, then teacher-forced decode on the reference's tokens; returns logits per step.
-fn run_gpu(model: &CudaLlama, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+/// Prefill, then teacher-forced decode on the reference's tokens, through `forward` (one GPU,
+/// or a tensor-parallel group); returns logits per step.
+fn run_forced(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
     let table: Vec<u32> = (0..((prompt.len() + forced.len() + 1).div_ceil(16)) as u32).collect();
     let mut out = Vec::new();
     let mut b = ForwardBatch::new(16);
     b.push_sequence(prompt, 0, &table, Logits::Last).expect("batch");
-    out.push(model.forward(&b).expect("prefill"));
+    out.push(forward(&b));
     for (i, &t) in forced.iter().enumerate() {
         let mut b = ForwardBatch::new(16);
         b.push_sequence(&[t], prompt.len() + i, &table, Logits::Last).expect("batch");
-        out.push(model.forward(&b).expect("decode"));
+        out.push(forward(&b));
     }
     out
+}
+
+fn run_gpu(model: &CudaLlama, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+    run_forced(&|b| model.forward(b).expect("step"), prompt, forced)
 }
 
 fn run_cpu(model: &Llama, backend: &CpuBackend, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
@@ -356,21 +361,6 @@ fn fp8_model_matches_the_cpu_emulation() {
     }
 }
 
-/// Prefill, then teacher-forced decode through a tensor-parallel group.
-fn run_group(group: &flint_model::TpGroup, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
-    let table: Vec<u32> = (0..((prompt.len() + forced.len() + 1).div_ceil(16)) as u32).collect();
-    let mut out = Vec::new();
-    let mut b = ForwardBatch::new(16);
-    b.push_sequence(prompt, 0, &table, Logits::Last).expect("batch");
-    out.push(group.forward(&b).expect("prefill"));
-    for (i, &t) in forced.iter().enumerate() {
-        let mut b = ForwardBatch::new(16);
-        b.push_sequence(&[t], prompt.len() + i, &table, Logits::Last).expect("batch");
-        out.push(group.forward(&b).expect("decode"));
-    }
-    out
-}
-
 /// Three sequences of different lengths prefilled together, then decoded together (a graph
 /// bucket of 4 with a padding row): logits of every step, `[3, vocab]` each.
 fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
@@ -429,7 +419,7 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 let group = flint_model::TpGroup::cuda(config.clone(), world, small_options(graphs), weights)
                     .expect("TP group");
                 eprintln!("{name} TP {world} graphs={graphs}: loaded");
-                let got = run_group(&group, &r.prompt, forced);
+                let got = run_forced(&|b| group.forward(b).expect("step"), &r.prompt, forced);
                 let (mut worst_ref, mut worst_one, mut clear) = (0f64, 0f64, 0);
                 for (step, l) in got.iter().enumerate() {
                     let (e_ref, e_one) = (rel_err(l, &r.logits[step]), rel_err(l, &one_logits[step]));

@@ -132,13 +132,7 @@ pub fn pipeline_cpu(
         let layers = plan.stages[stage].clone();
         let shard = Shard::new(t, tp)?;
         let model = Llama::load_part(&source, c.clone(), backend.as_ref(), dtype, shard, layers, &mut |_| {})?;
-        let info = RankInfo {
-            device: backend.device().to_string(),
-            dtype,
-            kv_bytes_per_token: model.kv_bytes_per_token(),
-            fixed_limits: None,
-            max_seq_len: c.max_position_embeddings,
-        };
+        let info = RankInfo::cpu(backend.as_ref(), &model, dtype);
         let rank_model =
             StageRank { backend, model, tp_comm, pp_comm, stage, n_stages: pp, micro_batches, cache: None };
         Ok((Box::new(rank_model) as Box<dyn RankModel>, info))
