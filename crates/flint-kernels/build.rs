@@ -6,7 +6,24 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling", "fp8"];
+/// Every `kernels/<module>.cu` is one module, in name order.
+fn module_names(kernels: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(kernels)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let path = e.path();
+                    (path.extension().is_some_and(|x| x == "cu"))
+                        .then(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                        .flatten()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
 
 fn newest_source(dir: &Path) -> Option<SystemTime> {
     let mut newest = None;
@@ -46,9 +63,13 @@ fn main() {
     }
     let newest = newest_source(&kernels);
 
-    let mut code = String::from("/// Compiled modules: (name, fatbin).\npub static MODULES: &[(&str, &[u8])] = &[\n");
+    let modules = module_names(&kernels);
+    let mut code = format!(
+        "/// The names of every module the CUDA backend loads (one per `kernels/*.cu`).\npub const MODULE_NAMES: &[&str] = &{modules:?};\n\n"
+    );
+    code.push_str("/// Compiled modules: (name, fatbin).\npub static MODULES: &[(&str, &[u8])] = &[\n");
     let mut missing = Vec::new();
-    for name in MODULES {
+    for name in &modules {
         let path = dir.join(format!("{name}.fatbin"));
         watch(&path);
         match std::fs::metadata(&path) {
@@ -61,13 +82,13 @@ fn main() {
                 let abs = path.canonicalize().expect("an existing file has a canonical path");
                 writeln!(code, "    ({name:?}, include_bytes!({:?})),", abs.display().to_string()).expect("string");
             }
-            Err(_) => missing.push(*name),
+            Err(_) => missing.push(name.as_str()),
         }
     }
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("modules.rs");
     std::fs::write(out, code).expect("OUT_DIR is writable");
-    if !missing.is_empty() && missing.len() < MODULES.len() {
+    if !missing.is_empty() && missing.len() < modules.len() {
         println!("cargo:warning=kernel modules missing from {}: {missing:?}", dir.display());
     }
 }

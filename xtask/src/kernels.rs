@@ -22,8 +22,20 @@ const NVCC_PACKAGES: &[&str] = &[
     "nvidia-cuda-runtime==13.0.88",
     "nvidia-cuda-cccl==13.0.85",
 ];
-/// Every module `flint-kernels` embeds.
-pub const MODULES: &[&str] = &["elementwise", "gemv", "attention", "sampling", "fp8"];
+/// Every module `flint-kernels` embeds: one per `kernels/<module>.cu`, in name order.
+fn modules(root: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "cu")
+            && let Some(stem) = path.file_stem()
+        {
+            names.push(stem.to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
 
 fn nvcc_version(nvcc: &Path) -> Option<String> {
     let out = Command::new(nvcc).arg("--version").output().ok()?;
@@ -87,7 +99,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let root = workspace_root().join("kernels");
     let out = root.join("build");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let jobs: Vec<_> = MODULES
+    let modules = modules(&root)?;
+    let jobs: Vec<_> = modules
         .iter()
         .map(|m| {
             let src = root.join(format!("{m}.cu"));
@@ -115,7 +128,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let mut failed = Vec::new();
     for (m, mut child) in children {
         if !child.wait().with_context(|| format!("nvcc for {m}"))?.success() {
-            failed.push(*m);
+            failed.push(m.as_str());
         }
     }
     ensure!(failed.is_empty(), "nvcc failed on {}", failed.join(", "));

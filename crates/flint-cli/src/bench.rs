@@ -43,8 +43,8 @@ pub struct BenchArgs {
     /// Address of a running `flint serve` (host:port or http://host:port).
     #[arg(long, required_unless_present_any = ["preset", "allreduce"], conflicts_with_all = ["preset", "allreduce"])]
     server: Option<String>,
-    /// Time NCCL all-reduces among GPUs 0..--tp (BF16 sums, host-enqueued and from a CUDA graph)
-    /// over --sizes.
+    /// Time all-reduces among GPUs 0..--tp over --sizes: NCCL (BF16 sums, host-enqueued and from
+    /// a CUDA graph) against the peer-to-peer one-shot kernel, alone and fused with RMSNorm.
     #[arg(long, conflicts_with = "preset")]
     allreduce: bool,
     /// With --allreduce: message sizes in bytes, comma-separated (K and M suffixes allowed).
@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// With --preset or --allreduce: tensor-parallel ranks (GPUs 0..N).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
+    /// With --preset: pipeline stages, each of --tp GPUs (GPUs 0..tp*pp).
+    #[arg(long, default_value_t = 1, requires = "preset", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pp: u32,
+    /// With --preset and --tp: all-reduce through NCCL only (no peer-to-peer kernel).
+    #[arg(long, requires = "preset")]
+    no_p2p: bool,
     /// Benchmark a model on the local GPU instead: random weights of this preset's shapes
     /// (llama-3.2-1b, llama-3.1-8b, llama-3.3-70b).
     #[arg(long)]
@@ -246,7 +252,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.allreduce {
         anyhow::ensure!(args.tp >= 2, "--allreduce needs --tp 2 or more");
         let sizes = args.sizes.split(',').map(parse_size).collect::<anyhow::Result<Vec<_>>>()?;
-        let rows = flint_comm::bench::nccl_all_reduce_latency(args.tp as usize, &sizes, 50)?;
+        let rows = flint_comm::bench::all_reduce_latency(args.tp as usize, &sizes, 50)?;
         let json = serde_json::to_string_pretty(&rows).context("encoding the report")?;
         if let Some(path) = &args.json_out {
             std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
@@ -254,10 +260,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.json {
             println!("{json}");
         } else {
-            println!("NCCL all-reduce, BF16 sum in place, {} GPUs (mean of 50, median of 5 runs)", args.tp);
-            println!("{:>10} {:>12} {:>12} {:>10}", "bytes", "eager us", "graph us", "bus GB/s");
+            println!(
+                "BF16 sum all-reduce, {} GPUs, mean of 50, median of 5 runs: NCCL (in place; eager and from a CUDA graph) \
+                 against the peer-to-peer one-shot kernel (graph), alone and followed by residual add + RMSNorm over rows of {}",
+                args.tp,
+                flint_comm::bench::FUSED_HIDDEN
+            );
+            println!(
+                "{:>10} {:>11} {:>11} {:>10} {:>11} {:>15} {:>15}",
+                "bytes", "nccl eager", "nccl graph", "bus GB/s", "p2p graph", "nccl+norm graph", "p2p+norm fused"
+            );
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
             for r in &rows {
-                println!("{:>10} {:>12.2} {:>12.2} {:>10.1}", r.bytes, r.eager_us, r.graph_us, r.bus_gbs);
+                println!(
+                    "{:>10} {:>11.2} {:>11.2} {:>10.1} {:>11.2} {:>15} {:>15}",
+                    r.bytes,
+                    r.eager_us,
+                    r.graph_us,
+                    r.bus_gbs,
+                    r.p2p_graph_us,
+                    opt(r.nccl_norm_graph_us),
+                    opt(r.p2p_norm_graph_us)
+                );
             }
         }
         return Ok(());
@@ -273,6 +297,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.gemv_max_m as usize,
             args.dtype == "fp8",
             args.tp as usize,
+            args.pp as usize,
+            !args.no_p2p,
         )?;
         let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         if let Some(path) = &args.json_out {

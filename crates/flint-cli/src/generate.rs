@@ -94,7 +94,8 @@ pub struct GenerateArgs {
     /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
-    /// Pipeline stages (CPU): the layers split into N balanced stages, each of --tp ranks.
+    /// Pipeline stages: the layers split into N balanced stages, each of --tp ranks (GPUs
+    /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
 }
@@ -146,9 +147,10 @@ pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine>
     })?;
     let options = cuda_options(sizing, config.max_position_embeddings);
     let tokenizer = flint_engine::Tokenizer::byte_level()?;
-    if sizing.tp > 1 {
+    if sizing.tp * sizing.pp > 1 {
         let weights = flint_model::cuda::GroupWeights::Random(0x5eed);
-        let group = flint_model::TpGroup::cuda(config, sizing.tp, options, weights)?;
+        let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
+        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, sizing.pp, options, weights)?;
         return Ok(Engine::with_group(group, tokenizer));
     }
     let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
@@ -164,10 +166,18 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
         DeviceArg::Auto => gpu_usable(),
     };
     let source = Arc::new(ModelSource::open(model_path)?);
+    if sizing.pp > 1 && use_cuda {
+        let config = source.config()?;
+        let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+        let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
+        let options = cuda_options(sizing, config.max_position_embeddings);
+        let what = format!("{} stages of {} GPUs", sizing.pp, sizing.tp);
+        let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, sizing.pp, options, weights)
+            .with_context(|| format!("loading {} as {what}", model_path.display()))?;
+        return Ok(Engine::with_group(group, tokenizer));
+    }
     if sizing.pp > 1 {
-        if device == DeviceArg::Cuda {
-            bail!("--pp runs on the CPU (GPU pipeline stages are not built yet); use --tp on the GPU");
-        }
         let config = source.config()?;
         let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
         let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
@@ -263,9 +273,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some(preset) => {
             if args.device == DeviceArg::Cpu {
                 bail!("--random-weights runs on the GPU only");
-            }
-            if args.pp > 1 {
-                bail!("--pp runs on the CPU (GPU pipeline stages are not built yet); use --tp on the GPU");
             }
             (random_engine(preset, sizing)?, format!("{preset} (random weights)"))
         }

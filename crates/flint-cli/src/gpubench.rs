@@ -41,8 +41,15 @@ pub struct ModelBench {
     pub preset: String,
     pub gpu: String,
     pub dtype: &'static str,
-    /// Tensor-parallel ranks (GPUs); every figure is rank 0's, bytes per step are per GPU.
+    /// Tensor-parallel ranks per stage; every figure is the output rank's (the last stage's
+    /// first), bytes per step are per GPU.
     pub tp: usize,
+    /// Pipeline stages (GPUs: `tp * pp`).
+    pub pp: usize,
+    /// Each stage's layers.
+    pub stages: Vec<(usize, usize)>,
+    /// Whether small steps used the peer-to-peer all-reduce (else NCCL).
+    pub p2p_all_reduce: bool,
     pub copy_bandwidth_gbs: f64,
     pub cublaslt_peak: GemmRate,
     pub prefill_gemms: Vec<GemmRate>,
@@ -106,6 +113,7 @@ fn decode_rows(
     (rows, breakdown)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run_preset(
     preset: &str,
     batches: &[usize],
@@ -114,8 +122,10 @@ pub fn run_preset(
     gemv_max_m: usize,
     fp8: bool,
     tp: usize,
+    pp: usize,
+    p2p: bool,
 ) -> anyhow::Result<ModelBench> {
-    anyhow::ensure!(!(fp8 && tp > 1), "--dtype fp8 is measured on one GPU");
+    anyhow::ensure!(!(fp8 && tp * pp > 1), "--dtype fp8 is measured on one GPU");
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
@@ -132,10 +142,11 @@ pub fn run_preset(
         max_seq_len: max_len.next_multiple_of(256),
         graphs,
         gemv_max_m,
+        p2p_all_reduce: p2p,
         ..CudaLlamaOptions::default()
     };
-    if tp > 1 {
-        return run_preset_tp(preset, config, options, gpu, bandwidth, batches, lengths, tp, start);
+    if tp * pp > 1 {
+        return run_preset_parallel(preset, config, options, gpu, bandwidth, batches, lengths, tp, pp, start);
     }
     let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options.clone(), 0x5eed)?;
     gpu.synchronize()?;
@@ -198,6 +209,9 @@ pub fn run_preset(
         gpu: gpu.name().to_string(),
         dtype: "bf16",
         tp: 1,
+        pp: 1,
+        stages: vec![(0, config.n_layers)],
+        p2p_all_reduce: false,
         copy_bandwidth_gbs: bandwidth / 1e9,
         cublaslt_peak: peak,
         prefill_gemms,
@@ -213,10 +227,12 @@ pub fn run_preset(
     })
 }
 
-/// The preset split over GPUs `0..tp`: every rank runs the same decode runs (meeting in NCCL),
-/// rank 0's figures are reported. The GEMM rates are one GPU's (cuBLASLt on GPU 0).
+/// The preset split over GPUs `0..tp * pp` (TP shards within each of `pp` pipeline stages):
+/// every rank runs the same steady-state decode runs (meeting in NCCL; with `pp` groups of
+/// sequences in flight, see [`bench::pipeline_decode_run`]) and the output rank's figures are
+/// reported. The GEMM rate is one GPU's (cuBLASLt on GPU 0).
 #[allow(clippy::too_many_arguments)]
-fn run_preset_tp(
+fn run_preset_parallel(
     preset: &str,
     config: ModelConfig,
     options: CudaLlamaOptions,
@@ -225,6 +241,7 @@ fn run_preset_tp(
     batches: &[usize],
     lengths: &[(usize, usize)],
     tp: usize,
+    pp: usize,
     start: Instant,
 ) -> anyhow::Result<ModelBench> {
     use flint_model::cuda::{GroupWeights, with_cuda_rank};
@@ -232,12 +249,17 @@ fn run_preset_tp(
     let gemm = flint_cuda::gemm::Gemm::new(&gpu)?;
     let peak = bench::gemm_rate(&gpu, &gemm, "square 8192", 8192, 8192, 8192)?;
     drop(gemm);
-    let group = TpGroup::cuda(config, tp, options, GroupWeights::Random(0x5eed))?;
+    let plan = flint_stages::StagePlan::balanced(&config, pp)?;
+    let p2p = options.p2p_all_reduce;
+    let group = TpGroup::cuda_stages(config, tp, plan.stages.clone(), pp, options, GroupWeights::Random(0x5eed))?;
     let startup_s = start.elapsed().as_secs_f64();
-    eprintln!("TP {tp}: {} ranks ready in {startup_s:.1} s", group.world_size());
+    let what = format!("TP {tp} x PP {pp}");
+    eprintln!("{what}: {} ranks ready in {startup_s:.1} s, stages {:?}", group.world_size(), plan.stages);
+    let output = (pp - 1) * tp;
     let rows = Arc::new(std::sync::Mutex::new(Vec::<DecodeRow>::new()));
     let breakdown = Arc::new(std::sync::Mutex::new(Vec::<Breakdown>::new()));
     let weight_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let poisoned = || flint_model::Error::Sharding("poisoned".into());
     let mut skipped = Vec::new();
     for &(p, o) in lengths {
         for &b in batches {
@@ -245,10 +267,15 @@ fn run_preset_tp(
             let wb = Arc::clone(&weight_bytes);
             let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
                 with_cuda_rank(model, |r| {
-                    let row = bench::decode_run(&r.model, bandwidth, p, o, b, 1 + b as u64)?;
-                    if rank == 0 {
+                    let mut row = bench::pipeline_decode_run(&r.model, p, o, b, pp, 1 + b as u64)?;
+                    if rank == output {
+                        row.roofline_fraction = if pp == 1 {
+                            (row.bytes_per_step / bandwidth) / (row.decode_ms_per_token * 1e-3)
+                        } else {
+                            0.0
+                        };
                         wb.store(r.model.weight_bytes_per_step(), std::sync::atomic::Ordering::Relaxed);
-                        out.lock().map_err(|_| flint_model::Error::Sharding("poisoned".into()))?.push(row);
+                        out.lock().map_err(|_| poisoned())?.push(row);
                     }
                     Ok(Vec::new())
                 })
@@ -257,31 +284,37 @@ fn run_preset_tp(
                 Ok(_) => {
                     if let Some(row) = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.last() {
                         eprintln!(
-                            "  TP {tp} {p}/{o} batch {b}: TTFT {:.1} ms, decode {:.3} ms/token, {:.1} tok/s/user, {:.2} of roofline",
-                            row.ttft_ms, row.decode_ms_per_token, row.tok_s_per_user, row.roofline_fraction
+                            "  {what} {p}/{o} batch {b}: TTFT {:.1} ms, {:.3} ms/token, {:.1} tok/s/user, {:.0} tok/s, {:.2} of roofline",
+                            row.ttft_ms,
+                            row.decode_ms_per_token,
+                            row.tok_s_per_user,
+                            row.tok_s_total,
+                            row.roofline_fraction
                         );
                     }
                 }
                 Err(e) => {
-                    eprintln!("  TP {tp} {p}/{o} batch {b}: skipped: {e}");
+                    eprintln!("  {what} {p}/{o} batch {b}: skipped: {e}");
                     skipped.push(format!("{p}/{o} batch {b}: {e}"));
                 }
             }
         }
     }
-    for &b in batches {
-        let out = Arc::clone(&breakdown);
-        let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
-            with_cuda_rank(model, |r| {
-                let d = bench::decode_breakdown(&r.model, b, 256)?;
-                if rank == 0 {
-                    out.lock().map_err(|_| flint_model::Error::Sharding("poisoned".into()))?.push(d);
-                }
-                Ok(Vec::new())
-            })
-        });
-        if let Err(e) = group.run_on_all(job) {
-            skipped.push(format!("breakdown batch {b}: {e}"));
+    if pp == 1 {
+        for &b in batches.iter().filter(|&&b| b <= 8) {
+            let out = Arc::clone(&breakdown);
+            let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
+                with_cuda_rank(model, |r| {
+                    let d = bench::decode_breakdown(&r.model, b, 256)?;
+                    if rank == 0 {
+                        out.lock().map_err(|_| poisoned())?.push(d);
+                    }
+                    Ok(Vec::new())
+                })
+            });
+            if let Err(e) = group.run_on_all(job) {
+                skipped.push(format!("breakdown batch {b}: {e}"));
+            }
         }
     }
     drop(group);
@@ -292,6 +325,9 @@ fn run_preset_tp(
         gpu: gpu.name().to_string(),
         dtype: "bf16",
         tp,
+        pp,
+        stages: plan.stages.iter().map(|r| (r.start, r.end)).collect(),
+        p2p_all_reduce: p2p,
         copy_bandwidth_gbs: bandwidth / 1e9,
         cublaslt_peak: peak,
         prefill_gemms: Vec::new(),
@@ -318,9 +354,19 @@ pub fn print_table(b: &ModelBench) {
             parts.join(", ")
         );
     }
-    let on = if b.tp > 1 { format!("{} x {} (tensor parallel)", b.tp, b.gpu) } else { b.gpu.clone() };
+    let on = match (b.tp, b.pp) {
+        (1, 1) => b.gpu.clone(),
+        (t, 1) => format!(
+            "{t} x {} (tensor parallel, {} all-reduce)",
+            b.gpu,
+            if b.p2p_all_reduce { "p2p + NCCL" } else { "NCCL" }
+        ),
+        (t, p) => {
+            format!("{} x {} (TP {t} x PP {p}, stages {:?}; {p} groups of sequences in flight)", t * p, b.gpu, b.stages)
+        }
+    };
     println!("{} on {on} (BF16), copy bandwidth {:.0} GB/s per GPU", b.preset, b.copy_bandwidth_gbs);
-    if b.tp > 1 {
+    if b.tp * b.pp > 1 {
         println!(
             "weights read per step per GPU {:.2} GB; roofline = that plus the KV cache over one GPU's bandwidth",
             b.weight_bytes_per_step as f64 / 1e9

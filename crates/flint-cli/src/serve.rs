@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
-    /// Pipeline stages (CPU): the layers split into N balanced stages, each of --tp ranks.
+    /// Pipeline stages: the layers split into N balanced stages, each of --tp ranks (GPUs
+    /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
 }

@@ -10,6 +10,9 @@
 //! - [`NcclComm`]: NCCL through cudarc's bindings, over [`DeviceSlice`]s of one GPU per rank.
 //!   Collectives are enqueued on the rank's stream (and may be captured in CUDA graphs).
 //!
+//! [`P2pAllReduce`] is the small-message all-reduce of decode steps: one kernel reading every
+//! GPU's buffer peer to peer (one process), fused with the residual add and RMSNorm after it.
+//!
 //! [`bootstrap`] hands NCCL's unique id from the first node to the others over TCP, for jobs of
 //! several processes or hosts.
 
@@ -18,10 +21,12 @@ pub mod bootstrap;
 mod error;
 mod local;
 mod nccl;
+pub mod p2p;
 
 pub use error::{Error, Result};
 pub use local::{HostElement, LocalComm, Members};
 pub use nccl::{CommType, DeviceSlice, NcclAbort, NcclComm, NcclId, nccl_available};
+pub use p2p::P2pAllReduce;
 
 /// How values of the ranks are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

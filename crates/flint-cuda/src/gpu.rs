@@ -170,6 +170,35 @@ impl Gpu {
         Ok(())
     }
 
+    /// Lets this GPU's kernels read and write memory of GPU `peer` (same process, unified
+    /// addressing). `Ok(false)` when the two GPUs have no peer-to-peer path.
+    pub fn enable_peer_access(&self, peer: usize) -> Result<bool> {
+        if peer == self.ordinal {
+            return Ok(true);
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: plain driver queries and a context-wide setting; the peer's primary context is
+        // retained for the call and released after.
+        unsafe {
+            let (mut me, mut other) = (0, 0);
+            sys::cuDeviceGet(&mut me, self.ordinal as i32).result()?;
+            sys::cuDeviceGet(&mut other, peer as i32).result()?;
+            let mut can = 0;
+            sys::cuDeviceCanAccessPeer(&mut can, me, other).result()?;
+            if can == 0 {
+                return Ok(false);
+            }
+            let mut peer_ctx = std::ptr::null_mut();
+            sys::cuDevicePrimaryCtxRetain(&mut peer_ctx, other).result()?;
+            let enabled = sys::cuCtxEnablePeerAccess(peer_ctx, 0);
+            sys::cuDevicePrimaryCtxRelease_v2(other).result()?;
+            match enabled {
+                sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(true),
+                e => Err(Error::Driver(cudarc::driver::DriverError(e))),
+            }
+        }
+    }
+
     /// `bytes` bytes of device memory (uninitialised).
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         let bytes = bytes.max(16);
@@ -215,7 +244,8 @@ impl Gpu {
         self.write_ptr(buf.at(offset), data)
     }
 
-    pub(crate) fn write_ptr<T: Copy>(&self, ptr: u64, data: &[T]) -> Result<()> {
+    /// Copies `data` to device address `ptr` (synchronously with respect to the host data).
+    pub fn write_ptr<T: Copy>(&self, ptr: u64, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);
         if bytes == 0 {
             return Ok(());
@@ -437,4 +467,6 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_silu_mul_fp8",
     "flint_gemv_fp8",
     "flint_scale_output",
+    "flint_ar_sum",
+    "flint_ar_add_rms_norm",
 ];

@@ -405,3 +405,84 @@ pub fn gemv_fp8(
         &mut [arg(&x), arg(&x_scale), arg(&w), arg(&w_scale), arg(&y), arg(&mi), arg(&ni), arg(&ki), arg(&e)],
     )
 }
+
+/// Most ranks of a peer-to-peer all-reduce (mirrors `kArMaxRanks` in allreduce.cuh).
+pub const AR_MAX_RANKS: usize = 8;
+/// Most blocks of a peer-to-peer all-reduce launch (mirrors `kArMaxBlocks`); each rank's flag
+/// area holds `AR_MAX_BLOCKS * AR_MAX_RANKS` u32 and its counters `AR_MAX_BLOCKS`.
+pub const AR_MAX_BLOCKS: usize = 64;
+
+/// The peer-readable buffers of one all-reduce: every rank's input and flag area (mirrors
+/// `ArPeers`). Unused ranks are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArPeers {
+    pub data: [u64; AR_MAX_RANKS],
+    pub flags: [u64; AR_MAX_RANKS],
+}
+
+/// `out = sum over ranks of peers.data[r]` (`len` bf16, a multiple of 8), one-shot over
+/// peer-to-peer loads in `blocks` blocks (at most [`AR_MAX_BLOCKS`]).
+pub fn ar_sum(
+    gpu: &Gpu,
+    peers: &ArPeers,
+    counter: u64,
+    out: u64,
+    len: usize,
+    rank: usize,
+    world: usize,
+    blocks: usize,
+) -> Result<()> {
+    if !len.is_multiple_of(8) || blocks == 0 || blocks > AR_MAX_BLOCKS || world > AR_MAX_RANKS || rank >= world {
+        return Err(shape("ar_sum", format!("{len} values, {blocks} blocks, rank {rank} of {world}")));
+    }
+    let (n8, rank, world) = ((len / 8) as u64, rank as i32, world as i32);
+    gpu.launch(
+        "flint_ar_sum",
+        (blocks as u32, 1, 1),
+        512,
+        0,
+        &mut [arg(peers), arg(&counter), arg(&out), arg(&n8), arg(&rank), arg(&world)],
+    )
+}
+
+/// For each of `n` rows: `residual += sum over ranks of peers.data[r]` (bf16), then
+/// `out = rms_norm(residual) * weight` ([`add_rms_norm`] after an all-reduce, in one kernel).
+pub fn ar_add_rms_norm(
+    gpu: &Gpu,
+    peers: &ArPeers,
+    counter: u64,
+    residual: u64,
+    weight: u64,
+    out: u64,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    if !hidden.is_multiple_of(8) || world > AR_MAX_RANKS || rank >= world {
+        return Err(shape("ar_add_rms_norm", format!("hidden {hidden}, rank {rank} of {world}")));
+    }
+    let blocks = n.clamp(1, AR_MAX_BLOCKS) as u32;
+    let threads = (hidden / 8).next_multiple_of(32).clamp(128, 1024) as u32;
+    let (n, hidden, rank, world) = (n as i32, hidden as i32, rank as i32, world as i32);
+    gpu.launch(
+        "flint_ar_add_rms_norm",
+        (blocks, 1, 1),
+        threads,
+        0,
+        &mut [
+            arg(peers),
+            arg(&counter),
+            arg(&residual),
+            arg(&weight),
+            arg(&out),
+            arg(&n),
+            arg(&hidden),
+            arg(&eps),
+            arg(&rank),
+            arg(&world),
+        ],
+    )
+}

@@ -4,9 +4,6 @@
 
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
-/// The names of every module the CUDA backend loads.
-pub const MODULE_NAMES: &[&str] = &["elementwise", "gemv", "attention", "sampling", "fp8"];
-
 /// The fatbin of module `name`, if the kernels were built.
 pub fn module(name: &str) -> Option<&'static [u8]> {
     MODULES.iter().find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)

@@ -383,6 +383,16 @@ fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], step
     out
 }
 
+/// Tensor-parallel ranks x pipeline stages this machine can run (beyond one GPU).
+fn parallel_layouts(n_gpus: usize) -> Vec<(usize, usize)> {
+    [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)].into_iter().filter(|(t, p)| t * p <= n_gpus).collect()
+}
+
+/// `pp` stages of about equal layer counts.
+fn even_stages(n_layers: usize, pp: usize) -> Vec<std::ops::Range<usize>> {
+    (0..pp).map(|s| s * n_layers / pp..(s + 1) * n_layers / pp).collect()
+}
+
 #[test]
 fn tensor_parallel_matches_one_gpu_and_transformers() {
     let _ = tracing_subscriber::fmt()
@@ -392,8 +402,8 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
     let n_gpus = flint_cuda::device_count();
-    let worlds: Vec<usize> = [2, 4].into_iter().filter(|&w| w <= n_gpus).collect();
-    if worlds.is_empty() {
+    let layouts = parallel_layouts(n_gpus);
+    if layouts.is_empty() {
         assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
         eprintln!("skipped: tensor parallelism needs 2 GPUs, this machine has {n_gpus}");
         return;
@@ -408,42 +418,184 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
         let one_logits = run_gpu(&one, &r.prompt, forced);
         let one_batched = run_batched(&|b| one.forward(b).expect("step"), &r.prompt, 8);
         drop(one);
-        for &world in &worlds {
-            if let Err(e) = flint_model::Shard::check(world, &config) {
-                eprintln!("{name} TP {world}: not split ({e})");
+        for &(tp, pp) in &layouts {
+            if let Err(e) = flint_model::Shard::check(tp, &config) {
+                eprintln!("{name} TP {tp}: not split ({e})");
                 continue;
             }
-            for graphs in [false, true] {
-                eprintln!("{name} TP {world} graphs={graphs}: loading");
+            if pp > config.n_layers {
+                eprintln!("{name} PP {pp}: {} layers", config.n_layers);
+                continue;
+            }
+            for (graphs, p2p) in [(false, true), (true, true), (true, false)] {
+                if !p2p && tp == 1 {
+                    continue;
+                }
+                let what = format!("{name} TP {tp} x PP {pp} graphs={graphs} p2p={p2p}");
+                eprintln!("{what}: loading");
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
-                let group = flint_model::TpGroup::cuda(config.clone(), world, small_options(graphs), weights)
-                    .expect("TP group");
-                eprintln!("{name} TP {world} graphs={graphs}: loaded");
+                let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..small_options(graphs) };
+                let stages = even_stages(config.n_layers, pp);
+                let group = flint_model::TpGroup::cuda_stages(config.clone(), tp, stages, 2, options, weights)
+                    .expect("parallel group");
                 let got = run_forced(&|b| group.forward(b).expect("step"), &r.prompt, forced);
                 let (mut worst_ref, mut worst_one, mut clear) = (0f64, 0f64, 0);
                 for (step, l) in got.iter().enumerate() {
                     let (e_ref, e_one) = (rel_err(l, &r.logits[step]), rel_err(l, &one_logits[step]));
                     worst_ref = worst_ref.max(e_ref);
                     worst_one = worst_one.max(e_one);
-                    assert!(
-                        e_ref <= 2e-2,
-                        "{name} TP {world} graphs={graphs}: step {step} vs transformers {e_ref:.3e}"
-                    );
-                    assert!(e_one <= 2e-2, "{name} TP {world} graphs={graphs}: step {step} vs one GPU {e_one:.3e}");
+                    assert!(e_ref <= 2e-2, "{what}: step {step} vs transformers {e_ref:.3e}");
+                    assert!(e_one <= 2e-2, "{what}: step {step} vs one GPU {e_one:.3e}");
                     if r.margins[step] > 0.1 {
                         clear += 1;
-                        assert_eq!(argmax(l), r.tokens[step], "{name} TP {world}: greedy token at step {step}");
+                        assert_eq!(argmax(l), r.tokens[step], "{what}: greedy token at step {step}");
                     }
                 }
                 let batched = run_batched(&|b| group.forward(b).expect("step"), &r.prompt, 8);
                 let worst_batched = batched.iter().zip(&one_batched).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
-                assert!(worst_batched <= 2e-2, "{name} TP {world}: batched steps vs one GPU {worst_batched:.3e}");
+                assert!(worst_batched <= 2e-2, "{what}: batched steps vs one GPU {worst_batched:.3e}");
                 eprintln!(
-                    "{name} TP {world} graphs={graphs}: {} steps, worst rel err {worst_ref:.2e} vs transformers, \
-                     {worst_one:.2e} vs one GPU, batched {worst_batched:.2e}; {clear} clear-margin tokens equal",
+                    "{what}: {} steps, worst rel err {worst_ref:.2e} vs transformers, {worst_one:.2e} vs one GPU, \
+                     batched {worst_batched:.2e}; {clear} clear-margin tokens equal",
                     got.len()
                 );
             }
+        }
+    }
+}
+
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+}
+
+fn from_bf16_bits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
+}
+
+/// Rank `r`'s input of call `call`: bf16 values in [-2, 2).
+fn p2p_input(rank: usize, call: usize, len: usize) -> Vec<f32> {
+    let mut x = (rank as u64 + 1) * 0x9e37_79b9 + call as u64 * 0x85eb_ca6b;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bf16_round(((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+        })
+        .collect()
+}
+
+#[test]
+fn p2p_all_reduce_matches_the_host_sum() {
+    use flint_comm::{LocalComm, P2pAllReduce};
+    if gpu().is_none() {
+        return;
+    }
+    let n_gpus = flint_cuda::device_count();
+    let worlds: Vec<usize> = [2, 4].into_iter().filter(|&w| w <= n_gpus).collect();
+    if worlds.is_empty() {
+        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
+        eprintln!("skipped: the peer-to-peer all-reduce needs 2 GPUs, this machine has {n_gpus}");
+        return;
+    }
+    for world in worlds {
+        let hosts = Arc::new(LocalComm::members(world, std::time::Duration::from_secs(60)));
+        let threads: Vec<_> = (0..world)
+            .map(|rank| {
+                let hosts = Arc::clone(&hosts);
+                std::thread::spawn(move || {
+                    let host = hosts.take(rank).expect("host member");
+                    let gpu = Gpu::new(rank).expect("open GPU");
+                    let (rows, hidden) = (5usize, 1024usize);
+                    let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, 2 * 64 * 8192).expect("p2p setup");
+                    // Plain sums of several sizes (one to several blocks), alternating slots:
+                    // bit-exact against the host's f32 sum in rank order rounded to bf16.
+                    for (call, len) in [8usize, 4096, 3 * 4096 + 8, 64 * 8192].into_iter().enumerate() {
+                        let out = gpu.alloc(2 * len).expect("alloc");
+                        let slot = call % 2;
+                        gpu.write_ptr(p2p.input(slot), &to_bf16_bits(&p2p_input(rank, call, len))).expect("write");
+                        host.barrier().expect("inputs written");
+                        p2p.sum(slot, out.ptr(), len).expect("sum");
+                        let mut got = vec![0u16; len];
+                        gpu.read(out.ptr(), &mut got).expect("read");
+                        let inputs: Vec<Vec<f32>> = (0..world).map(|r| p2p_input(r, call, len)).collect();
+                        let want: Vec<u16> = (0..len)
+                            .map(|i| half::bf16::from_f32(inputs.iter().map(|v| v[i]).sum::<f32>()).to_bits())
+                            .collect();
+                        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                        assert_eq!(bad, 0, "world {world} rank {rank}: {bad} of {len} sums differ");
+                        host.barrier().expect("outputs read");
+                    }
+                    // Fused with the residual add and RMSNorm, twice (slots 0 and 1), then 40
+                    // more alternating calls from a CUDA graph replayed twice.
+                    let n = rows * hidden;
+                    let residual0: Vec<f32> = p2p_input(99, 0, n);
+                    let weight: Vec<f32> = p2p_input(98, 0, hidden).iter().map(|w| 1.0 + w / 4.0).collect();
+                    let res = gpu.upload(&to_bf16_bits(&residual0)).expect("residual");
+                    let w = gpu.upload(&weight).expect("weight");
+                    let normed = gpu.alloc(2 * n).expect("alloc");
+                    let mut want_res = residual0.clone();
+                    let mut want_out = Vec::new();
+                    let step = |slot: usize, want_res: &mut Vec<f32>, want_out: &mut Vec<f32>| {
+                        let inputs: Vec<Vec<f32>> = (0..world).map(|r| p2p_input(r, 10 + slot, n)).collect();
+                        for i in 0..n {
+                            let s = bf16_round(inputs.iter().map(|v| v[i]).sum::<f32>());
+                            want_res[i] = bf16_round(want_res[i] + s);
+                        }
+                        want_out.clear();
+                        for row in want_res.chunks(hidden) {
+                            let ms = row.iter().map(|x| x * x).sum::<f32>() / hidden as f32;
+                            let r = 1.0 / (ms + 1e-5).sqrt();
+                            want_out.extend(row.iter().zip(&weight).map(|(x, w)| bf16_round(w * bf16_round(x * r))));
+                        }
+                    };
+                    for slot in 0..2 {
+                        gpu.write_ptr(p2p.input(slot), &to_bf16_bits(&p2p_input(rank, 10 + slot, n))).expect("write");
+                    }
+                    host.barrier().expect("inputs written");
+                    let check = |want_res: &[f32], want_out: &[f32], what: &str| {
+                        let mut got = vec![0u16; n];
+                        gpu.read(res.ptr(), &mut got).expect("read");
+                        let got_res = from_bf16_bits(&got);
+                        let bad = got_res.iter().zip(want_res).filter(|(a, b)| a != b).count();
+                        assert_eq!(bad, 0, "world {world} rank {rank} {what}: {bad} residuals differ");
+                        gpu.read(normed.ptr(), &mut got).expect("read");
+                        let e = rel_err(&from_bf16_bits(&got), want_out);
+                        assert!(e <= 1e-2, "world {world} rank {rank} {what}: normed rel err {e:.3e}");
+                    };
+                    for slot in 0..2 {
+                        p2p.add_rms_norm(slot, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5).expect("fused");
+                        step(slot, &mut want_res, &mut want_out);
+                        check(&want_res, &want_out, &format!("fused call on slot {slot}"));
+                    }
+                    let graph = gpu
+                        .capture(|| {
+                            for i in 0..40 {
+                                p2p.add_rms_norm(i % 2, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
+                                    .map_err(|e| flint_cuda::Error::Unsupported(e.to_string()))?;
+                            }
+                            Ok(())
+                        })
+                        .expect("capture");
+                    for replay in 0..2 {
+                        graph.launch().expect("replay");
+                        for i in 0..40 {
+                            step(i % 2, &mut want_res, &mut want_out);
+                        }
+                        check(&want_res, &want_out, &format!("graph replay {replay}"));
+                    }
+                    gpu.synchronize().expect("sync");
+                    host.barrier().expect("done");
+                    eprintln!("world {world} rank {rank}: p2p sums bit-exact, fused add + RMSNorm within 1e-2");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a rank failed");
         }
     }
 }

@@ -140,6 +140,24 @@ pub fn pipeline_cpu(
     Ok(group)
 }
 
+/// A GPU pipeline (optionally tensor-parallel per stage) on GPUs `0..tp * plan.n_stages()` of
+/// this machine, over NCCL: rank `stage * tp + t` on GPU `stage * tp + t` loads its stage's
+/// layers (its TP shard of them); activations go to the next stage with NCCL send/recv (captured
+/// in the decode graphs) and each step runs as `micro_batches` pieces.
+pub fn pipeline_cuda(
+    config: ModelConfig,
+    tp: usize,
+    plan: StagePlan,
+    micro_batches: usize,
+    options: flint_model::cuda::CudaLlamaOptions,
+    weights: flint_model::cuda::GroupWeights,
+) -> Result<TpGroup> {
+    if plan.stages.last().map(|r| r.end) != Some(config.n_layers) {
+        return Err(Error::Plan(format!("the plan {:?} does not cover {} layers", plan.stages, config.n_layers)));
+    }
+    Ok(TpGroup::cuda_stages(config, tp, plan.stages, micro_batches, options, weights)?)
+}
+
 /// One rank of a pipeline stage.
 struct StageRank {
     backend: Box<dyn Backend>,

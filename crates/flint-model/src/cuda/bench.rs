@@ -260,3 +260,111 @@ pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Resu
     let total_ms = ops.iter().map(|(_, ms)| ms).sum();
     Ok(Breakdown { batch, context, ops, total_ms })
 }
+
+/// Steady-state decode of a parallel group's rank (every rank of the group runs it at once):
+/// `batch` sequences prefilled with `prompt_len` random tokens, then `output_len - 1` rounds in
+/// which each of `groups` equal groups of sequences takes one decode step, group after group.
+///
+/// With `groups` = the number of pipeline stages, stage `s` works on group `g` while stage
+/// `s + 1` works on group `g - 1`: the pipeline is full, as a serving engine keeps it by giving
+/// each stage a different batch of requests. Decode inputs are fixed pseudo-random tokens (the
+/// same on every rank, so the first stage needs no sampled token back from the last; in a
+/// balanced pipeline a group's token is sampled just as its next step is due on the first
+/// stage). The time of a round is the time per output token of every user.
+pub fn pipeline_decode_run(
+    model: &CudaLlama,
+    prompt_len: usize,
+    output_len: usize,
+    batch: usize,
+    groups: usize,
+    seed: u64,
+) -> Result<DecodeRow> {
+    let bs = model.block_size();
+    let total = prompt_len + output_len;
+    let per_seq = total.div_ceil(bs);
+    let groups = groups.clamp(1, batch.max(1));
+    if per_seq * batch > model.n_blocks() {
+        return Err(unsupported(format!(
+            "{batch} sequences of {total} positions need {} KV blocks, the cache has {}",
+            per_seq * batch,
+            model.n_blocks()
+        )));
+    }
+    if batch.div_ceil(groups) > model.options().max_seqs {
+        return Err(unsupported(format!(
+            "groups of {} sequences exceed the {} a step holds",
+            batch.div_ceil(groups),
+            model.options().max_seqs
+        )));
+    }
+    let tables: Vec<Vec<u32>> =
+        (0..batch).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+    let vocab = model.config().vocab_size as u64;
+    let token = |s: usize, pos: usize| -> u32 {
+        let mut x = seed ^ ((s as u64) << 32) ^ pos as u64;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+        ((x ^ (x >> 31)) % vocab) as u32
+    };
+    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let budget = model.options().max_batch_tokens;
+    let group_of = |g: usize| (g * batch / groups)..((g + 1) * batch / groups);
+
+    model.gpu().synchronize()?;
+    let t0 = Instant::now();
+    // Prefill, one sequence's chunks after another, in steps of up to `budget` tokens.
+    let mut done = vec![0usize; batch];
+    let mut s = 0;
+    while s < batch {
+        let mut fb = ForwardBatch::new(bs);
+        let mut room = budget;
+        let mut rows = 0;
+        while s < batch && room > 0 && fb.n_seqs() < model.options().max_seqs {
+            let take = (prompt_len - done[s]).min(room);
+            let ends = done[s] + take == prompt_len;
+            let toks: Vec<u32> = (done[s]..done[s] + take).map(|p| token(s, p)).collect();
+            fb.push_sequence(&toks, done[s], &tables[s], if ends { Logits::Last } else { Logits::None })?;
+            rows += usize::from(ends);
+            done[s] += take;
+            room -= take;
+            if ends {
+                s += 1;
+            }
+        }
+        let params = vec![greedy; rows];
+        let steps = vec![0u64; rows];
+        model.step(&fb, Some((&params, &steps)))?;
+    }
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let mut rounds = Vec::with_capacity(output_len);
+    for step in 1..output_len {
+        let t = Instant::now();
+        for g in 0..groups {
+            let seqs = group_of(g);
+            let mut fb = ForwardBatch::new(bs);
+            for s in seqs.clone() {
+                let pos = prompt_len + step - 1;
+                fb.push_sequence(&[token(s, pos)], pos, &tables[s], Logits::Last)?;
+            }
+            let params = vec![greedy; seqs.len()];
+            let steps = vec![step as u64; seqs.len()];
+            model.step(&fb, Some((&params, &steps)))?;
+        }
+        rounds.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let ms = median(rounds);
+    let mid_context = prompt_len + output_len / 2;
+    let bytes = model.weight_bytes_per_step() as f64 + model.kv_bytes_read(&vec![mid_context; batch]) as f64;
+    Ok(DecodeRow {
+        prompt_len,
+        output_len,
+        batch,
+        ttft_ms,
+        decode_ms_per_token: ms,
+        tok_s_per_user: 1e3 / ms,
+        tok_s_total: batch as f64 * 1e3 / ms,
+        bytes_per_step: bytes,
+        roofline_fraction: 0.0,
+    })
+}

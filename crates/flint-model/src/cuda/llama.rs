@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use std::ops::Range;
 
-use flint_comm::{CommType, Communicator, DeviceSlice, NcclComm, ReduceOp};
+use flint_comm::{CommType, Communicator, DeviceSlice, NcclComm, P2pAllReduce, ReduceOp};
 use flint_cuda::gemm::{Gemm, GemmOut};
 use flint_cuda::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
 use flint_cuda::{DeviceBuffer, Gpu, Graph, Staging, gib};
@@ -60,6 +60,10 @@ pub struct CudaLlamaOptions {
     /// dynamic scale per token; FP8 tensor-core GEMV up to 8 tokens, cuBLASLt FP8 above.
     /// Embedding, norms, LM head and the KV cache stay BF16.
     pub fp8: bool,
+    /// Tensor parallel: reduce small steps (up to 64 rows) with the peer-to-peer one-shot
+    /// all-reduce fused with the residual add and RMSNorm, where the GPUs reach each other;
+    /// NCCL otherwise. (BF16 models; FP8 ones use NCCL.)
+    pub p2p_all_reduce: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -74,7 +78,58 @@ impl Default for CudaLlamaOptions {
             graphs: true,
             gemv_max_m: 2,
             fp8: false,
+            p2p_all_reduce: true,
         }
+    }
+}
+
+/// A tensor-parallel rank's links: NCCL among the group's GPUs and, where every pair of them
+/// reaches the other peer to peer, the one-shot all-reduce that small steps use instead
+/// (fused with the residual add and RMSNorm after it).
+#[derive(Debug)]
+pub struct TpLink {
+    pub nccl: NcclComm,
+    pub p2p: Option<P2pAllReduce>,
+}
+
+impl From<NcclComm> for TpLink {
+    fn from(nccl: NcclComm) -> Self {
+        TpLink { nccl, p2p: None }
+    }
+}
+
+/// A pipeline stage's link: NCCL among the stages (rank = stage index), and the layers this
+/// stage holds. The first stage also holds the embedding, the last the norm and LM head; a
+/// stage receives the residual stream and the pending MLP output from the one before it.
+#[derive(Debug)]
+pub struct StageLink {
+    pub nccl: NcclComm,
+    pub layers: Range<usize>,
+}
+
+/// How one model instance takes part in a parallel group (both `None`: one GPU alone).
+#[derive(Debug, Default)]
+pub struct Parallel {
+    pub tp: Option<TpLink>,
+    pub stage: Option<StageLink>,
+}
+
+/// This instance's pipeline stage.
+#[derive(Debug)]
+struct Stage {
+    comm: Mutex<NcclComm>,
+    index: usize,
+    count: usize,
+    layers: Range<usize>,
+}
+
+impl Stage {
+    fn first(stage: &Option<Stage>) -> bool {
+        stage.as_ref().is_none_or(|s| s.index == 0)
+    }
+
+    fn last(stage: &Option<Stage>) -> bool {
+        stage.as_ref().is_none_or(|s| s.index + 1 == s.count)
     }
 }
 
@@ -248,10 +303,16 @@ pub struct CudaLlama {
     local: Local,
     /// The tensor-parallel group's communicator (none on one GPU).
     comm: Option<Mutex<NcclComm>>,
+    /// The peer-to-peer all-reduce of the tensor-parallel group, for steps that fit it.
+    p2p: Option<P2pAllReduce>,
+    /// The pipeline stage (none: every layer here).
+    stage: Option<Stage>,
     options: CudaLlamaOptions,
-    embed: DeviceBuffer,
+    /// The embedding (first stage; the last too when it is the LM head).
+    embed: Option<DeviceBuffer>,
     lm_head: Option<DeviceBuffer>,
-    norm: DeviceBuffer,
+    /// The final norm (last stage).
+    norm: Option<DeviceBuffer>,
     layers: Vec<Layer>,
     inv_freq: DeviceBuffer,
     k_cache: DeviceBuffer,
@@ -276,6 +337,7 @@ impl Drop for CudaLlama {
             tracing::warn!("synchronizing before dropping the model: {e}");
         }
         drop(self.comm.take());
+        drop(self.stage.take());
     }
 }
 
@@ -305,7 +367,7 @@ fn bf16_bytes(n: usize) -> usize {
 impl CudaLlama {
     /// Loads `source`'s weights, converted to BF16, onto `gpu`.
     pub fn load(gpu: Arc<Gpu>, source: &ModelSource, config: ModelConfig, options: CudaLlamaOptions) -> Result<Self> {
-        Self::build(gpu, WeightSource::Checkpoint(source), config, options, None, None)
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, Parallel::default(), None)
     }
 
     /// Loads rank `comm.rank()`'s shard of `source` for tensor parallelism over `comm`'s group
@@ -313,34 +375,37 @@ impl CudaLlama {
     /// KV caches must hold the same blocks: `agree_blocks(n)` gets this rank's count and returns
     /// the group's (the smallest), exchanged outside NCCL so that a rank that failed to load
     /// cannot leave the others waiting in a collective.
-    pub fn load_tp(
+    ///
+    /// `parallel` may also make it a pipeline stage (its layers only, see [`StageLink`]).
+    pub fn load_parallel(
         gpu: Arc<Gpu>,
         source: &ModelSource,
         config: ModelConfig,
         options: CudaLlamaOptions,
-        comm: NcclComm,
+        parallel: Parallel,
         agree_blocks: &dyn Fn(usize) -> Result<usize>,
     ) -> Result<Self> {
-        Self::build(gpu, WeightSource::Checkpoint(source), config, options, Some(comm), Some(agree_blocks))
+        Self::build(gpu, WeightSource::Checkpoint(source), config, options, parallel, Some(agree_blocks))
     }
 
-    /// [`CudaLlama::random`] for one rank of a tensor-parallel group (each rank's weights come
-    /// from `seed` and its rank).
-    pub fn random_tp(
+    /// [`CudaLlama::random`] for one rank of a parallel group: each tensor-parallel rank's
+    /// weights come from `seed` and its rank; a pipeline stage's layers are those of the whole
+    /// model with the same seed.
+    pub fn random_parallel(
         gpu: Arc<Gpu>,
         config: ModelConfig,
         options: CudaLlamaOptions,
         seed: u64,
-        comm: NcclComm,
+        parallel: Parallel,
         agree_blocks: &dyn Fn(usize) -> Result<usize>,
     ) -> Result<Self> {
-        Self::build(gpu, WeightSource::Random(seed), config, options, Some(comm), Some(agree_blocks))
+        Self::build(gpu, WeightSource::Random(seed), config, options, parallel, Some(agree_blocks))
     }
 
     /// A model of `config`'s shapes with random weights (uniform, standard deviation 0.02, as the
     /// reference initialisation; norms one), generated on the device from `seed`.
     pub fn random(gpu: Arc<Gpu>, config: ModelConfig, options: CudaLlamaOptions, seed: u64) -> Result<Self> {
-        Self::build(gpu, WeightSource::Random(seed), config, options, None, None)
+        Self::build(gpu, WeightSource::Random(seed), config, options, Parallel::default(), None)
     }
 
     fn build(
@@ -348,10 +413,34 @@ impl CudaLlama {
         weights: WeightSource<'_>,
         config: ModelConfig,
         options: CudaLlamaOptions,
-        comm: Option<NcclComm>,
+        parallel: Parallel,
         agree_blocks: Option<&dyn Fn(usize) -> Result<usize>>,
     ) -> Result<Self> {
         let c = config.clone();
+        let (comm, p2p) = match parallel.tp {
+            Some(TpLink { nccl, p2p }) => (Some(nccl), p2p),
+            None => (None, None),
+        };
+        let stage = match parallel.stage {
+            None => None,
+            Some(StageLink { nccl, layers }) => {
+                if layers.is_empty() || layers.end > c.n_layers {
+                    return Err(Error::Sharding(format!("stage layers {layers:?} of a {}-layer model", c.n_layers)));
+                }
+                if nccl.gpu().ordinal() != gpu.ordinal() {
+                    return Err(Error::Sharding(format!(
+                        "stage {} communicates on GPU {} but loads on GPU {}",
+                        nccl.rank(),
+                        nccl.gpu().ordinal(),
+                        gpu.ordinal()
+                    )));
+                }
+                Some(Stage { index: nccl.rank(), count: nccl.world_size(), comm: Mutex::new(nccl), layers })
+            }
+        };
+        let layer_range = stage.as_ref().map_or(0..c.n_layers, |s| s.layers.clone());
+        let n_local = layer_range.len();
+        let (first, last) = (Stage::first(&stage), Stage::last(&stage));
         let shard = match &comm {
             Some(comm) => Shard::new(comm.rank(), comm.world_size())?,
             None => Shard::SINGLE,
@@ -394,10 +483,12 @@ impl CudaLlama {
 
         // Check this rank's weights fit before touching them.
         let (free, total) = gpu.memory()?;
-        let linear_params = c.n_layers * (h * qkv_w + q_dim * h + 3 * h * ff);
-        let other_params = vp * h * if c.tie_word_embeddings { 1 } else { 2 } + (2 * c.n_layers + 1) * h;
+        let linear_params = n_local * (h * qkv_w + q_dim * h + 3 * h * ff);
+        let tables =
+            usize::from(first || (last && c.tie_word_embeddings)) + usize::from(last && !c.tie_word_embeddings);
+        let other_params = vp * h * tables + (2 * n_local + 1) * h;
         let weight_bytes = if options.fp8 {
-            bf16_bytes(other_params) + linear_params + 4 * c.n_layers * (qkv_w + 2 * h + 2 * ff)
+            bf16_bytes(other_params) + linear_params + 4 * n_local * (qkv_w + 2 * h + 2 * ff)
         } else {
             bf16_bytes(other_params + linear_params)
         };
@@ -420,9 +511,18 @@ impl CudaLlama {
         let ffn_rows = Take::Rows(ffn.clone());
         let vocab_rows = Take::Rows(local.vocab.clone());
         let (full_q, full_kv, full_ff, v) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size, c.vocab_size);
-        let embed = loader.padded("model.embed_tokens.weight", v, h, &vocab_rows, vp, 1)?;
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for i in 0..c.n_layers {
+        let lm_head = if !last || c.tie_word_embeddings {
+            None
+        } else {
+            loader.optional_padded("lm_head.weight", v, h, &vocab_rows, vp, 7)?
+        };
+        let embed = if first || (last && lm_head.is_none()) {
+            Some(loader.padded("model.embed_tokens.weight", v, h, &vocab_rows, vp, 1)?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(n_local);
+        for i in layer_range.clone() {
             let p = format!("model.layers.{i}");
             let (q, k, vn) =
                 (format!("{p}.self_attn.q_proj"), format!("{p}.self_attn.k_proj"), format!("{p}.self_attn.v_proj"));
@@ -480,12 +580,7 @@ impl CudaLlama {
                 )?,
             });
         }
-        let norm = loader.norm("model.norm.weight", h)?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            loader.optional_padded("lm_head.weight", v, h, &vocab_rows, vp, 7)?
-        };
+        let norm = if last { Some(loader.norm("model.norm.weight", h)?) } else { None };
         let inv_freq = gpu.upload(&rope_inv_freq(&c))?;
 
         // Workspace for the largest step.
@@ -522,7 +617,7 @@ impl CudaLlama {
         }
 
         // The KV cache takes what is left.
-        let block_bytes = bf16_bytes(c.n_layers * options.block_size * kv_dim);
+        let block_bytes = bf16_bytes(n_local * options.block_size * kv_dim);
         let n_blocks = match options.n_blocks {
             Some(n) => n,
             None => {
@@ -554,6 +649,8 @@ impl CudaLlama {
             config,
             local,
             comm: comm.map(Mutex::new),
+            p2p,
+            stage,
             options,
             embed,
             lm_head,
@@ -599,14 +696,15 @@ impl CudaLlama {
         let c = &self.config;
         let per_layer =
             self.layers.first().map_or(0, |l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes());
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
-        c.n_layers * per_layer + head
+        let head = if Stage::last(&self.stage) { self.head().map_or(0, DeviceBuffer::bytes) } else { 0 };
+        let _ = c;
+        self.layers.len() * per_layer + head
     }
 
     /// Bytes of KV cache one step's attention reads for sequences of these context lengths.
     pub fn kv_bytes_read(&self, context_lens: &[usize]) -> usize {
         let c = &self.config;
-        context_lens.iter().sum::<usize>() * 2 * c.n_layers * self.local.n_kv * c.head_dim * 2
+        context_lens.iter().sum::<usize>() * 2 * self.layers.len() * self.local.n_kv * c.head_dim * 2
     }
 
     /// This model's tensor-parallel rank ([`Shard::SINGLE`] on one GPU).
@@ -616,7 +714,34 @@ impl CudaLlama {
 
     /// Bytes of KV cache per position on this GPU.
     pub fn kv_bytes_per_token(&self) -> usize {
-        bf16_bytes(2 * self.config.n_layers * self.local.n_kv * self.config.head_dim)
+        bf16_bytes(2 * self.layers.len() * self.local.n_kv * self.config.head_dim)
+    }
+
+    /// The LM head (the embedding when tied); on the last stage only.
+    fn head(&self) -> Option<&DeviceBuffer> {
+        self.lm_head.as_ref().or(self.embed.as_ref())
+    }
+
+    /// Whether this instance computes logits (the last pipeline stage, or no pipeline).
+    pub fn is_last_stage(&self) -> bool {
+        Stage::last(&self.stage)
+    }
+
+    /// Sends (`send`) or receives the residual stream and the pending MLP output of `n` rows to
+    /// the next stage or from the one before, on the stream.
+    fn stage_transfer(&self, send: bool, n: usize) -> Result<()> {
+        let Some(stage) = &self.stage else { return Ok(()) };
+        let comm = stage.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let len = n * self.config.hidden_size;
+        for buf in [&self.ws.residual, &self.ws.proj] {
+            let mut slice = DeviceSlice::new(buf.ptr(), len, CommType::Bf16);
+            if send {
+                comm.send(&slice, stage.index + 1)?;
+            } else {
+                comm.recv(&mut slice, stage.index - 1)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sums `len` BF16 values at `ptr` over the tensor-parallel ranks, in place, on the stream.
@@ -828,21 +953,46 @@ impl CudaLlama {
         let layer_kv = self.n_blocks * self.options.block_size * kv_dim * 2;
         let eps = c.rms_norm_eps;
 
-        let (first, rows) = (lo.vocab.start, lo.vocab.len());
-        ops::embedding_shard(g, meta(l.tokens), self.embed.ptr(), ws.residual.ptr(), n, h, rows, first)?;
-        self.all_reduce(ws.residual.ptr(), n * h)?;
-        mark("embedding")?;
+        let first_stage = Stage::first(&self.stage);
+        if first_stage {
+            let (first, rows) = (lo.vocab.start, lo.vocab.len());
+            let embed = self.embed.as_ref().map_or(0, DeviceBuffer::ptr);
+            ops::embedding_shard(g, meta(l.tokens), embed, ws.residual.ptr(), n, h, rows, first)?;
+            self.all_reduce(ws.residual.ptr(), n * h)?;
+            mark("embedding")?;
+        } else {
+            self.stage_transfer(false, n)?;
+            mark("stage_recv")?;
+        }
         let fp8 = self.options.fp8;
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
         let bf16_epi = ops::Fp8Epilogue::Bf16;
+        // Small BF16 steps reduce over the peer-to-peer buffers: the O projection writes into
+        // slot 0 and the down projection into slot 1, and each all-reduce is fused with the
+        // residual add + RMSNorm that follows it. The embedding stays on NCCL, which also makes
+        // every rank finish the previous step's reads before this step's first write.
+        let p2p = self.p2p.as_ref().filter(|p| !fp8 && 2 * n * h <= p.capacity());
+        let (o_out, down_out) = match p2p {
+            Some(p) => (p.input(0), p.input(1)),
+            None => (ws.proj.ptr(), ws.proj.ptr()),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let add = if i == 0 { 0 } else { ws.proj.ptr() };
+            // The pending down projection: none before the first layer; on a later stage the
+            // received (already reduced) one.
+            let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
             if fp8 {
                 ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?;
                 mark("add_rms_norm")?;
                 self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)?;
             } else {
-                ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+                match p2p {
+                    Some(p) if i > 0 => {
+                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?
+                    }
+                    _ => {
+                        ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?
+                    }
+                }
                 mark("add_rms_norm")?;
                 self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
             }
@@ -928,10 +1078,27 @@ impl CudaLlama {
                 mark("down_proj")?;
                 continue;
             }
-            self.linear(ws.attn.ptr(), &layer.o.data, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16)?;
-            self.all_reduce(ws.proj.ptr(), n * h)?;
-            mark("o_proj")?;
-            ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+            self.linear(ws.attn.ptr(), &layer.o.data, o_out, n, h, q_dim, GemmOut::Bf16)?;
+            match p2p {
+                Some(p) => {
+                    mark("o_proj")?;
+                    p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+                }
+                None => {
+                    self.all_reduce(ws.proj.ptr(), n * h)?;
+                    mark("o_proj")?;
+                    ops::add_rms_norm(
+                        g,
+                        ws.residual.ptr(),
+                        ws.proj.ptr(),
+                        layer.mlp_norm.ptr(),
+                        ws.normed.ptr(),
+                        n,
+                        h,
+                        eps,
+                    )?;
+                }
+            }
             mark("add_rms_norm")?;
             if n <= self.options.gemv_max_m.min(GEMV_MAX_M) {
                 ops::gemv(g, ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr(), n, ff, h, Epilogue::SwiGlu)?;
@@ -949,15 +1116,35 @@ impl CudaLlama {
                 ops::silu_mul(g, ws.gate_up.ptr(), ws.act.ptr(), n, ff)?;
             }
             mark("gate_up_swiglu")?;
-            self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16)?;
-            self.all_reduce(ws.proj.ptr(), n * h)?;
+            self.linear(ws.act.ptr(), &layer.down.data, down_out, n, h, ff, GemmOut::Bf16)?;
+            if p2p.is_none() {
+                self.all_reduce(ws.proj.ptr(), n * h)?;
+            }
             mark("down_proj")?;
         }
+        if !Stage::last(&self.stage) {
+            // The next stage gets the residual and the reduced pending down projection.
+            if let Some(p) = p2p {
+                p.sum(1, ws.proj.ptr(), n * h)?;
+            }
+            self.stage_transfer(true, n)?;
+            mark("stage_send")?;
+            return Ok(());
+        }
+        // With the peer-to-peer all-reduce the final one runs even without logits, so that a
+        // step's all-reduces always end on slot 1 and the next step's begin on slot 0.
+        if plan.n_logit_rows == 0 && p2p.is_none() {
+            return Ok(());
+        }
+        let norm = self.norm.as_ref().map_or(0, DeviceBuffer::ptr);
+        match p2p {
+            Some(p) => p.add_rms_norm(1, ws.residual.ptr(), norm, ws.normed.ptr(), n, h, eps)?,
+            None => ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), norm, ws.normed.ptr(), n, h, eps)?,
+        }
+        mark("add_rms_norm")?;
         if plan.n_logit_rows == 0 {
             return Ok(());
         }
-        ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), self.norm.ptr(), ws.normed.ptr(), n, h, eps)?;
-        mark("add_rms_norm")?;
         let rows = plan.n_logit_rows;
         let hidden = if plan.logit_rows_identity {
             ws.normed.ptr()
@@ -967,7 +1154,7 @@ impl CudaLlama {
             ws.gathered.ptr()
         };
         let rows_run = if plan.logit_rows_identity { n } else { rows };
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.head().ok_or_else(|| unsupported("the last stage has no LM head"))?;
         match &self.comm {
             None => self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?,
             Some(comm) => {

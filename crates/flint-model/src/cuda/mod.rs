@@ -8,5 +8,5 @@ pub mod bench;
 mod llama;
 pub mod tp;
 
-pub use llama::{CudaLlama, CudaLlamaOptions, StepOutput};
-pub use tp::{CudaRank, GroupWeights, with_cuda_rank};
+pub use llama::{CudaLlama, CudaLlamaOptions, Parallel, StageLink, StepOutput, TpLink};
+pub use tp::{CudaRank, GroupWeights, P2P_MAX_ROWS, with_cuda_rank};

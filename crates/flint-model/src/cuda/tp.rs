@@ -3,31 +3,54 @@
 
 use std::sync::Arc;
 
-use flint_comm::{Communicator, LocalComm, NcclAbort, NcclComm, NcclId, ReduceOp};
+use flint_comm::{Communicator, LocalComm, NcclAbort, NcclComm, NcclId, P2pAllReduce, ReduceOp};
 use flint_cuda::Gpu;
 use flint_tensor::DType;
 
-use super::llama::{CudaLlama, CudaLlamaOptions, StepOutput};
+use super::llama::{CudaLlama, CudaLlamaOptions, Parallel, StageLink, TpLink};
 use crate::tp::{RankInfo, RankModel, TpGroup};
 use crate::{Error, ForwardBatch, ModelConfig, ModelSource, Result, Shard};
 
-/// One GPU's rank: its [`CudaLlama`] shard (rank 0 reads the logits back; the others only
-/// wait for their step to finish).
+/// One GPU's rank: its [`CudaLlama`] (a tensor-parallel shard, a pipeline stage, or both).
+/// The output rank reads the logits back; the others only wait for their step to finish. A
+/// pipeline stage runs each step's batch as `micro_batches` pieces in turn, so the stages work
+/// on different pieces at once.
 #[derive(Debug)]
 pub struct CudaRank {
     pub model: CudaLlama,
-    abort: NcclAbort,
+    aborts: Vec<NcclAbort>,
+    output: bool,
+    micro_batches: usize,
+    /// Every rank of the group, met before the model is dropped: a rank's peer-to-peer buffers
+    /// must outlive the other ranks' last reads of them.
+    host: Option<LocalComm>,
+}
+
+impl Drop for CudaRank {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            if let Err(e) = self.model.gpu().synchronize() {
+                tracing::warn!("synchronizing before leaving the group: {e}");
+            }
+            if let Err(e) = host.barrier() {
+                tracing::warn!("leaving the group: {e}");
+            }
+        }
+    }
 }
 
 impl RankModel for CudaRank {
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>> {
-        if self.model.shard().rank == 0 {
-            return self.model.forward(batch);
+        let parts = if self.micro_batches > 1 { batch.split(self.micro_batches) } else { vec![batch.clone()] };
+        let mut logits = Vec::new();
+        for part in &parts {
+            if self.output {
+                logits.extend(self.model.forward(part)?);
+            } else {
+                self.model.step_quiet(part, None)?;
+            }
         }
-        match self.model.step_quiet(batch, None)? {
-            StepOutput::Logits(l) => Ok(l),
-            StepOutput::Tokens(t) => Ok(t.iter().map(|&x| x as f32).collect()),
-        }
+        Ok(logits)
     }
 
     fn new_kv_cache(&mut self, n_blocks: usize, block_size: usize) -> Result<()> {
@@ -46,8 +69,8 @@ impl RankModel for CudaRank {
     }
 
     fn aborter(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
-        let abort = self.abort.clone();
-        Some(Arc::new(move || abort.abort()))
+        let aborts = self.aborts.clone();
+        Some(Arc::new(move || aborts.iter().for_each(NcclAbort::abort)))
     }
 }
 
@@ -67,42 +90,119 @@ pub fn with_cuda_rank<R>(model: &mut dyn RankModel, f: impl FnOnce(&mut CudaRank
     }
 }
 
+/// Most rows a step may have to use the peer-to-peer all-reduce (decode batches).
+pub const P2P_MAX_ROWS: usize = 64;
+
 impl TpGroup {
     /// `world` ranks on GPUs `0..world` of this machine, one NCCL communicator among them; each
     /// rank loads its shard.
     pub fn cuda(config: ModelConfig, world: usize, options: CudaLlamaOptions, weights: GroupWeights) -> Result<Self> {
-        Shard::check(world, &config)?;
-        let id = NcclId::new()?;
+        let layers = 0..config.n_layers;
+        Self::cuda_stages(config, world, vec![layers], 1, options, weights)
+    }
+
+    /// `tp * stages.len()` ranks on GPUs `0..` of this machine: rank `stage * tp + t` holds TP
+    /// shard `t` of layers `stages[stage]` (the first stage also the embedding, the last the norm
+    /// and LM head) and hands its activations to rank `t` of the next stage; each step runs as
+    /// `micro_batches` pieces. The output rank is the last stage's first.
+    pub fn cuda_stages(
+        config: ModelConfig,
+        tp: usize,
+        stages: Vec<std::ops::Range<usize>>,
+        micro_batches: usize,
+        options: CudaLlamaOptions,
+        weights: GroupWeights,
+    ) -> Result<Self> {
+        Shard::check(tp, &config)?;
+        let pp = stages.len();
+        let world = tp * pp;
+        if pp == 0 || stages.last().map(|r| r.end) != Some(config.n_layers) || world > flint_cuda::device_count() {
+            return Err(Error::Sharding(format!(
+                "{tp} x {pp} ranks over layer stages {stages:?} of {} layers on a machine with {} GPUs",
+                config.n_layers,
+                flint_cuda::device_count()
+            )));
+        }
+        let tp_ids = (0..pp).map(|_| NcclId::new()).collect::<std::result::Result<Vec<_>, _>>()?;
+        let pp_ids = (0..tp).map(|_| NcclId::new()).collect::<std::result::Result<Vec<_>, _>>()?;
         let c = config.clone();
         // The ranks meet on the host before NCCL: a rank that fails to open its GPU or to load
         // aborts this group, and the others stop with an error instead of waiting in NCCL.
-        let hosts = LocalComm::members(world, std::time::Duration::from_secs(900));
-        Self::spawn(world, 0, config, move |rank| {
+        let timeout = std::time::Duration::from_secs(900);
+        let hosts = LocalComm::members(world, timeout);
+        // Per stage, its TP ranks' host links (peer-to-peer buffer addresses).
+        let stage_hosts: Vec<_> = (0..pp).map(|_| LocalComm::members(tp, timeout)).collect();
+        // Met when the group is dropped (a short wait: a rank that is gone does not come back).
+        let leaving = LocalComm::members(world, std::time::Duration::from_secs(30));
+        let micro_batches = if pp > 1 { micro_batches.max(1) } else { 1 };
+        Self::spawn(world, (pp - 1) * tp, config, move |rank| {
+            let (stage, t) = (rank / tp, rank % tp);
             let host = hosts.take(rank)?;
+            let stage_host = stage_hosts[stage].take(t)?;
+            let leave = leaving.take(rank)?;
             let built = (|| {
                 let gpu = Gpu::new(rank)?;
                 tracing::debug!(rank, "GPU open");
                 host.barrier()?;
-                let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
+                let mut aborts = Vec::new();
+                let tp_link = if tp > 1 {
+                    let nccl = NcclComm::new(Arc::clone(&gpu), t, tp, &tp_ids[stage])?;
+                    aborts.push(nccl.abort_handle());
+                    let p2p = if options.p2p_all_reduce {
+                        let rows = P2P_MAX_ROWS.min(options.max_batch_tokens);
+                        let capacity = 2 * rows * c.hidden_size;
+                        match P2pAllReduce::new(Arc::clone(&gpu), &stage_host, capacity) {
+                            Ok(p) => Some(p),
+                            Err(e) => {
+                                // Every rank of the stage gets an error (the others an abort).
+                                stage_host.abort();
+                                tracing::warn!(rank, "no peer-to-peer all-reduce, NCCL only: {e}");
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    Some(TpLink { nccl, p2p })
+                } else {
+                    None
+                };
+                let stage_link = if pp > 1 {
+                    let nccl = NcclComm::new(Arc::clone(&gpu), stage, pp, &pp_ids[t])?;
+                    aborts.push(nccl.abort_handle());
+                    Some(StageLink { nccl, layers: stages[stage].clone() })
+                } else {
+                    None
+                };
                 tracing::debug!(rank, "NCCL joined");
-                let abort = comm.abort_handle();
                 let agree = |n: usize| -> Result<usize> {
                     tracing::debug!(rank, n, "loaded; agreeing on KV blocks");
                     let mut v = [n.min(u32::MAX as usize) as u32];
                     Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
                     Ok(v[0] as usize)
                 };
+                let parallel = Parallel { tp: tp_link, stage: stage_link };
                 let model = match &weights {
-                    GroupWeights::Checkpoint(source) => {
-                        CudaLlama::load_tp(Arc::clone(&gpu), source, c.clone(), options.clone(), comm, &agree)?
-                    }
-                    GroupWeights::Random(seed) => {
-                        CudaLlama::random_tp(Arc::clone(&gpu), c.clone(), options.clone(), *seed, comm, &agree)?
-                    }
+                    GroupWeights::Checkpoint(source) => CudaLlama::load_parallel(
+                        Arc::clone(&gpu),
+                        source,
+                        c.clone(),
+                        options.clone(),
+                        parallel,
+                        &agree,
+                    )?,
+                    GroupWeights::Random(seed) => CudaLlama::random_parallel(
+                        Arc::clone(&gpu),
+                        c.clone(),
+                        options.clone(),
+                        *seed,
+                        parallel,
+                        &agree,
+                    )?,
                 };
-                Ok::<_, Error>((gpu, model, abort))
+                Ok::<_, Error>((gpu, model, aborts))
             })();
-            let (gpu, model, abort) = match built {
+            let (gpu, model, aborts) = match built {
                 Ok(b) => b,
                 Err(e) => {
                     host.abort();
@@ -116,7 +216,9 @@ impl TpGroup {
                 fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
                 max_seq_len: options.max_seq_len,
             };
-            Ok((Box::new(CudaRank { model, abort }) as Box<dyn RankModel>, info))
+            let output = rank == (pp - 1) * tp;
+            let rank_model = CudaRank { model, aborts, output, micro_batches, host: Some(leave) };
+            Ok((Box::new(rank_model) as Box<dyn RankModel>, info))
         })
     }
 }

@@ -1,0 +1,17 @@
+// Entry points of the peer-to-peer all-reduce (include/flint/allreduce.cuh).
+#include "flint/allreduce.cuh"
+
+using namespace flint;
+
+extern "C" __global__ void flint_ar_sum(ArPeers peers, uint32_t* counter, bf16* out, unsigned long long n8, int rank,
+                                        int world) {
+    pdl_wait();
+    ar_sum_all(peers, counter, out, n8, rank, world);
+}
+
+extern "C" __global__ void flint_ar_add_rms_norm(ArPeers peers, uint32_t* counter, bf16* residual,
+                                                 const float* weight, bf16* out, int n, int hidden, float eps, int rank,
+                                                 int world) {
+    pdl_wait();
+    ar_add_rms_norm_rows(peers, counter, residual, weight, out, n, hidden, eps, rank, world);
+}
