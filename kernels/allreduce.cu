@@ -15,3 +15,10 @@ extern "C" __global__ void flint_ar_add_rms_norm(ArPeers peers, uint32_t* counte
     pdl_wait();
     ar_add_rms_norm_rows(peers, counter, residual, weight, out, n, hidden, eps, rank, world);
 }
+
+extern "C" __global__ void __cluster_dims__(kArCluster, 1, 1)
+    flint_ar_add_rms_norm_cluster(ArPeers peers, uint32_t* counter, bf16* residual, const float* weight, bf16* out,
+                                  int n, int hidden, float eps, int rank, int world) {
+    pdl_wait();
+    ar_add_rms_norm_cluster(peers, counter, residual, weight, out, n, hidden, eps, rank, world);
+}

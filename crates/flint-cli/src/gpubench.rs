@@ -105,7 +105,7 @@ fn decode_rows(
     }
     let mut breakdown = Vec::new();
     for &b in batches {
-        match bench::decode_breakdown(model, b, 256) {
+        match bench::decode_breakdown(model, b, model.options().max_seq_len.saturating_sub(2).min(256)) {
             Ok(d) => breakdown.push(d),
             Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
         }
@@ -256,6 +256,14 @@ fn run_preset_parallel(
     let what = format!("TP {tp} x PP {pp}");
     eprintln!("{what}: {} ranks ready in {startup_s:.1} s, stages {:?}", group.world_size(), plan.stages);
     let output = (pp - 1) * tp;
+    // The last stage's sampled tokens back to the first stage (host links, as the scheduler's).
+    let links = Arc::new(flint_comm::LocalComm::members(tp * pp, std::time::Duration::from_secs(300)));
+    let take_link = {
+        let links = Arc::clone(&links);
+        Arc::new(move |rank: usize| links.take(rank).map_err(flint_model::Error::from))
+    };
+    let tokens_back: Arc<Vec<std::sync::Mutex<Option<flint_comm::LocalComm>>>> =
+        Arc::new((0..tp * pp).map(|_| std::sync::Mutex::new(None)).collect());
     let rows = Arc::new(std::sync::Mutex::new(Vec::<DecodeRow>::new()));
     let breakdown = Arc::new(std::sync::Mutex::new(Vec::<Breakdown>::new()));
     let weight_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -265,9 +273,18 @@ fn run_preset_parallel(
         for &b in batches {
             let out = Arc::clone(&rows);
             let wb = Arc::clone(&weight_bytes);
+            let (take_link, tokens_back) = (Arc::clone(&take_link), Arc::clone(&tokens_back));
             let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
                 with_cuda_rank(model, |r| {
-                    let mut row = bench::pipeline_decode_run(&r.model, p, o, b, pp, 1 + b as u64)?;
+                    let mut slot = tokens_back[rank].lock().map_err(|_| poisoned())?;
+                    if slot.is_none() {
+                        *slot = Some(take_link(rank)?);
+                    }
+                    let link = slot.as_ref().ok_or_else(poisoned)?;
+                    let (stage, t) = (rank / tp, rank % tp);
+                    let peer = if stage == 0 { (pp - 1) * tp + t } else { t };
+                    let back = (pp > 1).then_some(bench::TokensBack { link, peer });
+                    let mut row = bench::pipeline_decode_run(&r.model, p, o, b, pp, 1 + b as u64, back)?;
                     if rank == output {
                         row.roofline_fraction = if pp == 1 {
                             (row.bytes_per_step / bandwidth) / (row.decode_ms_per_token * 1e-3)
@@ -305,7 +322,8 @@ fn run_preset_parallel(
             let out = Arc::clone(&breakdown);
             let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
                 with_cuda_rank(model, |r| {
-                    let d = bench::decode_breakdown(&r.model, b, 256)?;
+                    let context = r.model.options().max_seq_len.saturating_sub(2).min(256);
+                    let d = bench::decode_breakdown(&r.model, b, context)?;
                     if rank == 0 {
                         out.lock().map_err(|_| poisoned())?.push(d);
                     }

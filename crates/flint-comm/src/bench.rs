@@ -60,7 +60,11 @@ pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result
                     let gpu = Gpu::new(rank)?;
                     let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
                     let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, capacity)?;
-                    sizes.iter().map(|&bytes| time_one(&gpu, &comm, &p2p, bytes, iters)).collect()
+                    let rows = sizes.iter().map(|&bytes| time_one(&gpu, &comm, &p2p, bytes, iters)).collect();
+                    // Peers may still read this rank's buffers: free them only when all are done.
+                    gpu.synchronize()?;
+                    host.barrier()?;
+                    rows
                 };
                 let rows = run();
                 if rows.is_err() {

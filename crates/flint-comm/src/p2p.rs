@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use flint_cuda::ops::{self, AR_MAX_BLOCKS, AR_MAX_RANKS, ArPeers};
-use flint_cuda::{DeviceBuffer, Gpu};
+use flint_cuda::{DeviceBuffer, Gpu, PeerBuffer};
 
 use crate::{Communicator, Error, Result};
 
@@ -20,8 +20,8 @@ pub struct P2pAllReduce {
     gpu: Arc<Gpu>,
     rank: usize,
     world: usize,
-    inputs: [DeviceBuffer; 2],
-    _flags: DeviceBuffer,
+    inputs: [PeerBuffer; 2],
+    _flags: PeerBuffer,
     counters: DeviceBuffer,
     peers: [ArPeers; 2],
 }
@@ -41,8 +41,8 @@ impl P2pAllReduce {
             ok &= gpu.enable_peer_access(p)?;
         }
         let capacity = capacity.next_multiple_of(16);
-        let inputs = [gpu.zeros(capacity)?, gpu.zeros(capacity)?];
-        let flags = gpu.zeros(4 * AR_MAX_BLOCKS * AR_MAX_RANKS)?;
+        let inputs = [gpu.alloc_peer(capacity)?, gpu.alloc_peer(capacity)?];
+        let flags = gpu.alloc_peer(4 * AR_MAX_BLOCKS * AR_MAX_RANKS)?;
         let counters = gpu.zeros(4 * AR_MAX_BLOCKS)?;
         // Zeroed before any peer can learn the addresses and write flags into them.
         gpu.synchronize()?;

@@ -38,6 +38,41 @@ impl DeviceBuffer {
     }
 }
 
+/// Device memory that other GPUs of the process may read and write once peer access is enabled
+/// ([`Gpu::enable_peer_access`]): a plain `cuMemAlloc` allocation (memory from the
+/// stream-ordered pool that [`DeviceBuffer`]s use is not visible to peers). Freed on drop.
+#[derive(Debug)]
+pub struct PeerBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl PeerBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for PeerBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemAlloc in this context and is freed once; users
+        // synchronise before dropping.
+        let freed = self
+            .ctx
+            .bind_to_thread()
+            .map_err(Error::from)
+            .and_then(|()| unsafe { result::free_sync(self.ptr) }.map_err(Error::from));
+        if let Err(e) = freed {
+            tracing::warn!("freeing a peer buffer: {e}");
+        }
+    }
+}
+
 /// A CUDA device with Flint's kernels loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -197,6 +232,18 @@ impl Gpu {
                 e => Err(Error::Driver(cudarc::driver::DriverError(e))),
             }
         }
+    }
+
+    /// `bytes` bytes of zeroed device memory that peers may access (see [`PeerBuffer`]).
+    pub fn alloc_peer(&self, bytes: usize) -> Result<PeerBuffer> {
+        let bytes = bytes.max(16);
+        self.ctx.bind_to_thread()?;
+        // SAFETY: a plain allocation, owned by the returned buffer.
+        let ptr = unsafe { result::malloc_sync(bytes) }?;
+        let buf = PeerBuffer { ctx: Arc::clone(&self.ctx), ptr, bytes };
+        self.memset(ptr, 0, bytes)?;
+        self.synchronize()?;
+        Ok(buf)
     }
 
     /// `bytes` bytes of device memory (uninitialised).
@@ -469,4 +516,5 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_scale_output",
     "flint_ar_sum",
     "flint_ar_add_rms_norm",
+    "flint_ar_add_rms_norm_cluster",
 ];

@@ -412,6 +412,9 @@ pub const AR_MAX_RANKS: usize = 8;
 /// area holds `AR_MAX_BLOCKS * AR_MAX_RANKS` u32 and its counters `AR_MAX_BLOCKS`.
 pub const AR_MAX_BLOCKS: usize = 64;
 
+/// Blocks per row of the clustered fused kernel (mirrors `kArCluster`).
+pub const AR_CLUSTER: usize = 8;
+
 /// The peer-readable buffers of one all-reduce: every rank's input and flag area (mirrors
 /// `ArPeers`). Unused ranks are 0.
 #[repr(C)]
@@ -464,13 +467,19 @@ pub fn ar_add_rms_norm(
     if !hidden.is_multiple_of(8) || world > AR_MAX_RANKS || rank >= world {
         return Err(shape("ar_add_rms_norm", format!("hidden {hidden}, rank {rank} of {world}")));
     }
-    let blocks = n.clamp(1, AR_MAX_BLOCKS) as u32;
-    let threads = (hidden / 8).next_multiple_of(32).clamp(128, 1024) as u32;
+    // Rows of a cluster of AR_CLUSTER blocks each where the row splits into them evenly.
+    let vectors = hidden / 8;
+    let (name, blocks, threads) = if vectors.is_multiple_of(AR_CLUSTER) && vectors / AR_CLUSTER >= 32 {
+        let clusters = n.clamp(1, AR_MAX_BLOCKS / AR_CLUSTER);
+        ("flint_ar_add_rms_norm_cluster", clusters * AR_CLUSTER, (vectors / AR_CLUSTER).next_multiple_of(32).min(1024))
+    } else {
+        ("flint_ar_add_rms_norm", n.clamp(1, AR_MAX_BLOCKS), vectors.next_multiple_of(32).clamp(128, 1024))
+    };
     let (n, hidden, rank, world) = (n as i32, hidden as i32, rank as i32, world as i32);
     gpu.launch(
-        "flint_ar_add_rms_norm",
-        (blocks, 1, 1),
-        threads,
+        name,
+        (blocks as u32, 1, 1),
+        threads as u32,
         0,
         &mut [
             arg(peers),

@@ -510,7 +510,6 @@ fn p2p_all_reduce_matches_the_host_sum() {
                 std::thread::spawn(move || {
                     let host = hosts.take(rank).expect("host member");
                     let gpu = Gpu::new(rank).expect("open GPU");
-                    let (rows, hidden) = (5usize, 1024usize);
                     let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, 2 * 64 * 8192).expect("p2p setup");
                     // Plain sums of several sizes (one to several blocks), alternating slots:
                     // bit-exact against the host's f32 sum in rank order rounded to bf16.
@@ -531,62 +530,72 @@ fn p2p_all_reduce_matches_the_host_sum() {
                         host.barrier().expect("outputs read");
                     }
                     // Fused with the residual add and RMSNorm, twice (slots 0 and 1), then 40
-                    // more alternating calls from a CUDA graph replayed twice.
-                    let n = rows * hidden;
-                    let residual0: Vec<f32> = p2p_input(99, 0, n);
-                    let weight: Vec<f32> = p2p_input(98, 0, hidden).iter().map(|w| 1.0 + w / 4.0).collect();
-                    let res = gpu.upload(&to_bf16_bits(&residual0)).expect("residual");
-                    let w = gpu.upload(&weight).expect("weight");
-                    let normed = gpu.alloc(2 * n).expect("alloc");
-                    let mut want_res = residual0.clone();
-                    let mut want_out = Vec::new();
-                    let step = |slot: usize, want_res: &mut Vec<f32>, want_out: &mut Vec<f32>| {
-                        let inputs: Vec<Vec<f32>> = (0..world).map(|r| p2p_input(r, 10 + slot, n)).collect();
-                        for i in 0..n {
-                            let s = bf16_round(inputs.iter().map(|v| v[i]).sum::<f32>());
-                            want_res[i] = bf16_round(want_res[i] + s);
-                        }
-                        want_out.clear();
-                        for row in want_res.chunks(hidden) {
-                            let ms = row.iter().map(|x| x * x).sum::<f32>() / hidden as f32;
-                            let r = 1.0 / (ms + 1e-5).sqrt();
-                            want_out.extend(row.iter().zip(&weight).map(|(x, w)| bf16_round(w * bf16_round(x * r))));
-                        }
-                    };
-                    for slot in 0..2 {
-                        gpu.write_ptr(p2p.input(slot), &to_bf16_bits(&p2p_input(rank, 10 + slot, n))).expect("write");
-                    }
-                    host.barrier().expect("inputs written");
-                    let check = |want_res: &[f32], want_out: &[f32], what: &str| {
-                        let mut got = vec![0u16; n];
-                        gpu.read(res.ptr(), &mut got).expect("read");
-                        let got_res = from_bf16_bits(&got);
-                        let bad = got_res.iter().zip(want_res).filter(|(a, b)| a != b).count();
-                        assert_eq!(bad, 0, "world {world} rank {rank} {what}: {bad} residuals differ");
-                        gpu.read(normed.ptr(), &mut got).expect("read");
-                        let e = rel_err(&from_bf16_bits(&got), want_out);
-                        assert!(e <= 1e-2, "world {world} rank {rank} {what}: normed rel err {e:.3e}");
-                    };
-                    for slot in 0..2 {
-                        p2p.add_rms_norm(slot, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5).expect("fused");
-                        step(slot, &mut want_res, &mut want_out);
-                        check(&want_res, &want_out, &format!("fused call on slot {slot}"));
-                    }
-                    let graph = gpu
-                        .capture(|| {
-                            for i in 0..40 {
-                                p2p.add_rms_norm(i % 2, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
-                                    .map_err(|e| flint_cuda::Error::Unsupported(e.to_string()))?;
+                    // more alternating calls from a CUDA graph replayed twice; rows of 1024 run
+                    // one block per row, rows of 8192 a cluster of blocks per row.
+                    for (rows, hidden) in [(5usize, 1024usize), (5, 8192), (11, 8192)] {
+                        let n = rows * hidden;
+                        let residual0: Vec<f32> = p2p_input(99, 0, n);
+                        let weight: Vec<f32> = p2p_input(98, 0, hidden).iter().map(|w| 1.0 + w / 4.0).collect();
+                        let res = gpu.upload(&to_bf16_bits(&residual0)).expect("residual");
+                        let w = gpu.upload(&weight).expect("weight");
+                        let normed = gpu.alloc(2 * n).expect("alloc");
+                        let mut want_res = residual0.clone();
+                        let mut want_out = Vec::new();
+                        let step = |slot: usize, want_res: &mut Vec<f32>, want_out: &mut Vec<f32>| {
+                            let inputs: Vec<Vec<f32>> = (0..world).map(|r| p2p_input(r, 10 + slot, n)).collect();
+                            for i in 0..n {
+                                let s = bf16_round(inputs.iter().map(|v| v[i]).sum::<f32>());
+                                want_res[i] = bf16_round(want_res[i] + s);
                             }
-                            Ok(())
-                        })
-                        .expect("capture");
-                    for replay in 0..2 {
-                        graph.launch().expect("replay");
-                        for i in 0..40 {
-                            step(i % 2, &mut want_res, &mut want_out);
+                            want_out.clear();
+                            for row in want_res.chunks(hidden) {
+                                let ms = row.iter().map(|x| x * x).sum::<f32>() / hidden as f32;
+                                let r = 1.0 / (ms + 1e-5).sqrt();
+                                want_out
+                                    .extend(row.iter().zip(&weight).map(|(x, w)| bf16_round(w * bf16_round(x * r))));
+                            }
+                        };
+                        for slot in 0..2 {
+                            gpu.write_ptr(p2p.input(slot), &to_bf16_bits(&p2p_input(rank, 10 + slot, n)))
+                                .expect("write");
                         }
-                        check(&want_res, &want_out, &format!("graph replay {replay}"));
+                        host.barrier().expect("inputs written");
+                        let check = |want_res: &[f32], want_out: &[f32], what: &str| {
+                            let mut got = vec![0u16; n];
+                            gpu.read(res.ptr(), &mut got).expect("read");
+                            let got_res = from_bf16_bits(&got);
+                            let bad = got_res.iter().zip(want_res).filter(|(a, b)| a != b).count();
+                            assert_eq!(bad, 0, "world {world} rank {rank} {what}: {bad} residuals differ");
+                            gpu.read(normed.ptr(), &mut got).expect("read");
+                            let e = rel_err(&from_bf16_bits(&got), want_out);
+                            assert!(e <= 1e-2, "world {world} rank {rank} {what}: normed rel err {e:.3e}");
+                        };
+                        for slot in 0..2 {
+                            p2p.add_rms_norm(slot, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
+                                .expect("fused");
+                            step(slot, &mut want_res, &mut want_out);
+                            check(&want_res, &want_out, &format!("hidden {hidden}: fused call on slot {slot}"));
+                        }
+                        let graph = gpu
+                            .capture(|| {
+                                for i in 0..40 {
+                                    p2p.add_rms_norm(i % 2, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
+                                        .map_err(|e| flint_cuda::Error::Unsupported(e.to_string()))?;
+                                }
+                                Ok(())
+                            })
+                            .expect("capture");
+                        for replay in 0..2 {
+                            graph.launch().expect("replay");
+                            for i in 0..40 {
+                                step(i % 2, &mut want_res, &mut want_out);
+                            }
+                            check(&want_res, &want_out, &format!("hidden {hidden}: graph replay {replay}"));
+                        }
+                        // Peers may still read this rank's inputs: the next shape writes them
+                        // only after every rank is done.
+                        gpu.synchronize().expect("sync");
+                        host.barrier().expect("shape done");
                     }
                     gpu.synchronize().expect("sync");
                     host.barrier().expect("done");

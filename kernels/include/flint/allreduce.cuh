@@ -18,6 +18,8 @@
 // whose block 0 waited for every rank to arrive at c + 1, that is, to have finished call c.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include "flint/common.cuh"
 
 namespace flint {
@@ -147,6 +149,58 @@ __device__ __forceinline__ void ar_add_rms_norm_rows(const ArPeers& peers, uint3
             o[i] = pack(v);
         }
         __syncthreads();
+    }
+}
+
+// ar_add_rms_norm_rows with each row spread over a cluster of kCluster blocks (one row of
+// a decode step is too little work for one SM to fetch from every peer quickly): block c of a
+// cluster takes vectors [c * chunk, (c + 1) * chunk) of the row, and the blocks add their
+// sums of squares through distributed shared memory. Rows go to clusters in turn.
+constexpr int kArCluster = 8;
+
+__device__ __forceinline__ void ar_add_rms_norm_cluster(const ArPeers& peers, uint32_t* counter, bf16* residual,
+                                                        const float* weight, bf16* out, int n, int hidden,
+                                                        float eps, int rank, int world) {
+    namespace cg = cooperative_groups;
+    __shared__ float scratch[32];
+    __shared__ float partial;
+    cg::cluster_group cluster = cg::this_cluster();
+    ar_barrier(peers, counter, rank, world);
+    const int c = (int)cluster.block_rank();
+    const int chunk = hidden / 8 / kArCluster;
+    const int n_clusters = gridDim.x / kArCluster;
+    for (int row = blockIdx.x / kArCluster; row < n; row += n_clusters) {
+        Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + (size_t)row * hidden);
+        const size_t base = (size_t)row * (hidden / 8);
+        float ss = 0.f;
+        for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
+            float s[8], v[8];
+            ar_sum8(peers, world, base + i, s);
+            unpack(res[i], v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] += s[j];
+            Bf16x8 packed = pack(v);
+            res[i] = packed;
+            unpack(packed, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+        }
+        ss = block_sum(ss, scratch);
+        if (threadIdx.x == 0) partial = ss;
+        cluster.sync();
+        float total = 0.f;
+        for (int b = 0; b < kArCluster; ++b) total += *cluster.map_shared_rank(&partial, b);
+        // Every block has read every partial before any block overwrites its own.
+        cluster.sync();
+        const float r = rsqrtf(total / hidden + eps);
+        Bf16x8* o = reinterpret_cast<Bf16x8*>(out + (size_t)row * hidden);
+        for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
+            float v[8];
+            unpack(res[i], v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r));
+            o[i] = pack(v);
+        }
     }
 }
 

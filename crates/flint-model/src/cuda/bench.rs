@@ -261,16 +261,28 @@ pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Resu
     Ok(Breakdown { batch, context, ops, total_ms })
 }
 
+/// How a pipeline's sampled tokens get back to its first stage: the last stage's rank sends
+/// each decode step's tokens to the first stage's rank of the same TP index over a host link,
+/// as the engine's scheduler does when it feeds the next step.
+#[derive(Debug)]
+pub struct TokensBack<'a> {
+    pub link: &'a dyn flint_comm::Communicator<[u32]>,
+    /// This rank's partner in `link`: the first stage's rank on the last stage, the last stage's
+    /// on the first.
+    pub peer: usize,
+}
+
 /// Steady-state decode of a parallel group's rank (every rank of the group runs it at once):
 /// `batch` sequences prefilled with `prompt_len` random tokens, then `output_len - 1` rounds in
-/// which each of `groups` equal groups of sequences takes one decode step, group after group.
+/// which each of `groups` equal groups of sequences takes one greedy decode step, group after
+/// group. Each step's input is the token sampled for it at the step before: on one stage the
+/// rank's own; in a pipeline the first stage waits for the last stage's tokens (`back`) before
+/// it starts a group's next step.
 ///
 /// With `groups` = the number of pipeline stages, stage `s` works on group `g` while stage
-/// `s + 1` works on group `g - 1`: the pipeline is full, as a serving engine keeps it by giving
-/// each stage a different batch of requests. Decode inputs are fixed pseudo-random tokens (the
-/// same on every rank, so the first stage needs no sampled token back from the last; in a
-/// balanced pipeline a group's token is sampled just as its next step is due on the first
-/// stage). The time of a round is the time per output token of every user.
+/// `s + 1` works on group `g - 1`: the pipeline stays full, as a serving engine keeps it by
+/// giving the stages different batches of requests. The time of a round is the time per output
+/// token of every user.
 pub fn pipeline_decode_run(
     model: &CudaLlama,
     prompt_len: usize,
@@ -278,6 +290,7 @@ pub fn pipeline_decode_run(
     batch: usize,
     groups: usize,
     seed: u64,
+    back: Option<TokensBack<'_>>,
 ) -> Result<DecodeRow> {
     let bs = model.block_size();
     let total = prompt_len + output_len;
@@ -337,19 +350,38 @@ pub fn pipeline_decode_run(
     }
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
 
+    // The first decode step's inputs (the prefill's samples are not passed around).
+    let mut last: Vec<u32> = (0..batch).map(|s| token(s, prompt_len)).collect();
+    let (first_stage, last_stage) = (model.is_first_stage(), model.is_last_stage());
     let mut rounds = Vec::with_capacity(output_len);
     for step in 1..output_len {
         let t = Instant::now();
         for g in 0..groups {
             let seqs = group_of(g);
+            if step > 1
+                && first_stage
+                && !last_stage
+                && let Some(b) = &back
+            {
+                b.link.recv(&mut last[seqs.clone()], b.peer)?;
+            }
             let mut fb = ForwardBatch::new(bs);
             for s in seqs.clone() {
-                let pos = prompt_len + step - 1;
-                fb.push_sequence(&[token(s, pos)], pos, &tables[s], Logits::Last)?;
+                fb.push_sequence(&[last[s]], prompt_len + step - 1, &tables[s], Logits::Last)?;
             }
             let params = vec![greedy; seqs.len()];
             let steps = vec![step as u64; seqs.len()];
-            model.step(&fb, Some((&params, &steps)))?;
+            if let StepOutput::Tokens(sampled) = model.step(&fb, Some((&params, &steps)))?
+                && last_stage
+            {
+                last[seqs.clone()].copy_from_slice(&sampled);
+                if step + 1 < output_len
+                    && !first_stage
+                    && let Some(b) = &back
+                {
+                    b.link.send(&sampled, b.peer)?;
+                }
+            }
         }
         rounds.push(t.elapsed().as_secs_f64() * 1e3);
     }

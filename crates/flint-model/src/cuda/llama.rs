@@ -722,6 +722,11 @@ impl CudaLlama {
         self.lm_head.as_ref().or(self.embed.as_ref())
     }
 
+    /// Whether this instance embeds the tokens (the first pipeline stage, or no pipeline).
+    pub fn is_first_stage(&self) -> bool {
+        Stage::first(&self.stage)
+    }
+
     /// Whether this instance computes logits (the last pipeline stage, or no pipeline).
     pub fn is_last_stage(&self) -> bool {
         Stage::last(&self.stage)
