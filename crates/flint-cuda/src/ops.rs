@@ -158,11 +158,23 @@ const GEMV_WARPS: usize = 8;
 
 /// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= 8`; with `SwiGlu`, `w` has `2n` rows (gate, then up).
 #[allow(clippy::too_many_arguments)]
+/// Loads in flight per lane (1, 2 or 4 chunks of 256 elements) for a GEMV over `k`: the one
+/// whose chunks spread most evenly over the four warps that share a row pair (measured on an
+/// H200: a K of 2048 at four loads leaves two of the warps idle), the larger on a tie.
+pub fn gemv_unroll(k: usize) -> usize {
+    let steps = |u: usize| {
+        let chunks = k / (u * 256);
+        let tail = (k - chunks * u * 256).div_ceil(256);
+        chunks.div_ceil(4) * u + tail.div_ceil(4)
+    };
+    [4, 2, 1].into_iter().min_by_key(|&u| steps(u)).unwrap_or(4)
+}
+
 pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epilogue: Epilogue) -> Result<()> {
     if m == 0 || m > GEMV_MAX_M || !k.is_multiple_of(8) {
         return Err(shape("gemv", format!("m = {m} (1..=8), k = {k} (a multiple of 8)")));
     }
-    let name = format!("flint_gemv_{m}");
+    let name = format!("flint_gemv_{m}_u{}", gemv_unroll(k));
     let (ni, ki, e) = (n as i32, k as i32, epilogue as i32);
     // Four warps share a row pair (two plain rows, or gate j with up j), splitting K.
     let pairs = if epilogue == Epilogue::SwiGlu { n } else { n.div_ceil(2) };

@@ -220,7 +220,8 @@ fn gemv_matches_cpu_for_every_batch_and_epilogue() {
     let Some(g) = gpu() else { return };
     let mut r = rng();
     let cpu = CpuBackend::new();
-    for (n, k) in [(1, 8), (37, 576), (4096, 4096), (1000, 1336), (6144, 4104)] {
+    // K of 2048 and 7168 take the GEMV's two- and one-load variants, 4096 its four-load one.
+    for (n, k) in [(1, 8), (37, 576), (4096, 4096), (1000, 1336), (6144, 4104), (512, 2048), (300, 7168)] {
         let w = random_bf16(&mut r, 2 * n * k, 0.05);
         let wb = up_bf16(&g, &w);
         for m in 1..=8 {

@@ -13,31 +13,32 @@ enum class GemvEpilogue : int {
 };
 
 constexpr int kGemvWarps = 8;
-constexpr int kGemvUnroll = 4;
 constexpr int kGemvRows = 2;    // weight rows per warp: each activation load serves both
 constexpr int kGemvSplitK = 4;  // warps sharing a row pair, each taking every fourth K chunk
 constexpr int kGemvPairsPerBlock = kGemvWarps / kGemvSplitK;
 
 // Partial dot products of `M` activation rows with two weight rows (`w0`, `w1`) over the K
-// chunks `part`, `part + kGemvSplitK`, ... of 1024 elements, per lane.
-template <int M>
+// chunks `part`, `part + kGemvSplitK`, ... of U * 256 elements, per lane (U 16-byte loads of
+// each row in flight per lane; the launcher picks U so that the chunks spread evenly over the
+// kGemvSplitK warps).
+template <int M, int U>
 __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const bf16* __restrict__ w0,
                                               const bf16* __restrict__ w1, int k, int part,
                                               float (&acc)[M][kGemvRows]) {
     const int lane = threadIdx.x & 31;
     constexpr int kStep = 32 * 8;
-    constexpr int kChunk = kGemvUnroll * kStep;
+    constexpr int kChunk = U * kStep;
     const bf16* w[kGemvRows] = {w0, w1};
     const int full = k / kChunk;
     for (int c = part; c < full; c += kGemvSplitK) {
         const int base = c * kChunk;
-        Bf16x8 wv[kGemvRows][kGemvUnroll];
+        Bf16x8 wv[kGemvRows][U];
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
-            for (int u = 0; u < kGemvUnroll; ++u) wv[r][u] = load_stream(w[r] + base + u * kStep + lane * 8);
+            for (int u = 0; u < U; ++u) wv[r][u] = load_stream(w[r] + base + u * kStep + lane * 8);
 #pragma unroll
-        for (int u = 0; u < kGemvUnroll; ++u) {
+        for (int u = 0; u < U; ++u) {
             float wf[kGemvRows][8];
 #pragma unroll
             for (int r = 0; r < kGemvRows; ++r) unpack(wv[r][u], wf[r]);
@@ -72,7 +73,7 @@ __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const 
 // Grid: ceil(pairs / kGemvPairsPerBlock) blocks of 32 * kGemvWarps threads, where a pair is two
 // plain rows (pairs = ceil(n / 2)) or, for SwiGlu, gate row j with up row n + j (pairs = n).
 // kGemvSplitK warps share a pair and add their partial sums through shared memory. k % 8 == 0.
-template <int M>
+template <int M, int U>
 __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, void* y, int n, int k,
                                      GemvEpilogue epilogue) {
     __shared__ float partial[kGemvWarps][M][kGemvRows];
@@ -95,7 +96,7 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
             row0 = 2 * pair;
             row1 = min(row0 + 1, n - 1);  // a lone last row reads itself twice and writes once
         }
-        gemv_rows_dot<M>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
+        gemv_rows_dot<M, U>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
     }
     // This block's weights are read: the next kernel may start launching.
     pdl_launch_next();
