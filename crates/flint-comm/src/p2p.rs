@@ -36,9 +36,13 @@ impl P2pAllReduce {
         if !(2..=AR_MAX_RANKS).contains(&world) {
             return Err(Error::Size { op: "p2p all-reduce", detail: format!("{world} ranks (2 to {AR_MAX_RANKS})") });
         }
+        // The ranks' GPUs (a pipeline stage's ranks are not GPUs 0..world).
+        let mut ordinals = vec![0u32; world];
+        ordinals[rank] = gpu.ordinal() as u32;
+        host.all_gather(&mut ordinals)?;
         let mut ok = true;
-        for p in 0..world {
-            ok &= gpu.enable_peer_access(p)?;
+        for &p in &ordinals {
+            ok &= gpu.enable_peer_access(p as usize)?;
         }
         let capacity = capacity.next_multiple_of(16);
         let inputs = [gpu.alloc_peer(capacity)?, gpu.alloc_peer(capacity)?];
