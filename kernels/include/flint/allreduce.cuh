@@ -130,22 +130,14 @@ __device__ __forceinline__ void ar_add_rms_norm_rows(const ArPeers& peers, uint3
         for (int i = threadIdx.x; i < h8; i += blockDim.x) {
             float s[8], v[8];
             ar_sum8(peers, world, (size_t)row * h8 + i, s);
-            unpack(res[i], v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] += s[j];
-            Bf16x8 packed = pack(v);
-            res[i] = packed;
-            unpack(packed, v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+            residual_add8(res[i], s, v, ss);
         }
         const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
         Bf16x8* o = reinterpret_cast<Bf16x8*>(out + (size_t)row * hidden);
         for (int i = threadIdx.x; i < h8; i += blockDim.x) {
             float v[8];
             unpack(res[i], v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r));
+            rms_scale8(v, weight + i * 8, r);
             o[i] = pack(v);
         }
         __syncthreads();
@@ -176,14 +168,7 @@ __device__ __forceinline__ void ar_add_rms_norm_cluster(const ArPeers& peers, ui
         for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
             float s[8], v[8];
             ar_sum8(peers, world, base + i, s);
-            unpack(res[i], v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] += s[j];
-            Bf16x8 packed = pack(v);
-            res[i] = packed;
-            unpack(packed, v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+            residual_add8(res[i], s, v, ss);
         }
         ss = block_sum(ss, scratch);
         if (threadIdx.x == 0) partial = ss;
@@ -197,8 +182,7 @@ __device__ __forceinline__ void ar_add_rms_norm_cluster(const ArPeers& peers, ui
         for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
             float v[8];
             unpack(res[i], v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r));
+            rms_scale8(v, weight + i * 8, r);
             o[i] = pack(v);
         }
     }

@@ -48,6 +48,26 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
+// The residual pass of a fused residual add + RMSNorm, for 8 values: v = res + a rounded to bf16
+// (as a bf16 model does) and stored back into `res`; ss accumulates v^2.
+__device__ __forceinline__ void residual_add8(Bf16x8& res, const float (&a)[8], float (&v)[8], float& ss) {
+    unpack(res, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] += a[j];
+    const Bf16x8 packed = pack(v);
+    res = packed;
+    unpack(packed, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+}
+
+// The output pass of RMSNorm for 8 values of the row: v = weight * bf16(v * r), r the inverse
+// root mean square (the caller rounds v to its output type).
+__device__ __forceinline__ void rms_scale8(float (&v)[8], const float* weight8, float r) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = weight8[j] * __bfloat162float(__float2bfloat16(v[j] * r));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

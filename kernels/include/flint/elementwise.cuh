@@ -45,26 +45,22 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* residual, const bf16* add
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
         float v[8];
-        unpack(res[i], v);
         if (add != nullptr) {
             float a[8];
             unpack(addv[i], a);
+            residual_add8(res[i], a, v, ss);
+        } else {
+            unpack(res[i], v);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] += a[j];
-            Bf16x8 packed = pack(v);
-            res[i] = packed;
-            unpack(packed, v);
+            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
         }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
     }
     const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
     Bf16x8* o = reinterpret_cast<Bf16x8*>(out + row);
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
         float v[8];
         unpack(res[i], v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r));
+        rms_scale8(v, weight + i * 8, r);
         o[i] = pack(v);
     }
 }

@@ -61,25 +61,23 @@ __device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16*
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
         float v[8];
-        unpack(res[i], v);
         if (add != nullptr) {
             float a[8];
             unpack(addv[i], a);
+            residual_add8(res[i], a, v, ss);
+        } else {
+            unpack(res[i], v);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] += a[j];
-            Bf16x8 packed = pack(v);
-            res[i] = packed;
-            unpack(packed, v);
+            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
         }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
     }
     const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    // The bf16 model's normed activation, before quantization.
     auto normed = [&](int i, float (&v)[8]) {
         unpack(res[i], v);
+        rms_scale8(v, weight + i * 8, r);
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-            v[j] = __bfloat162float(__float2bfloat16(weight[i * 8 + j] * __bfloat162float(__float2bfloat16(v[j] * r))));
+        for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(__float2bfloat16(v[j]));
     };
     float m = 0.f;
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {

@@ -129,6 +129,77 @@ pub struct DecodeRow {
     pub roofline_fraction: f64,
 }
 
+impl DecodeRow {
+    /// The row of a run whose decode steps took `ms` (median), with this rank's bytes per step
+    /// at the run's middle context; the roofline fraction against `bandwidth` where given (else
+    /// 0: the caller knows what the group's roofline is).
+    fn measured(
+        model: &CudaLlama,
+        prompt_len: usize,
+        output_len: usize,
+        batch: usize,
+        ttft_ms: f64,
+        ms: f64,
+        bandwidth: Option<f64>,
+    ) -> Self {
+        let mid_context = prompt_len + output_len / 2;
+        let bytes = model.weight_bytes_per_step() as f64 + model.kv_bytes_read(&vec![mid_context; batch]) as f64;
+        DecodeRow {
+            prompt_len,
+            output_len,
+            batch,
+            ttft_ms,
+            decode_ms_per_token: ms,
+            tok_s_per_user: 1e3 / ms,
+            tok_s_total: batch as f64 * 1e3 / ms,
+            bytes_per_step: bytes,
+            roofline_fraction: bandwidth.map_or(0.0, |bw| (bytes / bw) / (ms * 1e-3)),
+        }
+    }
+}
+
+/// Prefills one prompt of `prompt_len` tokens (`token(seq, pos)`) per block table, in steps of
+/// up to the model's token budget (prompts split across steps), greedy on the device; returns
+/// each sequence's first sampled token (meaningful on ranks that compute logits).
+fn prefill(
+    model: &CudaLlama,
+    token: &dyn Fn(usize, usize) -> u32,
+    tables: &[Vec<u32>],
+    prompt_len: usize,
+) -> Result<Vec<u32>> {
+    let (batch, bs) = (tables.len(), model.block_size());
+    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let budget = model.options().max_batch_tokens;
+    let mut last = vec![0u32; batch];
+    let mut done = vec![0usize; batch];
+    let mut s = 0;
+    while s < batch {
+        let mut fb = ForwardBatch::new(bs);
+        let mut room = budget;
+        let mut finishing = Vec::new();
+        while s < batch && room > 0 && fb.n_seqs() < model.options().max_seqs {
+            let take = (prompt_len - done[s]).min(room);
+            let ends = done[s] + take == prompt_len;
+            let toks: Vec<u32> = (done[s]..done[s] + take).map(|p| token(s, p)).collect();
+            fb.push_sequence(&toks, done[s], &tables[s], if ends { Logits::Last } else { Logits::None })?;
+            done[s] += take;
+            room -= take;
+            if ends {
+                finishing.push(s);
+                s += 1;
+            }
+        }
+        let params = vec![greedy; finishing.len()];
+        let steps = vec![0u64; finishing.len()];
+        if let StepOutput::Tokens(t) = model.step(&fb, Some((&params, &steps)))? {
+            for (i, &seq) in finishing.iter().enumerate() {
+                last[seq] = t[i];
+            }
+        }
+    }
+    Ok(last)
+}
+
 /// Runs `batch` sequences of random prompts of `prompt_len` tokens through prefill (in chunks of
 /// the model's token budget) and `output_len - 1` decode steps, greedy on the device.
 pub fn decode_run(
@@ -161,44 +232,10 @@ pub fn decode_run(
     };
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt_len).map(|_| next()).collect()).collect();
     let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
-    let budget = model.options().max_batch_tokens;
 
     model.gpu().synchronize()?;
     let t0 = Instant::now();
-    let mut last = vec![0u32; batch];
-    // Prefill: fill chunks of up to `budget` tokens, splitting prompts across chunks.
-    let mut done = vec![0usize; batch];
-    let mut s = 0;
-    while s < batch {
-        let mut fb = ForwardBatch::new(bs);
-        let mut room = budget;
-        let mut finishing = Vec::new();
-        while s < batch && room > 0 && fb.n_seqs() < model.options().max_seqs {
-            let take = (prompt_len - done[s]).min(room);
-            let ends = done[s] + take == prompt_len;
-            fb.push_sequence(
-                &prompts[s][done[s]..done[s] + take],
-                done[s],
-                &tables[s],
-                if ends { Logits::Last } else { Logits::None },
-            )?;
-            if ends {
-                finishing.push(s);
-            }
-            done[s] += take;
-            room -= take;
-            if ends {
-                s += 1;
-            }
-        }
-        let params = vec![greedy; finishing.len()];
-        let steps = vec![0u64; finishing.len()];
-        if let StepOutput::Tokens(t) = model.step(&fb, Some((&params, &steps)))? {
-            for (i, &seq) in finishing.iter().enumerate() {
-                last[seq] = t[i];
-            }
-        }
-    }
+    let mut last = prefill(model, &|s, p| prompts[s][p], &tables, prompt_len)?;
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // Decode.
@@ -217,20 +254,7 @@ pub fn decode_run(
             last = t;
         }
     }
-    let ms = median(times);
-    let mid_context = prompt_len + output_len / 2;
-    let bytes = model.weight_bytes_per_step() as f64 + model.kv_bytes_read(&vec![mid_context; batch]) as f64;
-    Ok(DecodeRow {
-        prompt_len,
-        output_len,
-        batch,
-        ttft_ms,
-        decode_ms_per_token: ms,
-        tok_s_per_user: 1e3 / ms,
-        tok_s_total: batch as f64 * 1e3 / ms,
-        bytes_per_step: bytes,
-        roofline_fraction: (bytes / bandwidth) / (ms * 1e-3),
-    })
+    Ok(DecodeRow::measured(model, prompt_len, output_len, batch, ttft_ms, median(times), Some(bandwidth)))
 }
 
 /// Per-operation times of one eager decode step of `batch` sequences at `context` positions.
@@ -320,34 +344,11 @@ pub fn pipeline_decode_run(
         ((x ^ (x >> 31)) % vocab) as u32
     };
     let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
-    let budget = model.options().max_batch_tokens;
     let group_of = |g: usize| (g * batch / groups)..((g + 1) * batch / groups);
 
     model.gpu().synchronize()?;
     let t0 = Instant::now();
-    // Prefill, one sequence's chunks after another, in steps of up to `budget` tokens.
-    let mut done = vec![0usize; batch];
-    let mut s = 0;
-    while s < batch {
-        let mut fb = ForwardBatch::new(bs);
-        let mut room = budget;
-        let mut rows = 0;
-        while s < batch && room > 0 && fb.n_seqs() < model.options().max_seqs {
-            let take = (prompt_len - done[s]).min(room);
-            let ends = done[s] + take == prompt_len;
-            let toks: Vec<u32> = (done[s]..done[s] + take).map(|p| token(s, p)).collect();
-            fb.push_sequence(&toks, done[s], &tables[s], if ends { Logits::Last } else { Logits::None })?;
-            rows += usize::from(ends);
-            done[s] += take;
-            room -= take;
-            if ends {
-                s += 1;
-            }
-        }
-        let params = vec![greedy; rows];
-        let steps = vec![0u64; rows];
-        model.step(&fb, Some((&params, &steps)))?;
-    }
+    prefill(model, &token, &tables, prompt_len)?;
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // The first decode step's inputs (the prefill's samples are not passed around).
@@ -385,18 +386,5 @@ pub fn pipeline_decode_run(
         }
         rounds.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let ms = median(rounds);
-    let mid_context = prompt_len + output_len / 2;
-    let bytes = model.weight_bytes_per_step() as f64 + model.kv_bytes_read(&vec![mid_context; batch]) as f64;
-    Ok(DecodeRow {
-        prompt_len,
-        output_len,
-        batch,
-        ttft_ms,
-        decode_ms_per_token: ms,
-        tok_s_per_user: 1e3 / ms,
-        tok_s_total: batch as f64 * 1e3 / ms,
-        bytes_per_step: bytes,
-        roofline_fraction: 0.0,
-    })
+    Ok(DecodeRow::measured(model, prompt_len, output_len, batch, ttft_ms, median(rounds), None))
 }
