@@ -253,7 +253,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::ensure!(args.tp >= 2, "--allreduce needs --tp 2 or more");
         let sizes = args.sizes.split(',').map(parse_size).collect::<anyhow::Result<Vec<_>>>()?;
         let rows = flint_comm::bench::all_reduce_latency(args.tp as usize, &sizes, 50)?;
-        let json = serde_json::to_string_pretty(&rows).context("encoding the report")?;
+        let report = serde_json::json!({
+            "revision": env!("FLINT_REVISION"),
+            "unix_time": crate::gpubench::unix_time(),
+            "gpu": flint_cuda::Gpu::new(0).map(|g| g.name().to_string()).unwrap_or_default(),
+            "ranks": args.tp,
+            "rows": rows,
+        });
+        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
         if let Some(path) = &args.json_out {
             std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
         }

@@ -27,6 +27,11 @@ pub fn parse_lengths(s: &str) -> anyhow::Result<Vec<(usize, usize)>> {
         .collect()
 }
 
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 pub fn parse_batches(s: &str) -> anyhow::Result<Vec<usize>> {
     s.split(',')
         .map(|b| match b.trim().parse::<usize>() {
@@ -38,6 +43,9 @@ pub fn parse_batches(s: &str) -> anyhow::Result<Vec<usize>> {
 
 #[derive(Debug, Serialize)]
 pub struct ModelBench {
+    /// The git revision `flint` was built from, and when the run started (Unix seconds).
+    pub revision: &'static str,
+    pub unix_time: u64,
     pub preset: String,
     pub gpu: String,
     pub dtype: &'static str,
@@ -205,6 +213,8 @@ pub fn run_preset(
         None
     };
     Ok(ModelBench {
+        revision: env!("FLINT_REVISION"),
+        unix_time: unix_time(),
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
         dtype: "bf16",
@@ -339,6 +349,8 @@ fn run_preset_parallel(
     let rows = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     let decode_breakdown = breakdown.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     Ok(ModelBench {
+        revision: env!("FLINT_REVISION"),
+        unix_time: unix_time(),
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
         dtype: "bf16",

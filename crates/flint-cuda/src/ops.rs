@@ -509,3 +509,35 @@ pub fn ar_add_rms_norm(
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::gemv_unroll;
+
+    /// Per-warp 256-element steps of a GEMV over `k` with `u` loads in flight (what the kernel
+    /// does: full chunks round-robin over 4 warps, then the tail's steps).
+    fn per_warp_steps(k: usize, u: usize) -> usize {
+        let chunks = k / (u * 256);
+        chunks.div_ceil(4) * u + (k - chunks * u * 256).div_ceil(256).div_ceil(4)
+    }
+
+    #[test]
+    fn gemv_unroll_spreads_k_over_the_warps() {
+        // A TP 4 shard of a 70B O projection (K 2048) at four loads would leave two warps idle.
+        assert_eq!(gemv_unroll(2048), 2);
+        assert_eq!(gemv_unroll(7168), 1);
+        assert_eq!(gemv_unroll(4096), 4);
+        assert_eq!(gemv_unroll(8192), 4);
+        for k in (8..40_000).step_by(8) {
+            let u = gemv_unroll(k);
+            assert!([1, 2, 4].contains(&u));
+            // Never more steps on the busiest warp than another choice, and the largest among equals.
+            for other in [1, 2, 4] {
+                assert!(per_warp_steps(k, u) <= per_warp_steps(k, other), "k {k}: {u} worse than {other}");
+                if per_warp_steps(k, u) == per_warp_steps(k, other) {
+                    assert!(u >= other, "k {k}: ties go to more loads in flight");
+                }
+            }
+        }
+    }
+}
