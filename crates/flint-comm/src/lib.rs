@@ -22,11 +22,13 @@ mod error;
 mod local;
 mod nccl;
 pub mod p2p;
+mod tcp;
 
 pub use error::{Error, Result};
 pub use local::{HostElement, LocalComm, Members};
 pub use nccl::{CommType, DeviceSlice, NcclAbort, NcclComm, NcclId, nccl_available};
 pub use p2p::P2pAllReduce;
+pub use tcp::TcpComm;
 
 /// How values of the ranks are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

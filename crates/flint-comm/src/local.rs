@@ -10,6 +10,11 @@ use crate::{Communicator, Error, ReduceOp, Result, check_peer, part_len};
 /// Element types [`LocalComm`] moves.
 pub trait HostElement: Copy + Send + 'static {
     fn reduce(a: Self, b: Self, op: ReduceOp) -> Self;
+
+    /// The value's 32 bits (both element types are 4 bytes), for the wire.
+    fn to_bits(self) -> u32;
+
+    fn from_bits(bits: u32) -> Self;
 }
 
 impl HostElement for f32 {
@@ -20,6 +25,14 @@ impl HostElement for f32 {
             ReduceOp::Min => a.min(b),
         }
     }
+
+    fn to_bits(self) -> u32 {
+        f32::to_bits(self)
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        f32::from_bits(bits)
+    }
 }
 
 impl HostElement for u32 {
@@ -29,6 +42,14 @@ impl HostElement for u32 {
             ReduceOp::Max => a.max(b),
             ReduceOp::Min => a.min(b),
         }
+    }
+
+    fn to_bits(self) -> u32 {
+        self
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        bits
     }
 }
 
