@@ -69,6 +69,47 @@ pub struct ServeArgs {
     /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
+    /// Processes (on this host or others) sharing the --tp ranks evenly: node 0 serves requests,
+    /// the others run their ranks' steps for it. CPU ranks for now.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    nnodes: u32,
+    /// This process's node, 0..--nnodes.
+    #[arg(long, default_value_t = 0)]
+    node_rank: u32,
+    /// HOST:PORT where node 0 listens: that port for the ranks' collectives, the next one for
+    /// steps. Required with --nnodes above 1.
+    #[arg(long)]
+    master_addr: Option<String>,
+}
+
+/// `--nnodes` above 1: the node layout, after checking the flags that go with it.
+fn multi_node(args: &ServeArgs) -> anyhow::Result<Option<flint_model::remote::Nodes>> {
+    if args.nnodes == 1 {
+        anyhow::ensure!(
+            args.node_rank == 0 && args.master_addr.is_none(),
+            "--node-rank and --master-addr go with --nnodes"
+        );
+        return Ok(None);
+    }
+    let master_addr = args.master_addr.clone().context("--nnodes above 1 needs --master-addr HOST:PORT (node 0's)")?;
+    anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} of {} nodes", args.node_rank, args.nnodes);
+    anyhow::ensure!(args.pp == 1, "--nnodes splits --tp ranks; pipeline stages across nodes are not built yet");
+    anyhow::ensure!(
+        args.device != DeviceArg::Cuda,
+        "--nnodes runs CPU ranks for now (GPU ranks across processes are not built yet); use --device cpu"
+    );
+    anyhow::ensure!(
+        args.tp.is_multiple_of(args.nnodes),
+        "--tp {} does not split evenly over {} nodes",
+        args.tp,
+        args.nnodes
+    );
+    Ok(Some(flint_model::remote::Nodes {
+        nnodes: args.nnodes as usize,
+        node_rank: args.node_rank as usize,
+        master_addr,
+        timeout: Duration::from_secs(600),
+    }))
 }
 
 async fn shutdown_signal() {
@@ -112,6 +153,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    let nodes = multi_node(&args)?;
     let model_path = crate::resolve_model(args.model)?;
     let sizing = crate::generate::CudaSizing {
         max_seqs: args.max_running as usize,
@@ -122,7 +164,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tp: args.tp as usize,
         pp: args.pp as usize,
     };
-    let engine = load_engine(&model_path, args.device, sizing)?;
+    let engine = match nodes {
+        None => load_engine(&model_path, args.device, sizing)?,
+        Some(nodes) => {
+            let source = Arc::new(flint_model::ModelSource::open(&model_path)?);
+            let config = source.config()?;
+            let world = args.tp as usize;
+            let backend = || Box::new(flint_cpu::CpuBackend::new()) as Box<dyn flint_tensor::Backend>;
+            let dtype = flint_tensor::DType::F32;
+            if nodes.node_rank > 0 {
+                let node = nodes.node_rank;
+                eprintln!("node {node} of {}: following {} for --tp {world}", nodes.nnodes, nodes.master_addr);
+                flint_model::remote::follow_cpu(source, config, world, nodes, dtype, backend)
+                    .with_context(|| format!("node {node}"))?;
+                eprintln!("node {node}: the leader closed the job");
+                return Ok(());
+            }
+            let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
+            let group = flint_model::TpGroup::cpu_leader(source, config, world, nodes, dtype, backend)
+                .context("starting node 0 of the job")?;
+            flint_engine::Engine::with_group(group, tokenizer)
+        }
+    };
     let block_size = args.block_size as usize;
     let n_blocks = match engine.fixed_limits() {
         // The GPU sized its cache from free memory at load.

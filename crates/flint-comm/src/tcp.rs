@@ -24,6 +24,9 @@ pub struct TcpComm {
     world: usize,
     /// Rank 0: the connection to rank r at index r (none at 0). Others: the one to rank 0.
     peers: Vec<Option<Mutex<TcpStream>>>,
+    /// Clones of the connections, for [`TcpComm::abort`] from any thread (the locked ones may be
+    /// blocked in a read).
+    handles: Vec<TcpStream>,
     addr: String,
 }
 
@@ -124,13 +127,19 @@ impl TcpComm {
             }
             peers[0] = Some(Mutex::new(stream));
         }
-        Ok(TcpComm { rank, world, peers, addr })
+        let handles = peers
+            .iter()
+            .flatten()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| fail(&addr, e.to_string()))?;
+        Ok(TcpComm { rank, world, peers, handles, addr })
     }
 
     /// Makes this rank's pending and later operations fail (and, on rank 0, every other rank's).
     pub fn abort(&self) {
-        for p in self.peers.iter().flatten() {
-            let _ = p.lock().unwrap_or_else(|e| e.into_inner()).shutdown(Shutdown::Both);
+        for h in &self.handles {
+            let _ = h.shutdown(Shutdown::Both);
         }
     }
 

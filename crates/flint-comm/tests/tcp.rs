@@ -130,3 +130,23 @@ fn a_missing_rank_or_a_mismatched_buffer_is_an_error_not_a_hang() {
     // Rank 0 returned early: rank 1's read ends with an error once rank 0's end is dropped.
     assert!(out[1].1.is_err());
 }
+
+#[test]
+fn abort_from_another_thread_ends_a_pending_receive() {
+    let addr = free_addr();
+    let (a0, a1) = (addr.clone(), addr);
+    let zero = std::thread::spawn(move || TcpComm::join(&a0, 0, 2, Duration::from_secs(20)).expect("rank 0"));
+    let one = std::sync::Arc::new(TcpComm::join(&a1, 1, 2, Duration::from_secs(20)).expect("rank 1"));
+    let _zero = zero.join().expect("rank 0 thread");
+    let aborter = std::sync::Arc::clone(&one);
+    let start = std::time::Instant::now();
+    let waiter = std::thread::spawn(move || {
+        let mut buf = [0.0f32; 4];
+        one.recv(&mut buf[..], 0)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    aborter.abort();
+    let got = waiter.join().expect("waiter");
+    assert!(got.is_err(), "{got:?}");
+    assert!(start.elapsed() < Duration::from_secs(5), "the receive waited {:?}", start.elapsed());
+}

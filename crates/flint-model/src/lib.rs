@@ -13,6 +13,7 @@ pub mod fp8_checkpoint;
 pub mod gguf;
 mod llama;
 pub mod quant;
+pub mod remote;
 mod shard;
 mod source;
 pub mod tp;

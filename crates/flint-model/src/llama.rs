@@ -130,7 +130,7 @@ pub enum Logits {
 
 /// One step's work: the new tokens of several sequences, back to back, with where their keys and
 /// values go in the paged cache and whose logits are wanted.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ForwardBatch {
     block_size: usize,
     tokens: Vec<u32>,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use flint_comm::LocalComm;
+use flint_comm::{Communicator, LocalComm, TcpComm};
 use flint_tensor::{Backend, DType};
 
 use crate::{Error, ForwardBatch, Llama, ModelConfig, ModelSource, PagedKvCache, Result, Shard};
@@ -221,6 +221,7 @@ impl TpGroup {
             let model =
                 Llama::load_shard(&source, c.clone(), backend.as_ref(), dtype, Shard::new(rank, world)?, &mut |_| {})?;
             let info = RankInfo::cpu(backend.as_ref(), &model, dtype);
+            let comm = Arc::new(comm);
             Ok((Box::new(CpuRank { backend, model, comm, cache: None }) as Box<dyn RankModel>, info))
         })
     }
@@ -347,12 +348,30 @@ impl Drop for TpGroup {
     }
 }
 
-/// A CPU rank: its shard of a [`Llama`], its backend and cache, and a [`LocalComm`].
-struct CpuRank {
-    backend: Box<dyn Backend>,
-    model: Llama,
-    comm: LocalComm,
-    cache: Option<PagedKvCache>,
+/// A CPU rank's collectives: [`LocalComm`] among threads, [`TcpComm`] among processes.
+pub trait CpuComm: Communicator<[f32]> + Sync + Send {
+    /// Makes this rank's pending and later collectives fail (and so the other ranks').
+    fn abort(&self);
+}
+
+impl CpuComm for LocalComm {
+    fn abort(&self) {
+        LocalComm::abort(self);
+    }
+}
+
+impl CpuComm for TcpComm {
+    fn abort(&self) {
+        TcpComm::abort(self);
+    }
+}
+
+/// A CPU rank: its shard of a [`Llama`], its backend and cache, and its communicator.
+pub(crate) struct CpuRank {
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) model: Llama,
+    pub(crate) comm: Arc<dyn CpuComm>,
+    pub(crate) cache: Option<PagedKvCache>,
 }
 
 impl RankModel for CpuRank {
@@ -361,7 +380,7 @@ impl RankModel for CpuRank {
         self.model.check_batch(batch, cache)?;
         let logits = self
             .model
-            .forward_batch_tp(self.backend.as_ref(), batch, cache, &self.comm)
+            .forward_batch_tp(self.backend.as_ref(), batch, cache, &*self.comm)
             .and_then(|l| Ok(self.backend.to_f32_vec(&l)?));
         if logits.is_err() {
             self.comm.abort();
@@ -377,5 +396,10 @@ impl RankModel for CpuRank {
 
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+
+    fn aborter(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        let comm = Arc::clone(&self.comm);
+        Some(Arc::new(move || comm.abort()))
     }
 }

@@ -310,3 +310,82 @@ fn serve_bench_metrics_and_sigterm() {
     let status = server.wait().expect("server exits");
     assert!(status.success(), "server exited with {status}");
 }
+
+/// A port whose next port is free too (the job's master address uses both).
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two free consecutive ports");
+}
+
+#[test]
+fn tensor_parallel_over_three_processes_serves_the_reference() {
+    use flint_proto::v1 as pb;
+    let reference = smollm2_reference();
+    let case = reference.cases.iter().find(|c| c.kind == "chat").expect("a chat case");
+    let model = model();
+    let (port, master) = (free_port(), free_port_pair());
+    let master = format!("127.0.0.1:{master}");
+    let node = |rank: u32, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_flint"))
+            .args(["serve", "--device", "cpu", "--model", &model, "--tp", "3", "--nnodes", "3"])
+            .args(["--node-rank", &rank.to_string(), "--master-addr", &master])
+            .args(extra)
+            .env_remove("FLINT_AUTH_TOKEN")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("node starts")
+    };
+    let followers = [node(2, &[]), node(1, &[])];
+    let mut leader = node(0, &["--port", &port.to_string(), "--kv-cache-mb", "64", "--shutdown-grace-s", "5"]);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let ids = runtime.block_on(async {
+        let mut client = None;
+        for _ in 0..600 {
+            if let Ok(c) = pb::inference_client::InferenceClient::connect(format!("http://127.0.0.1:{port}")).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let mut client = client.expect("node 0 serves");
+        let request = pb::GenerateRequest {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: case.prompt.clone() }],
+            max_tokens: case.token_ids.len() as u32,
+            ..Default::default()
+        };
+        let mut stream = client.generate(request).await.expect("generate").into_inner();
+        let mut ids = Vec::new();
+        while let Some(msg) = stream.message().await.expect("stream") {
+            ids.extend(msg.token_ids);
+        }
+        ids
+    });
+    assert_eq!(ids, case.token_ids, "3 ranks in 3 processes against the transformers reference");
+
+    // Node 0 stops on SIGTERM; the followers see the job closed and exit cleanly.
+    let pid = leader.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    assert!(leader.wait().expect("node 0 exits").success());
+    for mut f in followers {
+        let out = f.wait().expect("a follower exits");
+        let mut err = String::new();
+        if let Some(mut e) = f.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(out.success(), "follower: {err}");
+        assert!(err.contains("the leader closed the job"), "{err}");
+    }
+    // Flags that do not fit together are refused before anything starts.
+    assert_clean_failure(&flint(&["serve", "--model", &model, "--tp", "3", "--nnodes", "3"]), "--master-addr");
+    assert_clean_failure(
+        &flint(&["serve", "--model", &model, "--tp", "2", "--nnodes", "3", "--master-addr", "127.0.0.1:1"]),
+        "does not split evenly",
+    );
+}
