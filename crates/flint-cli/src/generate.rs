@@ -124,7 +124,7 @@ pub enum DtypeArg {
     Fp8,
 }
 
-fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::CudaLlamaOptions {
+pub fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::CudaLlamaOptions {
     flint_model::cuda::CudaLlamaOptions {
         max_batch_tokens: sizing.max_batch_tokens.max(sizing.max_seqs),
         max_seqs: sizing.max_seqs,
@@ -136,7 +136,7 @@ fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::
 }
 
 /// Whether `--device auto` picks the GPU.
-fn gpu_usable() -> bool {
+pub fn gpu_usable() -> bool {
     flint_cuda::cuda_available() && flint_kernels::all_built()
 }
 

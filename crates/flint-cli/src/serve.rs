@@ -70,7 +70,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
     /// Processes (on this host or others) sharing the --tp ranks evenly: node 0 serves requests,
-    /// the others run their ranks' steps for it. CPU ranks for now.
+    /// the others run their ranks' steps for it. On GPUs, a node's ranks take its GPUs 0, 1, ...
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     nnodes: u32,
     /// This process's node, 0..--nnodes.
@@ -94,10 +94,6 @@ fn multi_node(args: &ServeArgs) -> anyhow::Result<Option<flint_model::remote::No
     let master_addr = args.master_addr.clone().context("--nnodes above 1 needs --master-addr HOST:PORT (node 0's)")?;
     anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} of {} nodes", args.node_rank, args.nnodes);
     anyhow::ensure!(args.pp == 1, "--nnodes splits --tp ranks; pipeline stages across nodes are not built yet");
-    anyhow::ensure!(
-        args.device != DeviceArg::Cuda,
-        "--nnodes runs CPU ranks for now (GPU ranks across processes are not built yet); use --device cpu"
-    );
     anyhow::ensure!(
         args.tp.is_multiple_of(args.nnodes),
         "--tp {} does not split evenly over {} nodes",
@@ -167,22 +163,49 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = match nodes {
         None => load_engine(&model_path, args.device, sizing)?,
         Some(nodes) => {
+            let use_cuda = match args.device {
+                DeviceArg::Cpu => false,
+                DeviceArg::Cuda => true,
+                DeviceArg::Auto => crate::generate::gpu_usable(),
+            };
             let source = Arc::new(flint_model::ModelSource::open(&model_path)?);
             let config = source.config()?;
             let world = args.tp as usize;
-            let backend = || Box::new(flint_cpu::CpuBackend::new()) as Box<dyn flint_tensor::Backend>;
-            let dtype = flint_tensor::DType::F32;
-            if nodes.node_rank > 0 {
-                let node = nodes.node_rank;
+            let node = nodes.node_rank;
+            let first_local = nodes.local_ranks(world)?.start;
+            let make: Box<flint_model::remote::MakeRank<'static>> = if use_cuda {
+                let options = crate::generate::cuda_options(sizing, config.max_position_embeddings);
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let (c, n) = (config.clone(), nodes.clone());
+                Box::new(move |rank| {
+                    let (model, info) = flint_model::cuda::CudaRank::for_node(
+                        &c,
+                        world,
+                        rank,
+                        rank - first_local,
+                        &n,
+                        &options,
+                        &weights,
+                    )?;
+                    Ok((Box::new(model) as Box<dyn flint_model::RankModel>, info))
+                })
+            } else {
+                let (s, c, n) = (Arc::clone(&source), config.clone(), nodes.clone());
+                Box::new(move |rank| {
+                    let backend = Box::new(flint_cpu::CpuBackend::new());
+                    flint_model::remote::cpu_rank_model(&s, &c, world, rank, &n, flint_tensor::DType::F32, backend)
+                })
+            };
+            if node > 0 {
                 eprintln!("node {node} of {}: following {} for --tp {world}", nodes.nnodes, nodes.master_addr);
-                flint_model::remote::follow_cpu(source, config, world, nodes, dtype, backend)
+                flint_model::remote::follow_node(world, &nodes, make.as_ref())
                     .with_context(|| format!("node {node}"))?;
                 eprintln!("node {node}: the leader closed the job");
                 return Ok(());
             }
             let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
-            let group = flint_model::TpGroup::cpu_leader(source, config, world, nodes, dtype, backend)
-                .context("starting node 0 of the job")?;
+            let group =
+                flint_model::TpGroup::leader(config, world, &nodes, make).context("starting node 0 of the job")?;
             flint_engine::Engine::with_group(group, tokenizer)
         }
     };

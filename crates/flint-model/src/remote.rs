@@ -21,7 +21,7 @@ use flint_tensor::DType;
 use flint_comm::TcpComm;
 use flint_tensor::Backend;
 
-use crate::tp::{CpuComm, CpuRank, RankInfo, RankModel, TpGroup};
+use crate::tp::{CpuRank, RankInfo, RankModel, TpGroup};
 use crate::{Error, ForwardBatch, Llama, ModelConfig, ModelSource, Result, Shard};
 
 const HELLO: &[u8; 4] = b"FLRK";
@@ -329,9 +329,9 @@ impl Nodes {
     }
 }
 
-/// This CPU node's ranks of a tensor-parallel job over several processes: rank `r` loads its
-/// shard of `source` onto `backend()` and joins the others' collectives over [`TcpComm`].
-fn cpu_rank(
+/// A CPU node's rank of a tensor-parallel job over several processes: rank `rank` loads its
+/// shard of `source` onto `backend` and joins the others' collectives over [`TcpComm`].
+pub fn cpu_rank_model(
     source: &ModelSource,
     config: &ModelConfig,
     world: usize,
@@ -339,36 +339,31 @@ fn cpu_rank(
     nodes: &Nodes,
     dtype: DType,
     backend: Box<dyn Backend>,
-) -> Result<(CpuRank, RankInfo)> {
+) -> Result<(Box<dyn RankModel>, RankInfo)> {
     let comm = TcpComm::join(&nodes.master_addr, rank, world, nodes.timeout)?;
     let model =
         Llama::load_shard(source, config.clone(), backend.as_ref(), dtype, Shard::new(rank, world)?, &mut |_| {})?;
     let info = RankInfo::cpu(backend.as_ref(), &model, dtype);
-    Ok((CpuRank { backend, model, comm: Arc::new(comm), cache: None }, info))
+    Ok((Box::new(CpuRank { backend, model, comm: Arc::new(comm), cache: None }), info))
 }
 
+/// How a node builds its rank `rank` (the job's world and this node's layout are the caller's).
+pub type MakeRank<'a> = dyn Fn(usize) -> Result<(Box<dyn RankModel>, RankInfo)> + Send + Sync + 'a;
+
 impl TpGroup {
-    /// Node 0 of a CPU tensor-parallel job over `nodes.nnodes` processes: this node's ranks as
-    /// threads, the other nodes' ranks through their control links (they run [`follow_cpu`]).
-    pub fn cpu_leader(
-        source: Arc<ModelSource>,
-        config: ModelConfig,
-        world: usize,
-        nodes: Nodes,
-        dtype: DType,
-        backend: impl Fn() -> Box<dyn Backend> + Send + Sync + 'static,
-    ) -> Result<Self> {
+    /// Node 0 of a tensor-parallel job over `nodes.nnodes` processes: this node's ranks as
+    /// threads built by `make`, the other nodes' ranks through their control links (they run
+    /// [`follow`]).
+    pub fn leader(config: ModelConfig, world: usize, nodes: &Nodes, make: Box<MakeRank<'static>>) -> Result<Self> {
         Shard::check(world, &config)?;
         let local = nodes.local_ranks(world)?;
         if nodes.node_rank != 0 {
             return Err(Error::Sharding(format!("node {} is a follower, not the leader", nodes.node_rank)));
         }
         let remote = RemoteRanks::listen(&control_addr(&nodes.master_addr)?, local.end..world, nodes.timeout)?;
-        let c = config.clone();
         Self::spawn(world, 0, config, move |rank| {
             if local.contains(&rank) {
-                let (model, info) = cpu_rank(&source, &c, world, rank, &nodes, dtype, backend())?;
-                Ok((Box::new(model) as Box<dyn RankModel>, info))
+                make(rank)
             } else {
                 let (model, info) = remote.take(rank)?;
                 Ok((Box::new(model) as Box<dyn RankModel>, info))
@@ -377,32 +372,25 @@ impl TpGroup {
     }
 }
 
-/// A follower node of a CPU tensor-parallel job: loads this node's ranks, joins the leader, and
-/// serves its steps until the leader closes the job (`Ok`) or a rank fails.
-pub fn follow_cpu(
-    source: Arc<ModelSource>,
-    config: ModelConfig,
-    world: usize,
-    nodes: Nodes,
-    dtype: DType,
-    backend: impl Fn() -> Box<dyn Backend> + Send + Sync + 'static,
-) -> Result<()> {
-    Shard::check(world, &config)?;
+/// A follower node: builds each of this node's ranks with `make` (on its own thread) and serves
+/// the leader's steps on them until the leader closes the job (`Ok`) or a rank fails.
+pub fn follow_node(world: usize, nodes: &Nodes, make: &MakeRank<'_>) -> Result<()> {
     let local = nodes.local_ranks(world)?;
     if nodes.node_rank == 0 {
         return Err(Error::Sharding("node 0 leads the job; it does not follow".to_string()));
     }
     let control = control_addr(&nodes.master_addr)?;
-    let backend = &backend;
     std::thread::scope(|s| {
         let handles: Vec<_> = local
             .map(|rank| {
-                let (source, config, nodes, control) = (&source, &config, &nodes, &control);
+                let control = &control;
                 s.spawn(move || -> Result<()> {
-                    let (mut model, info) = cpu_rank(source, config, world, rank, nodes, dtype, backend())?;
-                    let served = follow(control, rank, &mut model, &info, nodes.timeout);
-                    if served.is_err() {
-                        CpuComm::abort(&*model.comm);
+                    let (mut model, info) = make(rank)?;
+                    let served = follow(control, rank, model.as_mut(), &info, nodes.timeout);
+                    if served.is_err()
+                        && let Some(abort) = model.aborter()
+                    {
+                        abort();
                     }
                     served
                 })

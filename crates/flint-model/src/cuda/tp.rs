@@ -222,3 +222,72 @@ impl TpGroup {
         })
     }
 }
+
+impl CudaRank {
+    /// Rank `rank` of a tensor-parallel job over several processes ([`crate::remote::Nodes`]),
+    /// on this process's GPU `local_gpu`: joins the ranks' host group ([`flint_comm::TcpComm`]
+    /// at the master address), gets NCCL's unique id from rank 0 through it, and loads its shard
+    /// (the ranks agree on the KV block count through the host group). NCCL all-reduces only:
+    /// the peer-to-peer kernel needs every GPU in one process.
+    pub fn for_node(
+        config: &ModelConfig,
+        world: usize,
+        rank: usize,
+        local_gpu: usize,
+        nodes: &crate::remote::Nodes,
+        options: &CudaLlamaOptions,
+        weights: &GroupWeights,
+    ) -> Result<(Self, RankInfo)> {
+        Shard::check(world, config)?;
+        let host = flint_comm::TcpComm::join(&nodes.master_addr, rank, world, nodes.timeout)?;
+        let built = (|| {
+            let gpu = Gpu::new(local_gpu)?;
+            // NCCL's id from rank 0, as 32 words.
+            let mut words = [0u32; 32];
+            if rank == 0 {
+                let id = NcclId::new()?;
+                for (w, b) in words.iter_mut().zip(id.0.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Communicator::<[u32]>::broadcast(&host, &mut words[..], 0)?;
+            let mut id = [0u8; 128];
+            for (b, w) in id.chunks_exact_mut(4).zip(words) {
+                b.copy_from_slice(&w.to_le_bytes());
+            }
+            let nccl = NcclComm::new(Arc::clone(&gpu), rank, world, &NcclId(id))?;
+            let aborts = vec![nccl.abort_handle()];
+            let agree = |n: usize| -> Result<usize> {
+                let mut v = [n.min(u32::MAX as usize) as u32];
+                Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
+                Ok(v[0] as usize)
+            };
+            let parallel = Parallel { tp: Some(TpLink { nccl, p2p: None }), stage: None };
+            let (c, o) = (config.clone(), options.clone());
+            let model = match weights {
+                GroupWeights::Checkpoint(source) => {
+                    CudaLlama::load_parallel(Arc::clone(&gpu), source, c, o, parallel, &agree)?
+                }
+                GroupWeights::Random(seed) => {
+                    CudaLlama::random_parallel(Arc::clone(&gpu), c, o, *seed, parallel, &agree)?
+                }
+            };
+            Ok::<_, Error>((gpu, model, aborts))
+        })();
+        let (gpu, model, aborts) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                host.abort();
+                return Err(e);
+            }
+        };
+        let info = RankInfo {
+            device: format!("cuda:{} ({})", gpu.ordinal(), gpu.name()),
+            dtype: if options.fp8 { DType::F8E4M3 } else { DType::BF16 },
+            kv_bytes_per_token: model.kv_bytes_per_token(),
+            fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
+            max_seq_len: options.max_seq_len,
+        };
+        Ok((CudaRank { model, aborts, output: rank == 0, micro_batches: 1, host: None }, info))
+    }
+}
