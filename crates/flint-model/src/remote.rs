@@ -135,6 +135,15 @@ impl RemoteRank {
     }
 }
 
+impl Drop for RemoteRank {
+    fn drop(&mut self) {
+        // Closes the connection itself, not just this handle (the group's aborter keeps a
+        // clone): the follower sees the job end now and releases its rank (its NCCL
+        // communicator's teardown waits for this node's).
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
 impl RankModel for RemoteRank {
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>> {
         let payload = serde_json::to_vec(batch).map_err(|e| link(e.to_string()))?;
@@ -402,4 +411,65 @@ pub fn follow_node(world: usize, nodes: &Nodes, make: &MakeRank<'_>) -> Result<(
             .collect::<Result<Vec<()>>>()
             .map(|_| ())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every step with the batch's token count, as logits.
+    struct Echo;
+
+    impl RankModel for Echo {
+        fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+            if batch.n_tokens() == 0 {
+                return Err(Error::Sharding("an empty step".to_string()));
+            }
+            Ok(vec![batch.n_tokens() as f32; 2])
+        }
+
+        fn new_kv_cache(&mut self, _: usize, _: usize) -> Result<()> {
+            Ok(())
+        }
+
+        fn as_any(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+
+    fn free_addr() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    }
+
+    #[test]
+    fn steps_and_errors_cross_the_link_and_dropping_the_proxy_ends_the_follower() {
+        let addr = free_addr();
+        let ranks = RemoteRanks::listen(&addr, 1..2, Duration::from_secs(20)).expect("listen");
+        let info = RankInfo {
+            device: "cpu".into(),
+            dtype: DType::F32,
+            kv_bytes_per_token: 96,
+            fixed_limits: Some((10, 16, 256, 8)),
+            max_seq_len: 512,
+        };
+        let (a, i) = (addr.clone(), info.clone());
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(follow(&a, 1, &mut Echo, &i, Duration::from_secs(20)));
+        });
+        let (mut remote, got) = ranks.take(1).expect("rank 1 joins");
+        assert_eq!((got.kv_bytes_per_token, got.fixed_limits, got.max_seq_len), (96, Some((10, 16, 256, 8)), 512));
+        let mut batch = ForwardBatch::new(16);
+        batch.push_sequence(&[1, 2, 3], 0, &[0], crate::Logits::Last).expect("batch");
+        assert_eq!(remote.forward(&batch).expect("step"), vec![3.0, 3.0]);
+        let err = remote.forward(&ForwardBatch::new(16)).expect_err("the follower's error comes back");
+        assert!(err.to_string().contains("an empty step"), "{err}");
+        remote.new_kv_cache(4, 16).expect("cache");
+        // The group's aborter holds a clone of the connection; dropping the proxy still ends it.
+        let _aborter = remote.aborter();
+        drop(remote);
+        let ended = ended.recv_timeout(Duration::from_secs(5)).expect("the follower ends when the proxy goes");
+        ended.expect("the follower ends cleanly");
+    }
 }
