@@ -65,22 +65,10 @@ fn read_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((head[0], payload))
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F8E4M3 => "f8e4m3",
-        DType::F8E5M2 => "f8e5m2",
-        DType::NvFp4 => "nvfp4",
-        DType::Int4 => "int4",
-    }
-}
-
 fn info_to_json(info: &RankInfo) -> Vec<u8> {
     serde_json::json!({
         "device": info.device,
-        "dtype": dtype_name(info.dtype),
+        "dtype": info.dtype.as_str(),
         "kv_bytes_per_token": info.kv_bytes_per_token,
         "fixed_limits": info.fixed_limits.map(|(a, b, c, d)| [a, b, c, d]),
         "max_seq_len": info.max_seq_len,
@@ -94,7 +82,7 @@ fn info_from_json(bytes: &[u8]) -> Result<RankInfo> {
     let num = |key: &str| v[key].as_u64().map(|n| n as usize).ok_or_else(|| link(format!("rank info without {key}")));
     let dtype = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::F8E5M2, DType::NvFp4, DType::Int4]
         .into_iter()
-        .find(|&d| v["dtype"].as_str() == Some(dtype_name(d)))
+        .find(|&d| v["dtype"].as_str() == Some(d.as_str()))
         .ok_or_else(|| link("rank info with an unknown dtype"))?;
     let fixed_limits = match v["fixed_limits"].as_array() {
         Some(a) if a.len() == 4 => {

@@ -90,6 +90,40 @@ pub fn with_cuda_rank<R>(model: &mut dyn RankModel, f: impl FnOnce(&mut CudaRank
     }
 }
 
+/// Loads a rank's part of the model on `gpu`; the ranks agree on the KV block count (the
+/// smallest any can hold) through `host`, outside NCCL.
+fn load_rank(
+    gpu: &Arc<Gpu>,
+    weights: &GroupWeights,
+    config: &ModelConfig,
+    options: &CudaLlamaOptions,
+    parallel: Parallel,
+    host: &dyn Communicator<[u32]>,
+) -> Result<CudaLlama> {
+    let agree = |n: usize| -> Result<usize> {
+        tracing::debug!(rank = host.rank(), n, "loaded; agreeing on KV blocks");
+        let mut v = [n.min(u32::MAX as usize) as u32];
+        host.all_reduce(&mut v[..], ReduceOp::Min)?;
+        Ok(v[0] as usize)
+    };
+    let (g, c, o) = (Arc::clone(gpu), config.clone(), options.clone());
+    match weights {
+        GroupWeights::Checkpoint(source) => CudaLlama::load_parallel(g, source, c, o, parallel, &agree),
+        GroupWeights::Random(seed) => CudaLlama::random_parallel(g, c, o, *seed, parallel, &agree),
+    }
+}
+
+/// What a CUDA rank reports to its group.
+fn rank_info(gpu: &Gpu, model: &CudaLlama, options: &CudaLlamaOptions) -> RankInfo {
+    RankInfo {
+        device: format!("cuda:{} ({})", gpu.ordinal(), gpu.name()),
+        dtype: if options.fp8 { DType::F8E4M3 } else { DType::BF16 },
+        kv_bytes_per_token: model.kv_bytes_per_token(),
+        fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
+        max_seq_len: options.max_seq_len,
+    }
+}
+
 /// Most rows a step may have to use the peer-to-peer all-reduce (decode batches).
 pub const P2P_MAX_ROWS: usize = 64;
 
@@ -175,31 +209,8 @@ impl TpGroup {
                     None
                 };
                 tracing::debug!(rank, "NCCL joined");
-                let agree = |n: usize| -> Result<usize> {
-                    tracing::debug!(rank, n, "loaded; agreeing on KV blocks");
-                    let mut v = [n.min(u32::MAX as usize) as u32];
-                    Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
-                    Ok(v[0] as usize)
-                };
                 let parallel = Parallel { tp: tp_link, stage: stage_link };
-                let model = match &weights {
-                    GroupWeights::Checkpoint(source) => CudaLlama::load_parallel(
-                        Arc::clone(&gpu),
-                        source,
-                        c.clone(),
-                        options.clone(),
-                        parallel,
-                        &agree,
-                    )?,
-                    GroupWeights::Random(seed) => CudaLlama::random_parallel(
-                        Arc::clone(&gpu),
-                        c.clone(),
-                        options.clone(),
-                        *seed,
-                        parallel,
-                        &agree,
-                    )?,
-                };
+                let model = load_rank(&gpu, &weights, &c, &options, parallel, &host)?;
                 Ok::<_, Error>((gpu, model, aborts))
             })();
             let (gpu, model, aborts) = match built {
@@ -209,13 +220,7 @@ impl TpGroup {
                     return Err(e);
                 }
             };
-            let info = RankInfo {
-                device: format!("cuda:{} ({})", gpu.ordinal(), gpu.name()),
-                dtype: if options.fp8 { DType::F8E4M3 } else { DType::BF16 },
-                kv_bytes_per_token: model.kv_bytes_per_token(),
-                fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
-                max_seq_len: options.max_seq_len,
-            };
+            let info = rank_info(&gpu, &model, &options);
             let output = rank == (pp - 1) * tp;
             let rank_model = CudaRank { model, aborts, output, micro_batches, host: Some(leave) };
             Ok((Box::new(rank_model) as Box<dyn RankModel>, info))
@@ -257,21 +262,8 @@ impl CudaRank {
             }
             let nccl = NcclComm::new(Arc::clone(&gpu), rank, world, &NcclId(id))?;
             let aborts = vec![nccl.abort_handle()];
-            let agree = |n: usize| -> Result<usize> {
-                let mut v = [n.min(u32::MAX as usize) as u32];
-                Communicator::<[u32]>::all_reduce(&host, &mut v[..], ReduceOp::Min)?;
-                Ok(v[0] as usize)
-            };
             let parallel = Parallel { tp: Some(TpLink { nccl, p2p: None }), stage: None };
-            let (c, o) = (config.clone(), options.clone());
-            let model = match weights {
-                GroupWeights::Checkpoint(source) => {
-                    CudaLlama::load_parallel(Arc::clone(&gpu), source, c, o, parallel, &agree)?
-                }
-                GroupWeights::Random(seed) => {
-                    CudaLlama::random_parallel(Arc::clone(&gpu), c, o, *seed, parallel, &agree)?
-                }
-            };
+            let model = load_rank(&gpu, weights, config, options, parallel, &host)?;
             Ok::<_, Error>((gpu, model, aborts))
         })();
         let (gpu, model, aborts) = match built {
@@ -281,13 +273,7 @@ impl CudaRank {
                 return Err(e);
             }
         };
-        let info = RankInfo {
-            device: format!("cuda:{} ({})", gpu.ordinal(), gpu.name()),
-            dtype: if options.fp8 { DType::F8E4M3 } else { DType::BF16 },
-            kv_bytes_per_token: model.kv_bytes_per_token(),
-            fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
-            max_seq_len: options.max_seq_len,
-        };
+        let info = rank_info(&gpu, &model, options);
         Ok((CudaRank { model, aborts, output: rank == 0, micro_batches: 1, host: None }, info))
     }
 }
