@@ -248,25 +248,33 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
     Ok(n * mult)
 }
 
+/// Writes a GPU report to `--json-out` if given and prints it with `--json`; whether it was
+/// printed (else the caller prints its table).
+fn emit_json(args: &BenchArgs, report: &impl serde::Serialize) -> anyhow::Result<bool> {
+    let json = serde_json::to_string_pretty(report).context("encoding the report")?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    }
+    Ok(args.json)
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.allreduce {
         anyhow::ensure!(args.tp >= 2, "--allreduce needs --tp 2 or more");
         let sizes = args.sizes.split(',').map(parse_size).collect::<anyhow::Result<Vec<_>>>()?;
-        let rows = flint_comm::bench::all_reduce_latency(args.tp as usize, &sizes, 50)?;
+        let measured = flint_comm::bench::all_reduce_latency(args.tp as usize, &sizes, 50)?;
         let report = serde_json::json!({
             "revision": env!("FLINT_REVISION"),
             "unix_time": crate::gpubench::unix_time(),
-            "gpu": flint_cuda::Gpu::new(0).map(|g| g.name().to_string()).unwrap_or_default(),
-            "ranks": args.tp,
-            "rows": rows,
+            "gpu": measured.gpu,
+            "ranks": measured.ranks,
+            "rows": measured.rows,
         });
-        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        if let Some(path) = &args.json_out {
-            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-        }
-        if args.json {
-            println!("{json}");
-        } else {
+        if !emit_json(&args, &report)? {
+            let rows = &measured.rows;
             println!(
                 "BF16 sum all-reduce, {} GPUs, mean of 50, median of 5 runs: NCCL (in place; eager and from a CUDA graph) \
                  against the peer-to-peer one-shot kernel (graph), alone and followed by residual add + RMSNorm over rows of {}",
@@ -278,7 +286,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "bytes", "nccl eager", "nccl graph", "bus GB/s", "p2p graph", "nccl+norm graph", "p2p+norm fused"
             );
             let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-            for r in &rows {
+            for r in rows {
                 println!(
                     "{:>10} {:>11.2} {:>11.2} {:>10.1} {:>11.2} {:>15} {:>15}",
                     r.bytes,
@@ -307,13 +315,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.pp as usize,
             !args.no_p2p,
         )?;
-        let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        if let Some(path) = &args.json_out {
-            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-        }
-        if args.json {
-            println!("{json}");
-        } else {
+        if !emit_json(&args, &report)? {
             crate::gpubench::print_table(&report);
             crate::gpubench::print_fp8_table(&report);
         }

@@ -14,6 +14,14 @@ use crate::{CommType, Communicator, DeviceSlice, Error, LocalComm, NcclComm, Ncc
 /// `bytes / 16384` rows.
 pub const FUSED_HIDDEN: usize = 8192;
 
+/// The timings of [`all_reduce_latency`] (rank 0's; every rank runs the same).
+#[derive(Clone, Debug, Serialize)]
+pub struct AllReduceReport {
+    pub gpu: String,
+    pub ranks: usize,
+    pub rows: Vec<AllReduceRow>,
+}
+
 /// One message size's timings on rank 0 (every rank runs the same).
 #[derive(Clone, Debug, Serialize)]
 pub struct AllReduceRow {
@@ -39,7 +47,7 @@ fn bf16_bits(v: f32) -> u16 {
 
 /// Times BF16 sum all-reduces of each size in `sizes` (bytes) among GPUs `0..world`, `iters`
 /// per timing, median of 5 timings: NCCL in place, and the peer-to-peer one-shot kernel.
-pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result<Vec<AllReduceRow>> {
+pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result<AllReduceReport> {
     if world < 2 || world > flint_cuda::device_count() {
         return Err(Error::Size {
             op: "all-reduce bench",
@@ -54,17 +62,18 @@ pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result
         .map(|rank| {
             let sizes = Arc::clone(&sizes);
             let hosts = Arc::clone(&hosts);
-            std::thread::spawn(move || -> Result<Vec<AllReduceRow>> {
+            std::thread::spawn(move || -> Result<AllReduceReport> {
                 let host = hosts.take(rank)?;
-                let run = || -> Result<Vec<AllReduceRow>> {
+                let run = || -> Result<AllReduceReport> {
                     let gpu = Gpu::new(rank)?;
                     let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
                     let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, capacity)?;
-                    let rows = sizes.iter().map(|&bytes| time_one(&gpu, &comm, &p2p, bytes, iters)).collect();
+                    let rows: Result<Vec<_>> =
+                        sizes.iter().map(|&bytes| time_one(&gpu, &comm, &p2p, bytes, iters)).collect();
                     // Peers may still read this rank's buffers: free them only when all are done.
                     gpu.synchronize()?;
                     host.barrier()?;
-                    rows
+                    Ok(AllReduceReport { gpu: gpu.name().to_string(), ranks: world, rows: rows? })
                 };
                 let rows = run();
                 if rows.is_err() {
@@ -74,7 +83,7 @@ pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result
             })
         })
         .collect();
-    let mut results: Vec<Result<Vec<AllReduceRow>>> = handles
+    let mut results: Vec<Result<AllReduceReport>> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Nccl("a rank's thread panicked".to_string()))))
         .collect();

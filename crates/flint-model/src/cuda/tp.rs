@@ -41,9 +41,16 @@ impl Drop for CudaRank {
 
 impl RankModel for CudaRank {
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>> {
-        let parts = if self.micro_batches > 1 { batch.split(self.micro_batches) } else { vec![batch.clone()] };
+        // A whole step goes as it is; only pipeline stages cut it (no copy of the batch per step).
+        let split;
+        let parts: &[ForwardBatch] = if self.micro_batches > 1 {
+            split = batch.split(self.micro_batches);
+            &split
+        } else {
+            std::slice::from_ref(batch)
+        };
         let mut logits = Vec::new();
-        for part in &parts {
+        for part in parts {
             if self.output {
                 logits.extend(self.model.forward(part)?);
             } else {
