@@ -693,11 +693,9 @@ impl CudaLlama {
     /// Bytes of weights one step reads when every matrix is read once (the gathered embedding
     /// rows aside): the numerator of the decode roofline.
     pub fn weight_bytes_per_step(&self) -> usize {
-        let c = &self.config;
         let per_layer =
             self.layers.first().map_or(0, |l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes());
-        let head = if Stage::last(&self.stage) { self.head().map_or(0, DeviceBuffer::bytes) } else { 0 };
-        let _ = c;
+        let head = if self.is_last_stage() { self.head().map_or(0, DeviceBuffer::bytes) } else { 0 };
         self.layers.len() * per_layer + head
     }
 
