@@ -19,12 +19,22 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
     silu_mul_fp8_row(gate_up, out, scales, ff);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * kF8Warps)
-    flint_gemv_fp8(const uint8_t* x, const float* x_scale, const uint8_t* w, const float* w_scale, bf16* y, int m,
-                   int n, int k, int epilogue) {
-    pdl_wait();
-    gemv_fp8(x, x_scale, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue));
-}
+// The FP8 GEMV per (warps per tile S, 64-element steps per chunk U, prefetch P); the launcher
+// picks one per shape (ops::Fp8GemvConfig).
+#define FLINT_GEMV_FP8(S, U, P)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * kF8Warps) flint_gemv_fp8_s##S##_u##U##_p##P(             \
+        const uint8_t* x, const float* x_scale, const uint8_t* w, const float* w_scale, bf16* y, int m, int n,  \
+        int k, int epilogue) {                                                                                 \
+        pdl_wait();                                                                                            \
+        gemv_fp8<S, U, P>(x, x_scale, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue));             \
+    }
+
+#define FLINT_GEMV_FP8_P(S, U) FLINT_GEMV_FP8(S, U, 0) FLINT_GEMV_FP8(S, U, 1)
+#define FLINT_GEMV_FP8_U(S) FLINT_GEMV_FP8_P(S, 2) FLINT_GEMV_FP8_P(S, 4)
+
+FLINT_GEMV_FP8_U(2)
+FLINT_GEMV_FP8_U(4)
+FLINT_GEMV_FP8_U(8)
 
 // y[r, c] = bf16(acc[r, c] * row_scale[r] * col_scale[c]): the scales of an FP8 product that
 // cuBLASLt ran unscaled. Grid-stride over m * n / 4; n % 4 == 0.

@@ -83,6 +83,8 @@ pub struct Fp8Bench {
     pub decode_breakdown: Vec<Breakdown>,
     /// BF16 ms/token over FP8 ms/token, per row (same order as `rows`, where BF16 has the row).
     pub speedup_over_bf16: Vec<Option<f64>>,
+    /// The decode GEMV of one token on each projection: BF16 and every FP8 variant.
+    pub gemv: Vec<bench::GemvRate>,
     pub skipped: Vec<String>,
 }
 
@@ -188,6 +190,15 @@ pub fn run_preset(
             gemms8.push(bench::gemm_rate_fp8(&gpu, &gemm, &g.name, g.m, g.n, g.k)?);
         }
         drop(gemm);
+        let mut gemv = Vec::new();
+        for (name, n, k, swiglu) in [
+            ("qkv", qkv, h, false),
+            ("o", h, config.n_heads * config.head_dim, false),
+            ("gate_up", ff, h, true),
+            ("down", h, ff, false),
+        ] {
+            gemv.extend(bench::gemv_rates(&gpu, bandwidth, name, 1, n, k, swiglu)?);
+        }
         let model =
             CudaLlama::random(Arc::clone(&gpu), config.clone(), CudaLlamaOptions { fp8: true, ..options }, 0x5eed)?;
         let mut skipped8 = Vec::new();
@@ -207,6 +218,7 @@ pub fn run_preset(
             rows: rows8,
             decode_breakdown: breakdown8,
             speedup_over_bf16: speedup,
+            gemv,
             skipped: skipped8,
         })
     } else {
@@ -438,6 +450,24 @@ pub fn print_table(b: &ModelBench) {
 /// The FP8 part of a `--dtype fp8` report.
 pub fn print_fp8_table(b: &ModelBench) {
     let Some(f) = &b.fp8 else { return };
+    println!("decode GEMV, 1 token, weight bytes read per second over the copy bandwidth (* = the launcher's pick):");
+    for name in ["qkv", "o", "gate_up", "down"] {
+        let parts: Vec<String> = f
+            .gemv
+            .iter()
+            .filter(|g| g.name == name)
+            .map(|g| {
+                format!(
+                    "{}{} {:.1} us {:.2}",
+                    g.variant,
+                    if g.chosen && g.dtype == "fp8" { "*" } else { "" },
+                    g.us,
+                    g.fraction
+                )
+            })
+            .collect();
+        println!("  {name:8} {}", parts.join(", "));
+    }
     for d in &f.decode_breakdown {
         let parts: Vec<String> = d.ops.iter().map(|(l, ms)| format!("{l} {ms:.3}")).collect();
         println!("FP8 decode step breakdown, batch {} ({:.3} ms eager): {}", d.batch, d.total_ms, parts.join(", "));

@@ -386,11 +386,70 @@ pub fn gemv_fp8_fits(n: usize, k: usize, epilogue: Fp8Epilogue) -> bool {
     k.is_multiple_of(64) && n.is_multiple_of(rows) && n > 0
 }
 
+/// How the FP8 GEMV splits its work: `split_k` warps share a 16-row tile (8 of a block's warps,
+/// so `8 / split_k` tiles per block), each taking every `split_k`-th chunk of `unroll` 64-byte
+/// steps of K per lane; with `prefetch`, a warp loads its next chunk before multiplying the
+/// current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8GemvConfig {
+    pub split_k: usize,
+    pub unroll: usize,
+    pub prefetch: bool,
+}
+
+impl Fp8GemvConfig {
+    /// Every compiled variant (kernels/fp8.cu).
+    pub const ALL: [Fp8GemvConfig; 12] = {
+        let mut all = [Fp8GemvConfig { split_k: 2, unroll: 2, prefetch: false }; 12];
+        let mut i = 0;
+        while i < 12 {
+            all[i] = Fp8GemvConfig { split_k: [2, 4, 8][i / 4], unroll: [2, 4][i / 2 % 2], prefetch: i % 2 == 1 };
+            i += 1;
+        }
+        all
+    };
+
+    /// The variant for an `[n, k]` weight: enough blocks to fill every SM several times over
+    /// (small `n` splits K over more warps).
+    pub fn for_shape(n: usize, _k: usize, epilogue: Fp8Epilogue) -> Self {
+        let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
+        let split_k = if tiles >= 1024 { 4 } else { 8 };
+        Fp8GemvConfig { split_k, unroll: 4, prefetch: true }
+    }
+
+    /// `s{split_k}_u{unroll}_p{0|1}`, as in the kernel's name.
+    pub fn label(&self) -> String {
+        format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
+    }
+
+    fn kernel(&self) -> String {
+        format!("flint_gemv_fp8_{}", self.label())
+    }
+}
+
 /// `y[m, n] = (x codes . W codes^T) * x_scale[m] * w_scale[n]` on FP8 tensor cores, for
 /// `m <= 8` tokens: x FP8 `[m, k]`, W FP8 `[n, k]` (or `[2n, k]` for SwiGLU), scales f32.
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_fp8(
     gpu: &Gpu,
+    x: u64,
+    x_scale: u64,
+    w: u64,
+    w_scale: u64,
+    y: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    epilogue: Fp8Epilogue,
+) -> Result<()> {
+    gemv_fp8_with(gpu, Fp8GemvConfig::for_shape(n, k, epilogue), x, x_scale, w, w_scale, y, m, n, k, epilogue)
+}
+
+/// [`gemv_fp8`] with a chosen variant (benchmarks compare them).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_fp8_with(
+    gpu: &Gpu,
+    config: Fp8GemvConfig,
     x: u64,
     x_scale: u64,
     w: u64,
@@ -407,11 +466,14 @@ pub fn gemv_fp8(
             format!("m = {m} (1..=8), n = {n} (a multiple of 16, or 8 for SwiGLU), k = {k} (a multiple of 64)"),
         ));
     }
+    if !Fp8GemvConfig::ALL.contains(&config) {
+        return Err(shape("gemv_fp8", format!("no compiled variant {config:?}")));
+    }
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e) = (m as i32, n as i32, k as i32, epilogue as i32);
     gpu.launch(
-        "flint_gemv_fp8",
-        (tiles.div_ceil(2) as u32, 1, 1),
+        &config.kernel(),
+        (tiles.div_ceil(8 / config.split_k) as u32, 1, 1),
         256,
         0,
         &mut [arg(&x), arg(&x_scale), arg(&w), arg(&w_scale), arg(&y), arg(&mi), arg(&ni), arg(&ki), arg(&e)],

@@ -612,19 +612,13 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
     let gemm = Gemm::new(&g).expect("cublasLt");
     // Where cuBLASLt refuses per-row scales the product goes through a reserved f32 scratch.
     gemm.reserve_fp8(&g, 128 * 6144).expect("reserve the FP8 scratch");
-    // GEMV: every batch size, plain and SwiGLU, K with and without a tail past the unrolled chunks.
-    for (n, k) in [(16, 64), (960, 576), (4096, 4096), (6144, 4160), (1536, 14336)] {
+    // GEMV: every batch size and compiled variant, plain and SwiGLU, K with and without a tail
+    // past the unrolled chunks, n with a partial last block.
+    for (n, k) in [(16, 64), (960, 576), (4096, 4096), (6144, 4160), (1536, 14336), (200, 1024)] {
         for m in 1..=8 {
             let c = fp8_case(&mut r, &cpu, m, 2 * n, k);
             let (xb, xs) = (g.upload(&c.xq.codes).expect("up"), g.upload(&c.xq.scales).expect("up"));
             let (wb, ws) = (g.upload(&c.wq.codes).expect("up"), g.upload(&c.wq.scales).expect("up"));
-            let yb = poisoned(&g, 2 * m * 2 * n);
-            ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, 2 * n, k, ops::Fp8Epilogue::Bf16)
-                .expect("launch");
-            check(&format!("gemv_fp8 m={m} n={} k={k}", 2 * n), &read_bf16(&g, &yb, m * 2 * n), &c.want, 1e-2);
-            // SwiGLU over [gate; up] = the first and second n rows.
-            ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, n, k, ops::Fp8Epilogue::SwiGlu)
-                .expect("launch");
             let mut act = vec![0f32; m * n];
             for t in 0..m {
                 for j in 0..n {
@@ -633,7 +627,28 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
                     act[t * n + j] = gt / (1.0 + (-gt).exp()) * up;
                 }
             }
-            check(&format!("gemv_fp8 swiglu m={m} n={n} k={k}"), &read_bf16(&g, &yb, m * n), &act, 1e-2);
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::ALL.map(Some));
+            for config in configs.filter(|c| c.is_none() || [1, 3, 8].contains(&m)) {
+                let run = |n: usize, y: u64, epilogue| match config {
+                    None => ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), y, m, n, k, epilogue),
+                    Some(cfg) => {
+                        ops::gemv_fp8_with(&g, cfg, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), y, m, n, k, epilogue)
+                    }
+                };
+                let label = config.map_or("default".to_string(), |c| c.label());
+                let yb = poisoned(&g, 2 * m * 2 * n);
+                run(2 * n, yb.ptr(), ops::Fp8Epilogue::Bf16).expect("launch");
+                check(
+                    &format!("gemv_fp8 {label} m={m} n={} k={k}", 2 * n),
+                    &read_bf16(&g, &yb, m * 2 * n),
+                    &c.want,
+                    1e-2,
+                );
+                // SwiGLU over [gate; up] = the first and second n rows.
+                let yb = poisoned(&g, 2 * m * n);
+                run(n, yb.ptr(), ops::Fp8Epilogue::SwiGlu).expect("launch");
+                check(&format!("gemv_fp8 swiglu {label} m={m} n={n} k={k}"), &read_bf16(&g, &yb, m * n), &act, 1e-2);
+            }
         }
     }
     // cuBLASLt FP8 with per-row scales on both sides.

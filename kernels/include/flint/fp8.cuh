@@ -137,10 +137,7 @@ __device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* o
 // load is 16 bytes. Tile rows: A(g) = 16 tile + g, B(g) = A(g) + 8; for SwiGLU, gate row 8 tile + g
 // and its up row n + 8 tile + g, so one lane holds both halves of an output.
 
-constexpr int kF8Warps = 8;
-constexpr int kF8SplitK = 4;
-constexpr int kF8TilesPerBlock = kF8Warps / kF8SplitK;
-constexpr int kF8Unroll = 4;  // 64-element steps per iteration
+constexpr int kF8Warps = 8;  // per block; kF8Warps / S tiles per block, S warps per tile
 
 __device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
     uint4 r;
@@ -170,16 +167,32 @@ enum class Fp8Epilogue : int {
     SwiGlu = 1,  // W is [gate; up] (2n rows); y[m, j] = silu(gate_j) * up_j, bf16 [m, n]
 };
 
-// Grid: ceil(tiles / kF8TilesPerBlock) blocks of 32 * kF8Warps threads; tiles = n / 16 (plain)
-// or n / 8 (SwiGLU). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0 (SwiGLU), m <= 8.
+// Loads of one chunk (U 64-element steps) of both weight rows.
+template <int U>
+__device__ __forceinline__ void load_chunk(uint4 (&va)[U], uint4 (&vb)[U], const uint8_t* wa, const uint8_t* wb,
+                                           int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        va[u] = load_stream16(wa + base + 64 * u);
+        vb[u] = load_stream16(wb + base + 64 * u);
+    }
+}
+
+// Grid: ceil(tiles / (kF8Warps / S)) blocks of 32 * kF8Warps threads; tiles = n / 16 (plain) or
+// n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element steps of K;
+// with P, a warp loads its next chunk before it multiplies the current one (twice the loads in
+// flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0 (SwiGLU), m <= 8.
+template <int S, int U, bool P>
 __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const float* __restrict__ x_scale,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue) {
+    static_assert(kF8Warps % S == 0, "S divides the block's warps");
+    constexpr int kTilesPerBlock = kF8Warps / S;
     __shared__ float partial[kF8Warps][32][4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * kF8TilesPerBlock + warp / kF8SplitK;
-    const int part = warp % kF8SplitK;
+    const int tile = blockIdx.x * kTilesPerBlock + warp / S;
+    const int part = warp % S;
     const bool swiglu = epilogue == Fp8Epilogue::SwiGlu;
     const int n_tiles = swiglu ? n / 8 : n / 16;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -191,24 +204,34 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
         const uint8_t* wb = w + (size_t)row_b * k + 16 * t;
         const uint8_t* xr = x + (size_t)g * k + 16 * t;
         const bool has_x = g < m;
-        constexpr int kChunk = 64 * kF8Unroll;
+        constexpr int kChunk = 64 * U;
         const int full = k / kChunk;
-        for (int ch = part; ch < full; ch += kF8SplitK) {
+        uint4 va[U], vb[U];
+        if (P && part < full) load_chunk<U>(va, vb, wa, wb, part * kChunk);
+        for (int ch = part; ch < full; ch += S) {
             const int base = ch * kChunk;
-            uint4 va[kF8Unroll], vb[kF8Unroll], vx[kF8Unroll];
-#pragma unroll
-            for (int u = 0; u < kF8Unroll; ++u) {
-                va[u] = load_stream16(wa + base + 64 * u);
-                vb[u] = load_stream16(wb + base + 64 * u);
+            uint4 na[U], nb[U];
+            if (P) {
+                if (ch + S < full) load_chunk<U>(na, nb, wa, wb, base + S * kChunk);
+            } else {
+                load_chunk<U>(va, vb, wa, wb, base);
             }
+            uint4 vx[U];
 #pragma unroll
-            for (int u = 0; u < kF8Unroll; ++u)
+            for (int u = 0; u < U; ++u)
                 vx[u] = has_x ? *reinterpret_cast<const uint4*>(xr + base + 64 * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-            for (int u = 0; u < kF8Unroll; ++u) mma_step(c, va[u], vb[u], vx[u]);
+            for (int u = 0; u < U; ++u) mma_step(c, va[u], vb[u], vx[u]);
+            if (P) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    va[u] = na[u];
+                    vb[u] = nb[u];
+                }
+            }
         }
         // 64-element steps past the last full chunk.
-        for (int off = full * kChunk + 64 * part; off < k; off += 64 * kF8SplitK) {
+        for (int off = full * kChunk + 64 * part; off < k; off += 64 * S) {
             const uint4 a = load_stream16(wa + off), b = load_stream16(wb + off);
             const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xr + off) : make_uint4(0, 0, 0, 0);
             mma_step(c, a, b, xv);
@@ -223,7 +246,7 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
     for (int i = 0; i < 4; ++i) {
         float s = 0.f;
 #pragma unroll
-        for (int p = 0; p < kF8SplitK; ++p) s += partial[warp + p][lane][i];
+        for (int p = 0; p < S; ++p) s += partial[warp + p][lane][i];
         c[i] = s;
     }
     // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens.

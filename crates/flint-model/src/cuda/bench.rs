@@ -110,6 +110,102 @@ pub fn gemm_rate_fp8(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: 
     Ok(GemmRate { name: name.to_string(), m, n, k, ms, tflops: 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12 })
 }
 
+/// One small-batch GEMV's rate on one projection shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemvRate {
+    pub name: String,
+    pub dtype: &'static str,
+    /// The kernel variant (`ops::Fp8GemvConfig::label`, or `bf16`).
+    pub variant: String,
+    /// Whether the model's launcher picks this variant for the shape.
+    pub chosen: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub swiglu: bool,
+    pub us: f64,
+    /// Weight (and scale) bytes read per second.
+    pub gbs: f64,
+    /// `gbs` over the measured copy bandwidth.
+    pub fraction: f64,
+}
+
+/// Times the decode GEMV of `m` tokens over an `[n, k]` projection (`[2n, k]` gate and up with
+/// `swiglu`): the BF16 kernel and every variant of the FP8 one, each rotating through enough
+/// weight copies that the L2 cache does not hold them.
+pub fn gemv_rates(
+    gpu: &Gpu,
+    bandwidth: f64,
+    name: &str,
+    m: usize,
+    n: usize,
+    k: usize,
+    swiglu: bool,
+) -> Result<Vec<GemvRate>> {
+    let rows = if swiglu { 2 * n } else { n };
+    let copies = (512usize << 20).div_ceil(rows * k).clamp(2, 16);
+    let tmp = gpu.alloc(2 * rows.max(m) * k)?;
+    let x16 = gpu.alloc(2 * m * k)?;
+    let (x8, xs) = (gpu.alloc(m * k)?, gpu.alloc(4 * m)?);
+    let y = gpu.alloc(4 * m * rows)?;
+    ops::fill_uniform(gpu, x16.ptr(), m * k, 11, 0.0, 1.0)?;
+    ops::quantize_rows(gpu, x16.ptr(), x8.ptr(), xs.ptr(), m, k)?;
+    let mut out = Vec::new();
+    let rate = |variant: String, chosen: bool, dtype: &'static str, bytes: usize, ms: f64| {
+        let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+        GemvRate {
+            name: name.to_string(),
+            dtype,
+            variant,
+            chosen,
+            m,
+            n,
+            k,
+            swiglu,
+            us: ms * 1e3,
+            gbs,
+            fraction: gbs * 1e9 / bandwidth,
+        }
+    };
+    {
+        let copies = copies.div_ceil(2).max(2);
+        let ws: Vec<_> = (0..copies)
+            .map(|i| {
+                let w = gpu.alloc(2 * rows * k)?;
+                ops::fill_uniform(gpu, w.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
+                Ok(w)
+            })
+            .collect::<Result<_>>()?;
+        let epilogue = if swiglu { ops::Epilogue::SwiGlu } else { ops::Epilogue::Bf16 };
+        let mut i = 0;
+        let ms = time_events(gpu, 7, 20, || {
+            i = (i + 1) % copies;
+            Ok(ops::gemv(gpu, x16.ptr(), ws[i].ptr(), y.ptr(), m, n, k, epilogue)?)
+        })?;
+        out.push(rate("bf16".to_string(), true, "bf16", 2 * rows * k, ms));
+    }
+    let ws: Vec<_> = (0..copies)
+        .map(|i| {
+            let (w, sc) = (gpu.alloc(rows * k)?, gpu.alloc(4 * rows)?);
+            ops::fill_uniform(gpu, tmp.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
+            ops::quantize_rows(gpu, tmp.ptr(), w.ptr(), sc.ptr(), rows, k)?;
+            Ok((w, sc))
+        })
+        .collect::<Result<_>>()?;
+    let epilogue = if swiglu { ops::Fp8Epilogue::SwiGlu } else { ops::Fp8Epilogue::Bf16 };
+    let chosen = ops::Fp8GemvConfig::for_shape(n, k, epilogue);
+    for config in ops::Fp8GemvConfig::ALL {
+        let mut i = 0;
+        let ms = time_events(gpu, 7, 20, || {
+            i = (i + 1) % copies;
+            let (w, sc) = &ws[i];
+            Ok(ops::gemv_fp8_with(gpu, config, x8.ptr(), xs.ptr(), w.ptr(), sc.ptr(), y.ptr(), m, n, k, epilogue)?)
+        })?;
+        out.push(rate(config.label(), config == chosen, "fp8", rows * k + 4 * rows, ms));
+    }
+    Ok(out)
+}
+
 /// One batch size's end-to-end figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeRow {
