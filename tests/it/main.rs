@@ -235,7 +235,8 @@ mod scheduling {
 
     use flint_e2e::{cpu_engine, smollm2_reference};
     use flint_engine::{
-        ChatMessage, FinishReason, GenerateRequest, Prompt, Scheduler, SchedulerConfig, StreamEvent, TokenLogprob,
+        ChatMessage, FinishReason, GenerateRequest, Prompt, SamplingParams, Scheduler, SchedulerConfig, StreamEvent,
+        TokenLogprob,
     };
 
     #[derive(Default, Debug)]
@@ -290,6 +291,36 @@ mod scheduling {
         let engine = flint_e2e::cpu_tp_engine(3);
         assert!(engine.device().contains("3 x cpu"), "{}", engine.device());
         concurrent_requests_match_the_reference(&engine);
+    }
+
+    /// Sampled (not greedy) streams through the 3 tensor-parallel ranks, where each step's ranks
+    /// return only their vocabulary part's most likely tokens: with the same seeds, the same
+    /// tokens as the whole model on one rank, which samples from the full logits. Penalties and
+    /// log-probabilities, which need every logit, take the full-logits path and agree too.
+    #[test]
+    fn tensor_parallel_sampling_from_candidates_matches_one_rank() {
+        let tp = flint_e2e::cpu_tp_engine(3);
+        let one = cpu_engine();
+        let base = SamplingParams { temperature: 0.9, seed: Some(11), ..SamplingParams::default() };
+        let cases = [
+            SamplingParams { top_k: 20, top_p: 0.95, ..base.clone() },
+            SamplingParams { top_k: 40, min_p: 0.05, temperature: 1.3, seed: Some(3), ..base.clone() },
+            SamplingParams { top_k: 1, ..base.clone() },
+            SamplingParams { top_k: 8, repetition_penalty: 1.3, ..base.clone() },
+        ];
+        for (i, sampling) in cases.into_iter().enumerate() {
+            let prompt = Prompt::Raw("The old lighthouse keeper looked out over the".to_string());
+            let request = GenerateRequest {
+                max_tokens: 12,
+                ignore_eos: true,
+                sampling: sampling.clone(),
+                logprobs: (i == 1).then_some(2),
+                ..GenerateRequest::new(prompt)
+            };
+            let want = one.generate(&request, &mut |_| {}).expect("one rank");
+            let got = tp.generate(&request, &mut |_| {}).expect("tp");
+            assert_eq!(got.token_ids, want.token_ids, "{sampling:?}");
+        }
     }
 
     /// SmolLM2's 30 layers in 3 pipeline stages (balanced by weights read: the LM head makes

@@ -2,13 +2,14 @@
 //! compute what one rank computes (logits within float tolerance, the same greedy tokens), with
 //! sequences joining a running batch mid-way, for head layouts that split evenly, KV heads
 //! replicated over ranks, attention biases, tied embeddings, a vocabulary that does not divide by
-//! the rank count, pipeline stages with micro-batches, and TP x PP.
+//! the rank count, pipeline stages with micro-batches, and TP x PP; steps that ask only for each
+//! row's most likely tokens get exactly the full logits' top k.
 
 use std::sync::Arc;
 
 use flint_cpu::CpuBackend;
 use flint_e2e::random_models::{Dims, rel_err, run_schedule, write_random_llama};
-use flint_model::{ForwardBatch, Llama, Logits, ModelSource, Shard, TpGroup};
+use flint_model::{ForwardBatch, Llama, Logits, ModelSource, Shard, TpGroup, top_candidates};
 use flint_stages::{StagePlan, pipeline_cpu};
 use flint_tensor::{Backend, DType};
 
@@ -21,6 +22,22 @@ fn one_rank(source: &ModelSource, vocab: usize) -> (Vec<Vec<f32>>, Vec<Vec<u32>>
     let one = Llama::load(source, config, &backend, DType::F32, &mut |_| {}).expect("loads");
     let cache = one.new_paged_kv_cache(&backend, 24, 4).expect("cache");
     run_schedule(vocab, |b| backend.to_f32_vec(&one.forward_batch(&backend, b, &cache).expect("fwd")).expect("read"))
+}
+
+/// The group's step with full logits, after checking that the same step asking for candidates
+/// (the ranks' vocabulary parts' top k, merged) gives exactly the full logits' top k.
+fn step_checking_candidates(group: &TpGroup, batch: &ForwardBatch, vocab: usize) -> Vec<f32> {
+    // Running a step again rewrites the same keys and values: the logits do not change.
+    let full = group.forward(batch).expect("step");
+    for k in [1, 3, vocab + 5] {
+        let mut b = batch.clone();
+        b.set_candidates(Some(k)).expect("k");
+        let got = group.forward(&b).expect("candidate step");
+        let want = top_candidates(&full, vocab, 0, k);
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{k} candidates");
+    }
+    full
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -47,7 +64,7 @@ fn split_models_compute_what_one_rank_computes() {
             let group = TpGroup::cpu(source.clone(), config.clone(), world, DType::F32, || Box::new(CpuBackend::new()))
                 .expect("group");
             group.new_kv_cache(24, 4).expect("caches");
-            let (logits, tokens) = run_schedule(dims.vocab, |b| group.forward(b).expect("tp step"));
+            let (logits, tokens) = run_schedule(dims.vocab, |b| step_checking_candidates(&group, b, dims.vocab));
             assert_eq!(tokens, want_tokens, "{dims:?} at TP {world}");
             for (step, (got, want)) in logits.iter().zip(&want_logits).enumerate() {
                 assert_eq!(got.len(), want.len());
@@ -110,7 +127,7 @@ fn pipelines_compute_what_one_rank_computes() {
         let most_layers = plan.stages.iter().map(|r| r.len()).max().expect("stages");
         let kv_per_rank = dims.kv_heads / tp;
         assert_eq!(group.info().kv_bytes_per_token, 4 * 2 * most_layers * kv_per_rank * dims.head_dim);
-        let (logits, tokens) = run_schedule(dims.vocab, |b| group.forward(b).expect("pipeline step"));
+        let (logits, tokens) = run_schedule(dims.vocab, |b| step_checking_candidates(&group, b, dims.vocab));
         assert_eq!(tokens, want_tokens, "TP {tp} x PP {pp} ({:?}), {micro} micro-batches", plan.stages);
         for (step, (got, want)) in logits.iter().zip(&want_logits).enumerate() {
             let err = rel_err(got, want);

@@ -409,12 +409,11 @@ impl Fp8GemvConfig {
         all
     };
 
-    /// The variant for an `[n, k]` weight: enough blocks to fill every SM several times over
-    /// (small `n` splits K over more warps).
-    pub fn for_shape(n: usize, _k: usize, epilogue: Fp8Epilogue) -> Self {
-        let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
-        let split_k = if tiles >= 1024 { 4 } else { 8 };
-        Fp8GemvConfig { split_k, unroll: 4, prefetch: true }
+    /// The variant for an `[n, k]` weight. Four warps per tile, four steps per chunk, no
+    /// prefetch: the one variant measured so far in whole-model runs (H100, H200); the FP8 bench
+    /// times every variant per projection (`bench::gemv_rates`) to choose per shape from.
+    pub fn for_shape(_n: usize, _k: usize, _epilogue: Fp8Epilogue) -> Self {
+        Fp8GemvConfig { split_k: 4, unroll: 4, prefetch: false }
     }
 
     /// `s{split_k}_u{unroll}_p{0|1}`, as in the kernel's name.

@@ -137,6 +137,12 @@ pub struct Executor<'a> {
 }
 
 impl Executor<'_> {
+    /// Whether the runtime splits the vocabulary over ranks, so that a step asking only for each
+    /// row's most likely tokens ([`ForwardBatch::set_candidates`]) saves gathering the logits.
+    pub fn vocab_parallel(&self) -> bool {
+        matches!(self.runtime, Runtime::Parallel(_))
+    }
+
     /// Logits `[batch.logit_rows().len(), vocab]` of one step, on the host.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
         match (self.runtime, self.kv) {

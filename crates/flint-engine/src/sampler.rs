@@ -141,7 +141,6 @@ impl Sampler {
         // Candidates sorted by logit, highest first; ties keep the lower id first.
         let mut cands: Vec<(u32, f32)> =
             logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cands.len() {
             cands.select_nth_unstable_by(p.top_k - 1, by_logit);
             cands.truncate(p.top_k);
@@ -150,6 +149,13 @@ impl Sampler {
         if cands.is_empty() {
             return argmax(logits);
         }
+        self.pick(&cands)
+    }
+
+    /// Draws from `cands` (sorted by [`by_logit`], non-empty, already cut to `top_k`):
+    /// temperature, then top-p and min-p.
+    fn pick(&mut self, cands: &[(u32, f32)]) -> u32 {
+        let p = &self.params;
         let max = cands[0].1 as f64;
         let inv_t = 1.0 / p.temperature as f64;
         let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| ((l as f64 - max) * inv_t).exp()).collect();
@@ -181,6 +187,49 @@ impl Sampler {
         }
         cands[keep - 1].0
     }
+
+    /// How many of the most likely tokens this sampler needs to pick exactly what it would from
+    /// the full logits: 1 when greedy, `top_k` when sampling among the top `k`; `None` when it
+    /// needs every logit (penalties, which can lift any token, or sampling over the whole
+    /// vocabulary).
+    pub fn candidates_needed(&self) -> Option<usize> {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return None;
+        }
+        if p.is_greedy() {
+            Some(1)
+        } else if p.top_k > 0 {
+            Some(p.top_k)
+        } else {
+            None
+        }
+    }
+
+    /// [`Sampler::sample`] from the most likely tokens only: `cands` as (id, logit), sorted by
+    /// logit (highest first, ties to the lower id), at least [`Sampler::candidates_needed`] of
+    /// them where the vocabulary has that many. Picks the token `sample` would pick from the full
+    /// logits (with the same generator state).
+    pub fn sample_candidates(&mut self, cands: &[(u32, f32)]) -> Result<u32> {
+        let Some(needed) = self.candidates_needed() else {
+            return Err(Error::Internal("this sampler needs the full logits".to_string()));
+        };
+        let cands = &cands[..cands.len().min(needed)];
+        let token = match cands.first() {
+            // Nothing but NaN: what argmax picks.
+            None => 0,
+            Some(&(id, _)) if self.params.is_greedy() => id,
+            Some(_) => self.pick(cands),
+        };
+        self.seen.insert(token, ());
+        *self.generated.entry(token).or_insert(0) += 1;
+        Ok(token)
+    }
+}
+
+/// The candidates' order: highest logit first, ties to the lower id.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest logit; the lowest index wins ties, NaN never wins.
@@ -209,6 +258,65 @@ mod tests {
     fn greedy_picks_argmax_and_first_of_ties() {
         let mut s = Sampler::new(params(0.0), &[]).expect("valid");
         assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]).expect("ok"), 1);
+    }
+
+    proptest! {
+        /// Picking from the top-k candidates that vocabulary-parallel ranks return (each rank's
+        /// part's top k, merged) gives the token the full logits give, step after step with the
+        /// same seed: greedy and top-k sampling with temperature, top-p and min-p. Logits on a
+        /// coarse grid make ties common.
+        #[test]
+        fn candidates_pick_what_full_logits_pick(
+            grid in prop::collection::vec(-8i32..8, 3..70),
+            ranks in 1usize..5,
+            top_k in 1usize..12,
+            greedy in any::<bool>(),
+            temperature in 0.2f32..2.0,
+            top_p in 0.3f32..1.0,
+            min_p in 0.0f32..0.3,
+            seed in any::<u64>(),
+        ) {
+            let logits: Vec<f32> = grid.iter().map(|&g| g as f32 * 0.25).collect();
+            let p = SamplingParams {
+                temperature: if greedy { 0.0 } else { temperature },
+                top_k,
+                top_p,
+                min_p,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            };
+            let mut full = Sampler::new(p.clone(), &[]).expect("valid");
+            let mut cand = Sampler::new(p, &[]).expect("valid");
+            let k = cand.candidates_needed().expect("no penalties");
+            // Split the vocabulary over ranks in contiguous parts, as the model shards it.
+            let part = logits.len().div_ceil(ranks);
+            let lists: Vec<Vec<f32>> = logits
+                .chunks(part)
+                .enumerate()
+                .map(|(r, l)| flint_model::top_candidates(l, l.len(), r * part, k))
+                .collect();
+            let refs: Vec<&[f32]> = lists.iter().map(Vec::as_slice).collect();
+            let merged = flint_model::merge_candidates(&refs, k).expect("merge");
+            let pairs: Vec<(u32, f32)> =
+                merged.chunks_exact(2).filter(|p| !p[1].is_nan()).map(|p| (p[0] as u32, p[1])).collect();
+            for _ in 0..8 {
+                let want = full.sample(&mut logits.clone()).expect("full");
+                prop_assert_eq!(cand.sample_candidates(&pairs).expect("candidates"), want);
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_and_whole_vocabulary_sampling_need_full_logits() {
+        let needs = |p: SamplingParams| Sampler::new(p, &[]).expect("valid").candidates_needed();
+        assert_eq!(needs(params(0.0)), Some(1));
+        assert_eq!(needs(SamplingParams { top_k: 1, ..params(1.0) }), Some(1));
+        assert_eq!(needs(SamplingParams { top_k: 50, ..params(1.0) }), Some(50));
+        assert_eq!(needs(params(1.0)), None);
+        assert_eq!(needs(SamplingParams { repetition_penalty: 1.1, ..params(0.0) }), None);
+        assert_eq!(needs(SamplingParams { presence_penalty: 0.5, top_k: 5, ..params(1.0) }), None);
+        let mut s = Sampler::new(params(1.0), &[]).expect("valid");
+        assert!(s.sample_candidates(&[(3, 1.0)]).is_err());
     }
 
     #[test]

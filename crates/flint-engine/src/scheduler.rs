@@ -406,7 +406,34 @@ impl<'a> Scheduler<'a> {
             wants_logits.push(logits == Logits::Last);
             batch.push_sequence(&seq.tokens[seq.n_computed..end], seq.n_computed, &seq.blocks, logits)?;
         }
-        let mut logits = match executor.forward(&batch) {
+        // Where the runtime splits the vocabulary over ranks and every sampled row can pick from
+        // its most likely tokens alone, only those cross between ranks and to the host.
+        let candidates = if executor.vocab_parallel() {
+            let mut need = Some(0usize);
+            for (&(arrival, _), &wants) in plan.iter().zip(&wants_logits) {
+                if !wants {
+                    continue;
+                }
+                let seq = &self.running[self.index_of(arrival).expect("planned sequences run")];
+                need = match (need, seq.logprobs, seq.sampler.candidates_needed()) {
+                    (Some(n), None, Some(k)) => Some(n.max(k)),
+                    _ => None,
+                };
+            }
+            need.filter(|&k| (1..=flint_model::MAX_CANDIDATES).contains(&k))
+        } else {
+            None
+        };
+        batch.set_candidates(candidates)?;
+        let n_rows = wants_logits.iter().filter(|w| **w).count();
+        let output = executor.forward(&batch).and_then(|l| match candidates {
+            Some(k) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
+                "the model returned {} values for {n_rows} rows of {k} candidates",
+                l.len()
+            ))),
+            _ => Ok(l),
+        });
+        let mut logits = match output {
             Ok(l) => l,
             Err(e) => {
                 // The step failed as a whole: fail its requests, keep serving the others.
@@ -421,8 +448,7 @@ impl<'a> Scheduler<'a> {
                 return Ok(());
             }
         };
-        let n_rows = wants_logits.iter().filter(|w| **w).count();
-        let vocab = logits.len().checked_div(n_rows).unwrap_or(0);
+        let width = logits.len().checked_div(n_rows).unwrap_or(0);
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
@@ -440,10 +466,17 @@ impl<'a> Scheduler<'a> {
                 continue;
             }
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
-            let logit_row = &mut logits[row * vocab..(row + 1) * vocab];
+            let logit_row = &mut logits[row * width..(row + 1) * width];
             row += 1;
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
-            let token = match seq.sampler.sample(logit_row) {
+            let sampled = if candidates.is_some() {
+                let cands: Vec<(u32, f32)> =
+                    logit_row.chunks_exact(2).filter(|p| !p[1].is_nan()).map(|p| (p[0] as u32, p[1])).collect();
+                seq.sampler.sample_candidates(&cands)
+            } else {
+                seq.sampler.sample(logit_row)
+            };
+            let token = match sampled {
                 Ok(t) => t,
                 Err(e) => {
                     (seq.sink)(StreamEvent::Error(e.to_string()));

@@ -21,7 +21,8 @@ pub mod tp;
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{
-    ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, PagedKvCache, StageInput, StageOutput, rope_inv_freq,
+    ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, PagedKvCache, StageInput, StageOutput,
+    merge_candidates, rope_inv_freq, top_candidates,
 };
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

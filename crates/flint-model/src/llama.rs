@@ -58,6 +58,66 @@ impl Fp8Spec {
     }
 }
 
+/// Each row's `k` most likely entries of `logits` (`[rows, width]`, row-major), as `[rows, 2k]`:
+/// `k` pairs (token id + `id_offset`, logit) per row, best first, ties to the lower id, NaN
+/// never taken; rows with fewer than `k` entries are padded with (-1, NaN). Ids travel as f32,
+/// exact below 2^24.
+pub fn top_candidates(logits: &[f32], width: usize, id_offset: usize, k: usize) -> Vec<f32> {
+    let rows = logits.len().checked_div(width).unwrap_or(0);
+    let mut out = Vec::with_capacity(rows * 2 * k);
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    for row in logits.chunks_exact(width.max(1)).take(rows) {
+        let mut cands: Vec<(u32, f32)> =
+            row.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| ((i + id_offset) as u32, l)).collect();
+        if cands.len() > k {
+            cands.select_nth_unstable_by(k - 1, by_logit);
+            cands.truncate(k);
+        }
+        cands.sort_unstable_by(by_logit);
+        for &(id, l) in &cands {
+            out.extend([id as f32, l]);
+        }
+        for _ in cands.len()..k {
+            out.extend([-1.0, f32::NAN]);
+        }
+    }
+    out
+}
+
+/// Merges several ranks' [`top_candidates`] lists of the same rows (each `[rows, 2k]`) into the
+/// rows' overall top `k`, in the same order and layout; an id in more than one list (ranks that
+/// all hold the whole vocabulary) counts once.
+pub fn merge_candidates(lists: &[&[f32]], k: usize) -> Result<Vec<f32>> {
+    let len = lists.first().map_or(0, |l| l.len());
+    if k == 0 || !len.is_multiple_of(2 * k) || lists.iter().any(|l| l.len() != len) {
+        return Err(Error::Sharding(format!(
+            "candidate lists of lengths {:?} for {k} per row",
+            lists.iter().map(|l| l.len()).collect::<Vec<_>>()
+        )));
+    }
+    let rows = len / (2 * k);
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(len);
+    for r in 0..rows {
+        let mut cands: Vec<(u32, f32)> = lists
+            .iter()
+            .flat_map(|l| l[r * 2 * k..(r + 1) * 2 * k].chunks_exact(2))
+            .filter(|p| !p[1].is_nan())
+            .map(|p| (p[0] as u32, p[1]))
+            .collect();
+        cands.sort_unstable_by(by_logit);
+        cands.dedup_by_key(|c| c.0);
+        cands.truncate(k);
+        for &(id, l) in &cands {
+            out.extend([id as f32, l]);
+        }
+        for _ in cands.len()..k {
+            out.extend([-1.0, f32::NAN]);
+        }
+    }
+    Ok(out)
+}
+
 /// A loaded Llama-family model on one backend.
 #[derive(Debug)]
 pub struct Llama {
@@ -140,7 +200,14 @@ pub struct ForwardBatch {
     context_lens: Vec<u32>,
     tables: Vec<Vec<u32>>,
     logit_rows: Vec<usize>,
+    /// Instead of full logits, each logit row's `k` most likely tokens (see
+    /// [`ForwardBatch::set_candidates`]).
+    #[serde(default)]
+    candidates: Option<usize>,
 }
+
+/// Most candidates per row a step may ask for instead of full logits.
+pub const MAX_CANDIDATES: usize = 256;
 
 impl ForwardBatch {
     pub fn new(block_size: usize) -> Self {
@@ -153,7 +220,30 @@ impl ForwardBatch {
             context_lens: Vec::new(),
             tables: Vec::new(),
             logit_rows: Vec::new(),
+            candidates: None,
         }
+    }
+
+    /// Asks for each logit row's `k` most likely tokens instead of its full logits: a rank
+    /// holding part of the vocabulary returns its part's top `k` (see [`top_candidates`]) without
+    /// gathering the rest, and a group merges its ranks' lists ([`merge_candidates`]). `None`:
+    /// full logits.
+    pub fn set_candidates(&mut self, k: Option<usize>) -> Result<()> {
+        if let Some(k) = k
+            && !(1..=MAX_CANDIDATES).contains(&k)
+        {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward_batch",
+                detail: format!("{k} candidates per row (1..={MAX_CANDIDATES})"),
+            }));
+        }
+        self.candidates = k;
+        Ok(())
+    }
+
+    /// What [`ForwardBatch::set_candidates`] asked for.
+    pub fn candidates(&self) -> Option<usize> {
+        self.candidates
     }
 
     /// Adds a sequence whose first `n_cached` positions are already in the blocks of
@@ -282,6 +372,7 @@ impl ForwardBatch {
                     self.logit_rows.iter().filter(|&&r| (from..to).contains(&r)).map(|&r| r - from + first_row),
                 );
             }
+            b.candidates = self.candidates;
             out.push(b);
         }
         out
@@ -813,14 +904,15 @@ impl Llama {
             });
         };
         if batch.logit_rows.is_empty() {
-            return Ok(StageOutput::Logits(backend.zeros(Shape::from([0, c.vocab_size]), DType::F32)?));
+            let width = batch.candidates.map_or(c.vocab_size, |k| 2 * k);
+            return Ok(StageOutput::Logits(backend.zeros(Shape::from([0, width]), DType::F32)?));
         }
         let hidden = match pending {
             Some(mlp_out) => backend.add_rms_norm(&residual, &mlp_out, norm, c.rms_norm_eps)?.1,
             None => backend.rms_norm(&residual, norm, c.rms_norm_eps)?,
         };
         let hidden = backend.gather_rows(&hidden, &batch.logit_rows)?;
-        Ok(StageOutput::Logits(self.lm_head(backend, &hidden, comm)?))
+        Ok(StageOutput::Logits(self.lm_head(backend, &hidden, comm, batch.candidates)?))
     }
 
     /// [`Llama::forward_batch`] for one rank of a tensor-parallel group: every rank calls it with
@@ -871,15 +963,25 @@ impl Llama {
         Ok(backend.upload_f32(&values, rows.shape().clone(), rows.dtype())?)
     }
 
-    /// Logits of `hidden` over the whole vocabulary: each rank's rows, gathered.
+    /// Logits of `hidden` over the whole vocabulary: each rank's rows, gathered. With
+    /// `candidates`, each row's `k` most likely tokens among this rank's rows instead
+    /// (`[rows, 2k]`, see [`top_candidates`]), nothing gathered.
     fn lm_head(
         &self,
         backend: &dyn Backend,
         hidden: &Tensor,
         comm: Option<&dyn Communicator<[f32]>>,
+        candidates: Option<usize>,
     ) -> Result<Tensor> {
         let head = self.lm_head.as_ref().ok_or_else(|| Error::Sharding("this stage has no LM head".into()))?;
         let local = backend.linear(hidden, head, None)?;
+        if let Some(k) = candidates {
+            let rows = hidden.shape().dims()[0];
+            let vocab = self.shard.vocab(&self.config);
+            let mine = backend.to_f32_vec(&local)?;
+            let out = top_candidates(&mine, vocab.len(), vocab.start, k);
+            return Ok(backend.upload_f32(&out, Shape::from([rows, 2 * k]), DType::F32)?);
+        }
         let Some(comm) = comm else { return Ok(local) };
         let c = &self.config;
         let rows = hidden.shape().dims()[0];

@@ -238,7 +238,14 @@ impl TpGroup {
         &self.info
     }
 
+    /// Sends `command` to every rank: the output rank's values.
     fn broadcast(&self, command: impl Fn() -> Command) -> Result<Vec<f32>> {
+        let mut all = self.broadcast_all(command)?;
+        Ok(std::mem::take(&mut all[self.output_rank]))
+    }
+
+    /// Sends `command` to every rank: every rank's values, or the first failing rank's error.
+    fn broadcast_all(&self, command: impl Fn() -> Command) -> Result<Vec<Vec<f32>>> {
         let workers = self.workers.lock().map_err(|_| Error::Sharding("a step panicked".to_string()))?;
         for (rank, w) in workers.iter().enumerate() {
             w.commands.send(command()).map_err(|_| rank_gone(rank))?;
@@ -275,11 +282,11 @@ impl TpGroup {
         }
         // A rank that failed on its own is reported first; the others only saw it abort.
         let mut first_error: Option<(usize, Error)> = None;
-        let mut out = None;
+        let mut out = Vec::with_capacity(replies.len());
         for (rank, reply) in replies.into_iter().enumerate() {
             match reply {
-                Some(Ok(v)) if rank == self.output_rank => out = Some(v),
-                Some(Ok(_)) | None => {}
+                Some(Ok(v)) => out.push(v),
+                None => return Err(rank_gone(rank)),
                 Some(Err(e)) => {
                     let secondary = |e: &Error| {
                         matches!(e, Error::Comm(flint_comm::Error::Aborted(_))) || e.to_string().contains("aborted")
@@ -292,18 +299,28 @@ impl TpGroup {
                 }
             }
         }
-        match (first_error, out) {
-            (Some((rank, e)), _) => Err(Error::Sharding(format!("rank {rank}: {e}"))),
-            (None, Some(v)) => Ok(v),
-            (None, None) => Err(rank_gone(self.output_rank)),
+        match first_error {
+            Some((rank, e)) => Err(Error::Sharding(format!("rank {rank}: {e}"))),
+            None => Ok(out),
         }
     }
 
-    /// One step on every rank, over the caches of the latest [`TpGroup::new_kv_cache`]: rank
-    /// 0's logits.
+    /// One step on every rank, over the caches of the latest [`TpGroup::new_kv_cache`]: the
+    /// output rank's logits; with [`ForwardBatch::set_candidates`], the candidates of the ranks
+    /// holding the LM head (the output rank's stage: ranks `output_rank..world`), merged, so
+    /// that no rank gathers the whole vocabulary's logits.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
-        let batch = Arc::new(batch.clone());
-        self.broadcast(|| Command::Forward(batch.clone()))
+        let shared = Arc::new(batch.clone());
+        let mut all = self.broadcast_all(|| Command::Forward(shared.clone()))?;
+        match batch.candidates() {
+            None => Ok(std::mem::take(&mut all[self.output_rank])),
+            Some(k) => {
+                // Ranks that return no rows (a CUDA rank other than the output rank) add nothing.
+                let lists: Vec<&[f32]> =
+                    all[self.output_rank..].iter().filter(|l| !l.is_empty()).map(Vec::as_slice).collect();
+                if lists.is_empty() { Ok(Vec::new()) } else { crate::merge_candidates(&lists, k) }
+            }
+        }
     }
 
     /// [`TpGroup::forward`] over the caches `cache_id` names; an error if newer caches replaced

@@ -50,9 +50,15 @@ impl RankModel for CudaRank {
             std::slice::from_ref(batch)
         };
         let mut logits = Vec::new();
+        let vocab = self.model.config().vocab_size;
         for part in parts {
             if self.output {
-                logits.extend(self.model.forward(part)?);
+                let full = self.model.forward(part)?;
+                // The output rank's logits are already whole: its candidates are theirs.
+                match batch.candidates() {
+                    Some(k) => logits.extend(crate::top_candidates(&full, vocab, 0, k)),
+                    None => logits.extend(full),
+                }
             } else {
                 self.model.step_quiet(part, None)?;
             }
