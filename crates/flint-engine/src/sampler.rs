@@ -298,7 +298,7 @@ mod tests {
             let refs: Vec<&[f32]> = lists.iter().map(Vec::as_slice).collect();
             let merged = flint_model::merge_candidates(&refs, k).expect("merge");
             let pairs: Vec<(u32, f32)> =
-                merged.chunks_exact(2).filter(|p| !p[1].is_nan()).map(|p| (p[0] as u32, p[1])).collect();
+                flint_model::candidate_pairs(&merged).collect();
             for _ in 0..8 {
                 let want = full.sample(&mut logits.clone()).expect("full");
                 prop_assert_eq!(cand.sample_candidates(&pairs).expect("candidates"), want);

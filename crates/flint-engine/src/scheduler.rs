@@ -470,8 +470,7 @@ impl<'a> Scheduler<'a> {
             row += 1;
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
             let sampled = if candidates.is_some() {
-                let cands: Vec<(u32, f32)> =
-                    logit_row.chunks_exact(2).filter(|p| !p[1].is_nan()).map(|p| (p[0] as u32, p[1])).collect();
+                let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
                 seq.sampler.sample_candidates(&cands)
             } else {
                 seq.sampler.sample(logit_row)

@@ -22,7 +22,7 @@ pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{
     ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, PagedKvCache, StageInput, StageOutput,
-    merge_candidates, rope_inv_freq, top_candidates,
+    candidate_pairs, merge_candidates, rope_inv_freq, top_candidates,
 };
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

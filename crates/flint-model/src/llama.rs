@@ -58,6 +58,26 @@ impl Fp8Spec {
     }
 }
 
+/// Candidates' order: highest logit first, ties to the lower id.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Appends one row of `k` candidates (`cands` sorted, at most `k`), padded with (-1, NaN).
+fn push_candidate_row(out: &mut Vec<f32>, cands: &[(u32, f32)], k: usize) {
+    for &(id, l) in cands {
+        out.extend([id as f32, l]);
+    }
+    for _ in cands.len()..k {
+        out.extend([-1.0, f32::NAN]);
+    }
+}
+
+/// The (id, logit) pairs of one row of candidates, padding left out.
+pub fn candidate_pairs(row: &[f32]) -> impl Iterator<Item = (u32, f32)> + '_ {
+    row.chunks_exact(2).filter(|p| !p[1].is_nan()).map(|p| (p[0] as u32, p[1]))
+}
+
 /// Each row's `k` most likely entries of `logits` (`[rows, width]`, row-major), as `[rows, 2k]`:
 /// `k` pairs (token id + `id_offset`, logit) per row, best first, ties to the lower id, NaN
 /// never taken; rows with fewer than `k` entries are padded with (-1, NaN). Ids travel as f32,
@@ -65,7 +85,6 @@ impl Fp8Spec {
 pub fn top_candidates(logits: &[f32], width: usize, id_offset: usize, k: usize) -> Vec<f32> {
     let rows = logits.len().checked_div(width).unwrap_or(0);
     let mut out = Vec::with_capacity(rows * 2 * k);
-    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     for row in logits.chunks_exact(width.max(1)).take(rows) {
         let mut cands: Vec<(u32, f32)> =
             row.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| ((i + id_offset) as u32, l)).collect();
@@ -74,12 +93,7 @@ pub fn top_candidates(logits: &[f32], width: usize, id_offset: usize, k: usize) 
             cands.truncate(k);
         }
         cands.sort_unstable_by(by_logit);
-        for &(id, l) in &cands {
-            out.extend([id as f32, l]);
-        }
-        for _ in cands.len()..k {
-            out.extend([-1.0, f32::NAN]);
-        }
+        push_candidate_row(&mut out, &cands, k);
     }
     out
 }
@@ -96,24 +110,14 @@ pub fn merge_candidates(lists: &[&[f32]], k: usize) -> Result<Vec<f32>> {
         )));
     }
     let rows = len / (2 * k);
-    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut out = Vec::with_capacity(len);
     for r in 0..rows {
-        let mut cands: Vec<(u32, f32)> = lists
-            .iter()
-            .flat_map(|l| l[r * 2 * k..(r + 1) * 2 * k].chunks_exact(2))
-            .filter(|p| !p[1].is_nan())
-            .map(|p| (p[0] as u32, p[1]))
-            .collect();
+        let mut cands: Vec<(u32, f32)> =
+            lists.iter().flat_map(|l| candidate_pairs(&l[r * 2 * k..(r + 1) * 2 * k])).collect();
         cands.sort_unstable_by(by_logit);
         cands.dedup_by_key(|c| c.0);
         cands.truncate(k);
-        for &(id, l) in &cands {
-            out.extend([id as f32, l]);
-        }
-        for _ in cands.len()..k {
-            out.extend([-1.0, f32::NAN]);
-        }
+        push_candidate_row(&mut out, &cands, k);
     }
     Ok(out)
 }

@@ -62,6 +62,36 @@ pub struct GemmRate {
     pub tflops: f64,
 }
 
+/// `copies` random BF16 `[rows, k]` weights.
+fn bf16_weight_copies(gpu: &Gpu, copies: usize, rows: usize, k: usize) -> Result<Vec<flint_cuda::DeviceBuffer>> {
+    (0..copies)
+        .map(|i| {
+            let w = gpu.alloc(2 * rows * k)?;
+            ops::fill_uniform(gpu, w.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
+            Ok(w)
+        })
+        .collect()
+}
+
+/// `copies` random FP8 `[rows, k]` weights with per-row scales, quantized through `tmp` (at
+/// least `2 * rows * k` bytes).
+fn fp8_weight_copies(
+    gpu: &Gpu,
+    tmp: &flint_cuda::DeviceBuffer,
+    copies: usize,
+    rows: usize,
+    k: usize,
+) -> Result<Vec<(flint_cuda::DeviceBuffer, flint_cuda::DeviceBuffer)>> {
+    (0..copies)
+        .map(|i| {
+            let (w, sc) = (gpu.alloc(rows * k)?, gpu.alloc(4 * rows)?);
+            ops::fill_uniform(gpu, tmp.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
+            ops::quantize_rows(gpu, tmp.ptr(), w.ptr(), sc.ptr(), rows, k)?;
+            Ok((w, sc))
+        })
+        .collect()
+}
+
 /// Times `y[m, n] = x[m, k] . w[n, k]^T` in BF16 through cuBLASLt on random data, rotating
 /// through enough weight copies that the L2 cache does not hold them.
 pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usize) -> Result<GemmRate> {
@@ -69,13 +99,7 @@ pub fn gemm_rate(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: usiz
     let x = gpu.alloc(2 * m * k)?;
     let y = gpu.alloc(2 * m * n)?;
     ops::fill_uniform(gpu, x.ptr(), m * k, 11, 0.0, 1.0)?;
-    let ws: Vec<_> = (0..copies)
-        .map(|i| {
-            let w = gpu.alloc(2 * n * k)?;
-            ops::fill_uniform(gpu, w.ptr(), n * k, 13 + i as u64, 0.0, 0.02)?;
-            Ok(w)
-        })
-        .collect::<Result<_>>()?;
+    let ws = bf16_weight_copies(gpu, copies, n, k)?;
     let mut i = 0;
     let ms = time_events(gpu, 7, 10, || {
         i = (i + 1) % copies;
@@ -94,14 +118,7 @@ pub fn gemm_rate_fp8(gpu: &Gpu, gemm: &Gemm, name: &str, m: usize, n: usize, k: 
     let y = gpu.alloc(2 * m * n)?;
     ops::fill_uniform(gpu, tmp.ptr(), m * k, 11, 0.0, 1.0)?;
     ops::quantize_rows(gpu, tmp.ptr(), x.ptr(), xs.ptr(), m, k)?;
-    let ws: Vec<_> = (0..copies)
-        .map(|i| {
-            let (w, sc) = (gpu.alloc(n * k)?, gpu.alloc(4 * n)?);
-            ops::fill_uniform(gpu, tmp.ptr(), n * k, 13 + i as u64, 0.0, 0.02)?;
-            ops::quantize_rows(gpu, tmp.ptr(), w.ptr(), sc.ptr(), n, k)?;
-            Ok((w, sc))
-        })
-        .collect::<Result<_>>()?;
+    let ws = fp8_weight_copies(gpu, &tmp, copies, n, k)?;
     let mut i = 0;
     let ms = time_events(gpu, 7, 10, || {
         i = (i + 1) % copies;
@@ -169,13 +186,7 @@ pub fn gemv_rates(
     };
     {
         let copies = copies.div_ceil(2).max(2);
-        let ws: Vec<_> = (0..copies)
-            .map(|i| {
-                let w = gpu.alloc(2 * rows * k)?;
-                ops::fill_uniform(gpu, w.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
-                Ok(w)
-            })
-            .collect::<Result<_>>()?;
+        let ws = bf16_weight_copies(gpu, copies, rows, k)?;
         let epilogue = if swiglu { ops::Epilogue::SwiGlu } else { ops::Epilogue::Bf16 };
         let mut i = 0;
         let ms = time_events(gpu, 7, 20, || {
@@ -184,14 +195,7 @@ pub fn gemv_rates(
         })?;
         out.push(rate("bf16".to_string(), true, "bf16", 2 * rows * k, ms));
     }
-    let ws: Vec<_> = (0..copies)
-        .map(|i| {
-            let (w, sc) = (gpu.alloc(rows * k)?, gpu.alloc(4 * rows)?);
-            ops::fill_uniform(gpu, tmp.ptr(), rows * k, 13 + i as u64, 0.0, 0.02)?;
-            ops::quantize_rows(gpu, tmp.ptr(), w.ptr(), sc.ptr(), rows, k)?;
-            Ok((w, sc))
-        })
-        .collect::<Result<_>>()?;
+    let ws = fp8_weight_copies(gpu, &tmp, copies, rows, k)?;
     let epilogue = if swiglu { ops::Fp8Epilogue::SwiGlu } else { ops::Fp8Epilogue::Bf16 };
     let chosen = ops::Fp8GemvConfig::for_shape(n, k, epilogue);
     for config in ops::Fp8GemvConfig::ALL {
