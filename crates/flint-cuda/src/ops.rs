@@ -398,22 +398,44 @@ pub struct Fp8GemvConfig {
 }
 
 impl Fp8GemvConfig {
-    /// Every compiled variant (kernels/fp8.cu).
-    pub const ALL: [Fp8GemvConfig; 12] = {
-        let mut all = [Fp8GemvConfig { split_k: 2, unroll: 2, prefetch: false }; 12];
+    /// Every compiled variant (kernels/fp8.cu): 4 and 8 warps per tile with 2 or 4 steps per
+    /// chunk, 16 and 32 warps per tile with 1 or 2; each with and without prefetch.
+    pub const ALL: [Fp8GemvConfig; 16] = {
+        let mut all = [Fp8GemvConfig { split_k: 4, unroll: 2, prefetch: false }; 16];
         let mut i = 0;
-        while i < 12 {
-            all[i] = Fp8GemvConfig { split_k: [2, 4, 8][i / 4], unroll: [2, 4][i / 2 % 2], prefetch: i % 2 == 1 };
+        while i < 16 {
+            let wide = i >= 8;
+            all[i] = Fp8GemvConfig {
+                split_k: [4, 8, 16, 32][i / 4],
+                unroll: if wide { [1, 2][i / 2 % 2] } else { [2, 4][i / 2 % 2] },
+                prefetch: i % 2 == 1,
+            };
             i += 1;
         }
         all
     };
 
-    /// The variant for an `[n, k]` weight. Four warps per tile, four steps per chunk, no
-    /// prefetch: the one variant measured so far in whole-model runs (H100, H200); the FP8 bench
-    /// times every variant per projection (`bench::gemv_rates`) to choose per shape from.
-    pub fn for_shape(_n: usize, _k: usize, _epilogue: Fp8Epilogue) -> Self {
-        Fp8GemvConfig { split_k: 4, unroll: 4, prefetch: false }
+    /// Warps per block (mirrors `f8_block_warps`): eight, holding 8 / split_k tiles, or one tile's.
+    pub fn block_warps(&self) -> usize {
+        self.split_k.max(8)
+    }
+
+    /// The variant for an `[n, k]` weight, by its number of 16-row tiles (`n / 8` for SwiGLU),
+    /// from the per-projection table of `bench::gemv_rates` on an H100 (Llama-3.1-8B, one token;
+    /// `bench/results/2026-11-22-h100-llama-3.1-8b-fp8-gemv.json`): at 256 tiles (o, down) too
+    /// few warps stream with eight per tile, and sixteen with one 64-byte step each is fastest
+    /// (0.67 and 0.85 of the copy bandwidth, against 0.61 and 0.80); at 384 (qkv) eight warps
+    /// with two steps (0.71); at 1792 (gate/up) eight with four steps (0.90). Every variant
+    /// prefetches its next chunk. The choice depends on the shape alone (no timing at start-up),
+    /// so a shape always runs one kernel and one summation order.
+    pub fn for_shape(n: usize, _k: usize, epilogue: Fp8Epilogue) -> Self {
+        let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
+        let (split_k, unroll) = match tiles {
+            0..=320 => (16, 1),
+            321..=1023 => (8, 2),
+            _ => (8, 4),
+        };
+        Fp8GemvConfig { split_k, unroll, prefetch: true }
     }
 
     /// `s{split_k}_u{unroll}_p{0|1}`, as in the kernel's name.
@@ -472,8 +494,8 @@ pub fn gemv_fp8_with(
     let (mi, ni, ki, e) = (m as i32, n as i32, k as i32, epilogue as i32);
     gpu.launch(
         &config.kernel(),
-        (tiles.div_ceil(8 / config.split_k) as u32, 1, 1),
-        256,
+        (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
+        32 * config.block_warps() as u32,
         0,
         &mut [arg(&x), arg(&x_scale), arg(&w), arg(&w_scale), arg(&y), arg(&mi), arg(&ni), arg(&ki), arg(&e)],
     )

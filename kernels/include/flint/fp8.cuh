@@ -137,7 +137,10 @@ __device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* o
 // load is 16 bytes. Tile rows: A(g) = 16 tile + g, B(g) = A(g) + 8; for SwiGLU, gate row 8 tile + g
 // and its up row n + 8 tile + g, so one lane holds both halves of an output.
 
-constexpr int kF8Warps = 8;  // per block; kF8Warps / S tiles per block, S warps per tile
+constexpr int kF8Warps = 8;  // per block at least; kF8Warps / S tiles per block when S <= 8
+
+// Warps per block of the variant with S warps per tile: 8 (several tiles per block) or S (one).
+__host__ __device__ constexpr int f8_block_warps(int s) { return s > kF8Warps ? s : kF8Warps; }
 
 __device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
     uint4 r;
@@ -178,17 +181,18 @@ __device__ __forceinline__ void load_chunk(uint4 (&va)[U], uint4 (&vb)[U], const
     }
 }
 
-// Grid: ceil(tiles / (kF8Warps / S)) blocks of 32 * kF8Warps threads; tiles = n / 16 (plain) or
-// n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element steps of K;
+// Grid: ceil(tiles / (W / S)) blocks of 32 * W threads, W = f8_block_warps(S); tiles = n / 16
+// (plain) or n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element steps of K;
 // with P, a warp loads its next chunk before it multiplies the current one (twice the loads in
 // flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0 (SwiGLU), m <= 8.
 template <int S, int U, bool P>
 __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const float* __restrict__ x_scale,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue) {
-    static_assert(kF8Warps % S == 0, "S divides the block's warps");
-    constexpr int kTilesPerBlock = kF8Warps / S;
-    __shared__ float partial[kF8Warps][32][4];
+    constexpr int W = f8_block_warps(S);
+    static_assert(W % S == 0, "S divides the block's warps");
+    constexpr int kTilesPerBlock = W / S;
+    __shared__ float partial[W][32][4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x * kTilesPerBlock + warp / S;
