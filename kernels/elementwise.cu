@@ -36,3 +36,12 @@ extern "C" __global__ void flint_fill_uniform(bf16* out, unsigned long long n, u
                                               float std) {
     fill_uniform_all(out, n, seed, mean, std);
 }
+
+extern "C" __global__ void flint_rope_kv_write_fp8(bf16* qkv, const bf16* bias, const uint32_t* positions,
+                                                   const float* inv_freq, const uint32_t* slots, uint8_t* k_cache,
+                                                   uint8_t* v_cache, float* k_scales, float* v_scales, int n_heads,
+                                                   int n_kv, int head_dim) {
+    pdl_wait();
+    rope_kv_write_fp8_head(qkv, bias, positions, inv_freq, slots, k_cache, v_cache, k_scales, v_scales, n_heads, n_kv,
+                           head_dim);
+}

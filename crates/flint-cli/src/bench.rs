@@ -78,6 +78,9 @@ pub struct BenchArgs {
     /// With --preset: bf16, or fp8 to measure the FP8 model after the BF16 one in the same run.
     #[arg(long, default_value = "bf16", requires = "preset", value_parser = ["bf16", "fp8"])]
     dtype: String,
+    /// With --preset and --dtype fp8: the FP8 model's KV cache.
+    #[arg(long, default_value = "fp8", requires = "preset", value_parser = ["bf16", "fp8"])]
+    kv_cache_dtype: String,
     /// With --preset or --allreduce: also write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -310,7 +313,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             &lengths,
             !args.no_graphs,
             args.gemv_max_m as usize,
-            args.dtype == "fp8",
+            (args.dtype == "fp8").then_some(args.kv_cache_dtype == "fp8"),
             args.tp as usize,
             args.pp as usize,
             !args.no_p2p,

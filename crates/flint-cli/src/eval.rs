@@ -247,6 +247,7 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
         n_blocks: Some(window.max(512).div_ceil(16) + 1),
         graphs: false,
         fp8,
+        kv_fp8: fp8,
         ..CudaLlamaOptions::default()
     };
     let (reference, quantized, tokenizer, name) = match &args.random_weights {
@@ -274,8 +275,7 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
     let (rs, qs) = (CudaScorer { model: &reference }, CudaScorer { model: &quantized });
     let c = compare_many(&rs, &[&qs as &dyn Scorer], &text, window, &prompts, &mut progress_line("scoring"))?;
     eprintln!();
-    let spec = Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false };
-    let (weights, activations, kv_cache) = describe(&spec);
+    let (weights, activations, kv_cache) = describe(&Fp8Spec::SERVING);
     Ok(Report {
         model: name,
         device: format!("{} (FP8 kernels)", gpu.name()),

@@ -91,6 +91,9 @@ pub struct GenerateArgs {
     /// Weight and activation type of the linear layers.
     #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
     dtype: DtypeArg,
+    /// Element type of the KV cache (fp8: GPU only).
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::Auto)]
+    kv_cache_dtype: KvDtypeArg,
     /// Tensor-parallel ranks: GPUs 0..N of this machine (NCCL), or N CPU threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     tp: u32,
@@ -109,6 +112,8 @@ pub struct CudaSizing {
     pub block_size: usize,
     /// FP8 linear layers (GPU only).
     pub fp8: bool,
+    /// FP8 KV cache (GPU only).
+    pub kv_fp8: bool,
     /// Tensor-parallel ranks.
     pub tp: usize,
     /// Pipeline stages (CPU only).
@@ -124,6 +129,27 @@ pub enum DtypeArg {
     Fp8,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvDtypeArg {
+    /// FP8 with `--dtype fp8`, BF16 otherwise.
+    Auto,
+    Bf16,
+    /// E4M3 codes with one scale per position and KV head, quantized as they are written
+    /// (GPU only; `flint eval` emulates it on the CPU).
+    Fp8,
+}
+
+impl KvDtypeArg {
+    /// Whether the cache is FP8 for linear layers of `dtype`.
+    pub fn fp8(self, dtype: DtypeArg) -> bool {
+        match self {
+            KvDtypeArg::Auto => dtype == DtypeArg::Fp8,
+            KvDtypeArg::Bf16 => false,
+            KvDtypeArg::Fp8 => true,
+        }
+    }
+}
+
 pub fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cuda::CudaLlamaOptions {
     flint_model::cuda::CudaLlamaOptions {
         max_batch_tokens: sizing.max_batch_tokens.max(sizing.max_seqs),
@@ -131,6 +157,7 @@ pub fn cuda_options(sizing: CudaSizing, max_positions: usize) -> flint_model::cu
         max_seq_len: sizing.max_model_len.min(max_positions),
         block_size: sizing.block_size,
         fp8: sizing.fp8,
+        kv_fp8: sizing.kv_fp8,
         ..flint_model::cuda::CudaLlamaOptions::default()
     }
 }
@@ -215,6 +242,9 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
     if sizing.fp8 {
         bail!("--dtype fp8 runs on the GPU (`flint eval` measures its accuracy on the CPU by emulation)");
     }
+    if sizing.kv_fp8 {
+        bail!("--kv-cache-dtype fp8 runs on the GPU (`flint eval` measures its accuracy on the CPU by emulation)");
+    }
     if sizing.tp > 1 {
         let config = source.config()?;
         let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
@@ -266,6 +296,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len as usize,
         block_size: 16,
         fp8: args.dtype == DtypeArg::Fp8,
+        kv_fp8: args.kv_cache_dtype.fp8(args.dtype),
         tp: args.tp as usize,
         pp: args.pp as usize,
     };

@@ -85,6 +85,8 @@ pub struct Fp8Bench {
     pub speedup_over_bf16: Vec<Option<f64>>,
     /// The decode GEMV of one token on each projection: BF16 and every FP8 variant.
     pub gemv: Vec<bench::GemvRate>,
+    /// The FP8 model's KV cache: "fp8" (E4M3, a scale per position and head) or "bf16".
+    pub kv_cache: &'static str,
     pub skipped: Vec<String>,
 }
 
@@ -130,12 +132,12 @@ pub fn run_preset(
     lengths: &[(usize, usize)],
     graphs: bool,
     gemv_max_m: usize,
-    fp8: bool,
+    fp8: Option<bool>,
     tp: usize,
     pp: usize,
     p2p: bool,
 ) -> anyhow::Result<ModelBench> {
-    anyhow::ensure!(!(fp8 && tp * pp > 1), "--dtype fp8 is measured on one GPU");
+    anyhow::ensure!(!(fp8.is_some() && tp * pp > 1), "--dtype fp8 is measured on one GPU");
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
@@ -181,7 +183,7 @@ pub fn run_preset(
     let weight_bytes_per_step = model.weight_bytes_per_step();
     drop(model);
 
-    let fp8 = if fp8 {
+    let fp8 = if let Some(kv_fp8) = fp8 {
         eprintln!("bench: {preset} in FP8");
         let gemm = flint_cuda::gemm::Gemm::new(&gpu)?;
         let peak8 = bench::gemm_rate_fp8(&gpu, &gemm, "square 8192", 8192, 8192, 8192)?;
@@ -199,8 +201,12 @@ pub fn run_preset(
         ] {
             gemv.extend(bench::gemv_rates(&gpu, bandwidth, name, 1, n, k, swiglu)?);
         }
-        let model =
-            CudaLlama::random(Arc::clone(&gpu), config.clone(), CudaLlamaOptions { fp8: true, ..options }, 0x5eed)?;
+        let model = CudaLlama::random(
+            Arc::clone(&gpu),
+            config.clone(),
+            CudaLlamaOptions { fp8: true, kv_fp8, ..options },
+            0x5eed,
+        )?;
         let mut skipped8 = Vec::new();
         let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
         let speedup = rows8
@@ -219,6 +225,7 @@ pub fn run_preset(
             decode_breakdown: breakdown8,
             speedup_over_bf16: speedup,
             gemv,
+            kv_cache: if kv_fp8 { "fp8" } else { "bf16" },
             skipped: skipped8,
         })
     } else {
@@ -473,9 +480,10 @@ pub fn print_fp8_table(b: &ModelBench) {
         println!("FP8 decode step breakdown, batch {} ({:.3} ms eager): {}", d.batch, d.total_ms, parts.join(", "));
     }
     println!(
-        "{} on {} in FP8 (E4M3 weights per channel, activations per token; BF16 KV, embedding and LM head): {:.2} GB of weights per step (BF16: {:.2} GB)",
+        "{} on {} in FP8 (E4M3 weights per channel, activations per token; {}; BF16 embedding and LM head): {:.2} GB of weights per step (BF16: {:.2} GB)",
         b.preset,
         b.gpu,
+        if f.kv_cache == "fp8" { "E4M3 KV cache per position and head" } else { "BF16 KV cache" },
         f.weight_bytes_per_step as f64 / 1e9,
         b.weight_bytes_per_step as f64 / 1e9
     );

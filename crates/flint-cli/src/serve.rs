@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Weight and activation type of the linear layers (fp8: GPU only).
     #[arg(long, value_enum, default_value_t = crate::generate::DtypeArg::Bf16)]
     dtype: crate::generate::DtypeArg,
+    /// Element type of the KV cache (fp8: GPU only; auto: fp8 with --dtype fp8).
+    #[arg(long, value_enum, default_value_t = crate::generate::KvDtypeArg::Auto)]
+    kv_cache_dtype: crate::generate::KvDtypeArg,
     /// Memory for the KV cache, in MiB (CPU; the GPU takes 90% of the memory left after weights).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_mb: u64,
@@ -157,6 +160,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len as usize,
         block_size: args.block_size as usize,
         fp8: args.dtype == crate::generate::DtypeArg::Fp8,
+        kv_fp8: args.kv_cache_dtype.fp8(args.dtype),
         tp: args.tp as usize,
         pp: args.pp as usize,
     };

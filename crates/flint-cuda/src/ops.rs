@@ -124,6 +124,50 @@ pub fn rope_kv_write(
     )
 }
 
+/// [`rope_kv_write`] into an FP8 cache: keys and values as E4M3 codes with one scale per (slot,
+/// KV head) in `k_scales` / `v_scales` (`[n_blocks, block_size, n_kv]` f32). `head_dim` even,
+/// at most 256.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write_fp8(
+    gpu: &Gpu,
+    qkv: u64,
+    bias: u64,
+    positions: u64,
+    inv_freq: u64,
+    slots: u64,
+    cache: [u64; 4],
+    n: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+) -> Result<()> {
+    if head_dim > 256 || !head_dim.is_multiple_of(2) {
+        return Err(shape("rope_kv_write_fp8", format!("head_dim {head_dim}: even, at most 256")));
+    }
+    let [k_cache, v_cache, k_scales, v_scales] = cache;
+    let (h, kv, d) = (n_heads as i32, n_kv as i32, head_dim as i32);
+    gpu.launch(
+        "flint_rope_kv_write_fp8",
+        (n as u32, (n_heads + 2 * n_kv) as u32, 1),
+        64,
+        0,
+        &mut [
+            arg(&qkv),
+            arg(&bias),
+            arg(&positions),
+            arg(&inv_freq),
+            arg(&slots),
+            arg(&k_cache),
+            arg(&v_cache),
+            arg(&k_scales),
+            arg(&v_scales),
+            arg(&h),
+            arg(&kv),
+            arg(&d),
+        ],
+    )
+}
+
 pub fn silu_mul(gpu: &Gpu, gate_up: u64, out: u64, n: usize, ff: usize) -> Result<()> {
     let total = n * ff / 8;
     let blocks = total.div_ceil(256).min(gpu.sm_count() as usize * 16).max(1) as u32;
@@ -190,8 +234,13 @@ pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epi
 /// Paged-attention buffers shared by the decode and prefill kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedKv {
+    /// BF16 values, or E4M3 codes when the scales are given.
     pub k_cache: u64,
     pub v_cache: u64,
+    /// FP8 cache: one f32 scale per (slot, KV head) of each cache, `[n_blocks, block_size, n_kv]`
+    /// (value = code * scale); 0 for a BF16 cache.
+    pub k_scales: u64,
+    pub v_scales: u64,
     pub block_tables: u64,
     pub max_blocks: usize,
     pub block_size: usize,
@@ -199,6 +248,22 @@ pub struct PagedKv {
     pub n_kv: usize,
     pub head_dim: usize,
     pub scale: f32,
+}
+
+impl PagedKv {
+    fn fp8(&self) -> Result<bool> {
+        match (self.k_scales, self.v_scales) {
+            (0, 0) => Ok(false),
+            (k, v) if k != 0 && v != 0 => Ok(true),
+            _ => Err(shape("attention", "an FP8 cache needs both the key and the value scales")),
+        }
+    }
+
+    /// The attention kernel `flint_attention_{kind}_[fp8_]{head_dim}` for this cache.
+    fn kernel(&self, kind: &str) -> Result<String> {
+        check_head_dim(self.head_dim)?;
+        Ok(format!("flint_attention_{kind}_{}{}", if self.fp8()? { "fp8_" } else { "" }, self.head_dim))
+    }
 }
 
 /// Split-K decode attention of `n_tokens` query tokens (one position each), then the merge of
@@ -218,7 +283,7 @@ pub fn attention_decode(
     n_tokens: usize,
     n_splits: usize,
 ) -> Result<()> {
-    check_head_dim(kv.head_dim)?;
+    let name = kv.kernel("decode")?;
     if !kv.n_heads.is_multiple_of(kv.n_kv) || kv.n_heads / kv.n_kv > 8 {
         return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
     }
@@ -226,7 +291,7 @@ pub fn attention_decode(
     let (maxb, h, nkv, bs, splits) =
         (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32, n_splits as i32);
     gpu.launch(
-        &format!("flint_attention_decode_{}", kv.head_dim),
+        &name,
         (n_tokens as u32, kv.n_kv as u32, n_splits as u32),
         128,
         0,
@@ -235,6 +300,8 @@ pub fn attention_decode(
             arg(&qs),
             arg(&kv.k_cache),
             arg(&kv.v_cache),
+            arg(&kv.k_scales),
+            arg(&kv.v_scales),
             arg(&kv.block_tables),
             arg(&maxb),
             arg(&token_seq),
@@ -270,8 +337,7 @@ pub fn attention_prefill(
     out: u64,
     n_tiles: usize,
 ) -> Result<()> {
-    check_head_dim(kv.head_dim)?;
-    let name = format!("flint_attention_prefill_{}", kv.head_dim);
+    let name = kv.kernel("prefill")?;
     let smem = prefill_smem_bytes(kv.head_dim);
     gpu.set_max_dynamic_smem(&name, smem)?;
     let qs = q_stride as i32;
@@ -286,6 +352,8 @@ pub fn attention_prefill(
             arg(&qs),
             arg(&kv.k_cache),
             arg(&kv.v_cache),
+            arg(&kv.k_scales),
+            arg(&kv.v_scales),
             arg(&kv.block_tables),
             arg(&maxb),
             arg(&query_starts),

@@ -191,6 +191,28 @@ fn rope_and_kv_write_match_cpu() {
         check(&format!("{what} q"), &q_got, &cpu.to_f32_vec(&q_ref).expect("v"), 1e-2);
         check(&format!("{what} k cache"), &read_bf16(&g, &kc, cache_len), &cpu.to_f32_vec(&kcache).expect("v"), 1e-2);
         assert_eq!(read_bf16(&g, &vc, cache_len), cpu.to_f32_vec(&vcache).expect("v"), "{what} v cache");
+
+        // The FP8 cache: the same q, and the BF16 cache's rows of the written slots quantized
+        // with one scale per (slot, KV head).
+        let qb8 = up_bf16(&g, &qkv);
+        let rows = n_blocks * block_size * kv;
+        let (k8, v8) = (poisoned(&g, rows * hd), poisoned(&g, rows * hd));
+        let (ks, vs) = (poisoned(&g, 4 * rows), poisoned(&g, 4 * rows));
+        let cache = [k8.ptr(), v8.ptr(), ks.ptr(), vs.ptr()];
+        ops::rope_kv_write_fp8(&g, qb8.ptr(), 0, pb.ptr(), fb.ptr(), sb.ptr(), cache, n, heads, kv, hd)
+            .expect("launch");
+        assert_eq!(read_bf16(&g, &qb8, n * width), got, "{what}: fp8 variant's q");
+        let written: Vec<usize> = slots.iter().flat_map(|&s| (0..kv).map(move |h| s as usize * kv + h)).collect();
+        for (name, bf16_cache, codes, scales) in [("k", &kc, &k8, &ks), ("v", &vc, &v8, &vs)] {
+            let values = read_bf16(&g, bf16_cache, cache_len);
+            let (all_codes, all_scales) = (read_u8(&g, codes, rows * hd), read_f32(&g, scales, rows));
+            let pick =
+                |v: &[f32]| -> Vec<f32> { written.iter().flat_map(|&r| v[r * hd..(r + 1) * hd].to_vec()).collect() };
+            let want = Fp8Matrix::quantize(&pick(&values), written.len(), hd, Granularity::Channel, Fp8Format::E4M3);
+            let got_codes: Vec<u8> = written.iter().flat_map(|&r| all_codes[r * hd..(r + 1) * hd].to_vec()).collect();
+            let got_scales: Vec<f32> = written.iter().map(|&r| all_scales[r]).collect();
+            check_codes(&format!("{what} fp8 {name} cache"), &got_codes, &got_scales, &want);
+        }
     }
 }
 
@@ -324,31 +346,72 @@ fn run_attention_case(
     }
     let scale = 1.0 / (hd as f32).sqrt();
     let cache_shape = [case.n_blocks, block_size, kv, hd];
+    let qb = up_bf16(g, &q_wide);
+    let tables = g.upload(&b.block_tables).expect("tables");
+    // The BF16 cache, then the FP8 one: codes and a scale per (slot, KV head) row, against the
+    // same attention over the values those codes stand for.
+    let rows = case.n_blocks * block_size * kv;
+    let k8 = Fp8Matrix::quantize(&kc, rows, hd, Granularity::Channel, Fp8Format::E4M3);
+    let v8 = Fp8Matrix::quantize(&vc, rows, hd, Granularity::Channel, Fp8Format::E4M3);
+    let (kd, vd) = (k8.dequantize(), v8.dequantize());
+    let caches = [
+        ("bf16", &kc, &vc, up_bf16(g, &kc), up_bf16(g, &vc), None),
+        (
+            "fp8",
+            &kd,
+            &vd,
+            g.upload(&k8.codes).expect("k codes"),
+            g.upload(&v8.codes).expect("v codes"),
+            Some((g.upload(&k8.scales).expect("k scales"), g.upload(&v8.scales).expect("v scales"))),
+        ),
+    ];
+    for (dtype, kc, vc, kb, vb, scales) in &caches {
+        let (k_scales, v_scales) = scales.as_ref().map_or((0, 0), |(k, v)| (k.ptr(), v.ptr()));
+        let kvp = PagedKv {
+            k_cache: kb.ptr(),
+            v_cache: vb.ptr(),
+            k_scales,
+            v_scales,
+            block_tables: tables.ptr(),
+            max_blocks: b.max_blocks_per_seq,
+            block_size,
+            n_heads: heads,
+            n_kv: kv,
+            head_dim: hd,
+            scale,
+        };
+        let what = format!("{dtype} cache, heads {heads}/{kv} hd {hd} block {block_size} seqs {seqs:?}");
+        check_attention(g, &cpu, b, &kvp, &qb, &q, kc, vc, cache_shape, stride, &what);
+    }
+}
+
+/// Prefill and decode kernels over `kvp` against the CPU's attention over the values `kc`, `vc`
+/// (what the cache holds), for the queries `q` (also in `qb`, rows of `stride`).
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    g: &Gpu,
+    cpu: &CpuBackend,
+    b: &AttentionBatch,
+    kvp: &PagedKv,
+    qb: &DeviceBuffer,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    cache_shape: [usize; 4],
+    stride: usize,
+    what: &str,
+) {
+    let (n, heads, hd) = (b.n_tokens(), kvp.n_heads, kvp.head_dim);
     let want = cpu
         .attention(
-            &cpu_tensor(&cpu, &q, &[n, heads, hd]),
-            &cpu_tensor(&cpu, &kc, &cache_shape),
-            &cpu_tensor(&cpu, &vc, &cache_shape),
+            &cpu_tensor(cpu, q, &[n, heads, hd]),
+            &cpu_tensor(cpu, kc, &cache_shape),
+            &cpu_tensor(cpu, vc, &cache_shape),
             b,
-            scale,
+            kvp.scale,
         )
         .expect("cpu");
     let want = cpu.to_f32_vec(&want).expect("v");
-
-    let (qb, kb, vb) = (up_bf16(g, &q_wide), up_bf16(g, &kc), up_bf16(g, &vc));
-    let tables = g.upload(&b.block_tables).expect("tables");
-    let kvp = PagedKv {
-        k_cache: kb.ptr(),
-        v_cache: vb.ptr(),
-        block_tables: tables.ptr(),
-        max_blocks: b.max_blocks_per_seq,
-        block_size,
-        n_heads: heads,
-        n_kv: kv,
-        head_dim: hd,
-        scale,
-    };
-    let what = format!("heads {heads}/{kv} hd {hd} block {block_size} seqs {seqs:?}");
     // Prefill kernel: tiles of 64 queries per sequence.
     let (mut tile_seq, mut tile_start) = (Vec::new(), Vec::new());
     for s in 0..b.n_seqs() {
@@ -368,7 +431,7 @@ fn run_attention_case(
     );
     ops::attention_prefill(
         g,
-        &kvp,
+        kvp,
         qb.ptr(),
         stride,
         qs.ptr(),
@@ -398,7 +461,7 @@ fn run_attention_case(
         let out = poisoned(g, 2 * n * heads * hd);
         ops::attention_decode(
             g,
-            &kvp,
+            kvp,
             qb.ptr(),
             stride,
             tsq.ptr(),

@@ -308,9 +308,10 @@ fn smollm2_greedy_tokens_match_the_cpu_reference() {
     assert!(checked > 100, "too few steps compared: {checked}");
 }
 
-/// FP8 on the GPU (per-channel weights, per-token activations, BF16 KV) against the CPU's FP8
-/// emulation of the same scheme, on the transformers checkpoints: prefill (cuBLASLt FP8) and
-/// decode (the FP8 GEMV), with and without graphs. Batched FP8 decode is checked by
+/// FP8 on the GPU (per-channel weights, per-token activations; BF16 and FP8 KV cache) against
+/// the CPU's FP8 emulation of the same scheme, on the transformers checkpoints: prefill
+/// (cuBLASLt FP8, the prefill attention kernel) and decode (the FP8 GEMV, the split-K decode
+/// kernel), with and without graphs. Batched FP8 decode is checked by
 /// `batched_decode_matches_each_sequence_alone`.
 #[test]
 fn fp8_model_matches_the_cpu_emulation() {
@@ -321,42 +322,60 @@ fn fp8_model_matches_the_cpu_emulation() {
         let source = ModelSource::open(&dir).expect("open checkpoint");
         let config = source.config().expect("config");
         let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let backend = CpuBackend::new();
-        let mut cpu = Llama::load(&source, config.clone(), &backend, DType::BF16, &mut |_| {}).expect("cpu load");
-        let spec = flint_model::Fp8Spec {
-            weights: Some(flint_quant::Granularity::Channel),
-            activations: true,
-            kv_cache: false,
-        };
-        cpu.quantize_fp8(&backend, spec).expect("fp8");
         let forced = &r.tokens[..16.min(r.tokens.len() - 1)];
-        let want = run_cpu(&cpu, &backend, &r.prompt, forced);
         let bf16_model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
         let bf16_logits = run_gpu(&bf16_model, &r.prompt, forced);
         drop(bf16_model);
-        for graphs in [false, true] {
-            let options = CudaLlamaOptions { fp8: true, ..small_options(graphs) };
-            let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
-            let got = run_gpu(&model, &r.prompt, forced);
-            let mut worst = 0f64;
-            let mut agree = 0;
-            for (step, (a, b)) in got.iter().zip(&want).enumerate() {
-                let e = rel_err(a, b);
-                worst = worst.max(e);
-                // One BF16 rounding apart (the GPU's activations are BF16, the CPU's f32), an
-                // activation can land on the other side of an FP8 rounding boundary: a 6% step
-                // in that element. Measured worst: 5.3e-2 (H100, prefill of llama-gqa4-hd128).
-                assert!(e <= 1e-1, "{name} fp8 graphs={graphs}: step {step} vs CPU emulation rel err {e:.3e}");
-                agree += (argmax(a) == argmax(&bf16_logits[step])) as usize;
+        let mut bf16_cache_logits = None;
+        for kv_fp8 in [false, true] {
+            let backend = CpuBackend::new();
+            let mut cpu = Llama::load(&source, config.clone(), &backend, DType::BF16, &mut |_| {}).expect("cpu load");
+            let spec = flint_model::Fp8Spec {
+                weights: Some(flint_quant::Granularity::Channel),
+                activations: true,
+                kv_cache: kv_fp8,
+            };
+            cpu.quantize_fp8(&backend, spec).expect("fp8");
+            let want = run_cpu(&cpu, &backend, &r.prompt, forced);
+            drop(cpu);
+            let kv = if kv_fp8 { "fp8" } else { "bf16" };
+            for graphs in [false, true] {
+                let options = CudaLlamaOptions { fp8: true, kv_fp8, ..small_options(graphs) };
+                let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
+                let got = run_gpu(&model, &r.prompt, forced);
+                let mut worst = 0f64;
+                let mut agree = 0;
+                for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+                    let e = rel_err(a, b);
+                    worst = worst.max(e);
+                    // One BF16 rounding apart (the GPU's activations are BF16, the CPU's f32), an
+                    // activation can land on the other side of an FP8 rounding boundary: a 6%
+                    // step in that element. Measured worst: 5.3e-2 (H100, prefill of
+                    // llama-gqa4-hd128, BF16 cache).
+                    assert!(
+                        e <= 1e-1,
+                        "{name} fp8 kv {kv} graphs={graphs}: step {step} vs CPU emulation rel err {e:.3e}"
+                    );
+                    agree += (argmax(a) == argmax(&bf16_logits[step])) as usize;
+                }
+                let vs_bf16 = got.iter().zip(&bf16_logits).map(|(a, b)| rel_err(a, b)).fold(0.0, f64::max);
+                eprintln!(
+                    "{name} fp8 kv {kv} graphs={graphs}: {} steps, worst rel err vs CPU FP8 emulation {worst:.2e}; vs GPU BF16 {vs_bf16:.2e}, greedy agreement {agree}/{}",
+                    got.len(),
+                    got.len()
+                );
+                // Weights as the checkpoint's and FP8 weights differ: the FP8 model really is FP8.
+                assert!(vs_bf16 > worst.min(1e-3), "{name}: FP8 logits equal BF16's");
+                // And the FP8 cache really holds codes: its logits are not the BF16 cache's.
+                match &bf16_cache_logits {
+                    None => bf16_cache_logits = Some(got),
+                    Some(prev) if kv_fp8 => {
+                        let d = got.iter().zip(prev).map(|(a, b)| rel_err(a, b)).fold(0.0, f64::max);
+                        assert!(d > 1e-4, "{name}: FP8-cache logits equal the BF16 cache's ({d:.1e})");
+                    }
+                    Some(_) => {}
+                }
             }
-            let vs_bf16 = got.iter().zip(&bf16_logits).map(|(a, b)| rel_err(a, b)).fold(0.0, f64::max);
-            eprintln!(
-                "{name} fp8 graphs={graphs}: {} steps, worst rel err vs CPU FP8 emulation {worst:.2e}; vs GPU BF16 {vs_bf16:.2e}, greedy agreement {agree}/{}",
-                got.len(),
-                got.len()
-            );
-            // Weights as the checkpoint's and FP8 weights differ: the FP8 model really is FP8.
-            assert!(vs_bf16 > worst.min(1e-3), "{name}: FP8 logits equal BF16's");
         }
     }
 }

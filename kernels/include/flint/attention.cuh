@@ -1,4 +1,6 @@
-// Causal grouped-query attention over a paged KV cache [n_blocks, block_size, n_kv, head_dim].
+// Causal grouped-query attention over a paged KV cache [n_blocks, block_size, n_kv, head_dim]:
+// bf16 values, or (F8) E4M3 codes with one f32 scale per row (position and KV head,
+// [n_blocks, block_size, n_kv]) as rope_kv_write_fp8_head writes them.
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
 // are read once for every query head of the group; partial softmax states are merged by
@@ -8,7 +10,7 @@
 
 #include <mma.h>
 
-#include "common.cuh"
+#include "e4m3.cuh"
 
 namespace flint {
 
@@ -17,11 +19,24 @@ constexpr int kDecodeTile = 64;     // keys scored together in a decode block
 constexpr int kDecodeThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ const bf16* kv_row(const bf16* cache, const uint32_t* table, int block_size, int pos,
-                                              int n_kv, int kvh, int head_dim) {
+// The cache's element: bf16, or an E4M3 code; Vec8 holds eight of them (one load).
+template <bool F8>
+struct KvElem {
+    using T = bf16;
+    using Vec8 = Bf16x8;
+};
+template <>
+struct KvElem<true> {
+    using T = uint8_t;
+    using Vec8 = uint2;
+};
+
+// Row of position `pos` and KV head `kvh` in the paged cache (its data at row * head_dim, its
+// scale at row).
+__device__ __forceinline__ size_t kv_row(const uint32_t* table, int block_size, int pos, int n_kv, int kvh) {
     const uint32_t block = table[pos / block_size];
     const size_t slot = (size_t)block * block_size + pos % block_size;
-    return cache + (slot * n_kv + kvh) * head_dim;
+    return slot * n_kv + kvh;
 }
 
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
@@ -32,14 +47,19 @@ __device__ __forceinline__ const bf16* kv_row(const bf16* cache, const uint32_t*
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
 // the head dimension, and the warps' partial sums are added at the end.
-template <int HD>
+template <int HD, bool F8>
 __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
-                                                 const bf16* __restrict__ k_cache,
-                                                 const bf16* __restrict__ v_cache, const uint32_t* block_tables,
+                                                 const typename KvElem<F8>::T* __restrict__ k_cache,
+                                                 const typename KvElem<F8>::T* __restrict__ v_cache,
+                                                 const float* __restrict__ k_scales,
+                                                 const float* __restrict__ v_scales, const uint32_t* block_tables,
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
                                                  float* part_o, float* part_ml, int n_heads, int n_kv,
                                                  int block_size, float scale) {
     static_assert(HD == 64 || HD == 128, "head_dim");
+    using Kv = typename KvElem<F8>::T;
+    using KvVec = typename KvElem<F8>::Vec8;
+    constexpr int kRowChunks = HD * (int)sizeof(Kv) / 16;  // 16-byte pieces of one cache row
     constexpr int kWarps = kDecodeThreads / 32;
     constexpr int kKeyLanes = 8;                              // lanes sharing one key row
     constexpr int kKeysPerPass = kDecodeThreads / kKeyLanes;  // 16
@@ -49,7 +69,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     __shared__ float scores[kMaxGroup][kDecodeTile];
     __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
     __shared__ float red[kWarps][kMaxGroup][HD];
-    __shared__ __align__(16) bf16 vs[kDecodeTile][HD];
+    __shared__ __align__(16) Kv vs[kDecodeTile][HD];
+    __shared__ float vscale[F8 ? kDecodeTile : 1];
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
@@ -81,22 +102,31 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
         // The tile's values stream into shared memory while the scores are computed.
-        for (int i = threadIdx.x; i < n_keys * (HD / 8); i += blockDim.x) {
-            const int j = i / (HD / 8), c = i % (HD / 8);
-            cp_async16(&vs[j][c * 8], kv_row(v_cache, table, block_size, tile + j, n_kv, kvh, HD) + c * 8);
+        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
+            const int j = i / kRowChunks, c = i % kRowChunks;
+            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+            cp_async16(reinterpret_cast<char*>(&vs[j][0]) + c * 16,
+                       reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
         }
+        if constexpr (F8)
+            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+                vscale[j] = v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
         // Scores.
-        Bf16x8 kv[kDecodeTile / kKeysPerPass][kVecs];
+        KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
+        float kscale[kDecodeTile / kKeysPerPass];
 #pragma unroll
         for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
             const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            kscale[p] = 1.f;
             if (j < n_keys) {
-                const Bf16x8* krow = reinterpret_cast<const Bf16x8*>(kv_row(k_cache, table, block_size, tile + j, n_kv, kvh, HD));
+                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
 #pragma unroll
                 for (int v = 0; v < kVecs; ++v) kv[p][v] = krow[sub + kKeyLanes * v];
+                if constexpr (F8) kscale[p] = k_scales[r];
             } else {
 #pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = Bf16x8{};
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
             }
         }
 #pragma unroll
@@ -116,7 +146,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                 s += __shfl_xor_sync(0xffffffffu, s, 4);
                 s += __shfl_xor_sync(0xffffffffu, s, 2);
                 s += __shfl_xor_sync(0xffffffffu, s, 1);
-                if (sub == 0) scores[g][j] = j < n_keys ? s : -INFINITY;
+                if (sub == 0) scores[g][j] = j < n_keys ? s * kscale[p] : -INFINITY;
             }
         }
         cp_async_wait_all();
@@ -148,9 +178,17 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         }
 #pragma unroll 4
         for (int j = warp; j < n_keys; j += kWarps) {
-            const bf16* vrow = &vs[j][lane * kDims];
+            const Kv* vrow = &vs[j][lane * kDims];
             float vf[kDims];
-            if constexpr (kDims == 4) {
+            if constexpr (F8) {
+                const float sc = vscale[j];
+#pragma unroll
+                for (int e = 0; e < kDims; e += 2) {
+                    const float2 f = from_e4m3x2(*reinterpret_cast<const uint16_t*>(vrow + e));
+                    vf[e] = f.x * sc;
+                    vf[e + 1] = f.y * sc;
+                }
+            } else if constexpr (kDims == 4) {
                 const uint2 raw = *reinterpret_cast<const uint2*>(vrow);
                 const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
                 const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
@@ -239,10 +277,12 @@ struct PrefillSmem {
 // memory. Tile i covers query tokens tile_start[i] .. +64 of sequence tile_seq[i] (rows past
 // query_starts[seq + 1] are ignored). Sequence s's tokens sit at positions
 // context_lens[s] - n_new(s) .. context_lens[s] - 1.
-template <int HD>
+template <int HD, bool F8>
 __device__ __forceinline__ void attention_prefill(const bf16* __restrict__ q, int q_stride,
-                                                  const bf16* __restrict__ k_cache,
-                                                  const bf16* __restrict__ v_cache, const uint32_t* block_tables,
+                                                  const typename KvElem<F8>::T* __restrict__ k_cache,
+                                                  const typename KvElem<F8>::T* __restrict__ v_cache,
+                                                  const float* __restrict__ k_scales,
+                                                  const float* __restrict__ v_scales, const uint32_t* block_tables,
                                                   int max_blocks, const uint32_t* query_starts,
                                                   const uint32_t* context_lens, const int* tile_seq,
                                                   const uint32_t* tile_start, bf16* out, int n_heads, int n_kv,
@@ -291,8 +331,24 @@ __device__ __forceinline__ void attention_prefill(const bf16* __restrict__ q, in
             const int r = i / (HD / 8), c = i % (HD / 8);
             Bf16x8 kv = {}, vv = {};
             if (k0 + r <= last_pos) {
-                kv = reinterpret_cast<const Bf16x8*>(kv_row(k_cache, table, block_size, k0 + r, n_kv, kvh, HD))[c];
-                vv = reinterpret_cast<const Bf16x8*>(kv_row(v_cache, table, block_size, k0 + r, n_kv, kvh, HD))[c];
+                const size_t row = kv_row(table, block_size, k0 + r, n_kv, kvh);
+                if constexpr (F8) {
+                    // Dequantized and rounded to bf16 for the tensor cores.
+                    float kf[8], vf[8];
+                    unpack(reinterpret_cast<const uint2*>(k_cache + row * HD)[c], kf);
+                    unpack(reinterpret_cast<const uint2*>(v_cache + row * HD)[c], vf);
+                    const float ks = k_scales[row], vsc = v_scales[row];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        kf[e] *= ks;
+                        vf[e] *= vsc;
+                    }
+                    kv = pack(kf);
+                    vv = pack(vf);
+                } else {
+                    kv = reinterpret_cast<const Bf16x8*>(k_cache + row * HD)[c];
+                    vv = reinterpret_cast<const Bf16x8*>(v_cache + row * HD)[c];
+                }
             }
             *reinterpret_cast<Bf16x8*>(ks + r * L::kLdh + c * 8) = kv;
             *reinterpret_cast<Bf16x8*>(vs + r * L::kLdh + c * 8) = vv;

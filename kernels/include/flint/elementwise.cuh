@@ -2,7 +2,7 @@
 // RoPE fused with the KV-cache write, SwiGLU on a fused gate/up output, random initialisation.
 #pragma once
 
-#include "common.cuh"
+#include "e4m3.cuh"
 
 namespace flint {
 
@@ -65,6 +65,22 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* residual, const bf16* add
     }
 }
 
+// Pair p of head `head` of a fused QKV row, bias added (rounded to bf16 as the bf16 model has
+// it) and rotated to position `pos`: (y0, y1) for dims p and p + head_dim / 2.
+__device__ __forceinline__ void rope_pair(const bf16* row, const bf16* bias, float pos, const float* inv_freq,
+                                          int head, int head_dim, int p, bf16& y0, bf16& y1) {
+    const int a = head * head_dim + p, b = a + head_dim / 2;
+    float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
+    if (bias != nullptr) {
+        x0 = __bfloat162float(__float2bfloat16(x0 + __bfloat162float(bias[a])));
+        x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[b])));
+    }
+    float s, c;
+    sincosf(pos * inv_freq[p], &s, &c);
+    y0 = __float2bfloat16(x0 * c - x1 * s);
+    y1 = __float2bfloat16(x1 * c + x0 * s);
+}
+
 // qkv: [n, (n_heads + 2 n_kv) * head_dim], the fused projection's output. Adds the bias if given,
 // turns q (in place) and k by RoPE (rotate-half) at positions[t], and writes k and v into the
 // paged caches [n_blocks, block_size, n_kv, head_dim] at slot slots[t] (skipped when the slot is
@@ -91,25 +107,69 @@ __device__ __forceinline__ void rope_kv_write_head(bf16* qkv, const bf16* bias, 
     if (head >= n_heads && slot == 0xffffffffu) return;
     const float pos = (float)positions[t];
     for (int p = threadIdx.x; p < half; p += blockDim.x) {
-        const int a = head * head_dim + p, b = a + half;
-        float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
-        if (bias != nullptr) {
-            x0 = __bfloat162float(__float2bfloat16(x0 + __bfloat162float(bias[a])));
-            x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[b])));
-        }
-        float s, c;
-        sincosf(pos * inv_freq[p], &s, &c);
-        const bf16 y0 = __float2bfloat16(x0 * c - x1 * s);
-        const bf16 y1 = __float2bfloat16(x1 * c + x0 * s);
+        bf16 y0, y1;
+        rope_pair(row, bias, pos, inv_freq, head, head_dim, p, y0, y1);
         if (head < n_heads) {
-            row[a] = y0;
-            row[b] = y1;
+            row[head * head_dim + p] = y0;
+            row[head * head_dim + p + half] = y1;
         } else {
             const size_t base = ((size_t)slot * n_kv + (head - n_heads)) * head_dim;
             k_cache[base + p] = y0;
             k_cache[base + p + half] = y1;
         }
     }
+}
+
+// rope_kv_write_head into an FP8 cache: grid (n, n_heads + 2 n_kv), one head per block (query
+// heads, then key heads, then value heads). A key or value head of token t, rounded to bf16 as
+// the BF16 cache holds it, is stored as E4M3 codes at row slot * n_kv + head of its cache with
+// one scale per row (amax / 448). head_dim <= kMaxHeadDim, even.
+constexpr int kMaxHeadDim = 256;
+__device__ __forceinline__ void rope_kv_write_fp8_head(bf16* qkv, const bf16* bias, const uint32_t* positions,
+                                                       const float* inv_freq, const uint32_t* slots,
+                                                       uint8_t* k_cache, uint8_t* v_cache, float* k_scales,
+                                                       float* v_scales, int n_heads, int n_kv, int head_dim) {
+    __shared__ float vals[kMaxHeadDim];
+    __shared__ float scratch[32];
+    const int t = blockIdx.x, head = blockIdx.y;
+    const int width = (n_heads + 2 * n_kv) * head_dim;
+    bf16* row = qkv + (size_t)t * width;
+    const uint32_t slot = slots[t];
+    const int half = head_dim / 2;
+    const float pos = (float)positions[t];
+    if (head < n_heads) {
+        for (int p = threadIdx.x; p < half; p += blockDim.x)
+            rope_pair(row, bias, pos, inv_freq, head, head_dim, p, row[head * head_dim + p],
+                      row[head * head_dim + p + half]);
+        return;
+    }
+    if (slot == 0xffffffffu) return;
+    const bool key = head < n_heads + n_kv;
+    const int kvh = head - n_heads - (key ? 0 : n_kv);
+    float m = 0.f;
+    if (key) {
+        for (int p = threadIdx.x; p < half; p += blockDim.x) {
+            bf16 y0, y1;
+            rope_pair(row, bias, pos, inv_freq, head, head_dim, p, y0, y1);
+            vals[p] = __bfloat162float(y0);
+            vals[p + half] = __bfloat162float(y1);
+            m = fmaxf(m, fmaxf(fabsf(vals[p]), fabsf(vals[p + half])));
+        }
+    } else {
+        for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+            const int c = head * head_dim + i;
+            float v = __bfloat162float(row[c]);
+            if (bias != nullptr) v += __bfloat162float(bias[c]);
+            vals[i] = __bfloat162float(__float2bfloat16(v));
+            m = fmaxf(m, fabsf(vals[i]));
+        }
+    }
+    const float scale = fp8_scale(block_max(m, scratch));  // block_max synchronises: vals are in
+    const size_t r = (size_t)slot * n_kv + kvh;
+    uint8_t* dst = (key ? k_cache : v_cache) + r * head_dim;
+    for (int i = 2 * threadIdx.x; i < head_dim; i += 2 * blockDim.x)
+        *reinterpret_cast<uint16_t*>(dst + i) = to_e4m3x2(vals[i] / scale, vals[i + 1] / scale);
+    if (threadIdx.x == 0) (key ? k_scales : v_scales)[r] = scale;
 }
 
 // gate_up: [n, 2 ff] (gate then up); out[t, j] = silu(gate) * up. Grid-stride over n * ff / 8.

@@ -1,33 +1,11 @@
 // FP8 (E4M3) kernels: per-row dynamic quantization (activations per token, weights per output
 // channel), RMSNorm and SwiGLU fused with it, and a small-batch GEMV on FP8 tensor cores.
-//
-// Scales follow the checkpoint convention: value = code * scale, scale = amax / 448 (1 for an
-// all-zero row); codes are round-to-nearest-even of value / scale, saturated at +-448.
+// Codes and scales as in e4m3.cuh.
 #pragma once
 
-#include <cuda_fp8.h>
-
-#include "common.cuh"
+#include "e4m3.cuh"
 
 namespace flint {
-
-constexpr float kE4M3Max = 448.f;
-
-__device__ __forceinline__ float fp8_scale(float amax) {
-    return amax > 0.f && isfinite(amax) ? amax / kE4M3Max : 1.f;
-}
-
-// Two values to two E4M3 codes (low byte first).
-__device__ __forceinline__ uint16_t to_e4m3x2(float a, float b) {
-    return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
-}
-
-// Eight values / scale as eight codes, one 8-byte store.
-__device__ __forceinline__ void store_e4m3x8(uint8_t* dst, const float (&v)[8], float scale) {
-    uint32_t lo = to_e4m3x2(v[0] / scale, v[1] / scale) | (uint32_t)to_e4m3x2(v[2] / scale, v[3] / scale) << 16;
-    uint32_t hi = to_e4m3x2(v[4] / scale, v[5] / scale) | (uint32_t)to_e4m3x2(v[6] / scale, v[7] / scale) << 16;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
-}
 
 // out[r] = codes of x[r] / scale[r], scale[r] = amax(x[r]) / 448. One block per row; cols % 8 == 0.
 __device__ __forceinline__ void quantize_row(const bf16* x, uint8_t* out, float* scales, int cols) {

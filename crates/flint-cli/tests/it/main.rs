@@ -125,6 +125,13 @@ fn invalid_flags_fail_cleanly() {
         &flint(&["generate", "--model", &model, "--prompt", "hi", "--temperature", "-1"]),
         "temperature",
     );
+    let cpu = ["generate", "--device", "cpu", "--model", &model, "--prompt", "hi"];
+    assert_clean_failure(&flint(&[&cpu[..], &["--dtype", "fp8"]].concat()), "--dtype fp8 runs on the GPU");
+    assert_clean_failure(
+        &flint(&[&cpu[..], &["--kv-cache-dtype", "fp8"]].concat()),
+        "--kv-cache-dtype fp8 runs on the GPU",
+    );
+    assert_clean_failure(&flint(&[&cpu[..], &["--kv-cache-dtype", "fp4"]].concat()), "fp4");
 }
 
 /// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's

@@ -58,8 +58,12 @@ pub struct CudaLlamaOptions {
     pub gemv_max_m: usize,
     /// FP8 (E4M3) linear layers: weights with a scale per output channel, activations with a
     /// dynamic scale per token; FP8 tensor-core GEMV up to 8 tokens, cuBLASLt FP8 above.
-    /// Embedding, norms, LM head and the KV cache stay BF16.
+    /// Embedding, norms and LM head stay BF16.
     pub fp8: bool,
+    /// FP8 (E4M3) KV cache: keys and values as codes with one f32 scale per (position, KV head),
+    /// quantized where they are written, read by both attention kernels. Half the cache's bytes
+    /// per position (plus 4 per head for the scale), so nearly twice the positions.
+    pub kv_fp8: bool,
     /// Tensor parallel: reduce small steps (up to 64 rows) with the peer-to-peer one-shot
     /// all-reduce fused with the residual add and RMSNorm, where the GPUs reach each other;
     /// NCCL otherwise. (BF16 models; FP8 ones use NCCL.)
@@ -78,6 +82,7 @@ impl Default for CudaLlamaOptions {
             graphs: true,
             gemv_max_m: 2,
             fp8: false,
+            kv_fp8: false,
             p2p_all_reduce: true,
         }
     }
@@ -317,6 +322,9 @@ pub struct CudaLlama {
     inv_freq: DeviceBuffer,
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
+    /// Per-row scales of an FP8 cache (empty for BF16).
+    k_scales: DeviceBuffer,
+    v_scales: DeviceBuffer,
     n_blocks: usize,
     max_blocks: usize,
     max_tiles: usize,
@@ -358,6 +366,12 @@ impl std::fmt::Debug for CudaLlama {
 enum WeightSource<'a> {
     Checkpoint(&'a ModelSource),
     Random(u64),
+}
+
+/// Bytes of one cache row (a position's keys, or its values, on `n_kv` heads): BF16 values, or
+/// E4M3 codes and one f32 scale per head.
+fn kv_row_bytes(n_kv: usize, head_dim: usize, fp8: bool) -> usize {
+    if fp8 { n_kv * (head_dim + 4) } else { bf16_bytes(n_kv * head_dim) }
 }
 
 fn bf16_bytes(n: usize) -> usize {
@@ -617,7 +631,7 @@ impl CudaLlama {
         }
 
         // The KV cache takes what is left.
-        let block_bytes = bf16_bytes(n_local * options.block_size * kv_dim);
+        let block_bytes = n_local * options.block_size * kv_row_bytes(local.n_kv, c.head_dim, options.kv_fp8);
         let n_blocks = match options.n_blocks {
             Some(n) => n,
             None => {
@@ -634,15 +648,27 @@ impl CudaLlama {
             let (free, _) = gpu.memory()?;
             return Err(out_of_memory("the KV cache".into(), 2 * block_bytes * max_blocks, free));
         }
-        let k_cache = gpu.zeros(n_blocks * block_bytes)?;
-        let v_cache = gpu.zeros(n_blocks * block_bytes)?;
+        let positions = n_blocks * n_local * options.block_size;
+        let (code_bytes, scale_bytes) = if options.kv_fp8 { (kv_dim, 4 * local.n_kv) } else { (bf16_bytes(kv_dim), 0) };
+        let k_cache = gpu.zeros(positions * code_bytes)?;
+        let v_cache = gpu.zeros(positions * code_bytes)?;
+        let k_scales = gpu.zeros(positions * scale_bytes)?;
+        let v_scales = gpu.zeros(positions * scale_bytes)?;
+        let fp8_tag = if options.kv_fp8 { "fp8_" } else { "" };
         gpu.set_max_dynamic_smem(
-            &format!("flint_attention_prefill_{}", c.head_dim),
+            &format!("flint_attention_prefill_{fp8_tag}{}", c.head_dim),
             ops::prefill_smem_bytes(c.head_dim),
         )?;
         gpu.synchronize()?;
         let staging = gpu.staging(layout.bytes)?;
-        tracing::info!(n_blocks, block_size = options.block_size, kv_gib = gib(2 * n_blocks * block_bytes), "KV cache");
+        let kv_dtype = if options.kv_fp8 { "fp8" } else { "bf16" };
+        tracing::info!(
+            n_blocks,
+            block_size = options.block_size,
+            kv_dtype,
+            kv_gib = gib(2 * n_blocks * block_bytes),
+            "KV cache"
+        );
         Ok(CudaLlama {
             gpu,
             gemm,
@@ -659,6 +685,8 @@ impl CudaLlama {
             inv_freq,
             k_cache,
             v_cache,
+            k_scales,
+            v_scales,
             n_blocks,
             max_blocks,
             max_tiles,
@@ -701,8 +729,7 @@ impl CudaLlama {
 
     /// Bytes of KV cache one step's attention reads for sequences of these context lengths.
     pub fn kv_bytes_read(&self, context_lens: &[usize]) -> usize {
-        let c = &self.config;
-        context_lens.iter().sum::<usize>() * 2 * self.layers.len() * self.local.n_kv * c.head_dim * 2
+        context_lens.iter().sum::<usize>() * self.kv_bytes_per_token()
     }
 
     /// This model's tensor-parallel rank ([`Shard::SINGLE`] on one GPU).
@@ -712,7 +739,7 @@ impl CudaLlama {
 
     /// Bytes of KV cache per position on this GPU.
     pub fn kv_bytes_per_token(&self) -> usize {
-        bf16_bytes(2 * self.layers.len() * self.local.n_kv * self.config.head_dim)
+        2 * self.layers.len() * kv_row_bytes(self.local.n_kv, self.config.head_dim, self.options.kv_fp8)
     }
 
     /// The LM head (the embedding when tied); on the last stage only.
@@ -953,7 +980,12 @@ impl CudaLlama {
         let q_dim = lo.n_heads * c.head_dim;
         let kv_dim = lo.n_kv * c.head_dim;
         let qkv_w = q_dim + 2 * kv_dim;
-        let layer_kv = self.n_blocks * self.options.block_size * kv_dim * 2;
+        let layer_positions = self.n_blocks * self.options.block_size;
+        let (layer_kv, layer_scales) = if self.options.kv_fp8 {
+            (layer_positions * kv_dim, layer_positions * lo.n_kv * 4)
+        } else {
+            (layer_positions * kv_dim * 2, 0)
+        };
         let eps = c.rms_norm_eps;
 
         let first_stage = Stage::first(&self.stage);
@@ -1001,24 +1033,49 @@ impl CudaLlama {
             }
             mark("qkv_proj")?;
             let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
-            ops::rope_kv_write(
-                g,
-                ws.qkv.ptr(),
-                layer.qkv_bias.as_ref().map_or(0, DeviceBuffer::ptr),
-                meta(l.positions),
-                self.inv_freq.ptr(),
-                meta(l.slots),
-                k_cache,
-                v_cache,
-                n,
-                lo.n_heads,
-                lo.n_kv,
-                c.head_dim,
-            )?;
+            let bias = layer.qkv_bias.as_ref().map_or(0, DeviceBuffer::ptr);
+            let (k_scales, v_scales) = if self.options.kv_fp8 {
+                let (ks, vs) = (self.k_scales.at(i * layer_scales), self.v_scales.at(i * layer_scales));
+                let cache = [k_cache, v_cache, ks, vs];
+                let (positions, slots) = (meta(l.positions), meta(l.slots));
+                let (heads, kv_heads) = (lo.n_heads, lo.n_kv);
+                ops::rope_kv_write_fp8(
+                    g,
+                    ws.qkv.ptr(),
+                    bias,
+                    positions,
+                    self.inv_freq.ptr(),
+                    slots,
+                    cache,
+                    n,
+                    heads,
+                    kv_heads,
+                    c.head_dim,
+                )?;
+                (ks, vs)
+            } else {
+                ops::rope_kv_write(
+                    g,
+                    ws.qkv.ptr(),
+                    bias,
+                    meta(l.positions),
+                    self.inv_freq.ptr(),
+                    meta(l.slots),
+                    k_cache,
+                    v_cache,
+                    n,
+                    lo.n_heads,
+                    lo.n_kv,
+                    c.head_dim,
+                )?;
+                (0, 0)
+            };
             mark("rope_kv_write")?;
             let kv = PagedKv {
                 k_cache,
                 v_cache,
+                k_scales,
+                v_scales,
                 block_tables: meta(l.tables),
                 max_blocks: self.max_blocks,
                 block_size: self.options.block_size,
