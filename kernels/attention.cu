@@ -8,13 +8,13 @@ using namespace flint;
     extern "C" __global__ void __launch_bounds__(kDecodeThreads) flint_attention_decode_##NAME##HD(           \
         const bf16* q, int q_stride, const void* k_cache, const void* v_cache, const float* k_scales,         \
         const float* v_scales, const uint32_t* block_tables, int max_blocks, const int* token_seq,            \
-        const uint32_t* positions, float* part_o, float* part_ml, int n_heads, int n_kv, int block_size,      \
-        float scale) {                                                                                         \
+        const uint32_t* positions, float* part_o, float* part_ml, uint32_t* counters, bf16* out, int n_heads, \
+        int n_kv, int block_size, float scale) {                                                               \
         using T = typename KvElem<F8>::T;                                                                      \
         pdl_wait();                                                                                            \
         attention_decode<HD, F8>(q, q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),  \
                                  k_scales, v_scales, block_tables, max_blocks, token_seq, positions, part_o,   \
-                                 part_ml, n_heads, n_kv, block_size, scale);                                   \
+                                 part_ml, counters, out, n_heads, n_kv, block_size, scale);                    \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(kPrefillThreads) flint_attention_prefill_##NAME##HD(         \
         const bf16* q, int q_stride, const void* k_cache, const void* v_cache, const float* k_scales,         \
@@ -28,17 +28,7 @@ using namespace flint;
                                   tile_seq, tile_start, out, n_heads, n_kv, block_size, scale);                \
     }
 
-#define FLINT_ATTENTION_COMBINE(HD)                                                                            \
-    extern "C" __global__ void flint_attention_combine_##HD(const float* part_o, const float* part_ml,         \
-                                                            bf16* out, const int* token_seq, int n_heads,      \
-                                                            int n_splits) {                                    \
-        pdl_wait();                                                                                            \
-        attention_combine<HD>(part_o, part_ml, out, token_seq, n_heads, n_splits);                             \
-    }
-
 FLINT_ATTENTION(64, false, )
 FLINT_ATTENTION(128, false, )
 FLINT_ATTENTION(64, true, fp8_)
 FLINT_ATTENTION(128, true, fp8_)
-FLINT_ATTENTION_COMBINE(64)
-FLINT_ATTENTION_COMBINE(128)

@@ -521,8 +521,6 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_gemv_8_u4",
     "flint_attention_decode_64",
     "flint_attention_decode_128",
-    "flint_attention_combine_64",
-    "flint_attention_combine_128",
     "flint_attention_prefill_64",
     "flint_attention_prefill_128",
     "flint_attention_decode_fp8_64",

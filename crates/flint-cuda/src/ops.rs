@@ -266,9 +266,22 @@ impl PagedKv {
     }
 }
 
-/// Split-K decode attention of `n_tokens` query tokens (one position each), then the merge of
-/// the splits into `out [n_tokens, n_heads, head_dim]`. `part_o` holds
-/// `n_tokens * n_heads * n_splits * head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2`.
+/// Most splits of one decode attention launch (mirrors `kMaxSplits` in attention.cuh).
+pub const MAX_DECODE_SPLITS: usize = 32;
+
+/// Scratch of the split-K decode attention: `part_o` holds `n_tokens * n_heads * n_splits *
+/// head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2` f32, `counters` `n_tokens * n_kv`
+/// u32, zero before the first launch (each launch leaves them zero).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeScratch {
+    pub part_o: u64,
+    pub part_ml: u64,
+    pub counters: u64,
+}
+
+/// Split-K decode attention of `n_tokens` query tokens (one position each) into
+/// `out [n_tokens, n_heads, head_dim]`: the split of each (token, KV head) that finishes last
+/// merges them all.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -277,8 +290,7 @@ pub fn attention_decode(
     q_stride: usize,
     token_seq: u64,
     positions: u64,
-    part_o: u64,
-    part_ml: u64,
+    scratch: &DecodeScratch,
     out: u64,
     n_tokens: usize,
     n_splits: usize,
@@ -287,9 +299,11 @@ pub fn attention_decode(
     if !kv.n_heads.is_multiple_of(kv.n_kv) || kv.n_heads / kv.n_kv > 8 {
         return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
     }
+    if !(1..=MAX_DECODE_SPLITS).contains(&n_splits) {
+        return Err(shape("attention", format!("{n_splits} splits (1..={MAX_DECODE_SPLITS})")));
+    }
     let qs = q_stride as i32;
-    let (maxb, h, nkv, bs, splits) =
-        (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32, n_splits as i32);
+    let (maxb, h, nkv, bs) = (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32);
     gpu.launch(
         &name,
         (n_tokens as u32, kv.n_kv as u32, n_splits as u32),
@@ -306,20 +320,15 @@ pub fn attention_decode(
             arg(&maxb),
             arg(&token_seq),
             arg(&positions),
-            arg(&part_o),
-            arg(&part_ml),
+            arg(&scratch.part_o),
+            arg(&scratch.part_ml),
+            arg(&scratch.counters),
+            arg(&out),
             arg(&h),
             arg(&nkv),
             arg(&bs),
             arg(&kv.scale),
         ],
-    )?;
-    gpu.launch(
-        &format!("flint_attention_combine_{}", kv.head_dim),
-        (n_tokens as u32, kv.n_heads as u32, 1),
-        kv.head_dim as u32,
-        0,
-        &mut [arg(&part_o), arg(&part_ml), arg(&out), arg(&token_seq), arg(&h), arg(&splits)],
     )
 }
 

@@ -3,8 +3,8 @@
 // [n_blocks, block_size, n_kv]) as rope_kv_write_fp8_head writes them.
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
-// are read once for every query head of the group; partial softmax states are merged by
-// `attention_combine`. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// are read once for every query head of the group; the split that finishes last merges the
+// partial softmax states of all of them (no second kernel). Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
 // cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
 #pragma once
 
@@ -17,6 +17,7 @@ namespace flint {
 constexpr int kMaxGroup = 8;        // query heads per KV head handled by one decode block
 constexpr int kDecodeTile = 64;     // keys scored together in a decode block
 constexpr int kDecodeThreads = 128;
+constexpr int kMaxSplits = 32;      // decode splits of one (token, KV head); one per lane at merge
 constexpr float kLog2e = 1.4426950408889634f;
 
 // The cache's element: bf16, or an E4M3 code; Vec8 holds eight of them (one load).
@@ -41,8 +42,10 @@ __device__ __forceinline__ size_t kv_row(const uint32_t* table, int block_size, 
 
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
-// q row t starts at q + t * q_stride (the fused QKV output). Writes part_o [n_tokens, n_heads,
-// n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2].
+// q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
+// n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2] and counts itself in
+// counters[t, kvh] (zero before the launch, zero again after it); the last one writes the
+// group's heads of out [n_tokens, n_heads, HD] (bf16).
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
@@ -54,8 +57,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                                  const float* __restrict__ k_scales,
                                                  const float* __restrict__ v_scales, const uint32_t* block_tables,
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
-                                                 float* part_o, float* part_ml, int n_heads, int n_kv,
-                                                 int block_size, float scale) {
+                                                 float* part_o, float* part_ml, uint32_t* counters, bf16* out,
+                                                 int n_heads, int n_kv, int block_size, float scale) {
     static_assert(HD == 64 || HD == 128, "head_dim");
     using Kv = typename KvElem<F8>::T;
     using KvVec = typename KvElem<F8>::Vec8;
@@ -230,27 +233,53 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
     }
-}
-
-// Merges the splits of `attention_decode`: grid (n_tokens, n_heads), HD threads.
-template <int HD>
-__device__ __forceinline__ void attention_combine(const float* part_o, const float* part_ml, bf16* out,
-                                                  const int* token_seq, int n_heads, int n_splits) {
-    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    const size_t base = ((size_t)t * n_heads + h) * n_splits;
-    float m = -INFINITY;
-    for (int s = 0; s < n_splits; ++s) m = fmaxf(m, part_ml[(base + s) * 2]);
-    float l = 0.f, o = 0.f;
-    if (m != -INFINITY) {
-        for (int s = 0; s < n_splits; ++s) {
-            const float ms = part_ml[(base + s) * 2];
-            if (ms == -INFINITY) continue;
-            const float w = exp2f(ms - m);
-            l += part_ml[(base + s) * 2 + 1] * w;
-            o += part_o[(base + s) * HD + d] * w;
-        }
+    // The last split of this (token, KV head) to finish merges them all.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const uint32_t done = atomicAdd(&counters[(size_t)t * n_kv + kvh], 1u);
+        last = done + 1 == (uint32_t)n_splits;
     }
-    out[((size_t)t * n_heads + h) * HD + d] = __float2bfloat16(token_seq[t] < 0 || l == 0.f ? 0.f : o / l);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const size_t head0 = (size_t)t * n_heads + kvh * group;
+    // Other blocks wrote the partials: read them through L2 (ld.cg), never a stale L1 line.
+    // Each split's weight per head, one warp per head (n_splits <= 32, lane s holds split s) ...
+    __shared__ float weight[kMaxGroup][kMaxSplits];
+    __shared__ float inv_l[kMaxGroup];
+    for (int g = warp; g < group; g += kWarps) {
+        const size_t base = (head0 + g) * n_splits;
+        const float ms = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
+        const float ls = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
+        const float m = warp_max(ms);
+        const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
+        const float l = warp_sum(ls * w);
+        if (lane < n_splits) weight[g][lane] = w;
+        if (lane == 0) inv_l[g] = seq < 0 || l == 0.f ? 0.f : 1.f / l;
+    }
+    __syncthreads();
+    // ... then four dims of one head per thread, every split's load in flight at once.
+    for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
+        const int g = i / (HD / 4), d4 = i % (HD / 4);
+        const size_t base = (head0 + g) * n_splits;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < n_splits; ++s) {
+            const float w = weight[g][s];
+            const float4 p = __ldcg(reinterpret_cast<const float4*>(part_o + (base + s) * HD) + d4);
+            o.x = fmaf(w, p.x, o.x);
+            o.y = fmaf(w, p.y, o.y);
+            o.z = fmaf(w, p.z, o.z);
+            o.w = fmaf(w, p.w, o.w);
+        }
+        const float r = inv_l[g];
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
+        dst[0] = __floats2bfloat162_rn(o.x * r, o.y * r);
+        dst[1] = __floats2bfloat162_rn(o.z * r, o.w * r);
+    }
+    if (threadIdx.x == 0) counters[(size_t)t * n_kv + kvh] = 0;  // ready for the next launch
 }
 
 // ---- Prefill ----

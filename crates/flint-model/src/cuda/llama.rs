@@ -247,6 +247,8 @@ struct Workspace {
     logits_parts: DeviceBuffer,
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
+    /// Split counters of the decode attention (`[tokens, n_kv]` u32, zero between launches).
+    split_counters: DeviceBuffer,
     sampled: DeviceBuffer,
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
@@ -602,7 +604,7 @@ impl CudaLlama {
         let max_seqs = options.max_seqs;
         let max_blocks = options.max_seq_len.div_ceil(options.block_size);
         let max_tiles = max_tokens.div_ceil(64) + max_seqs;
-        let max_splits = options.max_seq_len.div_ceil(32).clamp(1, 32);
+        let max_splits = options.max_seq_len.div_ceil(32).clamp(1, ops::MAX_DECODE_SPLITS);
         let layout = MetaLayout::new(max_tokens, max_seqs, max_tiles, max_blocks);
         let part_rows =
             (1..=max_seqs).map(|b| b * Self::splits_for(&gpu, local.n_kv, b, max_splits)).max().unwrap_or(1);
@@ -620,6 +622,7 @@ impl CudaLlama {
             logits_parts: gpu.alloc(if shard.is_single() { 0 } else { 4 * max_seqs * vp * shard.world })?,
             part_o: gpu.alloc(4 * part_rows * local.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
+            split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
             sampled: gpu.alloc(4 * max_seqs)?,
             xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
             xs: gpu.alloc(4 * max_tokens)?,
@@ -1093,8 +1096,11 @@ impl CudaLlama {
                     qkv_w,
                     meta(l.token_seq),
                     meta(l.positions),
-                    ws.part_o.ptr(),
-                    ws.part_ml.ptr(),
+                    &ops::DecodeScratch {
+                        part_o: ws.part_o.ptr(),
+                        part_ml: ws.part_ml.ptr(),
+                        counters: ws.split_counters.ptr(),
+                    },
                     ws.attn.ptr(),
                     n,
                     splits,
