@@ -9,3 +9,9 @@ extern "C" __global__ void __launch_bounds__(kSampleThreads) flint_sample(const 
     pdl_wait();
     sample_row(logits, vocab, params, steps, out);
 }
+
+extern "C" __global__ void __launch_bounds__(kTopKThreads) flint_top_candidates(const float* logits, int width,
+                                                                               int id_offset, int k, float* out) {
+    pdl_wait();
+    top_candidates_row(logits, width, id_offset, k, out);
+}

@@ -528,6 +528,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_attention_prefill_fp8_64",
     "flint_attention_prefill_fp8_128",
     "flint_sample",
+    "flint_top_candidates",
     "flint_quantize_rows",
     "flint_add_rms_norm_fp8",
     "flint_silu_mul_fp8",

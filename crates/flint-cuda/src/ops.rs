@@ -404,6 +404,37 @@ pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, steps: u64, out
     )
 }
 
+/// Most candidates per row of [`top_candidates`] (mirrors `kMaxTopK` in sampling.cuh).
+pub const MAX_TOP_K: usize = 256;
+
+/// Each row's `k` most likely entries of `logits` (`[rows, width]` f32) into `out` (`[rows, 2k]`
+/// f32): (id + `id_offset`, logit) pairs, best first, ties to the lower id, NaN never taken,
+/// padded with (-1, NaN), as `flint_model::top_candidates` on the host.
+pub fn top_candidates(
+    gpu: &Gpu,
+    logits: u64,
+    rows: usize,
+    width: usize,
+    id_offset: usize,
+    k: usize,
+    out: u64,
+) -> Result<()> {
+    if !(1..=MAX_TOP_K).contains(&k) || width + id_offset >= 1 << 24 {
+        return Err(shape(
+            "top_candidates",
+            format!("k = {k} (1..={MAX_TOP_K}), ids up to {} (below 2^24)", width + id_offset),
+        ));
+    }
+    let (w, off, k) = (width as i32, id_offset as i32, k as i32);
+    gpu.launch(
+        "flint_top_candidates",
+        (rows as u32, 1, 1),
+        1024,
+        0,
+        &mut [arg(&logits), arg(&w), arg(&off), arg(&k), arg(&out)],
+    )
+}
+
 // ---- FP8 (E4M3): value = code * scale, one scale per row ----------------------------------
 
 /// `out[r] = codes of x[r] / scale[r]` with `scale[r] = amax(x[r]) / 448`: bf16 `[rows, cols]` to

@@ -627,3 +627,98 @@ fn p2p_all_reduce_matches_the_host_sum() {
         }
     }
 }
+
+/// `ops::top_candidates` on the GPU against `flint_model::top_candidates` on the host, bit for
+/// bit: logits on a coarse grid (ties everywhere, broken by the lower id), fine random ones,
+/// NaN (never taken), -0 and +0, rows with fewer valid entries than k (padding), id offsets.
+#[test]
+fn device_top_candidates_match_the_host() {
+    let Some(g) = gpu() else { return };
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {seed}");
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    // (rows, width, id offset, k, coarse grid, NaN one in how many)
+    let cases = [
+        (3, 128_256, 0, 1, true, 97),
+        (5, 128_256, 0, 40, true, 1000),
+        (4, 128_256, 0, 256, false, 50),
+        (2, 32_064, 96_192, 256, true, 7),
+        (4, 100, 7, 256, false, 3),
+        (3, 5000, 0, 256, true, 2),
+        (6, 49_152, 0, 3, false, 1_000_000),
+    ];
+    for (rows, width, offset, k, coarse, nan_every) in cases {
+        let logits: Vec<f32> = (0..rows * width)
+            .map(|_| {
+                let r = next();
+                match r % nan_every {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    _ if coarse => ((r >> 16) % 64) as f32 / 8.0 - 4.0,
+                    _ => {
+                        f32::from_bits(((r >> 16) as u32 & 0x007f_ffff) | 0x3f80_0000)
+                            * if r & 1 == 0 { 1.0 } else { -3.0 }
+                    }
+                }
+            })
+            .collect();
+        let want = flint_model::top_candidates(&logits, width, offset, k);
+        let lb = g.upload(&logits).expect("logits");
+        let out = g.alloc(4 * rows * 2 * k).expect("out");
+        flint_cuda::ops::top_candidates(&g, lb.ptr(), rows, width, offset, k, out.ptr()).expect("launch");
+        let mut got = vec![0f32; rows * 2 * k];
+        g.read(out.ptr(), &mut got).expect("read");
+        let what = format!("{rows} rows of {width}, offset {offset}, k {k}, coarse {coarse}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let same = a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            assert!(same, "{what}: slot {i} (row {}, pair {}): {a} vs {b}", i / (2 * k), i % (2 * k) / 2);
+        }
+        eprintln!("top_candidates {what}: equal to the host's");
+    }
+}
+
+/// A step asked for candidates returns, from the device, exactly the host's `top_candidates` of
+/// the same step's logits (prefill and decode steps, with and without graphs).
+#[test]
+fn model_steps_return_device_candidates() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    let dir = &dirs[0];
+    let r = read_reference(dir);
+    let source = ModelSource::open(dir).expect("open checkpoint");
+    let config = source.config().expect("config");
+    let vocab = config.vocab_size;
+    let forced = &r.tokens[..8.min(r.tokens.len() - 1)];
+    for graphs in [false, true] {
+        let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(graphs)).expect("load");
+        let full = run_gpu(&model, &r.prompt, forced);
+        drop(model);
+        for k in [1, 5, 256] {
+            let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(graphs)).expect("load");
+            let got = run_forced(
+                &|b| {
+                    let mut b = b.clone();
+                    b.set_candidates(Some(k)).expect("k");
+                    model.forward(&b).expect("step")
+                },
+                &r.prompt,
+                forced,
+            );
+            for (step, (c, l)) in got.iter().zip(&full).enumerate() {
+                let want = flint_model::top_candidates(l, vocab, 0, k);
+                assert_eq!(c.len(), want.len(), "graphs {graphs} k {k} step {step}");
+                let same = c.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                assert!(same, "graphs {graphs} k {k} step {step}: device candidates differ from the host's");
+            }
+        }
+    }
+    eprintln!("device candidates equal the host's top k of the same logits");
+}

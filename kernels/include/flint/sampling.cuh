@@ -150,4 +150,155 @@ __device__ __forceinline__ void sample_row(const float* logits, int vocab, const
     if (tid == 0) out_tokens[row] = (uint32_t)chosen;
 }
 
+// ---- Top-k candidates ------------------------------------------------------------------------
+//
+// Each row's k most likely entries as (id + id_offset, logit) pairs, best first, ties to the
+// lower id, NaN never taken, padded with (-1, NaN): what the host's `top_candidates` gives, so
+// a step reads back 2k floats per row instead of the vocabulary. The k-th largest logit is found
+// exactly by radix selection on order-preserving keys (four passes of 8 bits), the entries above
+// it and the first of those equal to it (in id order) are compacted, and the k are sorted.
+
+constexpr int kTopKThreads = 1024;
+constexpr int kMaxTopK = 256;
+
+// Larger float, larger key (-0 below +0, as total_cmp); 0 for NaN, which is never taken.
+__device__ __forceinline__ uint32_t order_key(float v) {
+    const uint32_t u = __float_as_uint(v);
+    if (isnan(v)) return 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); total out.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < n_warps ? scratch[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += t;
+        }
+        scratch[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    total = scratch[n_warps - 1];
+    return (warp > 0 ? scratch[warp - 1] : 0) + incl - v;
+}
+
+// Grid rows, kTopKThreads threads. logits [rows, width]; out [rows, 2k]; 1 <= k <= kMaxTopK.
+__device__ __forceinline__ void top_candidates_row(const float* logits, int width, int id_offset, int k, float* out) {
+    __shared__ int hist[256];
+    __shared__ int scratch[32];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_remaining;
+    __shared__ uint32_t cand_key[kMaxTopK];
+    __shared__ int cand_id[kMaxTopK];
+    const float* x = logits + (size_t)blockIdx.x * width;
+    const int tid = threadIdx.x;
+
+    int valid = 0;
+    for (int i = tid; i < width; i += blockDim.x) valid += order_key(x[i]) != 0u;
+    int total_valid;
+    block_exclusive_scan(valid, scratch, total_valid);
+    // The k-th largest key T (every valid entry when there are at most k), and how many entries
+    // equal to T to take.
+    uint32_t prefix = 0u, mask = 0u;
+    int remaining = min(k, total_valid);
+    if (total_valid > k) {
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
+            __syncthreads();
+            for (int i = tid; i < width; i += blockDim.x) {
+                const uint32_t key = order_key(x[i]);
+                if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int above = 0, d = 255;
+                for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+                s_prefix = prefix | ((uint32_t)d << shift);
+                s_remaining = remaining - above;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            remaining = s_remaining;
+            mask |= 255u << shift;
+        }
+    } else {
+        prefix = 1u;  // every valid key is >= 1: take them all
+        remaining = 0;
+    }
+    // With T = prefix: entries with key > T all go in; of those equal to T, the first
+    // `remaining` in id order (contiguous chunks per thread keep id order through the scan).
+    const bool exact = total_valid > k;
+    const int per = (width + blockDim.x - 1) / blockDim.x;
+    const int c0 = min(width, tid * per), c1 = min(width, c0 + per);
+    int gt = 0, eq = 0;
+    for (int i = c0; i < c1; ++i) {
+        const uint32_t key = order_key(x[i]);
+        if (key == 0u) continue;
+        if (exact ? key > prefix : key >= prefix) ++gt;
+        else if (exact && key == prefix) ++eq;
+    }
+    int n_gt, n_eq;
+    int pos_gt = block_exclusive_scan(gt, scratch, n_gt);
+    int pos_eq = block_exclusive_scan(eq, scratch, n_eq);
+    for (int i = c0; i < c1 && (gt > 0 || (eq > 0 && pos_eq < remaining)); ++i) {
+        const uint32_t key = order_key(x[i]);
+        if (key == 0u) continue;
+        if (exact ? key > prefix : key >= prefix) {
+            cand_key[pos_gt] = key;
+            cand_id[pos_gt++] = i;
+            --gt;
+        } else if (exact && key == prefix) {
+            if (pos_eq < remaining) {
+                cand_key[n_gt + pos_eq] = key;
+                cand_id[n_gt + pos_eq] = i;
+            }
+            ++pos_eq;
+            --eq;
+        }
+    }
+    const int taken = n_gt + (exact ? remaining : 0);
+    for (int j = taken + tid; j < kMaxTopK; j += blockDim.x) {
+        cand_key[j] = 0u;
+        cand_id[j] = 0x7fffffff;
+    }
+    __syncthreads();
+    // Bitonic sort of the kMaxTopK slots: key descending, then id ascending (padding last).
+    for (int size = 2; size <= kMaxTopK; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int j = tid; j < kMaxTopK / 2; j += blockDim.x) {
+                const int a = 2 * j - (j & (stride - 1)), b = a + stride;
+                const bool first_desc = (a & size) == 0;
+                const bool a_before_b = cand_key[a] > cand_key[b] || (cand_key[a] == cand_key[b] && cand_id[a] < cand_id[b]);
+                if (a_before_b != first_desc) {
+                    const uint32_t tk = cand_key[a];
+                    cand_key[a] = cand_key[b];
+                    cand_key[b] = tk;
+                    const int ti = cand_id[a];
+                    cand_id[a] = cand_id[b];
+                    cand_id[b] = ti;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    float* o = out + (size_t)blockIdx.x * 2 * k;
+    for (int j = tid; j < k; j += blockDim.x) {
+        const bool have = j < taken;
+        o[2 * j] = have ? (float)(cand_id[j] + id_offset) : -1.f;
+        o[2 * j + 1] = have ? x[cand_id[j]] : __int_as_float(0x7fc00000);
+    }
+}
+
 }  // namespace flint

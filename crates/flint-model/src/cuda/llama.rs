@@ -247,6 +247,9 @@ struct Workspace {
     logits_parts: DeviceBuffer,
     part_o: DeviceBuffer,
     part_ml: DeviceBuffer,
+    /// A step's top-k candidates per logit row (`[max_seqs, 2 * MAX_CANDIDATES]` f32), when
+    /// the batch asks for them instead of the logits.
+    candidates: DeviceBuffer,
     /// Split counters of the decode attention (`[tokens, n_kv]` u32, zero between launches).
     split_counters: DeviceBuffer,
     sampled: DeviceBuffer,
@@ -369,6 +372,9 @@ enum WeightSource<'a> {
     Checkpoint(&'a ModelSource),
     Random(u64),
 }
+
+// A step's candidates are picked on the device.
+const _: () = assert!(crate::MAX_CANDIDATES <= ops::MAX_TOP_K);
 
 /// Bytes of one cache row (a position's keys, or its values, on `n_kv` heads): BF16 values, or
 /// E4M3 codes and one f32 scale per head.
@@ -623,6 +629,7 @@ impl CudaLlama {
             part_o: gpu.alloc(4 * part_rows * local.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
+            candidates: gpu.alloc(4 * max_seqs * 2 * crate::MAX_CANDIDATES)?,
             sampled: gpu.alloc(4 * max_seqs)?,
             xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
             xs: gpu.alloc(4 * max_tokens)?,
@@ -1305,6 +1312,13 @@ impl CudaLlama {
             let mut tokens = vec![0u32; rows];
             self.gpu.read(self.ws.sampled.ptr(), &mut tokens)?;
             Ok(StepOutput::Tokens(tokens))
+        } else if let Some(k) = batch.candidates() {
+            // Only each row's top k comes back (`top_candidates` on the device).
+            let (logits, out) = (self.ws.logits.ptr(), self.ws.candidates.ptr());
+            ops::top_candidates(&self.gpu, logits, rows, self.config.vocab_size, 0, k, out)?;
+            let mut cands = vec![0f32; rows * 2 * k];
+            self.gpu.read(out, &mut cands)?;
+            Ok(StepOutput::Logits(cands))
         } else {
             let mut logits = vec![0f32; rows * self.config.vocab_size];
             self.gpu.read(self.ws.logits.ptr(), &mut logits)?;
@@ -1312,7 +1326,8 @@ impl CudaLlama {
         }
     }
 
-    /// Logits of a step (host sampling).
+    /// Logits of a step (host sampling): `[rows, vocab]`, or `[rows, 2k]` candidates
+    /// (`crate::top_candidates`' layout) when the batch asks for `k`.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
         match self.step(batch, None)? {
             StepOutput::Logits(l) => Ok(l),

@@ -50,15 +50,11 @@ impl RankModel for CudaRank {
             std::slice::from_ref(batch)
         };
         let mut logits = Vec::new();
-        let vocab = self.model.config().vocab_size;
         for part in parts {
             if self.output {
-                let full = self.model.forward(part)?;
-                // The output rank's logits are already whole: its candidates are theirs.
-                match batch.candidates() {
-                    Some(k) => logits.extend(crate::top_candidates(&full, vocab, 0, k)),
-                    None => logits.extend(full),
-                }
+                // Whole logits after the all-gather, or (when the batch asks) only their top k,
+                // picked on the GPU.
+                logits.extend(self.model.forward(part)?);
             } else {
                 self.model.step_quiet(part, None)?;
             }
