@@ -11,7 +11,8 @@ extern "C" __global__ void __launch_bounds__(kSampleThreads) flint_sample(const 
 }
 
 extern "C" __global__ void __launch_bounds__(kTopKThreads) flint_top_candidates(const float* logits, int width,
-                                                                               int id_offset, int k, float* out) {
+                                                                               int ld, int id_offset, int k,
+                                                                               float* out) {
     pdl_wait();
-    top_candidates_row(logits, width, id_offset, k, out);
+    top_candidates_row(logits, width, ld, id_offset, k, out);
 }

@@ -407,31 +407,36 @@ pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, steps: u64, out
 /// Most candidates per row of [`top_candidates`] (mirrors `kMaxTopK` in sampling.cuh).
 pub const MAX_TOP_K: usize = 256;
 
-/// Each row's `k` most likely entries of `logits` (`[rows, width]` f32) into `out` (`[rows, 2k]`
-/// f32): (id + `id_offset`, logit) pairs, best first, ties to the lower id, NaN never taken,
-/// padded with (-1, NaN), as `flint_model::top_candidates` on the host.
+/// Each row's `k` most likely entries of `logits` (`rows` rows of `width` f32, `ld` apart) into
+/// `out` (`[rows, 2k]` f32): (id + `id_offset`, logit) pairs, best first, ties to the lower id,
+/// NaN never taken, padded with (-1, NaN), as `flint_model::top_candidates` on the host.
+#[allow(clippy::too_many_arguments)]
 pub fn top_candidates(
     gpu: &Gpu,
     logits: u64,
     rows: usize,
     width: usize,
+    ld: usize,
     id_offset: usize,
     k: usize,
     out: u64,
 ) -> Result<()> {
+    if width > ld {
+        return Err(shape("top_candidates", format!("rows of {width} entries {ld} apart")));
+    }
     if !(1..=MAX_TOP_K).contains(&k) || width + id_offset >= 1 << 24 {
         return Err(shape(
             "top_candidates",
             format!("k = {k} (1..={MAX_TOP_K}), ids up to {} (below 2^24)", width + id_offset),
         ));
     }
-    let (w, off, k) = (width as i32, id_offset as i32, k as i32);
+    let (w, ld, off, k) = (width as i32, ld as i32, id_offset as i32, k as i32);
     gpu.launch(
         "flint_top_candidates",
         (rows as u32, 1, 1),
         1024,
         0,
-        &mut [arg(&logits), arg(&w), arg(&off), arg(&k), arg(&out)],
+        &mut [arg(&logits), arg(&w), arg(&ld), arg(&off), arg(&k), arg(&out)],
     )
 }
 

@@ -473,6 +473,28 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 let batched = run_batched(&|b| group.forward(b).expect("step"), &r.prompt, 8);
                 let worst_batched = batched.iter().zip(&one_batched).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
                 assert!(worst_batched <= 2e-2, "{what}: batched steps vs one GPU {worst_batched:.3e}");
+                // Steps asked for candidates: each rank's top k of its vocabulary part, gathered
+                // and merged, equal to the top k of the same steps' gathered logits.
+                let vocab = config.vocab_size;
+                for k in [1, 4] {
+                    let cands = run_batched(
+                        &|b| {
+                            let mut b = b.clone();
+                            b.set_candidates(Some(k)).expect("k");
+                            group.forward(&b).expect("step")
+                        },
+                        &r.prompt,
+                        8,
+                    );
+                    for (step, (c, l)) in cands.iter().zip(&batched).enumerate() {
+                        let want = flint_model::top_candidates(l, vocab, 0, k);
+                        let same = c.len() == want.len()
+                            && c.iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                        assert!(same, "{what}: k {k} step {step}: gathered candidates differ from the logits' top k");
+                    }
+                }
                 eprintln!(
                     "{what}: {} steps, worst rel err {worst_ref:.2e} vs transformers, {worst_one:.2e} vs one GPU, \
                      batched {worst_batched:.2e}; {clear} clear-margin tokens equal",
@@ -673,7 +695,7 @@ fn device_top_candidates_match_the_host() {
         let want = flint_model::top_candidates(&logits, width, offset, k);
         let lb = g.upload(&logits).expect("logits");
         let out = g.alloc(4 * rows * 2 * k).expect("out");
-        flint_cuda::ops::top_candidates(&g, lb.ptr(), rows, width, offset, k, out.ptr()).expect("launch");
+        flint_cuda::ops::top_candidates(&g, lb.ptr(), rows, width, width, offset, k, out.ptr()).expect("launch");
         let mut got = vec![0f32; rows * 2 * k];
         g.read(out.ptr(), &mut got).expect("read");
         let what = format!("{rows} rows of {width}, offset {offset}, k {k}, coarse {coarse}");
@@ -682,6 +704,15 @@ fn device_top_candidates_match_the_host() {
             assert!(same, "{what}: slot {i} (row {}, pair {}): {a} vs {b}", i / (2 * k), i % (2 * k) / 2);
         }
         eprintln!("top_candidates {what}: equal to the host's");
+        // The same rows read as the first `part` entries of rows `width` apart (a rank's
+        // vocabulary part, padding rows left out), ids offset by the part's start.
+        let part = width.div_ceil(3);
+        let narrow: Vec<f32> = logits.chunks(width).flat_map(|r| r[..part].to_vec()).collect();
+        let want = flint_model::top_candidates(&narrow, part, offset + 5, k);
+        flint_cuda::ops::top_candidates(&g, lb.ptr(), rows, part, width, offset + 5, k, out.ptr()).expect("launch");
+        g.read(out.ptr(), &mut got).expect("read");
+        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        assert!(same, "{what}: the first {part} of each row differ from the host's");
     }
 }
 

@@ -194,15 +194,17 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
     return (warp > 0 ? scratch[warp - 1] : 0) + incl - v;
 }
 
-// Grid rows, kTopKThreads threads. logits [rows, width]; out [rows, 2k]; 1 <= k <= kMaxTopK.
-__device__ __forceinline__ void top_candidates_row(const float* logits, int width, int id_offset, int k, float* out) {
+// Grid rows, kTopKThreads threads. Row r: logits + r * ld, width entries; out [rows, 2k];
+// 1 <= k <= kMaxTopK.
+__device__ __forceinline__ void top_candidates_row(const float* logits, int width, int ld, int id_offset, int k,
+                                                   float* out) {
     __shared__ int hist[256];
     __shared__ int scratch[32];
     __shared__ uint32_t s_prefix;
     __shared__ int s_remaining;
     __shared__ uint32_t cand_key[kMaxTopK];
     __shared__ int cand_id[kMaxTopK];
-    const float* x = logits + (size_t)blockIdx.x * width;
+    const float* x = logits + (size_t)blockIdx.x * ld;
     const int tid = threadIdx.x;
 
     int valid = 0;

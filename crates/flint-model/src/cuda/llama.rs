@@ -250,6 +250,9 @@ struct Workspace {
     /// A step's top-k candidates per logit row (`[max_seqs, 2 * MAX_CANDIDATES]` f32), when
     /// the batch asks for them instead of the logits.
     candidates: DeviceBuffer,
+    /// Tensor parallel: every rank's candidates of its vocabulary part, all-gathered
+    /// (`[world, rows, 2k]`) instead of the logits.
+    candidate_parts: DeviceBuffer,
     /// Split counters of the decode attention (`[tokens, n_kv]` u32, zero between launches).
     split_counters: DeviceBuffer,
     sampled: DeviceBuffer,
@@ -291,6 +294,8 @@ struct Plan {
     decode_only: bool,
     n_logit_rows: usize,
     logit_rows_identity: bool,
+    /// Each logit row's top `k` instead of its logits (host sampling from candidates).
+    candidates: Option<usize>,
     /// (byte offset in the metadata buffer, bytes): only what this step uses.
     regions: Vec<(usize, Vec<u8>)>,
 }
@@ -630,6 +635,11 @@ impl CudaLlama {
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
             candidates: gpu.alloc(4 * max_seqs * 2 * crate::MAX_CANDIDATES)?,
+            candidate_parts: gpu.alloc(if shard.is_single() {
+                0
+            } else {
+                4 * shard.world * max_seqs * 2 * crate::MAX_CANDIDATES
+            })?,
             sampled: gpu.alloc(4 * max_seqs)?,
             xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
             xs: gpu.alloc(4 * max_tokens)?,
@@ -929,6 +939,7 @@ impl CudaLlama {
             decode_only,
             n_logit_rows: rows.len(),
             logit_rows_identity,
+            candidates: if sampling.is_some() { None } else { batch.candidates() },
         })
     }
 
@@ -1228,9 +1239,28 @@ impl CudaLlama {
         };
         let rows_run = if plan.logit_rows_identity { n } else { rows };
         let head = self.head().ok_or_else(|| unsupported("the last stage has no LM head"))?;
-        match &self.comm {
-            None => self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?,
-            Some(comm) => {
+        match (&self.comm, plan.candidates) {
+            (None, k) => {
+                self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?;
+                if let Some(k) = k {
+                    let (v, out) = (c.vocab_size, ws.candidates.ptr());
+                    ops::top_candidates(g, ws.logits.ptr(), rows_run, v, v, 0, k, out)?;
+                }
+            }
+            (Some(comm), Some(k)) => {
+                // Each rank's top k of its vocabulary part (padding rows left out), gathered:
+                // 2k floats per row and rank cross NVLink instead of the logits.
+                let (vp, world, rank) = (lo.vocab_part, lo.shard.world, lo.shard.rank);
+                let mine = ws.logits_parts.at(4 * rank * rows_run * vp);
+                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32)?;
+                let width = c.vocab_size.saturating_sub(rank * vp).min(vp);
+                let part = rows_run * 2 * k;
+                let out = ws.candidate_parts.at(4 * rank * part);
+                ops::top_candidates(g, mine, rows_run, width, vp, rank * vp, k, out)?;
+                let comm = comm.lock().unwrap_or_else(|p| p.into_inner());
+                comm.all_gather(&mut DeviceSlice::new(ws.candidate_parts.ptr(), world * part, CommType::F32))?;
+            }
+            (Some(comm), None) => {
                 // Each rank's vocabulary rows into its part of the gather buffer, gathered, then
                 // laid out as whole rows.
                 let (vp, world, rank) = (lo.vocab_part, lo.shard.world, lo.shard.rank);
@@ -1285,7 +1315,8 @@ impl CudaLlama {
         self.upload(&mut state, &plan)?;
         let sample = sampling.is_some();
         if use_graph {
-            let key = pad_to * 2 + sample as usize;
+            // One graph per bucket, sampling or not, and candidates per row (0: the logits).
+            let key = (pad_to * 2 + sample as usize) * (crate::MAX_CANDIDATES + 1) + plan.candidates.unwrap_or(0);
             if let std::collections::hash_map::Entry::Vacant(slot) = state.graphs.entry(key) {
                 // Run once eagerly (plans cuBLASLt, loads everything), then capture.
                 self.enqueue(&plan, sample)?;
@@ -1312,13 +1343,24 @@ impl CudaLlama {
             let mut tokens = vec![0u32; rows];
             self.gpu.read(self.ws.sampled.ptr(), &mut tokens)?;
             Ok(StepOutput::Tokens(tokens))
-        } else if let Some(k) = batch.candidates() {
-            // Only each row's top k comes back (`top_candidates` on the device).
-            let (logits, out) = (self.ws.logits.ptr(), self.ws.candidates.ptr());
-            ops::top_candidates(&self.gpu, logits, rows, self.config.vocab_size, 0, k, out)?;
-            let mut cands = vec![0f32; rows * 2 * k];
-            self.gpu.read(out, &mut cands)?;
-            Ok(StepOutput::Logits(cands))
+        } else if let Some(k) = plan.candidates {
+            // Only each row's top k comes back (picked on the device); on a tensor-parallel
+            // group every rank's list of its vocabulary part, merged here.
+            match &self.comm {
+                None => {
+                    let mut cands = vec![0f32; rows * 2 * k];
+                    self.gpu.read(self.ws.candidates.ptr(), &mut cands)?;
+                    Ok(StepOutput::Logits(cands))
+                }
+                Some(_) => {
+                    let rows_run = if plan.logit_rows_identity { plan.n_tokens } else { plan.n_logit_rows };
+                    let (world, part) = (self.local.shard.world, rows_run * 2 * k);
+                    let mut all = vec![0f32; world * part];
+                    self.gpu.read(self.ws.candidate_parts.ptr(), &mut all)?;
+                    let lists: Vec<&[f32]> = all.chunks_exact(part).map(|l| &l[..rows * 2 * k]).collect();
+                    Ok(StepOutput::Logits(crate::merge_candidates(&lists, k)?))
+                }
+            }
         } else {
             let mut logits = vec![0f32; rows * self.config.vocab_size];
             self.gpu.read(self.ws.logits.ptr(), &mut logits)?;
