@@ -75,7 +75,8 @@ pub struct BenchArgs {
     /// With --preset: largest token count that uses the GEMV kernel instead of cuBLASLt (1..=8).
     #[arg(long, default_value_t = 2, requires = "preset", value_parser = clap::value_parser!(u64).range(1..=8))]
     gemv_max_m: u64,
-    /// With --preset: bf16, or fp8 to measure the FP8 model after the BF16 one in the same run.
+    /// With --preset: bf16, or fp8 to measure the FP8 model after the BF16 one in the same run
+    /// (with --tp or --pp above 1: the FP8 model alone).
     #[arg(long, default_value = "bf16", requires = "preset", value_parser = ["bf16", "fp8"])]
     dtype: String,
     /// With --preset and --dtype fp8: the FP8 model's KV cache.

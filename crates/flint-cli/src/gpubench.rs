@@ -137,7 +137,6 @@ pub fn run_preset(
     pp: usize,
     p2p: bool,
 ) -> anyhow::Result<ModelBench> {
-    anyhow::ensure!(!(fp8.is_some() && tp * pp > 1), "--dtype fp8 is measured on one GPU");
     let start = Instant::now();
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
@@ -158,6 +157,11 @@ pub fn run_preset(
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
+        // Several GPUs measure one model: the FP8 one with --dtype fp8 (no BF16 run beside it).
+        let options = match fp8 {
+            Some(kv_fp8) => CudaLlamaOptions { fp8: true, kv_fp8, ..options },
+            None => options,
+        };
         return run_preset_parallel(preset, config, options, gpu, bandwidth, batches, lengths, tp, pp, start);
     }
     let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options.clone(), 0x5eed)?;
@@ -280,6 +284,7 @@ fn run_preset_parallel(
     drop(gemm);
     let plan = flint_stages::StagePlan::balanced(&config, pp)?;
     let p2p = options.p2p_all_reduce;
+    let dtype = if options.fp8 { "fp8" } else { "bf16" };
     let group = TpGroup::cuda_stages(config, tp, plan.stages.clone(), pp, options, GroupWeights::Random(0x5eed))?;
     let startup_s = start.elapsed().as_secs_f64();
     let what = format!("TP {tp} x PP {pp}");
@@ -372,7 +377,7 @@ fn run_preset_parallel(
         unix_time: unix_time(),
         preset: preset.to_string(),
         gpu: gpu.name().to_string(),
-        dtype: "bf16",
+        dtype,
         tp,
         pp,
         stages: plan.stages.iter().map(|r| (r.start, r.end)).collect(),
@@ -414,7 +419,12 @@ pub fn print_table(b: &ModelBench) {
             format!("{} x {} (TP {t} x PP {p}, stages {:?}; {p} groups of sequences in flight)", t * p, b.gpu, b.stages)
         }
     };
-    println!("{} on {on} (BF16), copy bandwidth {:.0} GB/s per GPU", b.preset, b.copy_bandwidth_gbs);
+    println!(
+        "{} on {on} ({}), copy bandwidth {:.0} GB/s per GPU",
+        b.preset,
+        b.dtype.to_uppercase(),
+        b.copy_bandwidth_gbs
+    );
     if b.tp * b.pp > 1 {
         println!(
             "weights read per step per GPU {:.2} GB; roofline = that plus the KV cache over one GPU's bandwidth",

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use flint_cuda::Gpu;
+use flint_cuda::{Gpu, ops};
 use serde::Serialize;
 
 use crate::{CommType, Communicator, DeviceSlice, Error, LocalComm, NcclComm, NcclId, P2pAllReduce, ReduceOp, Result};
@@ -203,8 +203,17 @@ fn time_one(gpu: &Gpu, comm: &NcclComm, p2p: &P2pAllReduce, bytes: usize, iters:
         nccl_norm_graph_us = Some(timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?);
         tiny(p2p.input(0))?;
         tiny(p2p.input(1))?;
-        let p2p_norm =
-            |i: usize| p2p.add_rms_norm(i % 2, residual.ptr(), weight.ptr(), normed.ptr(), rows, FUSED_HIDDEN, eps);
+        let p2p_norm = |i: usize| {
+            p2p.add_rms_norm(
+                i % 2,
+                residual.ptr(),
+                weight.ptr(),
+                ops::NormOut::Bf16(normed.ptr()),
+                rows,
+                FUSED_HIDDEN,
+                eps,
+            )
+        };
         let graph = capture(gpu, iters, &p2p_norm)?;
         let reset = || Ok(gpu.memset(residual.ptr(), 0, 2 * len)?);
         p2p_norm_graph_us = Some(timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?);

@@ -122,13 +122,14 @@ impl P2pAllReduce {
 
     #[allow(clippy::too_many_arguments)]
     /// For `n` rows of `hidden`: `residual += sum over ranks of input(slot)`, then
-    /// `out = rms_norm(residual) * weight`, in one kernel.
+    /// `out = rms_norm(residual) * weight` (bf16, or FP8 codes with a scale per row), in one
+    /// kernel.
     pub fn add_rms_norm(
         &self,
         slot: usize,
         residual: u64,
         weight: u64,
-        out: u64,
+        out: ops::NormOut,
         n: usize,
         hidden: usize,
         eps: f32,

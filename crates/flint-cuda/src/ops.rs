@@ -657,15 +657,25 @@ pub fn ar_sum(
     )
 }
 
+/// Where [`ar_add_rms_norm`] puts the normalised rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormOut {
+    /// bf16 `[n, hidden]`.
+    Bf16(u64),
+    /// FP8 codes `[n, hidden]` with a scale per row (`[n]` f32), as [`add_rms_norm_fp8`].
+    Fp8 { codes: u64, scales: u64 },
+}
+
 /// For each of `n` rows: `residual += sum over ranks of peers.data[r]` (bf16), then
-/// `out = rms_norm(residual) * weight` ([`add_rms_norm`] after an all-reduce, in one kernel).
+/// `out = rms_norm(residual) * weight` ([`add_rms_norm`], or [`add_rms_norm_fp8`] for FP8
+/// output, after an all-reduce, in one kernel).
 pub fn ar_add_rms_norm(
     gpu: &Gpu,
     peers: &ArPeers,
     counter: u64,
     residual: u64,
     weight: u64,
-    out: u64,
+    out: NormOut,
     n: usize,
     hidden: usize,
     eps: f32,
@@ -686,6 +696,10 @@ pub fn ar_add_rms_norm(
         ("flint_ar_add_rms_norm", n.clamp(1, AR_MAX_BLOCKS), vectors.next_multiple_of(32).clamp(128, 1024))
     };
     let (n, hidden, rank, world) = (n as i32, hidden as i32, rank as i32, world as i32);
+    let (rows, codes, scales) = match out {
+        NormOut::Bf16(rows) => (rows, 0u64, 0u64),
+        NormOut::Fp8 { codes, scales } => (0, codes, scales),
+    };
     gpu.launch(
         name,
         (blocks as u32, 1, 1),
@@ -696,7 +710,9 @@ pub fn ar_add_rms_norm(
             arg(&counter),
             arg(&residual),
             arg(&weight),
-            arg(&out),
+            arg(&rows),
+            arg(&codes),
+            arg(&scales),
             arg(&n),
             arg(&hidden),
             arg(&eps),

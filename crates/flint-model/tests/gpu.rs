@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use flint_cpu::CpuBackend;
 use flint_cuda::Gpu;
+use flint_cuda::ops::NormOut;
 use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
 use flint_model::{ForwardBatch, Llama, Logits, ModelSource};
 use flint_tensor::{Backend, DType};
@@ -501,6 +502,39 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                     got.len()
                 );
             }
+            if pp > 1 {
+                continue;
+            }
+            // FP8 (weights, activations, KV cache) at this TP degree, all-reduced through the
+            // peer-to-peer kernel (fused with the residual add, RMSNorm and quantization) and
+            // through NCCL: the two agree closely, and both stay within FP8 tolerance of one GPU.
+            let fp8 = CudaLlamaOptions { fp8: true, kv_fp8: true, ..small_options(true) };
+            let one8 = CudaLlama::load(Arc::clone(&g), &source, config.clone(), fp8.clone()).expect("load fp8");
+            let one8_logits = run_gpu(&one8, &r.prompt, forced);
+            drop(one8);
+            let mut by_link = Vec::new();
+            for p2p in [true, false] {
+                let what = format!("{name} FP8 TP {tp} p2p={p2p}");
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..fp8.clone() };
+                let group = flint_model::TpGroup::cuda_stages(
+                    config.clone(),
+                    tp,
+                    even_stages(config.n_layers, 1),
+                    1,
+                    options,
+                    weights,
+                )
+                .expect("fp8 group");
+                let got = run_forced(&|b| group.forward(b).expect("step"), &r.prompt, forced);
+                let worst = got.iter().zip(&one8_logits).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+                assert!(worst <= 1e-1, "{what}: vs one GPU FP8 rel err {worst:.3e}");
+                eprintln!("{what}: {} steps, worst rel err {worst:.2e} vs one GPU FP8", got.len());
+                by_link.push(got);
+            }
+            let e = by_link[0].iter().zip(&by_link[1]).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+            assert!(e <= 2e-2, "{name} FP8 TP {tp}: p2p vs NCCL all-reduce rel err {e:.3e}");
+            eprintln!("{name} FP8 TP {tp}: p2p vs NCCL all-reduce worst rel err {e:.2e}");
         }
     }
 }
@@ -612,15 +646,16 @@ fn p2p_all_reduce_matches_the_host_sum() {
                             assert!(e <= 1e-2, "world {world} rank {rank} {what}: normed rel err {e:.3e}");
                         };
                         for slot in 0..2 {
-                            p2p.add_rms_norm(slot, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
-                                .expect("fused");
+                            let out = NormOut::Bf16(normed.ptr());
+                            p2p.add_rms_norm(slot, res.ptr(), w.ptr(), out, rows, hidden, 1e-5).expect("fused");
                             step(slot, &mut want_res, &mut want_out);
                             check(&want_res, &want_out, &format!("hidden {hidden}: fused call on slot {slot}"));
                         }
                         let graph = gpu
                             .capture(|| {
                                 for i in 0..40 {
-                                    p2p.add_rms_norm(i % 2, res.ptr(), w.ptr(), normed.ptr(), rows, hidden, 1e-5)
+                                    let out = NormOut::Bf16(normed.ptr());
+                                    p2p.add_rms_norm(i % 2, res.ptr(), w.ptr(), out, rows, hidden, 1e-5)
                                         .map_err(|e| flint_cuda::Error::Unsupported(e.to_string()))?;
                                 }
                                 Ok(())
@@ -633,6 +668,44 @@ fn p2p_all_reduce_matches_the_host_sum() {
                             }
                             check(&want_res, &want_out, &format!("hidden {hidden}: graph replay {replay}"));
                         }
+                        // FP8 output (an FP8 model's next activation): the same residual, and the
+                        // normalised rows quantized per row as the host quantizes them.
+                        let (codes, scales) = (gpu.alloc(n).expect("alloc"), gpu.alloc(4 * rows).expect("alloc"));
+                        for slot in 0..2 {
+                            let out = NormOut::Fp8 { codes: codes.ptr(), scales: scales.ptr() };
+                            p2p.add_rms_norm(slot, res.ptr(), w.ptr(), out, rows, hidden, 1e-5).expect("fused fp8");
+                            step(slot, &mut want_res, &mut want_out);
+                            let mut got = vec![0u16; n];
+                            gpu.read(res.ptr(), &mut got).expect("read");
+                            let bad = from_bf16_bits(&got).iter().zip(&want_res).filter(|(a, b)| a != b).count();
+                            assert_eq!(bad, 0, "world {world} rank {rank} hidden {hidden} fp8 slot {slot}: residuals");
+                            let mut c = vec![0u8; n];
+                            let mut sc = vec![0f32; rows];
+                            gpu.read(codes.ptr(), &mut c).expect("read");
+                            gpu.read(scales.ptr(), &mut sc).expect("read");
+                            let got = flint_quant::Fp8Matrix {
+                                codes: c,
+                                scales: sc,
+                                rows,
+                                cols: hidden,
+                                granularity: flint_quant::Granularity::Channel,
+                                format: flint_quant::Fp8Format::E4M3,
+                            };
+                            let want = flint_quant::Fp8Matrix::quantize(
+                                &want_out,
+                                rows,
+                                hidden,
+                                flint_quant::Granularity::Channel,
+                                flint_quant::Fp8Format::E4M3,
+                            );
+                            let e = rel_err(&got.dequantize(), &want.dequantize());
+                            let same = got.codes.iter().zip(&want.codes).filter(|(a, b)| a == b).count();
+                            assert!(
+                                e <= 1e-2 && same * 100 >= n * 99,
+                                "world {world} rank {rank} hidden {hidden} fp8 slot {slot}: rel err {e:.3e}, \
+                                 {same} of {n} codes equal"
+                            );
+                        }
                         // Peers may still read this rank's inputs: the next shape writes them
                         // only after every rank is done.
                         gpu.synchronize().expect("sync");
@@ -640,7 +713,7 @@ fn p2p_all_reduce_matches_the_host_sum() {
                     }
                     gpu.synchronize().expect("sync");
                     host.barrier().expect("done");
-                    eprintln!("world {world} rank {rank}: p2p sums bit-exact, fused add + RMSNorm within 1e-2");
+                    eprintln!("world {world} rank {rank}: p2p sums bit-exact, fused add + RMSNorm (bf16 and FP8 out) within 1e-2");
                 })
             })
             .collect();

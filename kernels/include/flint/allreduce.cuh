@@ -20,7 +20,7 @@
 
 #include <cooperative_groups.h>
 
-#include "flint/common.cuh"
+#include "flint/e4m3.cuh"
 
 namespace flint {
 
@@ -116,11 +116,35 @@ __device__ __forceinline__ void ar_sum_all(const ArPeers& peers, uint32_t* count
     }
 }
 
+// Where the normalised rows go: bf16 rows, or (FP8 models) E4M3 codes with a scale per row,
+// as add_rms_norm_fp8_row writes them (the normalised values rounded to bf16, then quantized).
+struct ArNormOut {
+    bf16* rows;       // bf16 [n, hidden], or null
+    uint8_t* codes;   // FP8 [n, hidden] (when rows is null)
+    float* scales;    // [n]
+};
+
+// Vector i of a row's normalised values (rounded to bf16): the bf16 model's activation.
+__device__ __forceinline__ void ar_normed8(const Bf16x8& res, const float* weight, float r, float (&v)[8]) {
+    unpack(res, v);
+    rms_scale8(v, weight, r);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(__float2bfloat16(v[j]));
+}
+
+__device__ __forceinline__ float abs_max8(const float (&v)[8]) {
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    return m;
+}
+
 // For each of `n` rows of `hidden`: residual += sum over ranks (bf16), then
-// out = rms_norm(residual) * weight, as add_rms_norm_row. Rows are spread over the blocks.
+// out = rms_norm(residual) * weight, as add_rms_norm_row (or add_rms_norm_fp8_row for FP8
+// output). Rows are spread over the blocks.
 __device__ __forceinline__ void ar_add_rms_norm_rows(const ArPeers& peers, uint32_t* counter, bf16* residual,
-                                                     const float* weight, bf16* out, int n, int hidden, float eps,
-                                                     int rank, int world) {
+                                                     const float* weight, ArNormOut out, int n, int hidden,
+                                                     float eps, int rank, int world) {
     __shared__ float scratch[32];
     ar_barrier(peers, counter, rank, world);
     const int h8 = hidden / 8;
@@ -133,12 +157,29 @@ __device__ __forceinline__ void ar_add_rms_norm_rows(const ArPeers& peers, uint3
             residual_add8(res[i], s, v, ss);
         }
         const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
-        Bf16x8* o = reinterpret_cast<Bf16x8*>(out + (size_t)row * hidden);
-        for (int i = threadIdx.x; i < h8; i += blockDim.x) {
-            float v[8];
-            unpack(res[i], v);
-            rms_scale8(v, weight + i * 8, r);
-            o[i] = pack(v);
+        if (out.rows != nullptr) {
+            Bf16x8* o = reinterpret_cast<Bf16x8*>(out.rows + (size_t)row * hidden);
+            for (int i = threadIdx.x; i < h8; i += blockDim.x) {
+                float v[8];
+                unpack(res[i], v);
+                rms_scale8(v, weight + i * 8, r);
+                o[i] = pack(v);
+            }
+        } else {
+            float m = 0.f;
+            for (int i = threadIdx.x; i < h8; i += blockDim.x) {
+                float v[8];
+                ar_normed8(res[i], weight + i * 8, r, v);
+                m = fmaxf(m, abs_max8(v));
+            }
+            __syncthreads();  // scratch reuse
+            const float scale = fp8_scale(block_max(m, scratch));
+            for (int i = threadIdx.x; i < h8; i += blockDim.x) {
+                float v[8];
+                ar_normed8(res[i], weight + i * 8, r, v);
+                store_e4m3x8(out.codes + (size_t)row * hidden + i * 8, v, scale);
+            }
+            if (threadIdx.x == 0) out.scales[row] = scale;
         }
         __syncthreads();
     }
@@ -147,15 +188,16 @@ __device__ __forceinline__ void ar_add_rms_norm_rows(const ArPeers& peers, uint3
 // ar_add_rms_norm_rows with each row spread over a cluster of kCluster blocks (one row of
 // a decode step is too little work for one SM to fetch from every peer quickly): block c of a
 // cluster takes vectors [c * chunk, (c + 1) * chunk) of the row, and the blocks add their
-// sums of squares through distributed shared memory. Rows go to clusters in turn.
+// sums of squares (and, for FP8 output, take the max of their amax) through distributed shared
+// memory. Rows go to clusters in turn.
 constexpr int kArCluster = 8;
 
 __device__ __forceinline__ void ar_add_rms_norm_cluster(const ArPeers& peers, uint32_t* counter, bf16* residual,
-                                                        const float* weight, bf16* out, int n, int hidden,
+                                                        const float* weight, ArNormOut out, int n, int hidden,
                                                         float eps, int rank, int world) {
     namespace cg = cooperative_groups;
     __shared__ float scratch[32];
-    __shared__ float partial;
+    __shared__ float partial, partial_max;
     cg::cluster_group cluster = cg::this_cluster();
     ar_barrier(peers, counter, rank, world);
     const int c = (int)cluster.block_rank();
@@ -178,13 +220,36 @@ __device__ __forceinline__ void ar_add_rms_norm_cluster(const ArPeers& peers, ui
         // Every block has read every partial before any block overwrites its own.
         cluster.sync();
         const float r = rsqrtf(total / hidden + eps);
-        Bf16x8* o = reinterpret_cast<Bf16x8*>(out + (size_t)row * hidden);
+        if (out.rows != nullptr) {
+            Bf16x8* o = reinterpret_cast<Bf16x8*>(out.rows + (size_t)row * hidden);
+            for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
+                float v[8];
+                unpack(res[i], v);
+                rms_scale8(v, weight + i * 8, r);
+                o[i] = pack(v);
+            }
+            continue;
+        }
+        float m = 0.f;
         for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
             float v[8];
-            unpack(res[i], v);
-            rms_scale8(v, weight + i * 8, r);
-            o[i] = pack(v);
+            ar_normed8(res[i], weight + i * 8, r, v);
+            m = fmaxf(m, abs_max8(v));
         }
+        __syncthreads();  // scratch reuse
+        m = block_max(m, scratch);
+        if (threadIdx.x == 0) partial_max = m;
+        cluster.sync();
+        float amax = 0.f;
+        for (int b = 0; b < kArCluster; ++b) amax = fmaxf(amax, *cluster.map_shared_rank(&partial_max, b));
+        cluster.sync();
+        const float scale = fp8_scale(amax);
+        for (int i = c * chunk + threadIdx.x; i < (c + 1) * chunk; i += blockDim.x) {
+            float v[8];
+            ar_normed8(res[i], weight + i * 8, r, v);
+            store_e4m3x8(out.codes + (size_t)row * hidden + i * 8, v, scale);
+        }
+        if (c == 0 && threadIdx.x == 0) out.scales[row] = scale;
     }
 }
 

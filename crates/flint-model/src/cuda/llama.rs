@@ -1023,11 +1023,13 @@ impl CudaLlama {
         let fp8 = self.options.fp8;
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
         let bf16_epi = ops::Fp8Epilogue::Bf16;
-        // Small BF16 steps reduce over the peer-to-peer buffers: the O projection writes into
-        // slot 0 and the down projection into slot 1, and each all-reduce is fused with the
-        // residual add + RMSNorm that follows it. The embedding stays on NCCL, which also makes
-        // every rank finish the previous step's reads before this step's first write.
-        let p2p = self.p2p.as_ref().filter(|p| !fp8 && 2 * n * h <= p.capacity());
+        // Small steps reduce over the peer-to-peer buffers: the O projection writes into slot 0
+        // and the down projection into slot 1, and each all-reduce is fused with the residual
+        // add + RMSNorm (and for FP8 models the per-token quantization) that follows it. The
+        // embedding stays on NCCL, which also makes every rank finish the previous step's reads
+        // before this step's first write.
+        let p2p = self.p2p.as_ref().filter(|p| 2 * n * h <= p.capacity());
+        let fp8_out = ops::NormOut::Fp8 { codes: xq, scales: xs };
         let (o_out, down_out) = match p2p {
             Some(p) => (p.input(0), p.input(1)),
             None => (ws.proj.ptr(), ws.proj.ptr()),
@@ -1037,13 +1039,19 @@ impl CudaLlama {
             // received (already reduced) one.
             let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
             if fp8 {
-                ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?;
+                match p2p {
+                    Some(p) if i > 0 => {
+                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
+                    }
+                    _ => ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?,
+                }
                 mark("add_rms_norm")?;
                 self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)?;
             } else {
                 match p2p {
                     Some(p) if i > 0 => {
-                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?
+                        let out = ops::NormOut::Bf16(ws.normed.ptr());
+                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), out, n, h, eps)?
                     }
                     _ => {
                         ops::add_rms_norm(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), ws.normed.ptr(), n, h, eps)?
@@ -1141,10 +1149,19 @@ impl CudaLlama {
             if fp8 {
                 ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                 mark("quantize")?;
-                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi)?;
-                self.all_reduce(ws.proj.ptr(), n * h)?;
-                mark("o_proj")?;
-                ops::add_rms_norm_fp8(g, ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr(), xq, xs, n, h, eps)?;
+                self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi)?;
+                match p2p {
+                    Some(p) => {
+                        mark("o_proj")?;
+                        p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), fp8_out, n, h, eps)?;
+                    }
+                    None => {
+                        self.all_reduce(ws.proj.ptr(), n * h)?;
+                        mark("o_proj")?;
+                        let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
+                        ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
+                    }
+                }
                 mark("add_rms_norm")?;
                 if self.fp8_gate_up_gemv(n) {
                     self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu)?;
@@ -1157,8 +1174,10 @@ impl CudaLlama {
                     ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
                     mark("swiglu_quantize")?;
                 }
-                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi)?;
-                self.all_reduce(ws.proj.ptr(), n * h)?;
+                self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi)?;
+                if p2p.is_none() {
+                    self.all_reduce(ws.proj.ptr(), n * h)?;
+                }
                 mark("down_proj")?;
                 continue;
             }
@@ -1166,7 +1185,8 @@ impl CudaLlama {
             match p2p {
                 Some(p) => {
                     mark("o_proj")?;
-                    p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), ws.normed.ptr(), n, h, eps)?;
+                    let out = ops::NormOut::Bf16(ws.normed.ptr());
+                    p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), out, n, h, eps)?;
                 }
                 None => {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
@@ -1222,7 +1242,7 @@ impl CudaLlama {
         }
         let norm = self.norm.as_ref().map_or(0, DeviceBuffer::ptr);
         match p2p {
-            Some(p) => p.add_rms_norm(1, ws.residual.ptr(), norm, ws.normed.ptr(), n, h, eps)?,
+            Some(p) => p.add_rms_norm(1, ws.residual.ptr(), norm, ops::NormOut::Bf16(ws.normed.ptr()), n, h, eps)?,
             None => ops::add_rms_norm(g, ws.residual.ptr(), ws.proj.ptr(), norm, ws.normed.ptr(), n, h, eps)?,
         }
         mark("add_rms_norm")?;
