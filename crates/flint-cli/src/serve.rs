@@ -72,8 +72,9 @@ pub struct ServeArgs {
     /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
-    /// Processes (on this host or others) sharing the --tp ranks evenly: node 0 serves requests,
-    /// the others run their ranks' steps for it. On GPUs, a node's ranks take its GPUs 0, 1, ...
+    /// Processes (on this host or others) sharing the --tp x --pp ranks evenly (stage by stage):
+    /// node 0 serves requests, the others run their ranks' steps for it. On GPUs, a node's ranks
+    /// take its GPUs 0, 1, ...; pipeline stages across nodes run on GPUs only.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     nnodes: u32,
     /// This process's node, 0..--nnodes.
@@ -96,11 +97,11 @@ fn multi_node(args: &ServeArgs) -> anyhow::Result<Option<flint_model::remote::No
     }
     let master_addr = args.master_addr.clone().context("--nnodes above 1 needs --master-addr HOST:PORT (node 0's)")?;
     anyhow::ensure!(args.node_rank < args.nnodes, "--node-rank {} of {} nodes", args.node_rank, args.nnodes);
-    anyhow::ensure!(args.pp == 1, "--nnodes splits --tp ranks; pipeline stages across nodes are not built yet");
     anyhow::ensure!(
-        args.tp.is_multiple_of(args.nnodes),
-        "--tp {} does not split evenly over {} nodes",
+        (args.tp * args.pp).is_multiple_of(args.nnodes),
+        "--tp {} x --pp {} ranks do not split evenly over {} nodes",
         args.tp,
+        args.pp,
         args.nnodes
     );
     Ok(Some(flint_model::remote::Nodes {
@@ -174,17 +175,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             };
             let source = Arc::new(flint_model::ModelSource::open(&model_path)?);
             let config = source.config()?;
-            let world = args.tp as usize;
+            let (tp, pp) = (args.tp as usize, args.pp as usize);
+            let world = tp * pp;
             let node = nodes.node_rank;
             let first_local = nodes.local_ranks(world)?.start;
             let make: Box<flint_model::remote::MakeRank<'static>> = if use_cuda {
                 let options = crate::generate::cuda_options(sizing, config.max_position_embeddings);
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let plan = flint_stages::StagePlan::balanced(&config, pp)?;
+                let layout = flint_model::cuda::NodeLayout { tp, stages: plan.stages, micro_batches: pp };
                 let (c, n) = (config.clone(), nodes.clone());
                 Box::new(move |rank| {
                     let (model, info) = flint_model::cuda::CudaRank::for_node(
                         &c,
-                        world,
+                        &layout,
                         rank,
                         rank - first_local,
                         &n,
@@ -194,6 +198,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Ok((Box::new(model) as Box<dyn flint_model::RankModel>, info))
                 })
             } else {
+                anyhow::ensure!(
+                    pp == 1,
+                    "pipeline stages across nodes run on GPUs (--device cuda); CPU nodes split --tp ranks only"
+                );
                 let (s, c, n) = (Arc::clone(&source), config.clone(), nodes.clone());
                 Box::new(move |rank| {
                     let backend = Box::new(flint_cpu::CpuBackend::new());
@@ -201,7 +209,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })
             };
             if node > 0 {
-                eprintln!("node {node} of {}: following {} for --tp {world}", nodes.nnodes, nodes.master_addr);
+                eprintln!("node {node} of {}: following {} for --tp {tp} --pp {pp}", nodes.nnodes, nodes.master_addr);
                 flint_model::remote::follow_node(world, &nodes, make.as_ref())
                     .with_context(|| format!("node {node}"))?;
                 eprintln!("node {node}: the leader closed the job");
@@ -209,7 +217,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
             let group =
-                flint_model::TpGroup::leader(config, world, &nodes, make).context("starting node 0 of the job")?;
+                flint_model::TpGroup::leader(config, tp, pp, &nodes, make).context("starting node 0 of the job")?;
             flint_engine::Engine::with_group(group, tokenizer)
         }
     };

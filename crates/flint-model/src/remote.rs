@@ -348,17 +348,28 @@ pub fn cpu_rank_model(
 pub type MakeRank<'a> = dyn Fn(usize) -> Result<(Box<dyn RankModel>, RankInfo)> + Send + Sync + 'a;
 
 impl TpGroup {
-    /// Node 0 of a tensor-parallel job over `nodes.nnodes` processes: this node's ranks as
-    /// threads built by `make`, the other nodes' ranks through their control links (they run
-    /// [`follow`]).
-    pub fn leader(config: ModelConfig, world: usize, nodes: &Nodes, make: Box<MakeRank<'static>>) -> Result<Self> {
-        Shard::check(world, &config)?;
+    /// Node 0 of a job of `tp * pp` ranks (`tp` per pipeline stage, stage-major) over
+    /// `nodes.nnodes` processes: this node's ranks as threads built by `make`, the other nodes'
+    /// ranks through their control links (they run [`follow`]). The output rank is the last
+    /// stage's first.
+    pub fn leader(
+        config: ModelConfig,
+        tp: usize,
+        pp: usize,
+        nodes: &Nodes,
+        make: Box<MakeRank<'static>>,
+    ) -> Result<Self> {
+        Shard::check(tp, &config)?;
+        if pp == 0 || pp > config.n_layers {
+            return Err(Error::Sharding(format!("{pp} pipeline stages of {} layers", config.n_layers)));
+        }
+        let world = tp * pp;
         let local = nodes.local_ranks(world)?;
         if nodes.node_rank != 0 {
             return Err(Error::Sharding(format!("node {} is a follower, not the leader", nodes.node_rank)));
         }
         let remote = RemoteRanks::listen(&control_addr(&nodes.master_addr)?, local.end..world, nodes.timeout)?;
-        Self::spawn(world, 0, config, move |rank| {
+        Self::spawn(world, (pp - 1) * tp, config, move |rank| {
             if local.contains(&rank) {
                 make(rank)
             } else {

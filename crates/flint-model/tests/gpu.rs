@@ -826,3 +826,82 @@ fn model_steps_return_device_candidates() {
     }
     eprintln!("device candidates equal the host's top k of the same logits");
 }
+
+/// A free TCP port on this machine whose next port is free too (the job's collectives and
+/// control link).
+fn free_master_addr() -> String {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+}
+
+/// Pipeline stages (and TP x PP with 4 GPUs) over two "processes": node 0 leads with its ranks
+/// as threads, node 1 follows over the control link, and their ranks meet through the TCP host
+/// group and NCCL ids passed through it, exactly as `flint serve --pp P --nnodes 2` does across
+/// processes or hosts. Logits against one GPU; then the leader leaves and the follower ends.
+#[test]
+fn pipeline_over_nodes_matches_one_gpu() {
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    let n_gpus = flint_cuda::device_count();
+    let layouts: Vec<(usize, usize)> = [(1, 2), (2, 2)].into_iter().filter(|(t, p)| t * p <= n_gpus).collect();
+    if layouts.is_empty() {
+        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
+        eprintln!("skipped: pipeline stages over nodes need 2 GPUs, this machine has {n_gpus}");
+        return;
+    }
+    for dir in dirs {
+        let r = read_reference(&dir);
+        let source = Arc::new(ModelSource::open(&dir).expect("open checkpoint"));
+        let config = source.config().expect("config");
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let forced = &r.tokens[..r.tokens.len() - 1];
+        let one = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
+        let one_logits = run_gpu(&one, &r.prompt, forced);
+        drop(one);
+        for &(tp, pp) in &layouts {
+            if flint_model::Shard::check(tp, &config).is_err() || pp > config.n_layers {
+                continue;
+            }
+            let what = format!("{name} TP {tp} x PP {pp} over 2 nodes");
+            let layout =
+                flint_model::cuda::NodeLayout { tp, stages: even_stages(config.n_layers, pp), micro_batches: pp };
+            let master_addr = free_master_addr();
+            let nodes = |node_rank: usize| flint_model::remote::Nodes {
+                nnodes: 2,
+                node_rank,
+                master_addr: master_addr.clone(),
+                timeout: std::time::Duration::from_secs(120),
+            };
+            let make = |node_rank: usize| -> Box<flint_model::remote::MakeRank<'static>> {
+                let (c, l, n, s) = (config.clone(), layout.clone(), nodes(node_rank), Arc::clone(&source));
+                Box::new(move |rank| {
+                    let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&s));
+                    // One machine stands in for both nodes: rank r on GPU r.
+                    let (m, info) =
+                        flint_model::cuda::CudaRank::for_node(&c, &l, rank, rank, &n, &small_options(true), &weights)?;
+                    Ok((Box::new(m) as Box<dyn flint_model::RankModel>, info))
+                })
+            };
+            let follower = {
+                let (make1, n1) = (make(1), nodes(1));
+                std::thread::spawn(move || flint_model::remote::follow_node(tp * pp, &n1, make1.as_ref()))
+            };
+            let group = flint_model::TpGroup::leader(config.clone(), tp, pp, &nodes(0), make(0)).expect("leader");
+            let got = run_forced(&|b| group.forward(b).expect("step"), &r.prompt, forced);
+            let worst = got.iter().zip(&one_logits).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+            assert!(worst <= 2e-2, "{what}: vs one GPU rel err {worst:.3e}");
+            for (step, l) in got.iter().enumerate() {
+                if r.margins[step] > 0.1 {
+                    assert_eq!(argmax(l), r.tokens[step], "{what}: greedy token at step {step}");
+                }
+            }
+            drop(group);
+            follower.join().expect("follower thread").expect("the follower ends when the leader leaves");
+            eprintln!("{what}: {} steps, worst rel err {worst:.2e} vs one GPU; the follower left cleanly", got.len());
+        }
+    }
+}

@@ -393,6 +393,23 @@ fn tensor_parallel_over_three_processes_serves_the_reference() {
     assert_clean_failure(&flint(&["serve", "--model", &model, "--tp", "3", "--nnodes", "3"]), "--master-addr");
     assert_clean_failure(
         &flint(&["serve", "--model", &model, "--tp", "2", "--nnodes", "3", "--master-addr", "127.0.0.1:1"]),
-        "does not split evenly",
+        "do not split evenly",
+    );
+    // Pipeline stages across processes need GPUs (their activations cross over NCCL).
+    assert_clean_failure(
+        &flint(&[
+            "serve",
+            "--device",
+            "cpu",
+            "--model",
+            &model,
+            "--pp",
+            "3",
+            "--nnodes",
+            "3",
+            "--master-addr",
+            "127.0.0.1:1",
+        ]),
+        "run on GPUs",
     );
 }

@@ -9,4 +9,4 @@ mod llama;
 pub mod tp;
 
 pub use llama::{CudaLlama, CudaLlamaOptions, Parallel, StageLink, StepOutput, TpLink};
-pub use tp::{CudaRank, GroupWeights, P2P_MAX_ROWS, with_cuda_rank};
+pub use tp::{CudaRank, GroupWeights, NodeLayout, P2P_MAX_ROWS, with_cuda_rank};

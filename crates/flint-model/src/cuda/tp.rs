@@ -237,41 +237,94 @@ impl TpGroup {
     }
 }
 
+/// Where a rank of a job over several processes sits: `tp` ranks per pipeline stage, the
+/// stages' layer ranges, and how many micro-batches a step is cut into (pipelines only).
+#[derive(Clone, Debug)]
+pub struct NodeLayout {
+    pub tp: usize,
+    pub stages: Vec<std::ops::Range<usize>>,
+    pub micro_batches: usize,
+}
+
+impl NodeLayout {
+    pub fn world(&self) -> usize {
+        self.tp * self.stages.len()
+    }
+
+    /// The rank whose output is the group's: the last stage's first.
+    pub fn output_rank(&self) -> usize {
+        (self.stages.len().max(1) - 1) * self.tp
+    }
+}
+
 impl CudaRank {
-    /// Rank `rank` of a tensor-parallel job over several processes ([`crate::remote::Nodes`]),
-    /// on this process's GPU `local_gpu`: joins the ranks' host group ([`flint_comm::TcpComm`]
-    /// at the master address), gets NCCL's unique id from rank 0 through it, and loads its shard
-    /// (the ranks agree on the KV block count through the host group). NCCL all-reduces only:
-    /// the peer-to-peer kernel needs every GPU in one process.
+    /// Rank `rank` of a job over several processes ([`crate::remote::Nodes`]) laid out as
+    /// `layout` (`tp` ranks per pipeline stage, as [`TpGroup::cuda_stages`] in one process), on
+    /// this process's GPU `local_gpu`: joins the ranks' host group ([`flint_comm::TcpComm`] at
+    /// the master address), gets the NCCL unique ids of its stage's tensor-parallel group and of
+    /// its pipeline (the ranks of its TP index) from rank 0 through it, and loads its part (the
+    /// ranks agree on the KV block count through the host group). NCCL all-reduces only: the
+    /// peer-to-peer kernel needs every GPU in one process.
     pub fn for_node(
         config: &ModelConfig,
-        world: usize,
+        layout: &NodeLayout,
         rank: usize,
         local_gpu: usize,
         nodes: &crate::remote::Nodes,
         options: &CudaLlamaOptions,
         weights: &GroupWeights,
     ) -> Result<(Self, RankInfo)> {
-        Shard::check(world, config)?;
+        let (tp, pp, world) = (layout.tp, layout.stages.len(), layout.world());
+        Shard::check(tp, config)?;
+        if pp == 0 || layout.stages.last().map(|r| r.end) != Some(config.n_layers) || rank >= world {
+            return Err(Error::Sharding(format!(
+                "rank {rank} of {tp} x {pp} ranks over layer stages {:?} of {} layers",
+                layout.stages, config.n_layers
+            )));
+        }
         let host = flint_comm::TcpComm::join(&nodes.master_addr, rank, world, nodes.timeout)?;
         let built = (|| {
             let gpu = Gpu::new(local_gpu)?;
-            // NCCL's id from rank 0, as 32 words.
-            let mut words = [0u32; 32];
+            // Every group's NCCL id from rank 0, as 32 words each: the stages' TP groups, then
+            // the TP indices' pipelines.
+            let n_ids = if tp > 1 { pp } else { 0 } + if pp > 1 { tp } else { 0 };
+            let mut words = vec![0u32; 32 * n_ids];
             if rank == 0 {
-                let id = NcclId::new()?;
-                for (w, b) in words.iter_mut().zip(id.0.chunks_exact(4)) {
-                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for chunk in words.chunks_exact_mut(32) {
+                    let id = NcclId::new()?;
+                    for (w, b) in chunk.iter_mut().zip(id.0.chunks_exact(4)) {
+                        *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
                 }
             }
             Communicator::<[u32]>::broadcast(&host, &mut words[..], 0)?;
-            let mut id = [0u8; 128];
-            for (b, w) in id.chunks_exact_mut(4).zip(words) {
-                b.copy_from_slice(&w.to_le_bytes());
-            }
-            let nccl = NcclComm::new(Arc::clone(&gpu), rank, world, &NcclId(id))?;
-            let aborts = vec![nccl.abort_handle()];
-            let parallel = Parallel { tp: Some(TpLink { nccl, p2p: None }), stage: None };
+            let id = |i: usize| {
+                let mut id = [0u8; 128];
+                for (b, w) in id.chunks_exact_mut(4).zip(&words[32 * i..32 * (i + 1)]) {
+                    b.copy_from_slice(&w.to_le_bytes());
+                }
+                NcclId(id)
+            };
+            let (stage, t) = (rank / tp, rank % tp);
+            let mut aborts = Vec::new();
+            // Every rank joins its TP group first, then its pipeline: each group's members
+            // call the same sequence, so no group waits on one that cannot start.
+            let tp_link = if tp > 1 {
+                let nccl = NcclComm::new(Arc::clone(&gpu), t, tp, &id(stage))?;
+                aborts.push(nccl.abort_handle());
+                Some(TpLink { nccl, p2p: None })
+            } else {
+                None
+            };
+            let stage_link = if pp > 1 {
+                let first = if tp > 1 { pp } else { 0 };
+                let nccl = NcclComm::new(Arc::clone(&gpu), stage, pp, &id(first + t))?;
+                aborts.push(nccl.abort_handle());
+                Some(StageLink { nccl, layers: layout.stages[stage].clone() })
+            } else {
+                None
+            };
+            let parallel = Parallel { tp: tp_link, stage: stage_link };
             let model = load_rank(&gpu, weights, config, options, parallel, &host)?;
             Ok::<_, Error>((gpu, model, aborts))
         })();
@@ -283,6 +336,8 @@ impl CudaRank {
             }
         };
         let info = rank_info(&gpu, &model, options);
-        Ok((CudaRank { model, aborts, output: rank == 0, micro_batches: 1, host: None }, info))
+        let micro_batches = if pp > 1 { layout.micro_batches.max(1) } else { 1 };
+        let output = rank == layout.output_rank();
+        Ok((CudaRank { model, aborts, output, micro_batches, host: None }, info))
     }
 }
