@@ -404,9 +404,45 @@ fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], step
 }
 
 /// Tensor-parallel ranks x pipeline stages this machine can run (beyond one GPU).
-fn parallel_layouts(n_gpus: usize) -> Vec<(usize, usize)> {
-    [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)].into_iter().filter(|(t, p)| t * p <= n_gpus).collect()
+/// `(tp, pp)` layouts of `candidates` that fit this machine's GPUs; `None` (skipped, or a
+/// failure under FLINT_REQUIRE_TP) when none does.
+fn layouts_here(candidates: &[(usize, usize)], what: &str) -> Option<Vec<(usize, usize)>> {
+    let n_gpus = flint_cuda::device_count();
+    let layouts: Vec<_> = candidates.iter().copied().filter(|(t, p)| t * p <= n_gpus).collect();
+    if layouts.is_empty() {
+        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
+        eprintln!("skipped: {what} needs 2 GPUs, this machine has {n_gpus}");
+        return None;
+    }
+    Some(layouts)
 }
+
+/// A reference checkpoint with what one GPU computes on it (teacher-forced).
+struct OneGpuCase {
+    r: Reference,
+    source: Arc<ModelSource>,
+    config: flint_model::ModelConfig,
+    name: String,
+    one_logits: Vec<Vec<f32>>,
+}
+
+impl OneGpuCase {
+    fn load(g: &Arc<Gpu>, dir: &Path) -> (Self, CudaLlama) {
+        let r = read_reference(dir);
+        let source = Arc::new(ModelSource::open(dir).expect("open checkpoint"));
+        let config = source.config().expect("config");
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let one = CudaLlama::load(Arc::clone(g), &source, config.clone(), small_options(true)).expect("load");
+        let one_logits = run_gpu(&one, &r.prompt, &r.tokens[..r.tokens.len() - 1]);
+        (OneGpuCase { r, source, config, name, one_logits }, one)
+    }
+
+    fn forced(&self) -> &[u32] {
+        &self.r.tokens[..self.r.tokens.len() - 1]
+    }
+}
+
+const PARALLEL_LAYOUTS: [(usize, usize); 5] = [(2, 1), (4, 1), (1, 2), (2, 2), (1, 4)];
 
 /// `pp` stages of about equal layer counts.
 fn even_stages(n_layers: usize, pp: usize) -> Vec<std::ops::Range<usize>> {
@@ -421,25 +457,15 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
         .try_init();
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
-    let n_gpus = flint_cuda::device_count();
-    let layouts = parallel_layouts(n_gpus);
-    if layouts.is_empty() {
-        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
-        eprintln!("skipped: tensor parallelism needs 2 GPUs, this machine has {n_gpus}");
-        return;
-    }
+    let Some(layouts) = layouts_here(&PARALLEL_LAYOUTS, "tensor parallelism") else { return };
     for dir in dirs {
-        let r = read_reference(&dir);
-        let source = Arc::new(ModelSource::open(&dir).expect("open checkpoint"));
-        let config = source.config().expect("config");
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let forced = &r.tokens[..r.tokens.len() - 1];
-        let one = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
-        let one_logits = run_gpu(&one, &r.prompt, forced);
+        let (case, one) = OneGpuCase::load(&g, &dir);
+        let OneGpuCase { r, source, config, name, one_logits } = &case;
+        let forced = case.forced();
         let one_batched = run_batched(&|b| one.forward(b).expect("step"), &r.prompt, 8);
         drop(one);
         for &(tp, pp) in &layouts {
-            if let Err(e) = flint_model::Shard::check(tp, &config) {
+            if let Err(e) = flint_model::Shard::check(tp, config) {
                 eprintln!("{name} TP {tp}: not split ({e})");
                 continue;
             }
@@ -453,7 +479,7 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 }
                 let what = format!("{name} TP {tp} x PP {pp} graphs={graphs} p2p={p2p}");
                 eprintln!("{what}: loading");
-                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(source));
                 let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..small_options(graphs) };
                 let stages = even_stages(config.n_layers, pp);
                 let group = flint_model::TpGroup::cuda_stages(config.clone(), tp, stages, 2, options, weights)
@@ -509,13 +535,13 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
             // peer-to-peer kernel (fused with the residual add, RMSNorm and quantization) and
             // through NCCL: the two agree closely, and both stay within FP8 tolerance of one GPU.
             let fp8 = CudaLlamaOptions { fp8: true, kv_fp8: true, ..small_options(true) };
-            let one8 = CudaLlama::load(Arc::clone(&g), &source, config.clone(), fp8.clone()).expect("load fp8");
+            let one8 = CudaLlama::load(Arc::clone(&g), source, config.clone(), fp8.clone()).expect("load fp8");
             let one8_logits = run_gpu(&one8, &r.prompt, forced);
             drop(one8);
             let mut by_link = Vec::new();
             for p2p in [true, false] {
                 let what = format!("{name} FP8 TP {tp} p2p={p2p}");
-                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
+                let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(source));
                 let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..fp8.clone() };
                 let group = flint_model::TpGroup::cuda_stages(
                     config.clone(),
@@ -846,24 +872,14 @@ fn free_master_addr() -> String {
 fn pipeline_over_nodes_matches_one_gpu() {
     let Some(g) = gpu() else { return };
     let Some(dirs) = hf_dirs() else { return };
-    let n_gpus = flint_cuda::device_count();
-    let layouts: Vec<(usize, usize)> = [(1, 2), (2, 2)].into_iter().filter(|(t, p)| t * p <= n_gpus).collect();
-    if layouts.is_empty() {
-        assert!(std::env::var_os("FLINT_REQUIRE_TP").is_none(), "FLINT_REQUIRE_TP is set but there is one GPU");
-        eprintln!("skipped: pipeline stages over nodes need 2 GPUs, this machine has {n_gpus}");
-        return;
-    }
+    let Some(layouts) = layouts_here(&[(1, 2), (2, 2)], "pipeline stages over nodes") else { return };
     for dir in dirs {
-        let r = read_reference(&dir);
-        let source = Arc::new(ModelSource::open(&dir).expect("open checkpoint"));
-        let config = source.config().expect("config");
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let forced = &r.tokens[..r.tokens.len() - 1];
-        let one = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(true)).expect("load");
-        let one_logits = run_gpu(&one, &r.prompt, forced);
+        let (case, one) = OneGpuCase::load(&g, &dir);
         drop(one);
+        let OneGpuCase { r, source, config, name, one_logits } = &case;
+        let forced = case.forced();
         for &(tp, pp) in &layouts {
-            if flint_model::Shard::check(tp, &config).is_err() || pp > config.n_layers {
+            if flint_model::Shard::check(tp, config).is_err() || pp > config.n_layers {
                 continue;
             }
             let what = format!("{name} TP {tp} x PP {pp} over 2 nodes");
@@ -877,7 +893,7 @@ fn pipeline_over_nodes_matches_one_gpu() {
                 timeout: std::time::Duration::from_secs(120),
             };
             let make = |node_rank: usize| -> Box<flint_model::remote::MakeRank<'static>> {
-                let (c, l, n, s) = (config.clone(), layout.clone(), nodes(node_rank), Arc::clone(&source));
+                let (c, l, n, s) = (config.clone(), layout.clone(), nodes(node_rank), Arc::clone(source));
                 Box::new(move |rank| {
                     let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&s));
                     // One machine stands in for both nodes: rank r on GPU r.
@@ -892,7 +908,7 @@ fn pipeline_over_nodes_matches_one_gpu() {
             };
             let group = flint_model::TpGroup::leader(config.clone(), tp, pp, &nodes(0), make(0)).expect("leader");
             let got = run_forced(&|b| group.forward(b).expect("step"), &r.prompt, forced);
-            let worst = got.iter().zip(&one_logits).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+            let worst = got.iter().zip(one_logits).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
             assert!(worst <= 2e-2, "{what}: vs one GPU rel err {worst:.3e}");
             for (step, l) in got.iter().enumerate() {
                 if r.margins[step] > 0.1 {
