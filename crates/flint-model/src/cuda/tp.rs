@@ -255,6 +255,31 @@ impl NodeLayout {
     pub fn output_rank(&self) -> usize {
         (self.stages.len().max(1) - 1) * self.tp
     }
+
+    /// Checks that rank 0 of `host` lays the ranks out as this one does: the same world size can
+    /// hide a different `--tp` x `--pp` (or other stage bounds), whose ranks would then wait
+    /// forever in NCCL calls that never match. Every rank calls it before any NCCL call.
+    pub fn check_agreed<C: Communicator<[u32]> + ?Sized>(&self, host: &C, rank: usize) -> Result<()> {
+        let mut shape = [self.tp as u32, self.stages.len() as u32, 0, 0];
+        for (i, r) in self.stages.iter().enumerate() {
+            shape[2] = shape[2].wrapping_mul(31).wrapping_add(r.start as u32 ^ ((i as u32) << 16));
+            shape[3] = shape[3].wrapping_mul(31).wrapping_add(r.end as u32);
+        }
+        let mine = shape;
+        host.broadcast(&mut shape[..], 0)?;
+        if shape != mine {
+            return Err(Error::Sharding(format!(
+                "rank {rank}: node 0 lays the ranks out as --tp {} x --pp {} (or over other stages), this node as \
+                 --tp {} x --pp {} over stages {:?}: start every node with the same flags",
+                shape[0],
+                shape[1],
+                self.tp,
+                self.stages.len(),
+                self.stages
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl CudaRank {
@@ -284,6 +309,7 @@ impl CudaRank {
         }
         let host = flint_comm::TcpComm::join(&nodes.master_addr, rank, world, nodes.timeout)?;
         let built = (|| {
+            layout.check_agreed(&host, rank)?;
             let gpu = Gpu::new(local_gpu)?;
             // Every group's NCCL id from rank 0, as 32 words each: the stages' TP groups, then
             // the TP indices' pipelines.
@@ -339,5 +365,47 @@ impl CudaRank {
         let micro_batches = if pp > 1 { layout.micro_batches.max(1) } else { 1 };
         let output = rank == layout.output_rank();
         Ok((CudaRank { model, aborts, output, micro_batches, host: None }, info))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn layout(tp: usize, stages: &[std::ops::Range<usize>]) -> NodeLayout {
+        NodeLayout { tp, stages: stages.to_vec(), micro_batches: 2 }
+    }
+
+    /// Ranks agree when every node was started alike, and one whose flags differ (same world
+    /// size, other --tp x --pp, or other stage bounds) is told so instead of hanging.
+    #[test]
+    fn nodes_must_agree_on_the_layout() {
+        let run = |layouts: Vec<NodeLayout>| -> Vec<Result<()>> {
+            let comms = LocalComm::group(layouts.len(), Duration::from_secs(20));
+            std::thread::scope(|s| {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .zip(layouts)
+                    .enumerate()
+                    .map(|(rank, (comm, l))| s.spawn(move || l.check_agreed(&comm, rank)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+            })
+        };
+        let same = layout(2, &[0..15, 15..30]);
+        assert!(run(vec![same.clone(); 4]).iter().all(|r| r.is_ok()));
+        for other in [layout(4, &[0..30]), layout(1, &[0..8, 8..15, 15..23, 23..30]), layout(2, &[0..14, 14..30])] {
+            let results = run(vec![same.clone(), same.clone(), other.clone(), same.clone()]);
+            for (rank, r) in results.iter().enumerate() {
+                if rank == 2 {
+                    let e = r.as_ref().expect_err("a node with other flags").to_string();
+                    assert!(e.contains("start every node with the same flags"), "{other:?}: {e}");
+                } else {
+                    assert!(r.is_ok(), "rank {rank} with rank 0's layout: {r:?}");
+                }
+            }
+        }
     }
 }
