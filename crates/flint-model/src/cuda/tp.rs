@@ -396,7 +396,11 @@ mod tests {
         };
         let same = layout(2, &[0..15, 15..30]);
         assert!(run(vec![same.clone(); 4]).iter().all(|r| r.is_ok()));
-        for other in [layout(4, &[0..30]), layout(1, &[0..8, 8..15, 15..23, 23..30]), layout(2, &[0..14, 14..30])] {
+        for other in [
+            layout(4, std::slice::from_ref(&(0..30))),
+            layout(1, &[0..8, 8..15, 15..23, 23..30]),
+            layout(2, &[0..14, 14..30]),
+        ] {
             let results = run(vec![same.clone(), same.clone(), other.clone(), same.clone()]);
             for (rank, r) in results.iter().enumerate() {
                 if rank == 2 {
