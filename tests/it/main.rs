@@ -324,8 +324,9 @@ mod scheduling {
     }
 
     /// SmolLM2's 30 layers in 3 pipeline stages (balanced by weights read: the LM head makes
-    /// the last stage shorter), each step's sequences flowing through as 3 micro-batches; and
-    /// 2 stages of 3 tensor-parallel ranks each. The same tokens as the reference.
+    /// the last stage shorter), a step per stage in flight, each step's sequences flowing
+    /// through as 3 micro-batches; and 2 stages of 3 tensor-parallel ranks each. The same tokens
+    /// as the reference, with requests joining while the pipeline is full.
     #[test]
     fn pipeline_stages_under_continuous_batching_match_the_reference() {
         for (tp, pp) in [(1, 3), (3, 2)] {
@@ -356,7 +357,14 @@ mod scheduling {
                 scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("scheduler call");
             }
         }
-        engine.run_to_completion(&mut scheduler, &cache).expect("scheduler call");
+        // A pipeline keeps a step per stage in flight: between steps, all but the finished one.
+        let depth = engine.executor(&cache).pipeline_depth();
+        let mut most_in_flight = 0;
+        while scheduler.has_work() {
+            scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("scheduler call");
+            most_in_flight = most_in_flight.max(scheduler.steps_in_flight());
+        }
+        assert_eq!(most_in_flight + 1, depth, "steps in flight at once, with {depth} pipeline stages");
         let stats = scheduler.stats();
         assert!(stats.preemptions > 0, "the test must exercise preemption: {stats:?}");
         assert!(stats.prefix_hit_tokens > 0, "the test must exercise prefix reuse: {stats:?}");

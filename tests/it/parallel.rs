@@ -145,3 +145,59 @@ fn pipelines_compute_what_one_rank_computes() {
     assert!(e.contains("needs the previous stage"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Steps submitted to a pipeline before the earlier ones finish (one per stage in flight) give
+/// what they give one at a time on one rank, in submission order; a step nobody collects is
+/// skipped by the next collect or command, and a ticket whose outputs were skipped is refused.
+#[test]
+fn pipelined_steps_finish_in_order_and_uncollected_ones_are_skipped() {
+    let dims = Dims { heads: 4, kv_heads: 2, head_dim: 8, ffn: 48, vocab: 43, bias: false, tied: true };
+    let dir = temp_dir("in-flight");
+    write_random_llama(&dir, dims, LAYERS, 12);
+    let source = Arc::new(ModelSource::open(&dir).expect("opens"));
+    let config = source.config().expect("config");
+    // Three sequences on their own blocks, each a step of its own (prompt, then a decode).
+    let step = |seq: u32, decode: bool| {
+        let mut b = ForwardBatch::new(4);
+        let blocks = [2 * seq, 2 * seq + 1];
+        if decode {
+            b.push_sequence(&[7 + seq], 5, &blocks, Logits::Last).expect("push");
+        } else {
+            b.push_sequence(&[1 + seq, 2, 3, 4 + seq, 5], 0, &blocks, Logits::Last).expect("push");
+        }
+        b
+    };
+    let order = [step(0, false), step(1, false), step(2, false), step(0, true), step(1, true), step(2, true)];
+    let backend = CpuBackend::new();
+    let one = Llama::load(&source, config.clone(), &backend, DType::F32, &mut |_| {}).expect("loads");
+    let cache = one.new_paged_kv_cache(&backend, 8, 4).expect("cache");
+    let want: Vec<Vec<f32>> = order
+        .iter()
+        .map(|b| backend.to_f32_vec(&one.forward_batch(&backend, b, &cache).expect("fwd")).expect("read"))
+        .collect();
+
+    let plan = StagePlan::balanced(&config, 3).expect("plan");
+    let group = pipeline_cpu(source.clone(), config.clone(), 1, plan, 1, DType::F32, || Box::new(CpuBackend::new()))
+        .expect("pipeline");
+    assert_eq!(group.pipeline_depth(), 3);
+    group.new_kv_cache(8, 4).expect("caches");
+    let tickets: Vec<_> = order[..3].iter().map(|b| group.submit(b).expect("submit")).collect();
+    for (i, t) in tickets.into_iter().enumerate() {
+        let got = group.collect(t).expect("collect");
+        assert!(rel_err(&got, &want[i]) < 1e-5, "prompt step {i}");
+    }
+    let mut tickets: Vec<_> = order[3..].iter().map(|b| group.submit(b).expect("submit")).collect();
+    let last = tickets.pop().expect("three");
+    let middle = tickets.pop().expect("two");
+    drop(tickets);
+    let got = group.collect(last).expect("the newest step, after skipping the older ones");
+    assert!(rel_err(&got, &want[5]) < 1e-5, "decode step 2");
+    let e = group.collect(middle).expect_err("skipped").to_string();
+    assert!(e.contains("not waiting"), "{e}");
+    // A step left in flight is waited for before a command, and the group goes on serving.
+    drop(group.submit(&order[0]).expect("submit"));
+    group.new_kv_cache(8, 4).expect("caches after an uncollected step");
+    let got = group.forward(&order[0]).expect("step");
+    assert!(rel_err(&got, &want[0]) < 1e-5, "a fresh cache's prompt step");
+    let _ = std::fs::remove_dir_all(dir);
+}

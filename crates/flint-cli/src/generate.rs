@@ -177,7 +177,7 @@ pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine>
     if sizing.tp * sizing.pp > 1 {
         let weights = flint_model::cuda::GroupWeights::Random(0x5eed);
         let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
-        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, sizing.pp, options, weights)?;
+        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, 1, options, weights)?;
         return Ok(Engine::with_group(group, tokenizer));
     }
     let gpu = flint_cuda::Gpu::new(0).context("--random-weights needs a CUDA GPU")?;
@@ -185,7 +185,8 @@ pub fn random_engine(preset: &str, sizing: CudaSizing) -> anyhow::Result<Engine>
     Ok(Engine::with_cuda(model, tokenizer))
 }
 
-/// Opens the model at `path` and loads it on `device`, with a progress bar on stderr.
+/// Opens the model at `path` and loads it on `device`, with a progress bar on stderr. A
+/// pipeline runs each step whole (one micro-batch): the engine keeps a step per stage in flight.
 pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: CudaSizing) -> anyhow::Result<Engine> {
     let use_cuda = match device {
         DeviceArg::Cpu => false,
@@ -200,7 +201,7 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
         let options = cuda_options(sizing, config.max_position_embeddings);
         let what = format!("{} stages of {} GPUs", sizing.pp, sizing.tp);
         let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
-        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, sizing.pp, options, weights)
+        let group = flint_stages::pipeline_cuda(config, sizing.tp, plan, 1, options, weights)
             .with_context(|| format!("loading {} as {what}", model_path.display()))?;
         return Ok(Engine::with_group(group, tokenizer));
     }
@@ -209,11 +210,10 @@ pub fn load_engine(model_path: &std::path::Path, device: DeviceArg, sizing: Cuda
         let tokenizer = flint_engine::Tokenizer::for_source(&source, &config)?;
         let plan = flint_stages::StagePlan::balanced(&config, sizing.pp)?;
         let what = format!("{} stages of {} CPU ranks", sizing.pp, sizing.tp);
-        let group =
-            flint_stages::pipeline_cpu(Arc::clone(&source), config, sizing.tp, plan, sizing.pp, DType::F32, || {
-                Box::new(CpuBackend::new())
-            })
-            .with_context(|| format!("loading {} as {what}", model_path.display()))?;
+        let group = flint_stages::pipeline_cpu(Arc::clone(&source), config, sizing.tp, plan, 1, DType::F32, || {
+            Box::new(CpuBackend::new())
+        })
+        .with_context(|| format!("loading {} as {what}", model_path.display()))?;
         return Ok(Engine::with_group(group, tokenizer));
     }
     if use_cuda {

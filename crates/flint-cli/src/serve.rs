@@ -183,7 +183,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 let options = crate::generate::cuda_options(sizing, config.max_position_embeddings);
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(&source));
                 let plan = flint_stages::StagePlan::balanced(&config, pp)?;
-                let layout = flint_model::cuda::NodeLayout { tp, stages: plan.stages, micro_batches: pp };
+                // Whole steps: the engine keeps a step per stage in flight.
+                let layout = flint_model::cuda::NodeLayout { tp, stages: plan.stages, micro_batches: 1 };
                 let (c, n) = (config.clone(), nodes.clone());
                 Box::new(move |rank| {
                     let (model, info) = flint_model::cuda::CudaRank::for_node(

@@ -129,6 +129,15 @@ pub enum KvStore {
     },
 }
 
+/// A step started by [`Executor::submit`].
+#[derive(Debug)]
+pub enum Submitted {
+    /// Run already (one device, or a failure before it started): its logits.
+    Done(Result<Vec<f32>>),
+    /// In a pipeline's stages.
+    InFlight(flint_model::StepTicket),
+}
+
 /// Runs forward passes of one engine over one KV store: what [`Scheduler::step`] drives.
 #[derive(Debug)]
 pub struct Executor<'a> {
@@ -141,6 +150,40 @@ impl Executor<'_> {
     /// row's most likely tokens ([`ForwardBatch::set_candidates`]) saves gathering the logits.
     pub fn vocab_parallel(&self) -> bool {
         matches!(self.runtime, Runtime::Parallel(_))
+    }
+
+    /// How many steps are worth keeping in flight: a pipeline's stages (each works on its own
+    /// step), 1 otherwise.
+    pub fn pipeline_depth(&self) -> usize {
+        match self.runtime {
+            Runtime::Parallel(group) => group.pipeline_depth(),
+            _ => 1,
+        }
+    }
+
+    /// Starts one step: on a pipeline, sends it to the ranks and returns while it runs; on one
+    /// device, runs it. Its logits come from [`Executor::collect`], in submission order.
+    pub fn submit(&self, batch: &ForwardBatch) -> Submitted {
+        match (self.runtime, self.kv) {
+            (Runtime::Parallel(group), KvStore::Parallel { cache_id, .. }) if group.pipeline_depth() > 1 => {
+                match group.submit_in(batch, *cache_id) {
+                    Ok(ticket) => Submitted::InFlight(ticket),
+                    Err(e) => Submitted::Done(Err(e.into())),
+                }
+            }
+            _ => Submitted::Done(self.forward(batch)),
+        }
+    }
+
+    /// The logits of a submitted step (as [`Executor::forward`]'s).
+    pub fn collect(&self, step: Submitted) -> Result<Vec<f32>> {
+        match (step, self.runtime) {
+            (Submitted::Done(out), _) => out,
+            (Submitted::InFlight(ticket), Runtime::Parallel(group)) => Ok(group.collect(ticket)?),
+            (Submitted::InFlight(_), _) => {
+                Err(Error::Internal("a pipeline step collected from another runtime".into()))
+            }
+        }
     }
 
     /// Logits `[batch.logit_rows().len(), vocab]` of one step, on the host.

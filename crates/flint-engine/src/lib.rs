@@ -26,7 +26,7 @@ pub use detok::StreamDecoder;
 pub use error::{Error, Result};
 pub use generate::{
     DEFAULT_BLOCK_SIZE, Engine, Executor, FinishReason, GenerateRequest, Generation, KvStore, MAX_TOP_LOGPROBS, Prompt,
-    Runtime, Timings,
+    Runtime, Submitted, Timings,
 };
 pub use sampler::{Sampler, SamplingParams, argmax};
 pub use scheduler::{

@@ -10,7 +10,12 @@
 //! - when a running sequence needs a block and none is free, the most recently arrived running
 //!   sequence is preempted: its blocks are released and it waits, first in line by arrival, to
 //!   be recomputed. The oldest sequence can therefore always progress: no livelock;
-//! - a request whose prompt and output cannot fit the whole cache is refused when submitted.
+//! - a request whose prompt and output cannot fit the whole cache is refused when submitted;
+//! - on a pipeline of P stages, up to P steps are in flight, each over its own sequences (about
+//!   a P-th of them), so that every stage works while the next step's tokens are sampled: a
+//!   step is submitted for the sequences not in flight, and the oldest step is finished
+//!   (sampled, streamed) before a new one is submitted. Sequences in flight are never
+//!   preempted; a sequence short of blocks waits for the steps in flight to finish first.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -22,7 +27,7 @@ use serde::Serialize;
 
 use crate::blocks::{BlockHash, BlockManager};
 use crate::detok::StreamDecoder;
-use crate::generate::Executor;
+use crate::generate::{Executor, Submitted};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::{Error, FinishReason, Result, Tokenizer};
@@ -129,6 +134,8 @@ struct Sequence<'a> {
     cancel: Arc<AtomicBool>,
     submitted: Instant,
     first_token_at: Option<Instant>,
+    /// The step computing this sequence's next positions, while a pipeline runs it.
+    in_flight: Option<u64>,
 }
 
 impl Sequence<'_> {
@@ -167,6 +174,20 @@ pub struct Scheduler<'a> {
     stop_ids: BTreeSet<u32>,
     preemptions: u64,
     prefix_hit_tokens: u64,
+    /// Steps submitted and not yet finished, oldest first.
+    in_flight: VecDeque<InFlight>,
+    next_step: u64,
+}
+
+/// A step a pipeline is running: what it computes for whom.
+struct InFlight {
+    id: u64,
+    /// `(arrival, new tokens)` per sequence, in batch order.
+    plan: Vec<(u64, usize)>,
+    wants_logits: Vec<bool>,
+    candidates: Option<usize>,
+    n_rows: usize,
+    step: Submitted,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -213,6 +234,8 @@ impl<'a> Scheduler<'a> {
             stop_ids,
             preemptions: 0,
             prefix_hit_tokens: 0,
+            in_flight: VecDeque::new(),
+            next_step: 0,
         })
     }
 
@@ -261,14 +284,15 @@ impl<'a> Scheduler<'a> {
             cancel,
             submitted: Instant::now(),
             first_token_at: None,
+            in_flight: None,
         });
         self.next_arrival += 1;
         Ok(())
     }
 
-    /// Whether any request is waiting or running.
+    /// Whether any request is waiting or running, or a step is in flight.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.in_flight.is_empty()
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -328,21 +352,39 @@ impl<'a> Scheduler<'a> {
         positions.div_ceil(self.config.block_size)
     }
 
-    /// Picks this step's work: `(arrival, new tokens)` per sequence, in running order.
-    fn schedule(&mut self) -> Vec<(u64, usize)> {
+    /// Picks this step's work: `(arrival, new tokens)` per sequence, in running order, among
+    /// the sequences no step in flight holds, at most `max_seqs` of them.
+    fn schedule(&mut self, max_seqs: usize) -> Vec<(u64, usize)> {
         let mut plan = Vec::new();
         let mut budget = self.config.max_batch_tokens;
+        let pipelined = !self.in_flight.is_empty();
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let later_decodes = self.running[i + 1..].iter().filter(|s| s.tokens.len() - s.n_computed == 1).count();
+        while i < self.running.len() && budget > 0 && plan.len() < max_seqs {
+            if self.running[i].in_flight.is_some() {
+                i += 1;
+                continue;
+            }
+            let later_decodes = self.running[i + 1..]
+                .iter()
+                .filter(|s| s.in_flight.is_none() && s.tokens.len() - s.n_computed == 1)
+                .count()
+                .min(max_seqs - plan.len() - 1);
             let seq = &self.running[i];
             let remaining = seq.tokens.len() - seq.n_computed;
             let n_new = if remaining == 1 { 1 } else { remaining.min(budget.saturating_sub(later_decodes).max(1)) };
             let need = self.blocks_for(seq.n_computed + n_new).saturating_sub(seq.blocks.len());
-            while self.blocks.n_available() < need && self.running.len() > i + 1 {
-                self.preempt(self.running.len() - 1);
+            while self.blocks.n_available() < need {
+                // The newest sequence no step holds.
+                match (i + 1..self.running.len()).rev().find(|&j| self.running[j].in_flight.is_none()) {
+                    Some(j) => self.preempt(j),
+                    None => break,
+                }
             }
             if self.blocks.n_available() < need {
+                if pipelined {
+                    // The steps in flight free blocks or let this sequence's turn come again.
+                    break;
+                }
                 self.preempt(i);
                 continue;
             }
@@ -354,7 +396,7 @@ impl<'a> Scheduler<'a> {
             budget -= n_new;
             i += 1;
         }
-        while budget > 0 && self.running.len() < self.config.max_running {
+        while budget > 0 && self.running.len() < self.config.max_running && plan.len() < max_seqs {
             let Some(seq) = self.waiting.front_mut() else { break };
             if seq.blocks.is_empty() {
                 let (blocks, last_hash) = self.blocks.match_prefix(&seq.tokens);
@@ -390,12 +432,48 @@ impl<'a> Scheduler<'a> {
     }
 
     /// Runs one step: schedules, runs the model once over the batch, samples, streams, and
-    /// retires finished requests. Does nothing when there is no work.
+    /// retires finished requests. Does nothing when there is no work. On a pipeline
+    /// ([`Executor::pipeline_depth`] above 1), first submits steps for the sequences no step
+    /// holds until that many are in flight, then finishes the oldest.
     pub fn step(&mut self, executor: &Executor<'_>, tokenizer: &Tokenizer) -> Result<()> {
         self.reap_cancelled();
-        let plan = self.schedule();
+        let depth = executor.pipeline_depth().max(1);
+        while self.in_flight.len() < depth && self.submit(executor, depth)? {}
+        match self.in_flight.pop_front() {
+            Some(step) => {
+                let logits = executor.collect(step.step);
+                self.finish_step(
+                    step.id,
+                    &step.plan,
+                    step.wants_logits,
+                    step.candidates,
+                    step.n_rows,
+                    logits,
+                    tokenizer,
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Steps submitted and not yet finished.
+    pub fn steps_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Schedules a step and submits it; false when there is nothing to run.
+    fn submit(&mut self, executor: &Executor<'_>, depth: usize) -> Result<bool> {
+        // A pipeline's steps share the sequences: each takes about a depth-th of them, so that
+        // all of them are in flight at once.
+        let max_seqs = if depth > 1 {
+            let active = (self.running.len() + self.waiting.len()).min(self.config.max_running);
+            active.div_ceil(depth).max(1)
+        } else {
+            usize::MAX
+        };
+        let plan = self.schedule(max_seqs);
         if plan.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut batch = ForwardBatch::new(self.config.block_size);
         let mut wants_logits = Vec::with_capacity(plan.len());
@@ -426,20 +504,47 @@ impl<'a> Scheduler<'a> {
         };
         batch.set_candidates(candidates)?;
         let n_rows = wants_logits.iter().filter(|w| **w).count();
-        let output = executor.forward(&batch).and_then(|l| match candidates {
+        let id = self.next_step;
+        self.next_step += 1;
+        for &(arrival, _) in &plan {
+            let i = self.index_of(arrival).expect("planned sequences run");
+            self.running[i].in_flight = Some(id);
+        }
+        let step = executor.submit(&batch);
+        self.in_flight.push_back(InFlight { id, plan, wants_logits, candidates, n_rows, step });
+        Ok(true)
+    }
+
+    /// Takes a finished step's logits: samples, streams, and retires finished requests (those
+    /// cancelled meanwhile are gone already).
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        id: u64,
+        plan: &[(u64, usize)],
+        wants_logits: Vec<bool>,
+        candidates: Option<usize>,
+        n_rows: usize,
+        output: Result<Vec<f32>>,
+        tokenizer: &Tokenizer,
+    ) -> Result<()> {
+        let output = output.and_then(|l| match candidates {
             Some(k) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
                 "the model returned {} values for {n_rows} rows of {k} candidates",
                 l.len()
             ))),
             _ => Ok(l),
         });
+        // The step's sequences that are still here (a cancelled one was reaped meanwhile).
+        let mine =
+            |s: &Scheduler<'_>, arrival: u64| s.index_of(arrival).filter(|&i| s.running[i].in_flight == Some(id));
         let mut logits = match output {
             Ok(l) => l,
             Err(e) => {
                 // The step failed as a whole: fail its requests, keep serving the others.
                 tracing::error!(error = %e, "model step failed");
-                for &(arrival, _) in &plan {
-                    if let Some(i) = self.index_of(arrival) {
+                for &(arrival, _) in plan {
+                    if let Some(i) = mine(self, arrival) {
                         let mut seq = self.running.remove(i);
                         Self::release_blocks(&mut self.blocks, &mut seq);
                         (seq.sink)(StreamEvent::Error(format!("model step failed: {e}")));
@@ -452,8 +557,11 @@ impl<'a> Scheduler<'a> {
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
-            let i = self.index_of(arrival).expect("planned sequences run");
+            let logit_rows = if wants { row..row + 1 } else { row..row };
+            row = logit_rows.end;
+            let Some(i) = mine(self, arrival) else { continue };
             let seq = &mut self.running[i];
+            seq.in_flight = None;
             seq.n_computed += n_new;
             let full_blocks = seq.n_computed / self.config.block_size;
             while seq.n_hashed < full_blocks {
@@ -466,8 +574,7 @@ impl<'a> Scheduler<'a> {
                 continue;
             }
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
-            let logit_row = &mut logits[row * width..(row + 1) * width];
-            row += 1;
+            let logit_row = &mut logits[logit_rows.start * width..logit_rows.end * width];
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
             let sampled = if candidates.is_some() {
                 let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();

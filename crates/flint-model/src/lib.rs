@@ -26,4 +26,4 @@ pub use llama::{
 };
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};
-pub use tp::{RankInfo, RankModel, TpGroup};
+pub use tp::{RankInfo, RankModel, StepTicket, TpGroup};

@@ -83,10 +83,32 @@ struct Worker {
     aborter: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
+/// The rank threads and how many steps were sent to them and answered.
+struct Workers {
+    list: Vec<Worker>,
+    /// Steps (and other commands) sent to every rank, and answered by every rank: each rank
+    /// answers in the order it was sent, so reply `n` of every rank belongs to command `n`.
+    sent: u64,
+    answered: u64,
+}
+
+/// A step sent to the ranks by [`TpGroup::submit`] and not yet collected: pass it to
+/// [`TpGroup::collect`]. One dropped without being collected is skipped (its replies
+/// discarded) by the next collect or command.
+#[derive(Debug)]
+#[must_use = "a submitted step's outputs come from TpGroup::collect"]
+pub struct StepTicket {
+    id: u64,
+    candidates: Option<usize>,
+}
+
 /// A model split over `world` ranks, each on its own thread.
 pub struct TpGroup {
-    /// Locked for a whole step: the ranks take one step at a time.
-    workers: std::sync::Mutex<Vec<Worker>>,
+    /// Locked while commands are sent and while replies are received (not between the two: a
+    /// pipeline holds several steps in flight).
+    workers: std::sync::Mutex<Workers>,
+    /// Steps worth keeping in flight: the pipeline stages (1 for tensor parallelism alone).
+    pipeline_depth: usize,
     world: usize,
     /// The rank whose outputs are the group's (0; a pipeline's last stage).
     output_rank: usize,
@@ -187,7 +209,8 @@ impl TpGroup {
         let group = TpGroup {
             world: workers.len(),
             output_rank,
-            workers: std::sync::Mutex::new(workers),
+            workers: std::sync::Mutex::new(Workers { list: workers, sent: 0, answered: 0 }),
+            pipeline_depth: 1,
             cache_id: std::sync::atomic::AtomicU64::new(0),
             config,
             info: group_info.unwrap_or(RankInfo {
@@ -245,11 +268,47 @@ impl TpGroup {
     }
 
     /// Sends `command` to every rank: every rank's values, or the first failing rank's error.
+    /// Steps still in flight are waited for first (their outputs are lost to their tickets).
     fn broadcast_all(&self, command: impl Fn() -> Command) -> Result<Vec<Vec<f32>>> {
-        let workers = self.workers.lock().map_err(|_| Error::Sharding("a step panicked".to_string()))?;
-        for (rank, w) in workers.iter().enumerate() {
+        let mut workers = self.lock()?;
+        let id = Self::send(&mut workers, command)?;
+        Self::receive(&mut workers, id)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Workers>> {
+        self.workers.lock().map_err(|_| Error::Sharding("a step panicked".to_string()))
+    }
+
+    /// Sends `command` to every rank; its number for [`TpGroup::receive`].
+    fn send(workers: &mut Workers, command: impl Fn() -> Command) -> Result<u64> {
+        for (rank, w) in workers.list.iter().enumerate() {
             w.commands.send(command()).map_err(|_| rank_gone(rank))?;
         }
+        workers.sent += 1;
+        Ok(workers.sent - 1)
+    }
+
+    /// Every rank's reply to command `id` (after discarding the replies to earlier commands
+    /// nobody collected), or the first failing rank's error.
+    fn receive(workers: &mut Workers, id: u64) -> Result<Vec<Vec<f32>>> {
+        if id < workers.answered || id >= workers.sent {
+            return Err(Error::Sharding(format!(
+                "step {id} is not waiting for its outputs (steps {}..{} are)",
+                workers.answered, workers.sent
+            )));
+        }
+        while workers.answered < id {
+            tracing::debug!(step = workers.answered, "discarding an uncollected step's outputs");
+            let _ = Self::replies(&workers.list);
+            workers.answered += 1;
+        }
+        let out = Self::replies(&workers.list);
+        workers.answered += 1;
+        out
+    }
+
+    /// One reply from every rank: their values, or the first failing rank's error.
+    fn replies(workers: &[Worker]) -> Result<Vec<Vec<f32>>> {
         use std::sync::mpsc::RecvTimeoutError;
         let mut replies: Vec<Option<Result<Vec<f32>>>> = (0..workers.len()).map(|_| None).collect();
         let mut failed_at: Option<std::time::Instant> = None;
@@ -305,14 +364,44 @@ impl TpGroup {
         }
     }
 
+    /// How many steps are worth keeping in flight ([`TpGroup::submit`] before
+    /// [`TpGroup::collect`]): the pipeline's stages, so that each works on its own step; 1
+    /// without a pipeline.
+    pub fn pipeline_depth(&self) -> usize {
+        self.pipeline_depth
+    }
+
+    /// The same group, declaring `depth` pipeline stages (see [`TpGroup::pipeline_depth`]).
+    pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth.max(1);
+        self
+    }
+
     /// One step on every rank, over the caches of the latest [`TpGroup::new_kv_cache`]: the
     /// output rank's logits; with [`ForwardBatch::set_candidates`], the candidates of the ranks
     /// holding the LM head (the output rank's stage: ranks `output_rank..world`), merged, so
     /// that no rank gathers the whole vocabulary's logits.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
+        let ticket = self.submit(batch)?;
+        self.collect(ticket)
+    }
+
+    /// Sends a step to every rank and returns at once: a pipeline's first stage starts it while
+    /// the later stages still work on earlier steps. Its outputs (as [`TpGroup::forward`]'s)
+    /// come from [`TpGroup::collect`]; steps finish in the order they were submitted, and each
+    /// rank works on the KV blocks a step names in that order too, so a block that an earlier
+    /// step still writes may be handed to a later step.
+    pub fn submit(&self, batch: &ForwardBatch) -> Result<StepTicket> {
         let shared = Arc::new(batch.clone());
-        let mut all = self.broadcast_all(|| Command::Forward(shared.clone()))?;
-        match batch.candidates() {
+        let id = Self::send(&mut *self.lock()?, || Command::Forward(shared.clone()))?;
+        Ok(StepTicket { id, candidates: batch.candidates() })
+    }
+
+    /// Waits for a submitted step: the output rank's logits (or merged candidates), or the
+    /// first failing rank's error. Earlier steps not collected yet are waited for and dropped.
+    pub fn collect(&self, ticket: StepTicket) -> Result<Vec<f32>> {
+        let mut all = Self::receive(&mut *self.lock()?, ticket.id)?;
+        match ticket.candidates {
             None => Ok(std::mem::take(&mut all[self.output_rank])),
             Some(k) => {
                 // Ranks that return no rows (a CUDA rank other than the output rank) add nothing.
@@ -323,15 +412,27 @@ impl TpGroup {
         }
     }
 
-    /// [`TpGroup::forward`] over the caches `cache_id` names; an error if newer caches replaced
+    /// [`TpGroup::submit`] over the caches `cache_id` names; an error if newer caches replaced
     /// them.
-    pub fn forward_in(&self, batch: &ForwardBatch, cache_id: u64) -> Result<Vec<f32>> {
+    pub fn submit_in(&self, batch: &ForwardBatch, cache_id: u64) -> Result<StepTicket> {
+        self.check_cache(cache_id)?;
+        self.submit(batch)
+    }
+
+    fn check_cache(&self, cache_id: u64) -> Result<()> {
         let current = self.cache_id.load(std::sync::atomic::Ordering::Acquire);
         if cache_id != current {
             return Err(Error::Sharding(format!(
                 "KV cache {cache_id} was replaced by cache {current}: ranks keep one cache at a time"
             )));
         }
+        Ok(())
+    }
+
+    /// [`TpGroup::forward`] over the caches `cache_id` names; an error if newer caches replaced
+    /// them.
+    pub fn forward_in(&self, batch: &ForwardBatch, cache_id: u64) -> Result<Vec<f32>> {
+        self.check_cache(cache_id)?;
         self.forward(batch)
     }
 
@@ -351,7 +452,7 @@ impl TpGroup {
 
 impl Drop for TpGroup {
     fn drop(&mut self) {
-        let workers = self.workers.get_mut().unwrap_or_else(|p| p.into_inner());
+        let workers = &mut self.workers.get_mut().unwrap_or_else(|p| p.into_inner()).list;
         for w in workers.iter_mut() {
             // Closing the channel ends the thread's loop.
             let (dead, _) = channel();
