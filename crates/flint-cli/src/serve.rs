@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
+    /// With --pp: steps kept in flight at once, each over its own share of the running requests
+    /// [default: --pp, a step per stage]; 1 runs one step at a time through the stages.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    steps_in_flight: Option<u32>,
     /// Processes (on this host or others) sharing the --tp x --pp ranks evenly (stage by stage):
     /// node 0 serves requests, the others run their ranks' steps for it. On GPUs, a node's ranks
     /// take its GPUs 0, 1, ...; pipeline stages across nodes run on GPUs only.
@@ -154,6 +158,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let nodes = multi_node(&args)?;
+    if let Some(n) = args.steps_in_flight {
+        anyhow::ensure!(args.pp > 1 || n == 1, "--steps-in-flight {n} goes with --pp above 1 (pipeline stages)");
+    }
     let model_path = crate::resolve_model(args.model)?;
     let sizing = crate::generate::CudaSizing {
         max_seqs: args.max_running as usize,
@@ -165,7 +172,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tp: args.tp as usize,
         pp: args.pp as usize,
     };
-    let engine = match nodes {
+    let mut engine = match nodes {
         None => load_engine(&model_path, args.device, sizing)?,
         Some(nodes) => {
             let use_cuda = match args.device {
@@ -222,6 +229,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             flint_engine::Engine::with_group(group, tokenizer)
         }
     };
+    if let Some(n) = args.steps_in_flight {
+        engine.set_steps_in_flight(n as usize);
+    }
     let block_size = args.block_size as usize;
     let n_blocks = match engine.fixed_limits() {
         // The GPU sized its cache from free memory at load.

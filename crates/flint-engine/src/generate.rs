@@ -240,6 +240,16 @@ impl Engine {
         Engine { runtime: Runtime::Parallel(Box::new(group)), config, tokenizer }
     }
 
+    /// On a pipeline, how many steps the scheduler keeps in flight (by default its stages);
+    /// nothing to change on one device or tensor-parallel ranks alone.
+    pub fn set_steps_in_flight(&mut self, n: usize) {
+        if let Runtime::Parallel(group) = &mut self.runtime
+            && group.pipeline_depth() > 1
+        {
+            group.set_pipeline_depth(n);
+        }
+    }
+
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
     }

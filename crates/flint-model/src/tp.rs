@@ -373,8 +373,13 @@ impl TpGroup {
 
     /// The same group, declaring `depth` pipeline stages (see [`TpGroup::pipeline_depth`]).
     pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
-        self.pipeline_depth = depth.max(1);
+        self.set_pipeline_depth(depth);
         self
+    }
+
+    /// Sets how many steps are worth keeping in flight (at least 1).
+    pub fn set_pipeline_depth(&mut self, depth: usize) {
+        self.pipeline_depth = depth.max(1);
     }
 
     /// One step on every rank, over the caches of the latest [`TpGroup::new_kv_cache`]: the

@@ -384,23 +384,52 @@ fn fp8_model_matches_the_cpu_emulation() {
 /// Three sequences of different lengths prefilled together, then decoded together (a graph
 /// bucket of 4 with a padding row): logits of every step, `[3, vocab]` each.
 fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    three_sequences(prompt, steps, false).iter().map(|round| forward(&round[0])).collect()
+}
+
+/// [`run_batched`]'s rounds, each one batch of the three sequences or (`apart`) a batch per
+/// sequence.
+fn three_sequences(prompt: &[u32], steps: usize, apart: bool) -> Vec<Vec<ForwardBatch>> {
     let lens = [prompt.len(), prompt.len() / 2, 5];
     let per = (prompt.len() + steps + 1).div_ceil(16);
     let tables: Vec<Vec<u32>> = (0..3).map(|s| ((s * per) as u32..((s + 1) * per) as u32).collect()).collect();
-    let mut b = ForwardBatch::new(16);
-    for s in 0..3 {
-        b.push_sequence(&prompt[..lens[s]], 0, &tables[s], Logits::Last).expect("batch");
-    }
-    let mut out = vec![forward(&b)];
-    for step in 0..steps {
-        let mut b = ForwardBatch::new(16);
-        for s in 0..3 {
-            b.push_sequence(&[prompt[(step + s) % prompt.len()]], lens[s] + step, &tables[s], Logits::Last)
-                .expect("batch");
+    (0..=steps)
+        .map(|round| {
+            let mut batches = vec![ForwardBatch::new(16)];
+            for s in 0..3 {
+                if apart && s > 0 {
+                    batches.push(ForwardBatch::new(16));
+                }
+                let b = batches.last_mut().expect("a batch");
+                if round == 0 {
+                    b.push_sequence(&prompt[..lens[s]], 0, &tables[s], Logits::Last).expect("batch");
+                } else {
+                    let step = round - 1;
+                    b.push_sequence(&[prompt[(step + s) % prompt.len()]], lens[s] + step, &tables[s], Logits::Last)
+                        .expect("batch");
+                }
+            }
+            batches
+        })
+        .collect()
+}
+
+/// [`run_batched`]'s sequences as a step each, `in_flight` steps submitted to the group before
+/// the oldest is collected (as the scheduler keeps a pipeline full): the rounds' logits.
+fn run_pipelined(group: &flint_model::TpGroup, prompt: &[u32], steps: usize, in_flight: usize) -> Vec<Vec<f32>> {
+    let rounds = three_sequences(prompt, steps, true);
+    let mut tickets = std::collections::VecDeque::new();
+    let mut singles = Vec::new();
+    for b in rounds.iter().flatten() {
+        if tickets.len() == in_flight {
+            singles.push(group.collect(tickets.pop_front().expect("in flight")).expect("collect"));
         }
-        out.push(forward(&b));
+        tickets.push_back(group.submit(b).expect("submit"));
     }
-    out
+    for t in tickets {
+        singles.push(group.collect(t).expect("collect"));
+    }
+    singles.chunks(3).map(|c| c.concat()).collect()
 }
 
 /// Tensor-parallel ranks x pipeline stages this machine can run (beyond one GPU).
@@ -500,6 +529,13 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 let batched = run_batched(&|b| group.forward(b).expect("step"), &r.prompt, 8);
                 let worst_batched = batched.iter().zip(&one_batched).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
                 assert!(worst_batched <= 2e-2, "{what}: batched steps vs one GPU {worst_batched:.3e}");
+                if pp > 1 {
+                    // A step per stage in flight (and one more), each a sequence of its own.
+                    let piped = run_pipelined(&group, &r.prompt, 8, pp + 1);
+                    let worst = piped.iter().zip(&one_batched).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+                    assert!(worst <= 2e-2, "{what}: steps in flight vs one GPU {worst:.3e}");
+                    eprintln!("{what}: {} steps in flight, worst rel err {worst:.2e} vs one GPU", pp + 1);
+                }
                 // Steps asked for candidates: each rank's top k of its vocabulary part, gathered
                 // and merged, equal to the top k of the same steps' gathered logits.
                 let vocab = config.vocab_size;

@@ -395,6 +395,7 @@ fn tensor_parallel_over_three_processes_serves_the_reference() {
         &flint(&["serve", "--model", &model, "--tp", "2", "--nnodes", "3", "--master-addr", "127.0.0.1:1"]),
         "do not split evenly",
     );
+    assert_clean_failure(&flint(&["serve", "--model", &model, "--steps-in-flight", "2"]), "goes with --pp");
     // Pipeline stages across processes need GPUs (their activations cross over NCCL).
     assert_clean_failure(
         &flint(&[
