@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// A GGUF file or a Hugging Face model directory [default: $FLINT_MODEL, else the fetched SmolLM2]
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Serve a released architecture with random weights instead of a checkpoint (GPU only; for
+    /// load tests): llama-3.2-1b, llama-3.1-8b, llama-3.3-70b. Prompts are tokenized as bytes.
+    #[arg(long, conflicts_with = "model")]
+    random_weights: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
@@ -161,7 +165,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(n) = args.steps_in_flight {
         anyhow::ensure!(args.pp > 1 || n == 1, "--steps-in-flight {n} goes with --pp above 1 (pipeline stages)");
     }
-    let model_path = crate::resolve_model(args.model)?;
+    if args.random_weights.is_some() {
+        anyhow::ensure!(args.device != DeviceArg::Cpu, "--random-weights runs on the GPU only");
+    }
+    let model_path = match &args.random_weights {
+        Some(preset) => PathBuf::from(format!("{preset}-random")),
+        None => crate::resolve_model(args.model)?,
+    };
     let sizing = crate::generate::CudaSizing {
         max_seqs: args.max_running as usize,
         max_batch_tokens: args.max_batch_tokens as usize,
@@ -172,9 +182,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tp: args.tp as usize,
         pp: args.pp as usize,
     };
-    let mut engine = match nodes {
-        None => load_engine(&model_path, args.device, sizing)?,
-        Some(nodes) => {
+    let mut engine = match (nodes, &args.random_weights) {
+        (None, Some(preset)) => crate::generate::random_engine(preset, sizing)?,
+        (None, None) => load_engine(&model_path, args.device, sizing)?,
+        (Some(_), Some(_)) => anyhow::bail!("--random-weights runs in one process (no --nnodes)"),
+        (Some(nodes), None) => {
             let use_cuda = match args.device {
                 DeviceArg::Cpu => false,
                 DeviceArg::Cuda => true,

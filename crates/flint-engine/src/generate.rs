@@ -259,6 +259,13 @@ impl Engine {
         match &self.runtime {
             Runtime::Backend { backend, .. } => backend.device().to_string(),
             Runtime::Cuda(m) => format!("cuda:{} ({})", m.gpu().ordinal(), m.gpu().name()),
+            Runtime::Parallel(g) if g.pipeline_stages() > 1 => format!(
+                "{} x {} ({} pipeline stages of {} tensor-parallel ranks)",
+                g.world_size(),
+                g.info().device,
+                g.pipeline_stages(),
+                g.world_size() / g.pipeline_stages()
+            ),
             Runtime::Parallel(g) => format!("{} x {} (tensor parallel)", g.world_size(), g.info().device),
         }
     }

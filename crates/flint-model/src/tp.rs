@@ -109,6 +109,8 @@ pub struct TpGroup {
     workers: std::sync::Mutex<Workers>,
     /// Steps worth keeping in flight: the pipeline stages (1 for tensor parallelism alone).
     pipeline_depth: usize,
+    /// Pipeline stages the ranks form (1 for tensor parallelism alone).
+    stages: usize,
     world: usize,
     /// The rank whose outputs are the group's (0; a pipeline's last stage).
     output_rank: usize,
@@ -211,6 +213,7 @@ impl TpGroup {
             output_rank,
             workers: std::sync::Mutex::new(Workers { list: workers, sent: 0, answered: 0 }),
             pipeline_depth: 1,
+            stages: 1,
             cache_id: std::sync::atomic::AtomicU64::new(0),
             config,
             info: group_info.unwrap_or(RankInfo {
@@ -371,10 +374,17 @@ impl TpGroup {
         self.pipeline_depth
     }
 
-    /// The same group, declaring `depth` pipeline stages (see [`TpGroup::pipeline_depth`]).
-    pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
-        self.set_pipeline_depth(depth);
+    /// The same group, declaring that its ranks form `stages` pipeline stages (a step per stage
+    /// in flight: [`TpGroup::pipeline_depth`]).
+    pub fn with_pipeline_depth(mut self, stages: usize) -> Self {
+        self.stages = stages.max(1);
+        self.set_pipeline_depth(stages);
         self
+    }
+
+    /// Pipeline stages the ranks form (1 without a pipeline).
+    pub fn pipeline_stages(&self) -> usize {
+        self.stages
     }
 
     /// Sets how many steps are worth keeping in flight (at least 1).

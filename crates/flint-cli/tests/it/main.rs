@@ -396,6 +396,11 @@ fn tensor_parallel_over_three_processes_serves_the_reference() {
         "do not split evenly",
     );
     assert_clean_failure(&flint(&["serve", "--model", &model, "--steps-in-flight", "2"]), "goes with --pp");
+    assert_clean_failure(&flint(&["serve", "--device", "cpu", "--random-weights", "llama-3.1-8b"]), "GPU only");
+    assert_clean_failure(
+        &flint(&["serve", "--model", &model, "--random-weights", "llama-3.1-8b"]),
+        "cannot be used with",
+    );
     // Pipeline stages across processes need GPUs (their activations cross over NCCL).
     assert_clean_failure(
         &flint(&[
