@@ -76,8 +76,9 @@ pub struct ServeArgs {
     /// 0..tp*pp of this machine over NCCL, or CPU threads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pp: u32,
-    /// With --pp: steps kept in flight at once, each over its own share of the running requests
-    /// [default: --pp, a step per stage]; 1 runs one step at a time through the stages.
+    /// Steps kept in flight at once, each over its own share of the running requests (with
+    /// --pp or --tp above 1) [default: --pp, a step per stage]; 1 runs one step at a time. Above
+    /// 1 with --tp alone, a step's sampling and streaming overlap the next step on the GPUs.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     steps_in_flight: Option<u32>,
     /// Processes (on this host or others) sharing the --tp x --pp ranks evenly (stage by stage):
@@ -163,7 +164,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let nodes = multi_node(&args)?;
     if let Some(n) = args.steps_in_flight {
-        anyhow::ensure!(args.pp > 1 || n == 1, "--steps-in-flight {n} goes with --pp above 1 (pipeline stages)");
+        anyhow::ensure!(
+            args.tp * args.pp > 1 || n == 1,
+            "--steps-in-flight {n} goes with --pp or --tp above 1 (rank threads that take steps in order)"
+        );
     }
     if args.random_weights.is_some() {
         anyhow::ensure!(args.device != DeviceArg::Cpu, "--random-weights runs on the GPU only");

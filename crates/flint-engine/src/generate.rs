@@ -240,12 +240,11 @@ impl Engine {
         Engine { runtime: Runtime::Parallel(Box::new(group)), config, tokenizer }
     }
 
-    /// On a pipeline, how many steps the scheduler keeps in flight (by default its stages);
-    /// nothing to change on one device or tensor-parallel ranks alone.
+    /// On ranks that take steps in order (a pipeline, tensor-parallel ranks), how many steps the
+    /// scheduler keeps in flight, each over its own sequences (by default a pipeline's stages);
+    /// nothing to change on one device.
     pub fn set_steps_in_flight(&mut self, n: usize) {
-        if let Runtime::Parallel(group) = &mut self.runtime
-            && group.pipeline_depth() > 1
-        {
+        if let Runtime::Parallel(group) = &mut self.runtime {
             group.set_pipeline_depth(n);
         }
     }

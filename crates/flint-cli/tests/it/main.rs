@@ -395,7 +395,7 @@ fn tensor_parallel_over_three_processes_serves_the_reference() {
         &flint(&["serve", "--model", &model, "--tp", "2", "--nnodes", "3", "--master-addr", "127.0.0.1:1"]),
         "do not split evenly",
     );
-    assert_clean_failure(&flint(&["serve", "--model", &model, "--steps-in-flight", "2"]), "goes with --pp");
+    assert_clean_failure(&flint(&["serve", "--model", &model, "--steps-in-flight", "2"]), "goes with --pp or --tp");
     assert_clean_failure(&flint(&["serve", "--device", "cpu", "--random-weights", "llama-3.1-8b"]), "GPU only");
     assert_clean_failure(
         &flint(&["serve", "--model", &model, "--random-weights", "llama-3.1-8b"]),
