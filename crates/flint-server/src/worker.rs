@@ -105,6 +105,7 @@ fn publish(scheduler: &Scheduler<'_>, shared: &Mutex<SchedulerStats>) {
     metrics::gauge!("flint_kv_blocks_used").set(s.kv_blocks_used as f64);
     metrics::gauge!("flint_kv_blocks_total").set(s.kv_blocks_total as f64);
     metrics::gauge!("flint_kv_blocks_cached").set(s.kv_blocks_cached as f64);
+    metrics::gauge!("flint_steps_in_flight").set(scheduler.steps_in_flight() as f64);
 }
 
 fn run(
