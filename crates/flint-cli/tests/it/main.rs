@@ -149,6 +149,14 @@ fn tensor_parallel_generation_on_the_cpu() {
     let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
     assert_eq!(ids, case.token_ids);
     assert!(json["device"].as_str().is_some_and(|d| d.starts_with("3 x cpu")), "{}", json["device"]);
+    // Two pipeline stages: the same tokens.
+    let args = ["generate", "--device", "cpu", "--pp", "2", "--model", &model, "--prompt", &case.prompt];
+    let out = flint(&[&args[..], &["--max-tokens", &max, "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+    assert_eq!(ids, case.token_ids);
+    assert!(json["device"].as_str().is_some_and(|d| d.contains("2 pipeline stages")), "{}", json["device"]);
     let out = flint(&["generate", "--device", "cpu", "--tp", "2", "--model", &model, "--prompt", "hi"]);
     assert_clean_failure(&out, "9 attention heads do not split over 2 ranks");
     assert_clean_failure(&flint(&["generate", "--tp", "0", "--prompt", "hi"]), "--tp");
