@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving through pipeline stages on a multi-GPU machine, under closed-loop loads from
 # `flint bench --server` at each concurrency of CONCS (prompt PROMPT, output OUTPUT tokens,
-# 3 x concurrency requests). LAYOUTS (default: "--pp N --steps-in-flight 1", "--pp N",
+# REQ_MULT (default 3) x concurrency requests). LAYOUTS (default: "--pp N --steps-in-flight 1", "--pp N",
 # "--tp N" over all N GPUs) each serve PRESET (default llama-3.1-8b): a checkpoint saved by
 # transformers, or with RANDOM=1 the preset's random weights made on the GPUs (for models too
 # big to save quickly). From the repository root with .gpu/bundle carried; logs under $OUT.
@@ -32,8 +32,8 @@ for layout in "${LAYOUTS[@]}"; do
   pid=$!
   for _ in $(seq 600); do grep -q "serving" "$OUT/serve-$tag.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
   for c in ${CONCS:-128}; do
-    echo "== $PRESET $layout: concurrency $c, $((3 * c)) requests, prompt ${PROMPT:-128}, output ${OUTPUT:-128}"
-    timeout ${LIMIT:-150} $B/flint bench --server 127.0.0.1:$port --num-requests $((3 * c)) --concurrency $c \
+    echo "== $PRESET $layout: concurrency $c, $((${REQ_MULT:-3} * c)) requests, prompt ${PROMPT:-128}, output ${OUTPUT:-128}"
+    timeout ${LIMIT:-150} $B/flint bench --server 127.0.0.1:$port --num-requests $((${REQ_MULT:-3} * c)) --concurrency $c \
       --prompt-len ${PROMPT:-128} --output-len ${OUTPUT:-128} > "$OUT/load-$tag-c$c.txt" 2>&1
     grep -E "throughput|TPOT|TTFT|failed" "$OUT/load-$tag-c$c.txt"
   done
