@@ -368,6 +368,8 @@ mod scheduling {
         let stats = scheduler.stats();
         assert!(stats.preemptions > 0, "the test must exercise preemption: {stats:?}");
         assert!(stats.prefix_hit_tokens > 0, "the test must exercise prefix reuse: {stats:?}");
+        // The model's time and the host's are both accounted, per finished step.
+        assert!(stats.steps > 0 && stats.model_wait_us > 0 && stats.host_us > 0, "{stats:?}");
         assert_eq!(stats.kv_blocks_used, 0, "every block is free after the run: {stats:?}");
         assert_eq!((stats.running, stats.waiting), (0, 0));
         for (out, want, round) in expected {

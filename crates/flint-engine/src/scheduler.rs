@@ -112,6 +112,13 @@ pub struct SchedulerStats {
     pub kv_blocks_cached: usize,
     pub preemptions: u64,
     pub prefix_hit_tokens: u64,
+    /// Steps finished.
+    pub steps: u64,
+    /// Microseconds spent in [`Scheduler::step`] waiting for the model (running a step, or
+    /// collecting one in flight), and the rest of it (scheduling, sampling, streaming): the
+    /// host's share of a step, which the GPUs wait for unless a pipeline keeps steps in flight.
+    pub model_wait_us: u64,
+    pub host_us: u64,
 }
 
 struct Sequence<'a> {
@@ -177,6 +184,9 @@ pub struct Scheduler<'a> {
     /// Steps submitted and not yet finished, oldest first.
     in_flight: VecDeque<InFlight>,
     next_step: u64,
+    steps: u64,
+    model_wait: std::time::Duration,
+    host: std::time::Duration,
 }
 
 /// A step a pipeline is running: what it computes for whom.
@@ -236,6 +246,9 @@ impl<'a> Scheduler<'a> {
             prefix_hit_tokens: 0,
             in_flight: VecDeque::new(),
             next_step: 0,
+            steps: 0,
+            model_wait: std::time::Duration::ZERO,
+            host: std::time::Duration::ZERO,
         })
     }
 
@@ -304,6 +317,9 @@ impl<'a> Scheduler<'a> {
             kv_blocks_cached: self.blocks.n_cached(),
             preemptions: self.preemptions,
             prefix_hit_tokens: self.prefix_hit_tokens,
+            steps: self.steps,
+            model_wait_us: self.model_wait.as_micros() as u64,
+            host_us: self.host.as_micros() as u64,
         }
     }
 
@@ -436,12 +452,23 @@ impl<'a> Scheduler<'a> {
     /// ([`Executor::pipeline_depth`] above 1), first submits steps for the sequences no step
     /// holds until that many are in flight, then finishes the oldest.
     pub fn step(&mut self, executor: &Executor<'_>, tokenizer: &Tokenizer) -> Result<()> {
+        let start = Instant::now();
+        let waited_before = self.model_wait;
+        let out = self.step_inner(executor, tokenizer);
+        self.host += start.elapsed().saturating_sub(self.model_wait - waited_before);
+        out
+    }
+
+    fn step_inner(&mut self, executor: &Executor<'_>, tokenizer: &Tokenizer) -> Result<()> {
         self.reap_cancelled();
         let depth = executor.pipeline_depth().max(1);
         while self.in_flight.len() < depth && self.submit(executor, depth)? {}
         match self.in_flight.pop_front() {
             Some(step) => {
+                let t = Instant::now();
                 let logits = executor.collect(step.step);
+                self.model_wait += t.elapsed();
+                self.steps += 1;
                 self.finish_step(
                     step.id,
                     &step.plan,
@@ -510,7 +537,10 @@ impl<'a> Scheduler<'a> {
             let i = self.index_of(arrival).expect("planned sequences run");
             self.running[i].in_flight = Some(id);
         }
+        // One device runs the step here; a pipeline only hands it to its ranks.
+        let t = Instant::now();
         let step = executor.submit(&batch);
+        self.model_wait += t.elapsed();
         self.in_flight.push_back(InFlight { id, plan, wants_logits, candidates, n_rows, step });
         Ok(true)
     }

@@ -106,6 +106,9 @@ fn publish(scheduler: &Scheduler<'_>, shared: &Mutex<SchedulerStats>) {
     metrics::gauge!("flint_kv_blocks_total").set(s.kv_blocks_total as f64);
     metrics::gauge!("flint_kv_blocks_cached").set(s.kv_blocks_cached as f64);
     metrics::gauge!("flint_steps_in_flight").set(scheduler.steps_in_flight() as f64);
+    metrics::counter!("flint_steps_total").absolute(s.steps);
+    metrics::counter!("flint_step_model_wait_microseconds_total").absolute(s.model_wait_us);
+    metrics::counter!("flint_step_host_microseconds_total").absolute(s.host_us);
 }
 
 fn run(

@@ -307,6 +307,8 @@ fn serve_bench_metrics_and_sigterm() {
         "flint_time_per_output_token_seconds",
         "flint_kv_blocks_used 0",
         "flint_steps_in_flight 0",
+        "flint_steps_total",
+        "flint_step_host_microseconds_total",
         "flint_generation_tokens_total 24",
     ];
     let mut metrics = http_get(metrics_port, "/metrics");
