@@ -27,7 +27,8 @@ fi
 port=50200
 for layout in "${LAYOUTS[@]}"; do
   tag=$(echo "$layout" | tr -d ' -')
-  $B/flint serve --device cuda $layout "${MODEL[@]}" --port $port --max-running ${RUNNING:-512} \
+  mport=$((port + 1000))
+  $B/flint serve --device cuda $layout "${MODEL[@]}" --port $port --metrics-port $mport --max-running ${RUNNING:-512} \
     --max-batch-tokens ${BATCH_TOKENS:-2048} --max-model-len 1024 > "$OUT/serve-$tag.log" 2>&1 &
   pid=$!
   for _ in $(seq 600); do grep -q "serving" "$OUT/serve-$tag.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
@@ -37,6 +38,9 @@ for layout in "${LAYOUTS[@]}"; do
       --prompt-len ${PROMPT:-128} --output-len ${OUTPUT:-128} > "$OUT/load-$tag-c$c.txt" 2>&1
     grep -E "throughput|TPOT|TTFT|failed" "$OUT/load-$tag-c$c.txt"
   done
+  # The engine's time per step: waiting for the model, and the rest (scheduling, sampling, streaming).
+  python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$mport/metrics').read().decode())" \
+    | grep -E "^flint_steps_total|^flint_step_" || true
   kill -TERM $pid; wait $pid; echo "server exit $?"
   grep -iE "error|panic" "$OUT/serve-$tag.log" | head -3
   port=$((port + 1))
