@@ -384,7 +384,18 @@ mod scheduling {
     /// others finish normally.
     #[test]
     fn cancellation_and_disconnects_free_blocks() {
-        let engine = cpu_engine();
+        cancellation_and_disconnects_free_blocks_on(cpu_engine());
+    }
+
+    /// The same through 2 pipeline stages, a step per stage in flight: a request cancelled
+    /// while its step runs gives its blocks back at once, and the step's result is dropped.
+    #[test]
+    fn cancellation_and_disconnects_free_blocks_with_steps_in_flight() {
+        let engine = flint_e2e::cpu_pipeline_engine(1, 2);
+        cancellation_and_disconnects_free_blocks_on(&engine);
+    }
+
+    fn cancellation_and_disconnects_free_blocks_on(engine: &flint_engine::Engine) {
         let config =
             SchedulerConfig { block_size: 16, n_blocks: 64, max_batch_tokens: 256, max_running: 8, max_waiting: 8 };
         let cache = engine.new_kv_cache(config.n_blocks, config.block_size).unwrap();
@@ -412,7 +423,9 @@ mod scheduling {
             .add(engine.prepare(&long("A client that leaves")).unwrap(), sink, Arc::new(AtomicBool::new(false)))
             .unwrap();
 
-        for _ in 0..5 {
+        // Until the leaving client has its three tokens (a step per stage in flight gives each
+        // request a token every few calls).
+        while *seen.lock().unwrap() < 3 {
             scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
         }
         assert!(scheduler.stats().kv_blocks_used > 0);
