@@ -398,17 +398,23 @@ mod scheduling {
     fn cancellation_and_disconnects_free_blocks_on(engine: &flint_engine::Engine) {
         let config =
             SchedulerConfig { block_size: 16, n_blocks: 64, max_batch_tokens: 256, max_running: 8, max_waiting: 8 };
-        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).unwrap();
-        let mut scheduler = Scheduler::new(config, engine.stop_ids()).unwrap();
+        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).expect("cancellation test");
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).expect("cancellation test");
         let long = |p: &str| GenerateRequest { ignore_eos: true, ..request_for("raw", p, 40) };
 
         let (kept, sink) = collector();
         scheduler
-            .add(engine.prepare(&long("The weather today")).unwrap(), sink, Arc::new(AtomicBool::new(false)))
-            .unwrap();
+            .add(
+                engine.prepare(&long("The weather today")).expect("cancellation test"),
+                sink,
+                Arc::new(AtomicBool::new(false)),
+            )
+            .expect("cancellation test");
         let cancel = Arc::new(AtomicBool::new(false));
         let (cancelled, sink) = collector();
-        scheduler.add(engine.prepare(&long("A cancelled story")).unwrap(), sink, Arc::clone(&cancel)).unwrap();
+        scheduler
+            .add(engine.prepare(&long("A cancelled story")).expect("cancellation test"), sink, Arc::clone(&cancel))
+            .expect("cancellation test");
         // A client that goes away after three tokens.
         let seen = Arc::new(Mutex::new(0usize));
         let seen_in_sink = Arc::clone(&seen);
@@ -420,23 +426,27 @@ mod scheduling {
             *n < 3
         });
         scheduler
-            .add(engine.prepare(&long("A client that leaves")).unwrap(), sink, Arc::new(AtomicBool::new(false)))
-            .unwrap();
+            .add(
+                engine.prepare(&long("A client that leaves")).expect("cancellation test"),
+                sink,
+                Arc::new(AtomicBool::new(false)),
+            )
+            .expect("cancellation test");
 
         // Until the leaving client has its three tokens (a step per stage in flight gives each
         // request a token every few calls).
-        while *seen.lock().unwrap() < 3 {
-            scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
+        while *seen.lock().expect("cancellation test") < 3 {
+            scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("cancellation test");
         }
         assert!(scheduler.stats().kv_blocks_used > 0);
         cancel.store(true, Ordering::Relaxed);
-        scheduler.step(&engine.executor(&cache), engine.tokenizer()).unwrap();
-        assert_eq!(cancelled.lock().unwrap().finish, Some(FinishReason::Cancelled));
-        assert_eq!(*seen.lock().unwrap(), 3, "the disconnected client got nothing after it left");
+        scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("cancellation test");
+        assert_eq!(cancelled.lock().expect("cancellation test").finish, Some(FinishReason::Cancelled));
+        assert_eq!(*seen.lock().expect("cancellation test"), 3, "the disconnected client got nothing after it left");
         assert_eq!(scheduler.stats().running, 1);
-        engine.run_to_completion(&mut scheduler, &cache).unwrap();
-        assert_eq!(kept.lock().unwrap().finish, Some(FinishReason::Length));
-        assert_eq!(kept.lock().unwrap().tokens.len(), 40);
+        engine.run_to_completion(&mut scheduler, &cache).expect("cancellation test");
+        assert_eq!(kept.lock().expect("cancellation test").finish, Some(FinishReason::Length));
+        assert_eq!(kept.lock().expect("cancellation test").tokens.len(), 40);
         assert_eq!(scheduler.stats().kv_blocks_used, 0);
     }
 
