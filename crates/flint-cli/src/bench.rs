@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// PROMPT:OUTPUT lengths for --preset, comma-separated.
     #[arg(long, default_value = "128:128,2048:256", requires = "preset")]
     lengths: String,
+    /// With --preset (one GPU, or --tp alone): also time each operation of a step mixing D
+    /// decodes with P prompt tokens (new sequences of 128), as a server's steps under load are.
+    #[arg(long, value_name = "D:P", requires = "preset", value_parser = parse_mixed)]
+    mixed: Option<(usize, usize)>,
     /// With --preset: run decode steps without CUDA graphs.
     #[arg(long, requires = "preset")]
     no_graphs: bool,
@@ -109,6 +113,16 @@ pub struct BenchArgs {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `D:P`: decodes and prompt tokens of a mixed step, both positive.
+fn parse_mixed(s: &str) -> Result<(usize, usize), String> {
+    let (d, p) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected DECODES:PROMPT_TOKENS"))?;
+    let num = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    match (num(d), num(p)) {
+        (Some(d), Some(p)) => Ok((d, p)),
+        _ => Err(format!("{s:?}: decodes and prompt tokens must be positive integers")),
+    }
 }
 
 struct Planned {
@@ -318,6 +332,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.tp as usize,
             args.pp as usize,
             !args.no_p2p,
+            args.mixed,
         )?;
         if !emit_json(&args, &report)? {
             crate::gpubench::print_table(&report);

@@ -136,8 +136,10 @@ pub fn run_preset(
     tp: usize,
     pp: usize,
     p2p: bool,
+    mixed: Option<(usize, usize)>,
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
+    anyhow::ensure!(mixed.is_none() || pp == 1, "--mixed times one GPU or tensor-parallel ranks (no --pp)");
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
     let gpu = Gpu::new(0)?;
@@ -145,11 +147,12 @@ pub fn run_preset(
     let bandwidth = bench::copy_bandwidth(&gpu, 1 << 31)?;
     eprintln!("copy bandwidth {:.0} GB/s", bandwidth / 1e9);
 
+    let (mixed_seqs, mixed_tokens) = mixed.map_or((0, 0), |(d, p)| (d + p.div_ceil(bench::MIXED_CHUNK), d + p));
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let max_len = lengths.iter().map(|(p, o)| p + o).max().unwrap_or(256);
     let options = CudaLlamaOptions {
-        max_batch_tokens: 8192.max(max_batch),
-        max_seqs: max_batch,
+        max_batch_tokens: 8192.max(max_batch).max(mixed_tokens),
+        max_seqs: max_batch.max(mixed_seqs),
         max_seq_len: max_len.next_multiple_of(256),
         graphs,
         gemv_max_m,
@@ -162,7 +165,7 @@ pub fn run_preset(
             Some(kv_fp8) => CudaLlamaOptions { fp8: true, kv_fp8, ..options },
             None => options,
         };
-        return run_preset_parallel(preset, config, options, gpu, bandwidth, batches, lengths, tp, pp, start);
+        return run_preset_parallel(preset, config, options, gpu, bandwidth, batches, lengths, tp, pp, mixed, start);
     }
     let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), options.clone(), 0x5eed)?;
     gpu.synchronize()?;
@@ -183,7 +186,14 @@ pub fn run_preset(
     drop(gemm);
 
     let mut skipped = Vec::new();
-    let (rows, decode_breakdown) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped);
+    let (rows, mut decode_breakdown) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped);
+    if let Some((d, p)) = mixed {
+        let context = model.options().max_seq_len.saturating_sub(2).min(256);
+        match bench::mixed_breakdown(&model, d, p, context) {
+            Ok(b) => decode_breakdown.push(b),
+            Err(e) => skipped.push(format!("mixed step {d}:{p}: {e}")),
+        }
+    }
     let weight_bytes_per_step = model.weight_bytes_per_step();
     drop(model);
 
@@ -275,6 +285,7 @@ fn run_preset_parallel(
     lengths: &[(usize, usize)],
     tp: usize,
     pp: usize,
+    mixed: Option<(usize, usize)>,
     start: Instant,
 ) -> anyhow::Result<ModelBench> {
     use flint_model::cuda::{GroupWeights, with_cuda_rank};
@@ -368,6 +379,22 @@ fn run_preset_parallel(
                 skipped.push(format!("breakdown batch {b}: {e}"));
             }
         }
+        if let Some((d, p)) = mixed {
+            let out = Arc::clone(&breakdown);
+            let job = Arc::new(move |rank: usize, model: &mut dyn RankModel| {
+                with_cuda_rank(model, |r| {
+                    let context = r.model.options().max_seq_len.saturating_sub(2).min(256);
+                    let b = bench::mixed_breakdown(&r.model, d, p, context)?;
+                    if rank == 0 {
+                        out.lock().map_err(|_| poisoned())?.push(b);
+                    }
+                    Ok(Vec::new())
+                })
+            });
+            if let Err(e) = group.run_on_all(job) {
+                skipped.push(format!("mixed step {d}:{p}: {e}"));
+            }
+        }
     }
     drop(group);
     let rows = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
@@ -400,8 +427,10 @@ fn run_preset_parallel(
 pub fn print_table(b: &ModelBench) {
     for d in &b.decode_breakdown {
         let parts: Vec<String> = d.ops.iter().map(|(l, ms)| format!("{l} {ms:.3}")).collect();
+        let prompts =
+            if d.prompt_tokens > 0 { format!(" and {} prompt tokens", d.prompt_tokens) } else { String::new() };
         println!(
-            "decode step breakdown, batch {} at {} positions ({:.3} ms eager): {}",
+            "decode step breakdown, batch {} at {} positions{prompts} ({:.3} ms eager): {}",
             d.batch,
             d.context,
             d.total_ms,

@@ -132,6 +132,10 @@ fn invalid_flags_fail_cleanly() {
         "--kv-cache-dtype fp8 runs on the GPU",
     );
     assert_clean_failure(&flint(&[&cpu[..], &["--kv-cache-dtype", "fp4"]].concat()), "fp4");
+    let bench = ["bench", "--preset", "llama-3.1-8b", "--mixed"];
+    assert_clean_failure(&flint(&[&bench[..], &["512"]].concat()), "DECODES:PROMPT_TOKENS");
+    assert_clean_failure(&flint(&[&bench[..], &["512:0"]].concat()), "positive integers");
+    assert_clean_failure(&flint(&[&bench[..], &["512:1024", "--pp", "2"]].concat()), "no --pp");
 }
 
 /// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's

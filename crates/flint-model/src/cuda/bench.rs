@@ -357,11 +357,13 @@ pub fn decode_run(
     Ok(DecodeRow::measured(model, prompt_len, output_len, batch, ttft_ms, median(times), Some(bandwidth)))
 }
 
-/// Per-operation times of one eager decode step of `batch` sequences at `context` positions.
+/// Per-operation times of one eager decode step of `batch` sequences at `context` positions
+/// (with `prompt_tokens` prompt tokens of new sequences beside them: [`mixed_breakdown`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct Breakdown {
     pub batch: usize,
     pub context: usize,
+    pub prompt_tokens: usize,
     /// (operation, milliseconds), summed over layers.
     pub ops: Vec<(String, f64)>,
     pub total_ms: f64,
@@ -382,7 +384,47 @@ pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Resu
     let steps = vec![0u64; batch];
     let ops = model.profile(&fb, Some((&params, &steps)))?;
     let total_ms = ops.iter().map(|(_, ms)| ms).sum();
-    Ok(Breakdown { batch, context, ops, total_ms })
+    Ok(Breakdown { batch, context, prompt_tokens: 0, ops, total_ms })
+}
+
+/// Prompt tokens per new sequence in [`mixed_breakdown`].
+pub const MIXED_CHUNK: usize = 128;
+
+/// Per-operation times of one eager step as a server runs under load: `decodes` sequences
+/// decoding at `context` positions beside `prompt_tokens` prompt tokens of new sequences (prompts
+/// of [`MIXED_CHUNK`] tokens, the last shorter), every sequence sampling one token.
+pub fn mixed_breakdown(model: &CudaLlama, decodes: usize, prompt_tokens: usize, context: usize) -> Result<Breakdown> {
+    let bs = model.block_size();
+    let per_seq = (context + 1).div_ceil(bs);
+    let per_prompt = MIXED_CHUNK.div_ceil(bs);
+    let prompts = prompt_tokens.div_ceil(MIXED_CHUNK);
+    if per_seq * decodes + per_prompt * prompts > model.n_blocks() {
+        return Err(unsupported(format!(
+            "{decodes} sequences of {context} positions and {prompt_tokens} prompt tokens do not fit the cache"
+        )));
+    }
+    let vocab = model.config().vocab_size;
+    let mut next_block = 0u32;
+    let mut table = |n: usize| {
+        let t: Vec<u32> = (next_block..next_block + n as u32).collect();
+        next_block += n as u32;
+        t
+    };
+    let mut fb = ForwardBatch::new(bs);
+    for s in 0..decodes {
+        fb.push_sequence(&[((s * 31) % vocab) as u32], context, &table(per_seq), Logits::Last)?;
+    }
+    for p in 0..prompts {
+        let len = (prompt_tokens - p * MIXED_CHUNK).min(MIXED_CHUNK);
+        let tokens: Vec<u32> = (0..len).map(|i| ((p * 131 + i * 7) % vocab) as u32).collect();
+        fb.push_sequence(&tokens, 0, &table(per_prompt), Logits::Last)?;
+    }
+    let rows = decodes + prompts;
+    let params = vec![DeviceSampling::default(); rows];
+    let steps = vec![0u64; rows];
+    let ops = model.profile(&fb, Some((&params, &steps)))?;
+    let total_ms = ops.iter().map(|(_, ms)| ms).sum();
+    Ok(Breakdown { batch: decodes, context, prompt_tokens, ops, total_ms })
 }
 
 /// How a pipeline's sampled tokens get back to its first stage: the last stage's rank sends
