@@ -2,10 +2,13 @@
 //! its KV cache and its communicator; the caller sees one model.
 //!
 //! Every step goes to every rank (the same [`ForwardBatch`]); the ranks meet in their
-//! collectives, and the output rank's output (rank 0, or a pipeline's last stage) is the group's. A request every rank refuses the same way
-//! (a bad batch, no cache) is refused before any collective and leaves the group serving; a
-//! rank that fails inside a step aborts its communicator, so the others fail too instead of
-//! waiting, and the group reports the first failing rank's error (it is unusable from then on).
+//! collectives, and the output rank's output (rank 0, or a pipeline's last stage) is the
+//! group's. Steps may be submitted before earlier ones finish ([`TpGroup::submit`],
+//! [`TpGroup::collect`]): every rank takes them in order, so a pipeline's stages work on
+//! different steps at once. A request every rank refuses the same way (a bad batch, no cache)
+//! is refused before any collective and leaves the group serving; a rank that fails inside a
+//! step aborts its communicator, so the others fail too instead of waiting, and the group
+//! reports the first failing rank's error (it is unusable from then on).
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
