@@ -161,16 +161,14 @@ impl Executor<'_> {
         }
     }
 
-    /// Starts one step: on a pipeline, sends it to the ranks and returns while it runs; on one
+    /// Starts one step: on parallel ranks, sends it to them and returns while it runs; on one
     /// device, runs it. Its logits come from [`Executor::collect`], in submission order.
     pub fn submit(&self, batch: &ForwardBatch) -> Submitted {
         match (self.runtime, self.kv) {
-            (Runtime::Parallel(group), KvStore::Parallel { cache_id, .. }) if group.pipeline_depth() > 1 => {
-                match group.submit_in(batch, *cache_id) {
-                    Ok(ticket) => Submitted::InFlight(ticket),
-                    Err(e) => Submitted::Done(Err(e.into())),
-                }
-            }
+            (Runtime::Parallel(group), KvStore::Parallel { cache_id, .. }) => match group.submit_in(batch, *cache_id) {
+                Ok(ticket) => Submitted::InFlight(ticket),
+                Err(e) => Submitted::Done(Err(e.into())),
+            },
             _ => Submitted::Done(self.forward(batch)),
         }
     }

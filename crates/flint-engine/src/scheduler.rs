@@ -189,15 +189,20 @@ pub struct Scheduler<'a> {
     host: std::time::Duration,
 }
 
-/// A step a pipeline is running: what it computes for whom.
+/// A submitted step: what it computes for whom, and the model's handle on it.
 struct InFlight {
+    planned: Planned,
+    step: Submitted,
+}
+
+/// What a step computes for whom.
+struct Planned {
     id: u64,
     /// `(arrival, new tokens)` per sequence, in batch order.
     plan: Vec<(u64, usize)>,
+    /// Per sequence of `plan`: whether the step returns a row for it.
     wants_logits: Vec<bool>,
     candidates: Option<usize>,
-    n_rows: usize,
-    step: Submitted,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -464,20 +469,12 @@ impl<'a> Scheduler<'a> {
         let depth = executor.pipeline_depth().max(1);
         while self.in_flight.len() < depth && self.submit(executor, depth)? {}
         match self.in_flight.pop_front() {
-            Some(step) => {
+            Some(InFlight { planned, step }) => {
                 let t = Instant::now();
-                let logits = executor.collect(step.step);
+                let logits = executor.collect(step);
                 self.model_wait += t.elapsed();
                 self.steps += 1;
-                self.finish_step(
-                    step.id,
-                    &step.plan,
-                    step.wants_logits,
-                    step.candidates,
-                    step.n_rows,
-                    logits,
-                    tokenizer,
-                )
+                self.finish_step(planned, logits, tokenizer)
             }
             None => Ok(()),
         }
@@ -530,7 +527,6 @@ impl<'a> Scheduler<'a> {
             None
         };
         batch.set_candidates(candidates)?;
-        let n_rows = wants_logits.iter().filter(|w| **w).count();
         let id = self.next_step;
         self.next_step += 1;
         for &(arrival, _) in &plan {
@@ -541,23 +537,15 @@ impl<'a> Scheduler<'a> {
         let t = Instant::now();
         let step = executor.submit(&batch);
         self.model_wait += t.elapsed();
-        self.in_flight.push_back(InFlight { id, plan, wants_logits, candidates, n_rows, step });
+        self.in_flight.push_back(InFlight { planned: Planned { id, plan, wants_logits, candidates }, step });
         Ok(true)
     }
 
     /// Takes a finished step's logits: samples, streams, and retires finished requests (those
     /// cancelled meanwhile are gone already).
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step(
-        &mut self,
-        id: u64,
-        plan: &[(u64, usize)],
-        wants_logits: Vec<bool>,
-        candidates: Option<usize>,
-        n_rows: usize,
-        output: Result<Vec<f32>>,
-        tokenizer: &Tokenizer,
-    ) -> Result<()> {
+    fn finish_step(&mut self, planned: Planned, output: Result<Vec<f32>>, tokenizer: &Tokenizer) -> Result<()> {
+        let Planned { id, plan, wants_logits, candidates } = planned;
+        let n_rows = wants_logits.iter().filter(|w| **w).count();
         let output = output.and_then(|l| match candidates {
             Some(k) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
                 "the model returned {} values for {n_rows} rows of {k} candidates",
@@ -573,7 +561,7 @@ impl<'a> Scheduler<'a> {
             Err(e) => {
                 // The step failed as a whole: fail its requests, keep serving the others.
                 tracing::error!(error = %e, "model step failed");
-                for &(arrival, _) in plan {
+                for &(arrival, _) in &plan {
                     if let Some(i) = mine(self, arrival) {
                         let mut seq = self.running.remove(i);
                         Self::release_blocks(&mut self.blocks, &mut seq);

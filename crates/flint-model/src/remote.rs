@@ -377,7 +377,7 @@ impl TpGroup {
                 Ok((Box::new(model) as Box<dyn RankModel>, info))
             }
         })
-        .map(|group| group.with_pipeline_depth(pp))
+        .map(|group| group.with_pipeline_stages(pp))
     }
 }
 

@@ -379,7 +379,7 @@ impl TpGroup {
 
     /// The same group, declaring that its ranks form `stages` pipeline stages (a step per stage
     /// in flight: [`TpGroup::pipeline_depth`]).
-    pub fn with_pipeline_depth(mut self, stages: usize) -> Self {
+    pub fn with_pipeline_stages(mut self, stages: usize) -> Self {
         self.stages = stages.max(1);
         self.set_pipeline_depth(stages);
         self

@@ -137,7 +137,7 @@ pub fn pipeline_cpu(
             StageRank { backend, model, tp_comm, pp_comm, stage, n_stages: pp, micro_batches, cache: None };
         Ok((Box::new(rank_model) as Box<dyn RankModel>, info))
     })?;
-    Ok(group.with_pipeline_depth(pp))
+    Ok(group.with_pipeline_stages(pp))
 }
 
 /// A GPU pipeline (optionally tensor-parallel per stage) on GPUs `0..tp * plan.n_stages()` of

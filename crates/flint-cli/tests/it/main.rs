@@ -146,21 +146,22 @@ fn tensor_parallel_generation_on_the_cpu() {
     let case = reference.cases.iter().find(|c| c.kind == "chat").expect("a chat case");
     let max = case.token_ids.len().to_string();
     let model = model();
-    let args = ["generate", "--device", "cpu", "--tp", "3", "--model", &model, "--prompt", &case.prompt];
-    let out = flint(&[&args[..], &["--max-tokens", &max, "--json"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
-    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+    // The case's greedy tokens with `layout`'s ranks, and the device they report.
+    let generate = |layout: &[&str]| -> (Vec<u32>, String) {
+        let args = ["generate", "--device", "cpu", "--model", &model, "--prompt", &case.prompt];
+        let out = flint(&[&args[..], layout, &["--max-tokens", &max, "--json"]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+        let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+        (ids, json["device"].as_str().unwrap_or_default().to_string())
+    };
+    let (ids, device) = generate(&["--tp", "3"]);
     assert_eq!(ids, case.token_ids);
-    assert!(json["device"].as_str().is_some_and(|d| d.starts_with("3 x cpu")), "{}", json["device"]);
+    assert!(device.starts_with("3 x cpu"), "{device}");
     // Two pipeline stages: the same tokens.
-    let args = ["generate", "--device", "cpu", "--pp", "2", "--model", &model, "--prompt", &case.prompt];
-    let out = flint(&[&args[..], &["--max-tokens", &max, "--json"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
-    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).expect("token_ids");
+    let (ids, device) = generate(&["--pp", "2"]);
     assert_eq!(ids, case.token_ids);
-    assert!(json["device"].as_str().is_some_and(|d| d.contains("2 pipeline stages")), "{}", json["device"]);
+    assert!(device.contains("2 pipeline stages"), "{device}");
     let out = flint(&["generate", "--device", "cpu", "--tp", "2", "--model", &model, "--prompt", "hi"]);
     assert_clean_failure(&out, "9 attention heads do not split over 2 ranks");
     assert_clean_failure(&flint(&["generate", "--tp", "0", "--prompt", "hi"]), "--tp");

@@ -234,7 +234,7 @@ impl TpGroup {
             let rank_model = CudaRank { model, aborts, output, micro_batches, host: Some(leave) };
             Ok((Box::new(rank_model) as Box<dyn RankModel>, info))
         })
-        .map(|group| group.with_pipeline_depth(pp))
+        .map(|group| group.with_pipeline_stages(pp))
     }
 }
 
