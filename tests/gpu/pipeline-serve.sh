@@ -4,7 +4,8 @@
 # REQ_MULT (default 3) x concurrency requests). LAYOUTS (default: "--pp N --steps-in-flight 1", "--pp N",
 # "--tp N" over all N GPUs) each serve PRESET (default llama-3.1-8b): a checkpoint saved by
 # transformers, or with RANDOM=1 the preset's random weights made on the GPUs (for models too
-# big to save quickly). From the repository root with .gpu/bundle carried; logs under $OUT.
+# big to save quickly). FLINT names another server binary to compare (default the bundle's).
+# From the repository root with .gpu/bundle carried; logs under $OUT.
 set -uo pipefail
 B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -26,9 +27,9 @@ else
 fi
 port=50200
 for layout in "${LAYOUTS[@]}"; do
-  tag=$(echo "$layout" | tr -d ' -')
+  tag=${TAG:-}$(echo "$layout" | tr -d ' -')
   mport=$((port + 1000))
-  $B/flint serve --device cuda $layout "${MODEL[@]}" --port $port --metrics-port $mport --max-running ${RUNNING:-512} \
+  ${FLINT:-$B/flint} serve --device cuda $layout "${MODEL[@]}" --port $port --metrics-port $mport --max-running ${RUNNING:-512} \
     --max-batch-tokens ${BATCH_TOKENS:-2048} --max-model-len 1024 > "$OUT/serve-$tag.log" 2>&1 &
   pid=$!
   for _ in $(seq 600); do grep -q "serving" "$OUT/serve-$tag.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done

@@ -259,6 +259,68 @@ fn batched_decode_matches_each_sequence_alone() {
     }
 }
 
+#[test]
+fn mixed_steps_match_each_sequence_alone() {
+    // A serving step mixes running decodes (leading single-token sequences: the split-K decode
+    // kernel) with a prompt chunk (prefill tiles) and, after it, another decode (a lone query in a
+    // prefill tile). Each row's logits must match the same sequence run alone within BF16 (FP8)
+    // tolerance, and the greedy token wherever the margin is clear.
+    let Some(g) = gpu() else { return };
+    let Some(dirs) = hf_dirs() else { return };
+    for fp8 in [false, true] {
+        let source = ModelSource::open(&dirs[0]).expect("open");
+        let config = source.config().expect("config");
+        let model =
+            CudaLlama::load(Arc::clone(&g), &source, config.clone(), CudaLlamaOptions { fp8, ..small_options(false) })
+                .expect("load");
+        let vocab = config.vocab_size as u32;
+        let prompt =
+            |i: usize, n: usize| -> Vec<u32> { (0..n).map(|j| ((i * 6151 + j * 7919 + 3) as u32) % vocab).collect() };
+        let prompts = [prompt(0, 37), prompt(1, 70), prompt(2, 5), prompt(3, 45)];
+        let table = |slot: usize| -> Vec<u32> { ((8 * slot) as u32..(8 * slot + 8) as u32).collect() };
+        let one = |tokens: &[u32], start: usize, t: &[u32]| -> Vec<f32> {
+            let mut b = ForwardBatch::new(16);
+            b.push_sequence(tokens, start, t, Logits::Last).expect("batch");
+            model.forward(&b).expect("forward")
+        };
+        // Alone: sequences 0..3 prefill then take one decode step; sequence 3 is only a prompt.
+        let mut next = Vec::new();
+        let mut alone = Vec::new();
+        for (i, p) in prompts.iter().enumerate().take(3) {
+            let t = argmax(&one(p, 0, &table(i)));
+            next.push(t);
+            alone.push(one(&[t], p.len(), &table(i)));
+        }
+        alone.push(one(&prompts[3], 0, &table(3)));
+        // Together, in fresh blocks: the three prompts in one prefill, then the mixed step.
+        let mut b = ForwardBatch::new(16);
+        for (i, p) in prompts.iter().enumerate().take(3) {
+            b.push_sequence(p, 0, &table(4 + i), Logits::Last).expect("batch");
+        }
+        model.forward(&b).expect("prefill");
+        let mut b = ForwardBatch::new(16);
+        b.push_sequence(&[next[0]], prompts[0].len(), &table(4), Logits::Last).expect("batch");
+        b.push_sequence(&[next[1]], prompts[1].len(), &table(5), Logits::Last).expect("batch");
+        b.push_sequence(&prompts[3], 0, &table(7), Logits::Last).expect("batch");
+        b.push_sequence(&[next[2]], prompts[2].len(), &table(6), Logits::Last).expect("batch");
+        let mixed = model.forward(&b).expect("mixed step");
+        let v = config.vocab_size;
+        // Rows of the mixed step: sequences 0, 1, 3 (the prompt), 2.
+        for (row, seq) in [0, 1, 3, 2].into_iter().enumerate() {
+            let together = &mixed[row * v..(row + 1) * v];
+            let e = rel_err(together, &alone[seq]);
+            let tol = if fp8 { 1e-1 } else { 2e-2 };
+            assert!(e <= tol, "fp8 {fp8}: sequence {seq} in the mixed step vs alone: rel err {e:.3e}");
+            let mut sorted = alone[seq].clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > if fp8 { 0.5 } else { 0.1 } {
+                assert_eq!(argmax(together), argmax(&alone[seq]), "fp8 {fp8}: sequence {seq}: greedy token changed");
+            }
+            eprintln!("mixed step (fp8 {fp8}): sequence {seq} rel err {e:.3e}");
+        }
+    }
+}
+
 /// SmolLM2 (the default model, Q4_1 GGUF dequantized to BF16) on the GPU against the committed
 /// reference whose tokens the CPU engine reproduces exactly: teacher-forced on the reference's
 /// tokens, the GPU's greedy choice must equal the reference's at every step whose top-2 margin is

@@ -291,7 +291,9 @@ impl Local {
 struct Plan {
     n_tokens: usize,
     n_tiles: usize,
-    decode_only: bool,
+    /// Leading tokens whose attention is the decode kernel's (one query each): every (padded)
+    /// token of a decode-only step, the leading single-token sequences of a mixed one.
+    decode_rows: usize,
     n_logit_rows: usize,
     logit_rows_identity: bool,
     /// Each logit row's top `k` instead of its logits (host sampling from candidates).
@@ -858,10 +860,14 @@ impl CudaLlama {
 
         let qs = batch.query_starts();
         let decode_only = is_decode_only(batch);
+        // The leading sequences with one query token each (the scheduler puts running decodes
+        // first) go through the split-K decode kernel; only the rest (prompt chunks) are cut into
+        // prefill tiles, where a lone query would fill 1 of a tile's 64 rows.
+        let decode_seqs = if decode_only { s } else { (0..s).take_while(|&i| qs[i + 1] - qs[i] == 1).count() };
         let mut tile_seq = Vec::new();
         let mut tile_start = Vec::new();
         if !decode_only {
-            for i in 0..s {
+            for i in decode_seqs..s {
                 let mut t = qs[i];
                 while t < qs[i + 1] {
                     tile_seq.push(i as i32);
@@ -936,7 +942,7 @@ impl CudaLlama {
             regions: meta,
             n_tokens: pad_to,
             n_tiles: tile_seq.len(),
-            decode_only,
+            decode_rows: if decode_only { pad_to } else { decode_seqs },
             n_logit_rows: rows.len(),
             logit_rows_identity,
             candidates: if sampling.is_some() { None } else { batch.candidates() },
@@ -1113,8 +1119,9 @@ impl CudaLlama {
                 head_dim: c.head_dim,
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
             };
-            if plan.decode_only {
-                let splits = Self::splits_for(g, lo.n_kv, n, self.max_splits);
+            if plan.decode_rows > 0 {
+                let rows = plan.decode_rows;
+                let splits = Self::splits_for(g, lo.n_kv, rows, self.max_splits);
                 ops::attention_decode(
                     g,
                     &kv,
@@ -1128,10 +1135,11 @@ impl CudaLlama {
                         counters: ws.split_counters.ptr(),
                     },
                     ws.attn.ptr(),
-                    n,
+                    rows,
                     splits,
                 )?;
-            } else {
+            }
+            if plan.n_tiles > 0 {
                 ops::attention_prefill(
                     g,
                     &kv,
