@@ -146,10 +146,13 @@ pub struct Executor<'a> {
 }
 
 impl Executor<'_> {
-    /// Whether the runtime splits the vocabulary over ranks, so that a step asking only for each
-    /// row's most likely tokens ([`ForwardBatch::set_candidates`]) saves gathering the logits.
-    pub fn vocab_parallel(&self) -> bool {
-        matches!(self.runtime, Runtime::Parallel(_))
+    /// Whether a step asking only for each row's most likely tokens
+    /// ([`ForwardBatch::set_candidates`]) saves moving the logits: a GPU picks them on the device
+    /// and reads back `2k` floats per row instead of the vocabulary, and ranks that split the
+    /// vocabulary exchange those instead of gathering it. The CPU backend samples from its own
+    /// logits in place.
+    pub fn picks_candidates(&self) -> bool {
+        matches!(self.runtime, Runtime::Parallel(_) | Runtime::Cuda(_))
     }
 
     /// How many steps are worth keeping in flight: a pipeline's stages (each works on its own

@@ -508,9 +508,10 @@ impl<'a> Scheduler<'a> {
             wants_logits.push(logits == Logits::Last);
             batch.push_sequence(&seq.tokens[seq.n_computed..end], seq.n_computed, &seq.blocks, logits)?;
         }
-        // Where the runtime splits the vocabulary over ranks and every sampled row can pick from
-        // its most likely tokens alone, only those cross between ranks and to the host.
-        let candidates = if executor.vocab_parallel() {
+        // Where the runtime picks candidates on the device (a GPU, or ranks that split the
+        // vocabulary) and every sampled row can pick from its most likely tokens alone, only
+        // those cross between ranks and to the host.
+        let candidates = if executor.picks_candidates() {
             let mut need = Some(0usize);
             for (&(arrival, _), &wants) in plan.iter().zip(&wants_logits) {
                 if !wants {
