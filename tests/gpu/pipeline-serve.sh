@@ -4,7 +4,8 @@
 # REQ_MULT (default 3) x concurrency requests). LAYOUTS (default: "--pp N --steps-in-flight 1", "--pp N",
 # "--tp N" over all N GPUs) each serve PRESET (default llama-3.1-8b): a checkpoint saved by
 # transformers, or with RANDOM=1 the preset's random weights made on the GPUs (for models too
-# big to save quickly). FLINT names another server binary to compare (default the bundle's).
+# big to save quickly). FLINT names another server binary to compare (default the bundle's);
+# LOAD_ARGS adds flags to the load generator (e.g. "--temperature 0.8 --top-p 0.95").
 # From the repository root with .gpu/bundle carried; logs under $OUT.
 set -uo pipefail
 B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -36,7 +37,7 @@ for layout in "${LAYOUTS[@]}"; do
   for c in ${CONCS:-128}; do
     echo "== $PRESET $layout: concurrency $c, $((${REQ_MULT:-3} * c)) requests, prompt ${PROMPT:-128}, output ${OUTPUT:-128}"
     timeout ${LIMIT:-150} $B/flint bench --server 127.0.0.1:$port --num-requests $((${REQ_MULT:-3} * c)) --concurrency $c \
-      --prompt-len ${PROMPT:-128} --output-len ${OUTPUT:-128} > "$OUT/load-$tag-c$c.txt" 2>&1
+      --prompt-len ${PROMPT:-128} --output-len ${OUTPUT:-128} ${LOAD_ARGS:-} > "$OUT/load-$tag-c$c.txt" 2>&1
     grep -E "throughput|TPOT|TTFT|failed" "$OUT/load-$tag-c$c.txt"
   done
   # The engine's time per step: waiting for the model, and the rest (scheduling, sampling, streaming).

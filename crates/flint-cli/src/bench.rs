@@ -104,6 +104,15 @@ pub struct BenchArgs {
     /// Output length in tokens: N, or MIN:MAX drawn uniformly.
     #[arg(long, default_value = "128")]
     output_len: LengthRange,
+    /// Sampling temperature of every request (0: greedy, the default).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, value_parser = parse_temperature)]
+    temperature: f32,
+    /// Nucleus sampling of every request (1: off).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_top_p)]
+    top_p: Option<f32>,
+    /// Keep each request's K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
     /// Seed for prompts, lengths and arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -113,6 +122,20 @@ pub struct BenchArgs {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("{s:?}: expected a temperature >= 0 (0 is greedy)")),
+    }
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("{s:?}: expected a top-p in (0, 1]")),
+    }
 }
 
 /// `D:P`: decodes and prompt tokens of a mixed step, both positive.
@@ -128,6 +151,7 @@ fn parse_mixed(s: &str) -> Result<(usize, usize), String> {
 struct Planned {
     prompt: Vec<u32>,
     output_len: u32,
+    sampling: Option<pb::SamplingParams>,
     /// Offset from the start at which to send (open loop).
     send_at: Duration,
 }
@@ -196,6 +220,7 @@ async fn one_request(mut client: InferenceClient<Channel>, token: Option<String>
         prompt_token_ids: plan.prompt,
         max_tokens: plan.output_len,
         ignore_eos: true,
+        sampling: plan.sampling,
         ..Default::default()
     };
     let mut request = tonic::Request::new(body);
@@ -378,6 +403,12 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
     let vocab = info.vocab_size.max(2);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut send_at = Duration::ZERO;
+    let sampling = (args.temperature > 0.0 || args.top_p.is_some() || args.top_k > 0).then(|| pb::SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        ..Default::default()
+    });
     let plans: Vec<Planned> = (0..args.num_requests)
         .map(|_| {
             let n_prompt = rng.random_range(args.prompt_len.min..=args.prompt_len.max);
@@ -389,7 +420,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
                 let u: f64 = rng.random_range(f64::EPSILON..1.0);
                 send_at += Duration::from_secs_f64(-u.ln() / rate);
             }
-            Planned { prompt, output_len, send_at }
+            Planned { prompt, output_len, send_at, sampling: sampling.clone() }
         })
         .collect();
 
@@ -442,10 +473,18 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
         server: uri,
         model: info.model,
         device: info.device,
-        mode: match args.request_rate {
-            Some(r) => format!("poisson {r} req/s"),
-            None => format!("concurrency {}", args.concurrency),
-        },
+        mode: format!(
+            "{}, {}",
+            match args.request_rate {
+                Some(r) => format!("poisson {r} req/s"),
+                None => format!("concurrency {}", args.concurrency),
+            },
+            if args.temperature > 0.0 || args.top_p.is_some() || args.top_k > 0 {
+                format!("temperature {} top-p {} top-k {}", args.temperature, args.top_p.unwrap_or(1.0), args.top_k)
+            } else {
+                "greedy".to_string()
+            }
+        ),
         requests: args.num_requests,
         succeeded: ok.len(),
         failed: outcomes.len() - ok.len(),

@@ -136,6 +136,11 @@ fn invalid_flags_fail_cleanly() {
     assert_clean_failure(&flint(&[&bench[..], &["512"]].concat()), "DECODES:PROMPT_TOKENS");
     assert_clean_failure(&flint(&[&bench[..], &["512:0"]].concat()), "positive integers");
     assert_clean_failure(&flint(&[&bench[..], &["512:1024", "--pp", "2"]].concat()), "no --pp");
+    let load = ["bench", "--server", "127.0.0.1:1"];
+    assert_clean_failure(&flint(&[&load[..], &["--temperature", "-1"]].concat()), "temperature >= 0");
+    assert_clean_failure(&flint(&[&load[..], &["--temperature", "NaN"]].concat()), "temperature >= 0");
+    assert_clean_failure(&flint(&[&load[..], &["--top-p", "1.5"]].concat()), "top-p in (0, 1]");
+    assert_clean_failure(&flint(&[&load[..], &["--top-p", "0"]].concat()), "top-p in (0, 1]");
 }
 
 /// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's
