@@ -420,7 +420,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
                 let u: f64 = rng.random_range(f64::EPSILON..1.0);
                 send_at += Duration::from_secs_f64(-u.ln() / rate);
             }
-            Planned { prompt, output_len, send_at, sampling: sampling.clone() }
+            Planned { prompt, output_len, send_at, sampling }
         })
         .collect();
 
