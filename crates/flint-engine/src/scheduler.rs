@@ -17,13 +17,12 @@
 //!   (sampled, streamed) before a new one is submitted. Sequences in flight are never
 //!   preempted; a sequence short of blocks waits for the steps in flight to finish first.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use flint_model::{ForwardBatch, Logits};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::blocks::{BlockHash, BlockManager};
@@ -574,7 +573,6 @@ impl<'a> Scheduler<'a> {
             }
         };
         let width = logits.len().checked_div(n_rows).unwrap_or(0);
-        let mut picks = self.sample_rows(id, &plan, &wants_logits, &mut logits, width, candidates.is_some());
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
@@ -594,8 +592,14 @@ impl<'a> Scheduler<'a> {
             if !wants {
                 continue;
             }
-            let Some((sampled, logprobs)) = picks.remove(&arrival) else {
-                return Err(Error::Internal(format!("no sample for request {arrival}")));
+            // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
+            let logit_row = &mut logits[logit_rows.start * width..logit_rows.end * width];
+            let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
+            let sampled = if candidates.is_some() {
+                let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
+                seq.sampler.sample_candidates(&cands)
+            } else {
+                seq.sampler.sample(logit_row)
             };
             let token = match sampled {
                 Ok(t) => t,
@@ -605,6 +609,7 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
             };
+            let logprobs = raw.map(|(top, r)| vec![logprobs_of(&r, token, top)]).unwrap_or_default();
             seq.tokens.push(token);
             seq.first_token_at.get_or_insert_with(Instant::now);
             match Self::advance(seq, tokenizer, &self.stop_ids, token, logprobs) {
@@ -626,57 +631,6 @@ impl<'a> Scheduler<'a> {
             }
         }
         Ok(())
-    }
-
-    /// Samples every logit row of step `id` (with its log-probabilities when asked), in parallel
-    /// over the sequences: each has its own sampler, and a host row of a large vocabulary takes a
-    /// fraction of a millisecond. Keyed by arrival; rows of sequences gone meanwhile are skipped.
-    fn sample_rows(
-        &mut self,
-        id: u64,
-        plan: &[(u64, usize)],
-        wants_logits: &[bool],
-        logits: &mut [f32],
-        width: usize,
-        candidates: bool,
-    ) -> HashMap<u64, (Result<u32>, Vec<TokenLogprob>)> {
-        let mut row_of = HashMap::new();
-        let mut row = 0;
-        for (&(arrival, _), &wants) in plan.iter().zip(wants_logits) {
-            if wants {
-                row_of.insert(arrival, row);
-                row += 1;
-            }
-        }
-        let mut owners: Vec<Option<(u64, &mut Sampler, Option<usize>)>> = (0..row).map(|_| None).collect();
-        for seq in self.running.iter_mut().filter(|s| s.in_flight == Some(id)) {
-            if let Some(&r) = row_of.get(&seq.arrival) {
-                owners[r] = Some((seq.arrival, &mut seq.sampler, seq.logprobs));
-            }
-        }
-        if width == 0 {
-            return HashMap::new();
-        }
-        owners
-            .into_par_iter()
-            .zip(logits.par_chunks_mut(width))
-            .filter_map(|(owner, logit_row)| {
-                let (arrival, sampler, logprobs) = owner?;
-                // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
-                let raw = logprobs.map(|top| (top, logit_row.to_vec()));
-                let sampled = if candidates {
-                    let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
-                    sampler.sample_candidates(&cands)
-                } else {
-                    sampler.sample(logit_row)
-                };
-                let lp = match (&sampled, raw) {
-                    (Ok(token), Some((top, r))) => vec![logprobs_of(&r, *token, top)],
-                    _ => Vec::new(),
-                };
-                Some((arrival, (sampled, lp)))
-            })
-            .collect()
     }
 
     /// Streams a newly sampled token and says whether the sequence is done.
