@@ -479,10 +479,9 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
                 Some(r) => format!("poisson {r} req/s"),
                 None => format!("concurrency {}", args.concurrency),
             },
-            if args.temperature > 0.0 || args.top_p.is_some() || args.top_k > 0 {
-                format!("temperature {} top-p {} top-k {}", args.temperature, args.top_p.unwrap_or(1.0), args.top_k)
-            } else {
-                "greedy".to_string()
+            match sampling {
+                Some(p) => format!("temperature {} top-p {} top-k {}", p.temperature, p.top_p.unwrap_or(1.0), p.top_k),
+                None => "greedy".to_string(),
             }
         ),
         requests: args.num_requests,
