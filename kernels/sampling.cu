@@ -5,9 +5,9 @@ using namespace flint;
 
 extern "C" __global__ void __launch_bounds__(kSampleThreads) flint_sample(const float* logits, int vocab,
                                                                          const SamplingParams* params,
-                                                                         const uint64_t* steps, uint32_t* out) {
+                                                                         uint32_t* out) {
     pdl_wait();
-    sample_row(logits, vocab, params, steps, out);
+    sample_row(logits, vocab, params, out);
 }
 
 extern "C" __global__ void __launch_bounds__(kTopKThreads) flint_top_candidates(const float* logits, int width,

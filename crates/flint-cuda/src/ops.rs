@@ -378,7 +378,9 @@ pub fn attention_prefill(
     )
 }
 
-/// Per-row sampling parameters, laid out as `SamplingParams` in sampling.cuh.
+/// Per-row sampling parameters, laid out as `SamplingParams` in sampling.cuh: the host
+/// sampler's settings and its uniform draw for this token (`flint_engine::Sampler` picks the
+/// same token from the same logits and draw).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct DeviceSampling {
@@ -388,19 +390,35 @@ pub struct DeviceSampling {
     pub top_k: i32,
     /// `>= 1`: off.
     pub top_p: f32,
-    pub pad: i32,
-    pub seed: u64,
+    /// `<= 0`: off.
+    pub min_p: f32,
+    /// Uniform in `[0, 1)`: where the inverse transform lands in the kept mass.
+    pub u: f64,
 }
 
-/// Samples one token per row of `logits [n_rows, vocab]` (f32) into `out` (u32).
-pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, steps: u64, out: u64, n_rows: usize) -> Result<()> {
+impl DeviceSampling {
+    /// Greedy (argmax, the lowest id on ties).
+    pub const GREEDY: DeviceSampling = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 };
+}
+
+/// Dynamic shared memory of `flint_sample` (mirrors `kSampleSmemBytes` in sampling.cuh).
+const SAMPLE_SMEM_BYTES: u32 = 32 * 256 * 8;
+
+/// Samples one token per row of `logits [n_rows, vocab]` (f32) into `out` (u32), with
+/// `params [n_rows]` ([`DeviceSampling`]). Launch: one block of 1024 threads per row, 64 KB of
+/// dynamic shared memory; `vocab` below 2^31.
+pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, out: u64, n_rows: usize) -> Result<()> {
+    if vocab == 0 || vocab > i32::MAX as usize {
+        return Err(crate::Error::Unsupported(format!("sampling over a vocabulary of {vocab}")));
+    }
     let v = vocab as i32;
+    gpu.set_max_dynamic_smem("flint_sample", SAMPLE_SMEM_BYTES)?;
     gpu.launch(
         "flint_sample",
         (n_rows as u32, 1, 1),
         1024,
-        0,
-        &mut [arg(&logits), arg(&v), arg(&params), arg(&steps), arg(&out)],
+        SAMPLE_SMEM_BYTES,
+        &mut [arg(&logits), arg(&v), arg(&params), arg(&out)],
     )
 }
 

@@ -155,6 +155,17 @@ impl Executor<'_> {
         matches!(self.runtime, Runtime::Parallel(_) | Runtime::Cuda(_))
     }
 
+    /// Whether a step may ask for each row's token drawn on the device
+    /// ([`ForwardBatch::set_draws`]) instead of its logits: one GPU, or a group whose output rank
+    /// draws on its GPU.
+    pub fn draws_on_device(&self) -> bool {
+        match self.runtime {
+            Runtime::Cuda(model) => model.config().vocab_size <= flint_model::MAX_DRAW_VOCAB,
+            Runtime::Parallel(group) => group.info().draws_on_device,
+            Runtime::Backend { .. } => false,
+        }
+    }
+
     /// How many steps are worth keeping in flight: a pipeline's stages (each works on its own
     /// step), 1 otherwise.
     pub fn pipeline_depth(&self) -> usize {

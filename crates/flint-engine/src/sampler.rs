@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use flint_model::Draw;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -113,8 +114,7 @@ impl Sampler {
         }
         self.apply_penalties(logits);
         let token = if self.params.is_greedy() { argmax(logits) } else { self.sample_from(logits) };
-        self.seen.insert(token, ());
-        *self.generated.entry(token).or_insert(0) += 1;
+        self.record(token);
         Ok(token)
     }
 
@@ -137,6 +137,8 @@ impl Sampler {
     }
 
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
+        // One draw per sampled token, whatever the logits (as a device draw takes it up front).
+        let u = self.rng.random::<f64>();
         let p = &self.params;
         // Candidates sorted by logit, highest first; ties keep the lower id first.
         let mut cands: Vec<(u32, f32)> =
@@ -149,14 +151,19 @@ impl Sampler {
         if cands.is_empty() {
             return argmax(logits);
         }
-        self.pick(&cands)
+        self.pick(&cands, u)
     }
 
-    /// Draws from `cands` (sorted by [`by_logit`], non-empty, already cut to `top_k`):
-    /// temperature, then top-p and min-p.
-    fn pick(&mut self, cands: &[(u32, f32)]) -> u32 {
+    /// Draws from `cands` (sorted by [`by_logit`], non-empty, already cut to `top_k`) with the
+    /// uniform `u`: temperature, then top-p and min-p. An infinite largest logit holds all the
+    /// mass: its first token. `flint_cuda`'s `flint_sample` kernel does the same over a device's
+    /// logits ([`Sampler::device_draw`]).
+    fn pick(&self, cands: &[(u32, f32)], u: f64) -> u32 {
         let p = &self.params;
         let max = cands[0].1 as f64;
+        if !max.is_finite() {
+            return cands[0].0;
+        }
         let inv_t = 1.0 / p.temperature as f64;
         let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| ((l as f64 - max) * inv_t).exp()).collect();
         let total: f64 = probs.iter().sum();
@@ -178,7 +185,7 @@ impl Sampler {
             keep = keep.min(probs.iter().take_while(|&&q| q >= threshold).count().max(1));
         }
         let kept_total: f64 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f64>() * kept_total;
+        let mut r = u * kept_total;
         for (i, q) in probs[..keep].iter().enumerate() {
             if r < *q {
                 return cands[i].0;
@@ -215,15 +222,49 @@ impl Sampler {
             return Err(Error::Internal("this sampler needs the full logits".to_string()));
         };
         let cands = &cands[..cands.len().min(needed)];
-        let token = match cands.first() {
+        let token = if self.params.is_greedy() {
             // Nothing but NaN: what argmax picks.
-            None => 0,
-            Some(&(id, _)) if self.params.is_greedy() => id,
-            Some(_) => self.pick(cands),
+            cands.first().map_or(0, |&(id, _)| id)
+        } else {
+            let u = self.rng.random::<f64>();
+            cands.first().map_or(0, |_| self.pick(cands, u))
         };
+        self.record(token);
+        Ok(token)
+    }
+
+    /// Whether a device can pick this sampler's tokens ([`Sampler::device_draw`]): no penalties.
+    pub fn draws_on_device(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+    }
+
+    /// What a device needs to pick this sampler's next token from the full logits itself
+    /// (`ForwardBatch::set_draws`): the settings and, unless greedy, this token's uniform draw
+    /// from the generator, taken now. Pass the token the device picked to
+    /// [`Sampler::accept_drawn`]. `None` when penalties apply (they depend on the history kept
+    /// here, so those rows are sampled on the host).
+    pub fn device_draw(&mut self) -> Option<Draw> {
+        if !self.draws_on_device() {
+            return None;
+        }
+        let p = &self.params;
+        if p.is_greedy() {
+            return Some(Draw { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 });
+        }
+        let top_k = u32::try_from(p.top_k).unwrap_or(u32::MAX);
+        let (temperature, top_p, min_p) = (p.temperature, p.top_p, p.min_p);
+        Some(Draw { temperature, top_k, top_p, min_p, u: self.rng.random::<f64>() })
+    }
+
+    /// Records the token a device picked with [`Sampler::device_draw`]'s draw.
+    pub fn accept_drawn(&mut self, token: u32) {
+        self.record(token);
+    }
+
+    fn record(&mut self, token: u32) {
         self.seen.insert(token, ());
         *self.generated.entry(token).or_insert(0) += 1;
-        Ok(token)
     }
 }
 

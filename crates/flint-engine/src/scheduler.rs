@@ -202,7 +202,10 @@ struct Planned {
     plan: Vec<(u64, usize)>,
     /// Per sequence of `plan`: whether the step returns a row for it.
     wants_logits: Vec<bool>,
+    /// Each row's `k` most likely tokens came back instead of its logits.
     candidates: Option<usize>,
+    /// Each row's token, drawn on the device, came back instead of its logits.
+    drawn: bool,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -528,6 +531,26 @@ impl<'a> Scheduler<'a> {
             None
         };
         batch.set_candidates(candidates)?;
+        // Otherwise, where the runtime can draw on the device and no row needs the logits on the
+        // host (penalties, log-probabilities), each row's token is drawn there with its sampler's
+        // settings and next uniform draw: one value per row crosses instead of the vocabulary.
+        let drawable = |s: &Scheduler<'_>| {
+            plan.iter().zip(&wants_logits).filter(|&(_, &wants)| wants).all(|(&(arrival, _), _)| {
+                let seq = &s.running[s.index_of(arrival).expect("planned sequences run")];
+                seq.logprobs.is_none() && seq.sampler.draws_on_device()
+            })
+        };
+        let drawn = candidates.is_none() && executor.draws_on_device() && drawable(self);
+        if drawn {
+            let mut draws = Vec::with_capacity(plan.len());
+            for (&(arrival, _), &wants) in plan.iter().zip(&wants_logits) {
+                if wants {
+                    let i = self.index_of(arrival).expect("planned sequences run");
+                    draws.push(self.running[i].sampler.device_draw().expect("checked drawable"));
+                }
+            }
+            batch.set_draws(Some(draws))?;
+        }
         let id = self.next_step;
         self.next_step += 1;
         for &(arrival, _) in &plan {
@@ -538,20 +561,23 @@ impl<'a> Scheduler<'a> {
         let t = Instant::now();
         let step = executor.submit(&batch);
         self.model_wait += t.elapsed();
-        self.in_flight.push_back(InFlight { planned: Planned { id, plan, wants_logits, candidates }, step });
+        self.in_flight.push_back(InFlight { planned: Planned { id, plan, wants_logits, candidates, drawn }, step });
         Ok(true)
     }
 
     /// Takes a finished step's logits: samples, streams, and retires finished requests (those
     /// cancelled meanwhile are gone already).
     fn finish_step(&mut self, planned: Planned, output: Result<Vec<f32>>, tokenizer: &Tokenizer) -> Result<()> {
-        let Planned { id, plan, wants_logits, candidates } = planned;
+        let Planned { id, plan, wants_logits, candidates, drawn } = planned;
         let n_rows = wants_logits.iter().filter(|w| **w).count();
         let output = output.and_then(|l| match candidates {
             Some(k) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
                 "the model returned {} values for {n_rows} rows of {k} candidates",
                 l.len()
             ))),
+            None if drawn && l.len() != n_rows => {
+                Err(Error::Internal(format!("the model returned {} tokens for {n_rows} drawn rows", l.len())))
+            }
             _ => Ok(l),
         });
         // The step's sequences that are still here (a cancelled one was reaped meanwhile).
@@ -595,7 +621,12 @@ impl<'a> Scheduler<'a> {
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
             let logit_row = &mut logits[logit_rows.start * width..logit_rows.end * width];
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
-            let sampled = if candidates.is_some() {
+            let sampled = if drawn {
+                drawn_token(logit_row[0]).map(|t| {
+                    seq.sampler.accept_drawn(t);
+                    t
+                })
+            } else if candidates.is_some() {
                 let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
                 seq.sampler.sample_candidates(&cands)
             } else {
@@ -671,6 +702,15 @@ impl<'a> Scheduler<'a> {
             seq.cancel.store(true, Ordering::Relaxed);
         }
         Ok(done)
+    }
+}
+
+/// A drawn row's value: the token id the device picked, as f32.
+fn drawn_token(v: f32) -> Result<u32> {
+    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && (v as usize) < flint_model::MAX_DRAW_VOCAB {
+        Ok(v as u32)
+    } else {
+        Err(Error::Internal(format!("the device drew {v}, which is no token id")))
     }
 }
 

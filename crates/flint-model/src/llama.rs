@@ -208,7 +208,32 @@ pub struct ForwardBatch {
     /// [`ForwardBatch::set_candidates`]).
     #[serde(default)]
     candidates: Option<usize>,
+    /// Instead of logits, each logit row's token drawn by the device (see
+    /// [`ForwardBatch::set_draws`]).
+    #[serde(default)]
+    draws: Option<Vec<Draw>>,
 }
+
+/// How the device picks one logit row's token: a host sampler's settings and its uniform draw.
+/// The device keeps what the host's sampler keeps (top-k, then top-p and min-p over the row in
+/// order of logit, ties to the lower id) and takes the token where `u` falls in the kept mass,
+/// so it picks the token the host would from the same logits. `temperature <= 0` or `top_k == 1`:
+/// greedy.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Draw {
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// Uniform in `[0, 1)`.
+    pub u: f64,
+}
+
+/// Largest vocabulary whose token ids a step returns exactly as f32 (draws).
+pub const MAX_DRAW_VOCAB: usize = 1 << 24;
 
 /// Most candidates per row a step may ask for instead of full logits.
 pub const MAX_CANDIDATES: usize = 256;
@@ -225,6 +250,7 @@ impl ForwardBatch {
             tables: Vec::new(),
             logit_rows: Vec::new(),
             candidates: None,
+            draws: None,
         }
     }
 
@@ -248,6 +274,34 @@ impl ForwardBatch {
     /// What [`ForwardBatch::set_candidates`] asked for.
     pub fn candidates(&self) -> Option<usize> {
         self.candidates
+    }
+
+    /// Asks for each logit row's token, drawn on the device with that row's [`Draw`], instead of
+    /// its logits: the step returns one value per row, the token id as f32. One draw per logit
+    /// row (set after the sequences are pushed); not with candidates. Only GPU runtimes draw
+    /// (`RankInfo::draws_on_device`); the CPU reference refuses such a batch. `None`: logits.
+    pub fn set_draws(&mut self, draws: Option<Vec<Draw>>) -> Result<()> {
+        if let Some(d) = &draws {
+            let why = if d.len() != self.logit_rows.len() {
+                Some(format!("{} draws for {} logit rows", d.len(), self.logit_rows.len()))
+            } else if self.candidates.is_some() {
+                Some("draws and candidates together".to_string())
+            } else {
+                d.iter()
+                    .find(|d| !(d.u >= 0.0 && d.u < 1.0 && d.temperature.is_finite() && d.top_p > 0.0))
+                    .map(|d| format!("an invalid draw {d:?}"))
+            };
+            if let Some(detail) = why {
+                return Err(Error::Backend(flint_tensor::Error::ShapeMismatch { op: "forward_batch", detail }));
+            }
+        }
+        self.draws = draws;
+        Ok(())
+    }
+
+    /// What [`ForwardBatch::set_draws`] asked for.
+    pub fn draws(&self) -> Option<&[Draw]> {
+        self.draws.as_deref()
     }
 
     /// Adds a sequence whose first `n_cached` positions are already in the blocks of
@@ -377,6 +431,11 @@ impl ForwardBatch {
                 );
             }
             b.candidates = self.candidates;
+            if let Some(draws) = &self.draws {
+                let first = self.logit_rows.iter().position(|&r| r >= self.query_starts[start] as usize);
+                let first = first.unwrap_or(self.logit_rows.len());
+                b.draws = Some(draws[first..first + b.logit_rows.len()].to_vec());
+            }
             out.push(b);
         }
         out
@@ -819,6 +878,12 @@ impl Llama {
                 "rank {} of {} runs with forward_batch_tp (or forward_stage) and its communicator",
                 self.shard.rank, self.shard.world
             )));
+        }
+        if batch.draws().is_some() {
+            return Err(Error::Backend(flint_tensor::Error::ShapeMismatch {
+                op: "forward_batch",
+                detail: "draws on the CPU reference, which returns logits (sample them on the host)".into(),
+            }));
         }
         let c = &self.config;
         let (n_heads, n_kv_heads, ff) = self.local_dims();

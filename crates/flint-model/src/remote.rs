@@ -72,6 +72,7 @@ fn info_to_json(info: &RankInfo) -> Vec<u8> {
         "kv_bytes_per_token": info.kv_bytes_per_token,
         "fixed_limits": info.fixed_limits.map(|(a, b, c, d)| [a, b, c, d]),
         "max_seq_len": info.max_seq_len,
+        "draws_on_device": info.draws_on_device,
     })
     .to_string()
     .into_bytes()
@@ -100,6 +101,7 @@ fn info_from_json(bytes: &[u8]) -> Result<RankInfo> {
         kv_bytes_per_token: num("kv_bytes_per_token")?,
         fixed_limits,
         max_seq_len: num("max_seq_len")?,
+        draws_on_device: v["draws_on_device"].as_bool().unwrap_or(false),
     })
 }
 
@@ -452,6 +454,7 @@ mod tests {
             kv_bytes_per_token: 96,
             fixed_limits: Some((10, 16, 256, 8)),
             max_seq_len: 512,
+            draws_on_device: true,
         };
         let (a, i) = (addr.clone(), info.clone());
         let (done, ended) = std::sync::mpsc::channel();
@@ -460,6 +463,7 @@ mod tests {
         });
         let (mut remote, got) = ranks.take(1).expect("rank 1 joins");
         assert_eq!((got.kv_bytes_per_token, got.fixed_limits, got.max_seq_len), (96, Some((10, 16, 256, 8)), 512));
+        assert!(got.draws_on_device);
         let mut batch = ForwardBatch::new(16);
         batch.push_sequence(&[1, 2, 3], 0, &[0], crate::Logits::Last).expect("batch");
         assert_eq!(remote.forward(&batch).expect("step"), vec![3.0, 3.0]);

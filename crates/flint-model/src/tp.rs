@@ -57,6 +57,8 @@ pub struct RankInfo {
     pub fixed_limits: Option<(usize, usize, usize, usize)>,
     /// Longest sequence a rank was sized for.
     pub max_seq_len: usize,
+    /// Whether the rank draws tokens on its device when a batch asks ([`ForwardBatch::set_draws`]).
+    pub draws_on_device: bool,
 }
 
 impl RankInfo {
@@ -69,6 +71,7 @@ impl RankInfo {
             kv_bytes_per_token: model.kv_bytes_per_token(),
             fixed_limits: None,
             max_seq_len: model.config().max_position_embeddings,
+            draws_on_device: false,
         }
     }
 }
@@ -225,6 +228,7 @@ impl TpGroup {
                 kv_bytes_per_token: 0,
                 fixed_limits: None,
                 max_seq_len: 0,
+                draws_on_device: false,
             }),
         };
         match first_error {

@@ -1,10 +1,13 @@
-// Token sampling on the device, one block per row of logits: greedy (argmax, lowest index on
-// ties), or temperature with top-k and top-p, seeded and reproducible.
+// Token sampling on the device, one block per row of logits, picking exactly the token the
+// host's sampler (`flint_engine::Sampler`) picks from the same logits with the same uniform draw:
+// greedy (argmax, lowest id on ties, NaN never), or temperature with top-k, top-p and min-p over
+// the row in sampling order (logit descending, ties by ascending id), then inverse transform with
+// the host's draw `u` over the kept tokens.
 //
-// Top-k/top-p keep every token whose logit is at least a threshold. The threshold is found by
-// bisection on the logit value (counts and probability mass above a candidate are block
-// reductions), so no sort is needed; tokens tied at the threshold are all kept. The token is then
-// drawn by inverse transform over the kept tokens in vocabulary order.
+// No sort: every cut is a prefix of the sampling order, found by radix selection on the logits'
+// order keys (four passes of 8 bits), by count (top-k) or by probability mass (top-p and the draw).
+// Weights are exp((logit - max) / temperature) in f64, as on the host, and are summed in a fixed
+// order (per-warp histograms, lanes in order), so a row's token is deterministic.
 #pragma once
 
 #include "common.cuh"
@@ -15,11 +18,14 @@ struct SamplingParams {
     float temperature;  // <= 0: greedy
     int top_k;          // <= 0: off
     float top_p;        // >= 1: off
-    int pad;
-    uint64_t seed;      // combined with the step for this draw
+    float min_p;        // <= 0: off
+    double u;           // the host generator's uniform draw in [0, 1)
 };
 
 constexpr int kSampleThreads = 1024;
+constexpr int kSampleWarps = kSampleThreads / 32;
+// Dynamic shared memory of flint_sample: one 256-bucket f64 histogram per warp.
+constexpr int kSampleSmemBytes = kSampleWarps * 256 * 8;
 
 __device__ __forceinline__ void argmax_pair(float& v, int& i, float ov, int oi) {
     if (ov > v || (ov == v && oi < i)) {
@@ -28,144 +34,16 @@ __device__ __forceinline__ void argmax_pair(float& v, int& i, float ov, int oi) 
     }
 }
 
-// Grid n_rows, kSampleThreads threads. logits [n_rows, vocab] f32; out_tokens [n_rows].
-__device__ __forceinline__ void sample_row(const float* logits, int vocab, const SamplingParams* params,
-                                           const uint64_t* steps, uint32_t* out_tokens) {
-    __shared__ float red_v[32];
-    __shared__ int red_i[32];
-    __shared__ float scratch[32];
-    __shared__ float chunk_mass[kSampleThreads];
-    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const float* x = logits + (size_t)row * vocab;
-    const SamplingParams p = params[row];
-
-    // Argmax (also the max for the softmax).
-    float best = -INFINITY;
-    int best_i = 0x7fffffff;
-    for (int i = tid; i < vocab; i += blockDim.x) argmax_pair(best, best_i, x[i], i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, best_i, o));
-    if (lane == 0) {
-        red_v[warp] = best;
-        red_i[warp] = best_i;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        best = lane < (int)(blockDim.x >> 5) ? red_v[lane] : -INFINITY;
-        best_i = lane < (int)(blockDim.x >> 5) ? red_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o),
-                        __shfl_xor_sync(0xffffffffu, best_i, o));
-        if (lane == 0) {
-            red_v[0] = best;
-            red_i[0] = best_i;
-        }
-    }
-    __syncthreads();
-    const float max_logit = red_v[0];
-    const int argmax = red_i[0];
-    if (!(p.temperature > 0.f) || p.top_k == 1) {
-        if (tid == 0) out_tokens[row] = (uint32_t)argmax;
-        return;
-    }
-    const float inv_t = 1.4426950408889634f / p.temperature;
-    // Total mass.
-    float local = 0.f;
-    for (int i = tid; i < vocab; i += blockDim.x) local += exp2f((x[i] - max_logit) * inv_t);
-    const float total = block_sum(local, scratch);
-
-    // Threshold by bisection: the largest logit value t such that the kept set {x >= t} has at
-    // least top_k tokens (if set) and at least top_p of the mass (if set).
-    float lo = -INFINITY, hi = max_logit;  // invariant: threshold hi is feasible... after the search
-    const bool use_k = p.top_k > 0 && p.top_k < vocab;
-    const bool use_p = p.top_p < 1.f;
-    float threshold = -INFINITY;
-    if (use_k || use_p) {
-        // Lower end: the minimum logit.
-        float mn = INFINITY;
-        for (int i = tid; i < vocab; i += blockDim.x) mn = fminf(mn, x[i]);
-        lo = -block_max(-mn, scratch);
-        // Whether keeping every token with a logit >= t meets top-k and top-p (block-wide).
-        auto keeps_enough = [&](float t) {
-            float cnt = 0.f, mass = 0.f;
-            for (int i = tid; i < vocab; i += blockDim.x) {
-                if (x[i] >= t) {
-                    cnt += 1.f;
-                    mass += exp2f((x[i] - max_logit) * inv_t);
-                }
-            }
-            cnt = block_sum(cnt, scratch);
-            mass = block_sum(mass, scratch);
-            return (!use_k || cnt >= (float)p.top_k) && (!use_p || mass >= p.top_p * total);
-        };
-        // Find the largest t in [lo, max] that keeps enough: bisect 40 times on the value.
-        float a = lo, b = hi;  // a always feasible (keeps everything), b maybe not
-        for (int it = 0; it < 40; ++it) {
-            const float mid = 0.5f * (a + b);
-            if (mid <= a || mid >= b) break;
-            if (keeps_enough(mid)) a = mid; else b = mid;
-        }
-        // b may be feasible exactly at the max (a single token holding the mass).
-        const bool b_ok = keeps_enough(b);
-        threshold = b_ok ? b : a;
-    }
-    // Inverse transform over contiguous per-thread chunks of the vocabulary.
-    const int per = (vocab + blockDim.x - 1) / blockDim.x;
-    const int c0 = min(vocab, tid * per), c1 = min(vocab, c0 + per);
-    float mine = 0.f;
-    for (int i = c0; i < c1; ++i)
-        if (x[i] >= threshold) mine += exp2f((x[i] - max_logit) * inv_t);
-    chunk_mass[tid] = mine;
-    __syncthreads();
-    // Inclusive scan (Hillis-Steele) over the chunk masses.
-    for (int o = 1; o < (int)blockDim.x; o <<= 1) {
-        const float v = tid >= o ? chunk_mass[tid - o] : 0.f;
-        __syncthreads();
-        chunk_mass[tid] += v;
-        __syncthreads();
-    }
-    const float kept = chunk_mass[blockDim.x - 1];
-    const float u = uniform01(mix64(p.seed ^ mix64(steps[row] + 0x5851f42d4c957f2dull))) * kept;
-    const float before = tid > 0 ? chunk_mass[tid - 1] : 0.f;
-    __shared__ int chosen;
-    if (tid == 0) chosen = argmax;
-    __syncthreads();
-    if (u >= before && u < chunk_mass[tid] && mine > 0.f) {
-        float run = before;
-        int pick = -1, last = -1;
-        for (int i = c0; i < c1; ++i) {
-            if (x[i] < threshold) continue;
-            last = i;
-            run += exp2f((x[i] - max_logit) * inv_t);
-            if (u < run) {
-                pick = i;
-                break;
-            }
-        }
-        chosen = pick >= 0 ? pick : last;
-    }
-    __syncthreads();
-    if (tid == 0) out_tokens[row] = (uint32_t)chosen;
-}
-
-// ---- Top-k candidates ------------------------------------------------------------------------
-//
-// Each row's k most likely entries as (id + id_offset, logit) pairs, best first, ties to the
-// lower id, NaN never taken, padded with (-1, NaN): what the host's `top_candidates` gives, so
-// a step reads back 2k floats per row instead of the vocabulary. The k-th largest logit is found
-// exactly by radix selection on order-preserving keys (four passes of 8 bits), the entries above
-// it and the first of those equal to it (in id order) are compacted, and the k are sorted.
-
-constexpr int kTopKThreads = 1024;
-constexpr int kMaxTopK = 256;
-
 // Larger float, larger key (-0 below +0, as total_cmp); 0 for NaN, which is never taken.
 __device__ __forceinline__ uint32_t order_key(float v) {
     const uint32_t u = __float_as_uint(v);
     if (isnan(v)) return 0u;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The float of a non-zero order key.
+__device__ __forceinline__ float key_value(uint32_t key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); total out.
@@ -193,6 +71,327 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
     total = scratch[n_warps - 1];
     return (warp > 0 ? scratch[warp - 1] : 0) + incl - v;
 }
+
+// Deterministic block sum of doubles (lane order, then warp order); every thread gets lane 0's.
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < n_warps ? scratch[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_down_sync(0xffffffffu, t, o);
+        if (lane == 0) scratch[32] = t;
+    }
+    __syncthreads();
+    return scratch[32];
+}
+
+__device__ __forceinline__ int block_sum_int(int v, int* scratch) {
+    int total;
+    block_exclusive_scan(v, scratch, total);
+    return total;
+}
+
+// Max (or, with `min`, min) of u32 over the block; every thread gets it.
+__device__ __forceinline__ uint32_t block_extreme_u32(uint32_t v, bool take_min, uint32_t* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const uint32_t t = __shfl_xor_sync(0xffffffffu, v, o);
+        v = take_min ? min(v, t) : max(v, t);
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    uint32_t r = scratch[0];
+    for (int w = 1; w < n_warps; ++w) r = take_min ? min(r, scratch[w]) : max(r, scratch[w]);
+    return r;
+}
+
+// A prefix of the row in sampling order: every entry whose order key is above `key`, then the
+// first `ties` entries (in id order) whose key equals it. {0, 0} is every non-NaN entry.
+struct Prefix {
+    uint32_t key;
+    int ties;
+};
+
+__device__ __forceinline__ bool shorter(Prefix a, Prefix b) {
+    return a.key > b.key || (a.key == b.key && a.ties < b.ties);
+}
+
+struct SampleRow {
+    const float* x;
+    int n;
+    double max_logit;
+    double inv_t;
+    double* warp_hist;  // [kSampleWarps][256], dynamic shared memory
+    double* merged;     // [256]
+    double* dscratch;   // [33]
+    int* iscratch;      // [32]
+    uint32_t* uscratch; // [32]
+
+    __device__ __forceinline__ double weight(float v) const { return exp(((double)v - max_logit) * inv_t); }
+
+    __device__ int count_key(uint32_t key) const {
+        int c = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) c += order_key(x[i]) == key;
+        return block_sum_int(c, iscratch);
+    }
+
+    // Mass of a prefix, and how many of its ties there are.
+    __device__ double mass_of(Prefix p, int& ties) const {
+        double local = 0.0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float v = x[i];
+            if (order_key(v) > p.key) local += weight(v);
+        }
+        const double above = block_sum_f64(local, dscratch);
+        ties = p.key == 0u ? 0 : min(p.ties, count_key(p.key));
+        return above + (ties > 0 ? (double)ties * weight(key_value(p.key)) : 0.0);
+    }
+
+    // The shortest prefix of `within` (whose tie group holds `within_ties` entries) whose mass
+    // reaches `target` (strict: exceeds it). False when even all of `within` does not.
+    __device__ bool select_mass(Prefix within, int within_ties, double target, bool strict, Prefix& out) const {
+        __shared__ uint32_t s_prefix;
+        __shared__ int s_found;
+        __shared__ double s_above;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const double within_w = within_ties > 0 ? weight(key_value(within.key)) : 0.0;
+        double* hist = warp_hist + warp * 256;
+        uint32_t prefix = 0u, mask = 0u;
+        if (threadIdx.x == 0) s_above = 0.0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = lane; b < 256; b += 32) hist[b] = 0.0;
+            __syncwarp();
+            for (int base = warp * 32; base < n; base += blockDim.x) {
+                const int i = base + lane;
+                const float v = i < n ? x[i] : __int_as_float(0x7fc00000);
+                const uint32_t key = order_key(v);
+                const bool take = key > within.key && (key & mask) == prefix;
+                if (__ballot_sync(0xffffffffu, take) == 0u) continue;
+                const int digit = take ? (int)((key >> shift) & 255u) : -1;
+                const double w = take ? weight(v) : 0.0;
+                const unsigned peers = __match_any_sync(0xffffffffu, digit);
+                double acc = 0.0;
+#pragma unroll
+                for (int src = 0; src < 32; ++src) {
+                    const double t = __shfl_sync(0xffffffffu, w, src);
+                    if ((peers >> src) & 1u) acc += t;
+                }
+                if (take && lane == __ffs(peers) - 1) hist[digit] += acc;
+                __syncwarp();
+            }
+            __syncthreads();
+            for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+                double m = 0.0;
+                for (int w = 0; w < kSampleWarps; ++w) m += warp_hist[w * 256 + b];
+                merged[b] = m;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                if (within_ties > 0 && (within.key & mask) == prefix)
+                    merged[(within.key >> shift) & 255u] += (double)within_ties * within_w;
+                double above = s_above;
+                int d = 255;
+                for (; d >= 0; --d) {
+                    if (merged[d] == 0.0) continue;
+                    const double next = above + merged[d];
+                    if (strict ? next > target : next >= target) break;
+                    above = next;
+                }
+                s_found = d >= 0;
+                s_above = above;
+                s_prefix = prefix | ((uint32_t)max(d, 0) << shift);
+            }
+            __syncthreads();
+            if (!s_found) return false;
+            prefix = s_prefix;
+            mask |= 255u << shift;
+        }
+        const int avail = prefix == within.key ? within_ties : count_key(prefix);
+        const double wt = weight(key_value(prefix));
+        const double gap = (target - s_above) / wt;
+        double j = strict ? floor(gap) + 1.0 : ceil(gap);
+        j = fmin(fmax(j, 1.0), (double)max(avail, 1));
+        out = Prefix{prefix, (int)j};
+        return true;
+    }
+
+    // The `ties`-th entry (1-based, id order) whose key is `key`.
+    __device__ int nth_with_key(uint32_t key, int ties) const {
+        __shared__ int s_id;
+        const int per = (n + blockDim.x - 1) / blockDim.x;
+        const int c0 = min(n, (int)threadIdx.x * per), c1 = min(n, c0 + per);
+        int mine = 0;
+        for (int i = c0; i < c1; ++i) mine += order_key(x[i]) == key;
+        int total;
+        const int before = block_exclusive_scan(mine, iscratch, total);
+        if (threadIdx.x == 0) s_id = 0;
+        __syncthreads();
+        const int want = min(ties, total) - 1;
+        if (want >= before && want < before + mine) {
+            int seen = before;
+            for (int i = c0; i < c1; ++i) {
+                if (order_key(x[i]) != key) continue;
+                if (seen == want) {
+                    s_id = i;
+                    break;
+                }
+                ++seen;
+            }
+        }
+        __syncthreads();
+        return s_id;
+    }
+
+    // The shortest prefix holding `k` entries (k below the count of non-NaN entries).
+    __device__ Prefix select_count(int k) const {
+        __shared__ int hist[256];
+        __shared__ uint32_t s_prefix;
+        __shared__ int s_remaining;
+        uint32_t prefix = 0u, mask = 0u;
+        int remaining = k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+            __syncthreads();
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                const uint32_t key = order_key(x[i]);
+                if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int above = 0, d = 255;
+                for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+                s_prefix = prefix | ((uint32_t)d << shift);
+                s_remaining = remaining - above;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            remaining = s_remaining;
+            mask |= 255u << shift;
+        }
+        return Prefix{prefix, remaining};
+    }
+};
+
+// Grid n_rows, kSampleThreads threads, kSampleSmemBytes dynamic shared memory.
+// logits [n_rows, vocab] f32; out_tokens [n_rows].
+__device__ __forceinline__ void sample_row(const float* logits, int vocab, const SamplingParams* params,
+                                           uint32_t* out_tokens) {
+    extern __shared__ double warp_hist[];
+    __shared__ double merged[256];
+    __shared__ double dscratch[33];
+    __shared__ int iscratch[32];
+    __shared__ uint32_t uscratch[32];
+    __shared__ float red_v[32];
+    __shared__ int red_i[32];
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* x = logits + (size_t)row * vocab;
+    const SamplingParams p = params[row];
+
+    if (!(p.temperature > 0.f) || p.top_k == 1) {
+        // Argmax; nothing but NaN gives 0, as the host's argmax.
+        float best = -INFINITY;
+        int best_i = 0x7fffffff;
+        for (int i = tid; i < vocab; i += blockDim.x) argmax_pair(best, best_i, x[i], i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, best_i, o));
+        if (lane == 0) {
+            red_v[warp] = best;
+            red_i[warp] = best_i;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) argmax_pair(best, best_i, red_v[w], red_i[w]);
+            out_tokens[row] = best_i == 0x7fffffff ? 0u : (uint32_t)best_i;
+        }
+        return;
+    }
+
+    int valid = 0;
+    uint32_t top = 0u;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const uint32_t key = order_key(x[i]);
+        valid += key != 0u;
+        top = max(top, key);
+    }
+    const int n_valid = block_sum_int(valid, iscratch);
+    top = block_extreme_u32(top, false, uscratch);
+    if (n_valid == 0) {
+        if (tid == 0) out_tokens[row] = 0u;
+        return;
+    }
+    SampleRow r{x, vocab, (double)key_value(top), 1.0 / (double)p.temperature, warp_hist, merged, dscratch,
+                iscratch, uscratch};
+    if (!isfinite(r.max_logit)) {
+        // An infinite logit holds all the mass: the first entry in sampling order.
+        const int id = r.nth_with_key(top, 1);
+        if (tid == 0) out_tokens[row] = (uint32_t)id;
+        return;
+    }
+    // Top-k, then top-p and min-p over it, as the host cuts its sorted candidates.
+    const Prefix base = p.top_k > 0 && p.top_k < n_valid ? r.select_count(p.top_k) : Prefix{0u, 0};
+    int base_ties;
+    const double base_mass = r.mass_of(base, base_ties);
+    Prefix kept = base;
+    if (p.top_p < 1.f) {
+        Prefix by_p;
+        if (r.select_mass(base, base_ties, (double)p.top_p * base_mass, false, by_p) && shorter(by_p, kept)) kept = by_p;
+    }
+    if (p.min_p > 0.f) {
+        // The host keeps w / total >= min_p * (1 / total): the entries of the base at least that
+        // likely (a prefix, since weights fall with the key), and at least the first.
+        const double threshold = (double)p.min_p * (1.0 / base_mass);
+        uint32_t lowest = 0xffffffffu;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            const float v = x[i];
+            const uint32_t key = order_key(v);
+            if (key > base.key && r.weight(v) / base_mass >= threshold) lowest = min(lowest, key);
+        }
+        lowest = block_extreme_u32(lowest, true, uscratch);
+        Prefix by_min;
+        if (base_ties > 0 && r.weight(key_value(base.key)) / base_mass >= threshold) by_min = base;
+        else if (lowest != 0xffffffffu) by_min = Prefix{lowest, 0x7fffffff};
+        else by_min = Prefix{top, 1};
+        if (shorter(by_min, kept)) kept = by_min;
+    }
+    int kept_ties;
+    const double kept_mass = r.mass_of(kept, kept_ties);
+    Prefix pick;
+    if (!r.select_mass(kept, kept_ties, p.u * kept_mass, true, pick)) {
+        // Rounding left the draw past the kept mass: the host takes the last kept entry.
+        if (kept_ties > 0) {
+            pick = Prefix{kept.key, kept_ties};
+        } else {
+            uint32_t last = 0xffffffffu;
+            for (int i = tid; i < vocab; i += blockDim.x) {
+                const uint32_t key = order_key(x[i]);
+                if (key > kept.key) last = min(last, key);
+            }
+            last = block_extreme_u32(last, true, uscratch);
+            pick = Prefix{last, 0x7fffffff};
+        }
+    }
+    const int id = r.nth_with_key(pick.key, pick.ties);
+    if (tid == 0) out_tokens[row] = (uint32_t)id;
+}
+
+// ---- Top-k candidates ------------------------------------------------------------------------
+//
+// Each row's k most likely entries as (id + id_offset, logit) pairs, best first, ties to the
+// lower id, NaN never taken, padded with (-1, NaN): what the host's `top_candidates` gives, so
+// a step reads back 2k floats per row instead of the vocabulary. The k-th largest logit is found
+// exactly by radix selection on order-preserving keys (four passes of 8 bits), the entries above
+// it and the first of those equal to it (in id order) are compacted, and the k are sorted.
+
+constexpr int kTopKThreads = 1024;
+constexpr int kMaxTopK = 256;
 
 // Grid rows, kTopKThreads threads. Row r: logits + r * ld, width entries; out [rows, 2k];
 // 1 <= k <= kMaxTopK.

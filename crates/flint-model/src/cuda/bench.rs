@@ -268,7 +268,7 @@ fn prefill(
     prompt_len: usize,
 ) -> Result<Vec<u32>> {
     let (batch, bs) = (tables.len(), model.block_size());
-    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let greedy = DeviceSampling::GREEDY;
     let budget = model.options().max_batch_tokens;
     let mut last = vec![0u32; batch];
     let mut done = vec![0usize; batch];
@@ -290,8 +290,7 @@ fn prefill(
             }
         }
         let params = vec![greedy; finishing.len()];
-        let steps = vec![0u64; finishing.len()];
-        if let StepOutput::Tokens(t) = model.step(&fb, Some((&params, &steps)))? {
+        if let StepOutput::Tokens(t) = model.step(&fb, Some(&params))? {
             for (i, &seq) in finishing.iter().enumerate() {
                 last[seq] = t[i];
             }
@@ -331,7 +330,7 @@ pub fn decode_run(
         (state % vocab) as u32
     };
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..prompt_len).map(|_| next()).collect()).collect();
-    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let greedy = DeviceSampling::GREEDY;
 
     model.gpu().synchronize()?;
     let t0 = Instant::now();
@@ -346,9 +345,8 @@ pub fn decode_run(
         for (s, table) in tables.iter().enumerate() {
             fb.push_sequence(&[last[s]], prompt_len + step - 1, table, Logits::Last)?;
         }
-        let steps = vec![step as u64; batch];
         let t = Instant::now();
-        let out = model.step(&fb, Some((&params, &steps)))?;
+        let out = model.step(&fb, Some(&params))?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         if let StepOutput::Tokens(t) = out {
             last = t;
@@ -380,9 +378,8 @@ pub fn decode_breakdown(model: &CudaLlama, batch: usize, context: usize) -> Resu
         let table: Vec<u32> = ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect();
         fb.push_sequence(&[(s as u32 * 31) % model.config().vocab_size as u32], context, &table, Logits::Last)?;
     }
-    let params = vec![DeviceSampling::default(); batch];
-    let steps = vec![0u64; batch];
-    let ops = model.profile(&fb, Some((&params, &steps)))?;
+    let params = vec![DeviceSampling::GREEDY; batch];
+    let ops = model.profile(&fb, Some(&params))?;
     let total_ms = ops.iter().map(|(_, ms)| ms).sum();
     Ok(Breakdown { batch, context, prompt_tokens: 0, ops, total_ms })
 }
@@ -420,9 +417,8 @@ pub fn mixed_breakdown(model: &CudaLlama, decodes: usize, prompt_tokens: usize, 
         fb.push_sequence(&tokens, 0, &table(per_prompt), Logits::Last)?;
     }
     let rows = decodes + prompts;
-    let params = vec![DeviceSampling::default(); rows];
-    let steps = vec![0u64; rows];
-    let ops = model.profile(&fb, Some((&params, &steps)))?;
+    let params = vec![DeviceSampling::GREEDY; rows];
+    let ops = model.profile(&fb, Some(&params))?;
     let total_ms = ops.iter().map(|(_, ms)| ms).sum();
     Ok(Breakdown { batch: decodes, context, prompt_tokens, ops, total_ms })
 }
@@ -485,7 +481,7 @@ pub fn pipeline_decode_run(
         x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
         ((x ^ (x >> 31)) % vocab) as u32
     };
-    let greedy = DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 0 };
+    let greedy = DeviceSampling::GREEDY;
     let group_of = |g: usize| (g * batch / groups)..((g + 1) * batch / groups);
 
     model.gpu().synchronize()?;
@@ -513,8 +509,7 @@ pub fn pipeline_decode_run(
                 fb.push_sequence(&[last[s]], prompt_len + step - 1, &tables[s], Logits::Last)?;
             }
             let params = vec![greedy; seqs.len()];
-            let steps = vec![step as u64; seqs.len()];
-            if let StepOutput::Tokens(sampled) = model.step(&fb, Some((&params, &steps)))?
+            if let StepOutput::Tokens(sampled) = model.step(&fb, Some(&params))?
                 && last_stage
             {
                 last[seqs.clone()].copy_from_slice(&sampled);

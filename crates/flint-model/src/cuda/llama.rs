@@ -138,6 +138,17 @@ impl Stage {
     }
 }
 
+/// A host sampler's draw as the device kernel takes it.
+fn device_sampling(d: &crate::Draw) -> DeviceSampling {
+    DeviceSampling {
+        temperature: d.temperature,
+        top_k: d.top_k.min(i32::MAX as u32) as i32,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        u: d.u,
+    }
+}
+
 /// What a step returns: sampled tokens when device sampling was asked for, else logits.
 #[derive(Clone, Debug)]
 pub enum StepOutput {
@@ -190,7 +201,6 @@ struct MetaLayout {
     logit_rows: usize,
     tables: usize,
     sampling: usize,
-    steps: usize,
     bytes: usize,
 }
 
@@ -213,7 +223,6 @@ impl MetaLayout {
         let logit_rows = take(4 * max_seqs);
         let tables = take(4 * max_seqs * max_blocks);
         let sampling = take(std::mem::size_of::<DeviceSampling>() * max_seqs);
-        let steps = take(8 * max_seqs);
         MetaLayout {
             tokens,
             positions,
@@ -226,7 +235,6 @@ impl MetaLayout {
             logit_rows,
             tables,
             sampling,
-            steps,
             bytes: at,
         }
     }
@@ -814,7 +822,7 @@ impl CudaLlama {
     }
 
     /// Checks a batch against the sizes chosen at load and lays out its metadata.
-    fn plan(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>, pad_to: usize) -> Result<Plan> {
+    fn plan(&self, batch: &ForwardBatch, sampling: Option<&[DeviceSampling]>, pad_to: usize) -> Result<Plan> {
         let n = batch.n_tokens();
         let s = batch.n_seqs();
         let o = &self.options;
@@ -852,8 +860,8 @@ impl CudaLlama {
                 return Err(shape("forward", format!("block {b} outside the cache of {}", self.n_blocks)));
             }
         }
-        if let Some((params, steps)) = sampling
-            && (params.len() != rows.len() || steps.len() != rows.len())
+        if let Some(params) = sampling
+            && params.len() != rows.len()
         {
             return Err(shape("sample", format!("{} parameter rows for {} logit rows", params.len(), rows.len())));
         }
@@ -926,17 +934,14 @@ impl CudaLlama {
         let logit_rows_identity = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
         // Rows the LM head and the sampler run over: every (padded) token, or the gathered rows.
         let sampled_rows = if logit_rows_identity { pad_to } else { rows.len() };
-        if let Some((params, steps)) = sampling {
+        if let Some(params) = sampling {
             let mut p = params.to_vec();
-            p.resize(sampled_rows, DeviceSampling::default());
+            p.resize(sampled_rows, DeviceSampling::GREEDY);
             // SAFETY: DeviceSampling is repr(C) plain data.
             let bytes = unsafe {
                 std::slice::from_raw_parts(p.as_ptr() as *const u8, p.len() * std::mem::size_of::<DeviceSampling>())
             };
             put(&mut meta, l.sampling, bytes);
-            let mut st = steps.to_vec();
-            st.resize(sampled_rows, 0);
-            put(&mut meta, l.steps, &st.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
         }
         Ok(Plan {
             regions: meta,
@@ -1302,18 +1307,18 @@ impl CudaLlama {
         }
         mark("lm_head")?;
         if sample {
-            ops::sample(g, ws.logits.ptr(), c.vocab_size, meta(l.sampling), meta(l.steps), ws.sampled.ptr(), rows_run)?;
+            ops::sample(g, ws.logits.ptr(), c.vocab_size, meta(l.sampling), ws.sampled.ptr(), rows_run)?;
             mark("sample")?;
         }
         Ok(())
     }
 
     /// Runs one step: writes the batch's keys and values into the cache and returns, for each of
-    /// its logit rows, the sampled token (when `sampling` gives per-row parameters and step
-    /// counters for the seeds) or the logits `[rows, vocab]`.
+    /// its logit rows, the sampled token (when `sampling` gives per-row parameters) or the logits
+    /// `[rows, vocab]`.
     ///
     /// Decode-only batches replay a CUDA graph of their bucket (captured on first use).
-    pub fn step(&self, batch: &ForwardBatch, sampling: Option<(&[DeviceSampling], &[u64])>) -> Result<StepOutput> {
+    pub fn step(&self, batch: &ForwardBatch, sampling: Option<&[DeviceSampling]>) -> Result<StepOutput> {
         self.run_step(batch, sampling, true)
     }
 
@@ -1322,7 +1327,7 @@ impl CudaLlama {
     pub fn step_quiet(
         &self,
         batch: &ForwardBatch,
-        sampling: Option<(&[DeviceSampling], &[u64])>,
+        sampling: Option<&[DeviceSampling]>,
     ) -> Result<StepOutput> {
         self.run_step(batch, sampling, false)
     }
@@ -1330,7 +1335,7 @@ impl CudaLlama {
     fn run_step(
         &self,
         batch: &ForwardBatch,
-        sampling: Option<(&[DeviceSampling], &[u64])>,
+        sampling: Option<&[DeviceSampling]>,
         read_back: bool,
     ) -> Result<StepOutput> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -1397,11 +1402,16 @@ impl CudaLlama {
     }
 
     /// Logits of a step (host sampling): `[rows, vocab]`, or `[rows, 2k]` candidates
-    /// (`crate::top_candidates`' layout) when the batch asks for `k`.
+    /// (`crate::top_candidates`' layout) when the batch asks for `k`, or each row's token drawn
+    /// on the device (`[rows]`, ids as f32) when it carries draws ([`ForwardBatch::set_draws`]).
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
-        match self.step(batch, None)? {
+        let params: Option<Vec<DeviceSampling>> = batch.draws().map(|d| d.iter().map(device_sampling).collect());
+        if params.is_some() && self.config.vocab_size > crate::MAX_DRAW_VOCAB {
+            return Err(unsupported("drawing tokens on the device from a vocabulary over 2^24 entries"));
+        }
+        match self.step(batch, params.as_deref())? {
             StepOutput::Logits(l) => Ok(l),
-            StepOutput::Tokens(_) => unreachable!("no sampling was asked for"),
+            StepOutput::Tokens(t) => Ok(t.into_iter().map(|t| t as f32).collect()),
         }
     }
 
@@ -1411,7 +1421,7 @@ impl CudaLlama {
     pub fn profile(
         &self,
         batch: &ForwardBatch,
-        sampling: Option<(&[DeviceSampling], &[u64])>,
+        sampling: Option<&[DeviceSampling]>,
     ) -> Result<Vec<(String, f64)>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let plan = self.plan(batch, sampling, batch.n_tokens())?;

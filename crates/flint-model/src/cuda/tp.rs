@@ -130,6 +130,7 @@ fn rank_info(gpu: &Gpu, model: &CudaLlama, options: &CudaLlamaOptions) -> RankIn
         kv_bytes_per_token: model.kv_bytes_per_token(),
         fixed_limits: Some((model.n_blocks(), model.block_size(), options.max_batch_tokens, options.max_seqs)),
         max_seq_len: options.max_seq_len,
+        draws_on_device: model.config().vocab_size <= crate::MAX_DRAW_VOCAB,
     }
 }
 
