@@ -41,6 +41,9 @@ if [[ $MODE == check || $MODE == all ]]; then
   $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -12
   echo "largest errors:"; grep "rel err" "$OUT/kernels.log" | sort -g -k2 -t'|' | awk '{print $NF, $0}' | sort -g | tail -3 | cut -d' ' -f2-
+  echo "== device draws against the host sampler"
+  $B/tests/gpu-engine --test-threads=1 --nocapture > "$OUT/draws.log" 2>&1 || status=1
+  grep -E "^test .*(ok|FAILED)$|device draws|panicked|test result" "$OUT/draws.log" | tail -4
   echo "== transformers checkpoints"
   python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
   grep -E "parameters|seed|Error" "$OUT/hf_models.log"

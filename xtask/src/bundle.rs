@@ -13,8 +13,9 @@ use anyhow::{Context, ensure};
 
 use crate::{cargo, kernels, run, workspace_root};
 
-/// Test targets that exercise the GPU: (package, test target).
-const GPU_TESTS: &[(&str, &str)] = &[("flint-cuda", "kernels"), ("flint-model", "gpu")];
+/// Test targets that exercise the GPU: (package, test target, name in the bundle's `tests/`).
+const GPU_TESTS: &[(&str, &str, &str)] =
+    &[("flint-cuda", "kernels", "kernels"), ("flint-model", "gpu", "gpu"), ("flint-engine", "gpu", "gpu-engine")];
 const LIMIT: u64 = 60 << 20;
 
 fn strip(path: &Path) {
@@ -30,9 +31,9 @@ pub fn gpu_bundle() -> anyhow::Result<PathBuf> {
 
     let mut tests = cargo();
     tests
-        .args(["test", "--release", "--no-run", "--message-format=json", "-p", "flint-cuda", "-p", "flint-model"])
+        .args(["test", "--release", "--no-run", "--message-format=json", "-p", "flint-cuda", "-p", "flint-model", "-p", "flint-engine"])
         .stdout(Stdio::piped());
-    eprintln!("$ cargo test --release --no-run -p flint-cuda -p flint-model");
+    eprintln!("$ cargo test --release --no-run -p flint-cuda -p flint-model -p flint-engine");
     let mut child = tests.spawn().context("cargo test --no-run")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
     let mut executables = Vec::new();
@@ -41,8 +42,8 @@ pub fn gpu_bundle() -> anyhow::Result<PathBuf> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
         let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else { continue };
         let package = msg["package_id"].as_str().unwrap_or_default();
-        if GPU_TESTS.iter().any(|(p, t)| package.contains(p) && name == *t) {
-            executables.push((name.to_string(), PathBuf::from(exe)));
+        if let Some((_, _, bundled)) = GPU_TESTS.iter().find(|(p, t, _)| package.contains(&format!("/{p}#")) && name == *t) {
+            executables.push((bundled.to_string(), PathBuf::from(exe)));
         }
     }
     ensure!(child.wait()?.success(), "building the GPU tests failed");

@@ -14,7 +14,7 @@ use flint_cuda::ops::{self, DeviceSampling, Epilogue, PagedKv};
 use flint_cuda::{DeviceBuffer, Gpu};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape};
 use half::bf16;
-use rand::{Rng, RngCore, SeedableRng, seq::SliceRandom};
+use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 fn gpu() -> Option<Arc<Gpu>> {
@@ -488,62 +488,54 @@ fn attention_matches_cpu_on_paged_batches() {
 }
 
 #[test]
-fn sampling_is_greedy_exact_and_respects_top_k_and_top_p() {
+fn sampling_is_greedy_exact_and_respects_top_k_top_p_and_min_p() {
     let Some(g) = gpu() else { return };
     let mut r = rng();
     let vocab = 128_256;
     let rows = 6;
     let logits: Vec<f32> = (0..rows * vocab).map(|_| r.random_range(-5.0f32..5.0)).collect();
     let lb = g.upload(&logits).expect("logits");
-    let argmax: Vec<u32> = (0..rows)
+    // Each row's entries in sampling order: logit descending, ties to the lower id.
+    let order: Vec<Vec<u32>> = (0..rows)
         .map(|row| {
             let x = &logits[row * vocab..(row + 1) * vocab];
-            (0..vocab).fold(0, |best, i| if x[i] > x[best] { i } else { best }) as u32
+            let mut idx: Vec<u32> = (0..vocab as u32).collect();
+            idx.sort_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]).then(a.cmp(&b)));
+            idx
         })
         .collect();
     let out = g.alloc(4 * rows).expect("out");
-    let draw = |params: &[DeviceSampling], step: u64| -> Vec<u32> {
+    let draw = |params: &[DeviceSampling]| -> Vec<u32> {
         let pb = g.upload(params).expect("params");
-        let sb = g.upload(&vec![step; rows]).expect("steps");
-        ops::sample(&g, lb.ptr(), vocab, pb.ptr(), sb.ptr(), out.ptr(), rows).expect("sample");
+        ops::sample(&g, lb.ptr(), vocab, pb.ptr(), out.ptr(), rows).expect("sample");
         let mut t = vec![0u32; rows];
         g.read(out.ptr(), &mut t).expect("read");
         t
     };
-    let greedy = vec![DeviceSampling { temperature: 0.0, top_k: 0, top_p: 1.0, pad: 0, seed: 1 }; rows];
-    assert_eq!(draw(&greedy, 0), argmax, "greedy is the argmax");
-    let top1 = vec![DeviceSampling { temperature: 1.0, top_k: 1, top_p: 1.0, pad: 0, seed: 2 }; rows];
-    assert_eq!(draw(&top1, 0), argmax, "top-k 1 is the argmax");
-    let tiny_p = vec![DeviceSampling { temperature: 1.0, top_k: 0, top_p: 1e-6, pad: 0, seed: 3 }; rows];
-    assert_eq!(draw(&tiny_p, 0), argmax, "a tiny top-p keeps only the most likely token");
-
-    // Top-k 5: every draw among each row's five largest logits, and more than one of them seen.
-    // Tokens tied with the fifth are kept too (the kernel keeps every logit >= its threshold;
-    // uniform f32 draws on a 1e-6 grid tie there in about one row of a hundred).
-    let top5: Vec<Vec<u32>> = (0..rows)
-        .map(|row| {
-            let x = &logits[row * vocab..(row + 1) * vocab];
-            let mut idx: Vec<u32> = (0..vocab as u32).collect();
-            idx.sort_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]));
-            let fifth = x[idx[4] as usize];
-            idx.into_iter().take_while(|&i| x[i as usize] >= fifth).collect()
-        })
-        .collect();
-    let k5 = vec![DeviceSampling { temperature: 1.0, top_k: 5, top_p: 1.0, pad: 0, seed: r.next_u64() }; rows];
-    let mut seen = std::collections::HashSet::new();
-    for step in 0..64 {
-        let t = draw(&k5, step);
+    let firsts: Vec<u32> = order.iter().map(|o| o[0]).collect();
+    let with = |temperature: f32, top_k: i32, top_p: f32, min_p: f32, u: f64| {
+        vec![DeviceSampling { temperature, top_k, top_p, min_p, u }; rows]
+    };
+    assert_eq!(draw(&vec![DeviceSampling::GREEDY; rows]), firsts, "greedy is the argmax");
+    assert_eq!(draw(&with(1.0, 1, 1.0, 0.0, 0.7)), firsts, "top-k 1 is the argmax");
+    assert_eq!(draw(&with(1.0, 0, 1e-6, 0.0, 0.9)), firsts, "a tiny top-p keeps only the most likely token");
+    assert_eq!(draw(&with(1.0, 0, 1.0, 0.0, 0.0)), firsts, "u = 0 takes the first token in order");
+    assert_eq!(draw(&with(1.0, 0, 1.0, 1.0, 0.99)), firsts, "min-p 1 keeps only the most likely token");
+    // Top-k 5 with u just below 1 takes the fifth token; spread over u, every one of the five.
+    let fifth: Vec<u32> = order.iter().map(|o| o[4]).collect();
+    assert_eq!(draw(&with(1.0, 5, 1.0, 0.0, 1.0 - 1e-12)), fifth, "the last of the top 5");
+    for step in 0..32 {
+        let u = r.random::<f64>();
+        let t = draw(&with(0.7, 5, 1.0, 0.0, u));
         for row in 0..rows {
-            assert!(top5[row].contains(&t[row]), "row {row}: token {} outside the top 5 (and its ties)", t[row]);
-            seen.insert((row, t[row]));
+            assert!(order[row][..5].contains(&t[row]), "row {row}: token {} outside the top 5", t[row]);
         }
+        let t = draw(&with(1.0, 0, 1.0, 0.0, (step as f64 + 0.5) / 32.0));
+        assert!(t.iter().all(|&t| (t as usize) < vocab));
     }
-    assert!(seen.len() > rows, "top-k 5 at temperature 1 never drew a second token");
-    // Seeded: the same seed and step give the same tokens.
-    assert_eq!(draw(&k5, 7), draw(&k5, 7));
     // Unrestricted sampling of a flat row covers many tokens.
-    let free = vec![DeviceSampling { temperature: 1.0, top_k: 0, top_p: 1.0, pad: 0, seed: r.next_u64() }; rows];
-    let distinct: std::collections::HashSet<u32> = (0..32).map(|s| draw(&free, s)[0]).collect();
+    let distinct: std::collections::HashSet<u32> =
+        (0..32).map(|s| draw(&with(1.0, 0, 1.0, 0.0, (s as f64 + 0.5) / 32.0))[0]).collect();
     assert!(distinct.len() > 16, "sampling over 128k near-uniform logits repeated itself: {} distinct", distinct.len());
 }
 

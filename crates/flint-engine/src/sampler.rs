@@ -361,6 +361,35 @@ mod tests {
     }
 
     #[test]
+    fn device_draws_take_the_generator_as_sampling_does() {
+        let p = SamplingParams { temperature: 0.8, top_p: 0.9, min_p: 0.05, top_k: 7, ..params(1.0) };
+        let mut drawn = Sampler::new(p.clone(), &[]).expect("valid");
+        let mut host = Sampler::new(p, &[]).expect("valid");
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..5 {
+            let d = drawn.device_draw().expect("no penalties");
+            assert_eq!((d.temperature, d.top_k, d.top_p, d.min_p), (0.8, 7, 0.9, 0.05));
+            assert_eq!(d.u, rng.random::<f64>(), "one uniform per token, in the generator's order");
+            // The host path takes one draw per token too, so both stay in step.
+            let t = host.sample(&mut [0.5, 0.1, 2.0]).expect("ok");
+            drawn.accept_drawn(t);
+        }
+        // Greedy draws take nothing from the generator; penalties keep rows on the host.
+        let mut greedy = Sampler::new(params(0.0), &[]).expect("valid");
+        assert_eq!(greedy.device_draw().map(|d| (d.temperature, d.u)), Some((0.0, 0.0)));
+        let mut penalized = Sampler::new(SamplingParams { presence_penalty: 0.5, ..params(1.0) }, &[]).expect("valid");
+        assert!(!penalized.draws_on_device() && penalized.device_draw().is_none());
+    }
+
+    #[test]
+    fn an_infinite_logit_takes_all_the_mass() {
+        let mut s = Sampler::new(params(1.0), &[]).expect("valid");
+        for _ in 0..10 {
+            assert_eq!(s.sample(&mut [0.0, f32::INFINITY, 3.0, f32::INFINITY]).expect("ok"), 1);
+        }
+    }
+
+    #[test]
     fn invalid_params_name_the_field() {
         let bad = SamplingParams { top_p: 1.5, ..SamplingParams::default() };
         assert!(bad.validate().expect_err("bad").to_string().contains("top_p"));
