@@ -31,7 +31,18 @@ pub fn gpu_bundle() -> anyhow::Result<PathBuf> {
 
     let mut tests = cargo();
     tests
-        .args(["test", "--release", "--no-run", "--message-format=json", "-p", "flint-cuda", "-p", "flint-model", "-p", "flint-engine"])
+        .args([
+            "test",
+            "--release",
+            "--no-run",
+            "--message-format=json",
+            "-p",
+            "flint-cuda",
+            "-p",
+            "flint-model",
+            "-p",
+            "flint-engine",
+        ])
         .stdout(Stdio::piped());
     eprintln!("$ cargo test --release --no-run -p flint-cuda -p flint-model -p flint-engine");
     let mut child = tests.spawn().context("cargo test --no-run")?;
@@ -42,7 +53,9 @@ pub fn gpu_bundle() -> anyhow::Result<PathBuf> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
         let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else { continue };
         let package = msg["package_id"].as_str().unwrap_or_default();
-        if let Some((_, _, bundled)) = GPU_TESTS.iter().find(|(p, t, _)| package.contains(&format!("/{p}#")) && name == *t) {
+        if let Some((_, _, bundled)) =
+            GPU_TESTS.iter().find(|(p, t, _)| package.contains(&format!("/{p}#")) && name == *t)
+        {
             executables.push((bundled.to_string(), PathBuf::from(exe)));
         }
     }

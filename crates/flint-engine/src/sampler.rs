@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
+use flint_model::Draw;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use flint_model::Draw;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};

@@ -103,9 +103,12 @@ fn device_draws_pick_what_the_host_sampler_picks() {
                 let want = host[i].sample(&mut logits[i].clone()).expect("host sample");
                 device[i].accept_drawn(got[i]);
                 assert_eq!(
-                    got[i], want,
+                    got[i],
+                    want,
                     "vocab {vocab}, row {i} (kind {}), step {step}: {:?} with draw {:?}",
-                    i % 4, params[i], draws[i]
+                    i % 4,
+                    params[i],
+                    draws[i]
                 );
                 checked += 1;
             }

@@ -21,8 +21,8 @@ pub mod tp;
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{
-    Draw, ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, MAX_DRAW_VOCAB, PagedKvCache, StageInput, StageOutput,
-    candidate_pairs, merge_candidates, rope_inv_freq, top_candidates,
+    Draw, ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, MAX_DRAW_VOCAB, PagedKvCache,
+    StageInput, StageOutput, candidate_pairs, merge_candidates, rope_inv_freq, top_candidates,
 };
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

@@ -1324,11 +1324,7 @@ impl CudaLlama {
 
     /// [`CudaLlama::step`] without reading anything back (it waits for the step to finish): what
     /// tensor-parallel ranks other than 0 run. Returns empty logits.
-    pub fn step_quiet(
-        &self,
-        batch: &ForwardBatch,
-        sampling: Option<&[DeviceSampling]>,
-    ) -> Result<StepOutput> {
+    pub fn step_quiet(&self, batch: &ForwardBatch, sampling: Option<&[DeviceSampling]>) -> Result<StepOutput> {
         self.run_step(batch, sampling, false)
     }
 
@@ -1418,11 +1414,7 @@ impl CudaLlama {
     /// Time per operation kind of one eager run of `batch` (events between kernels, so launch
     /// gaps are counted with the kernel that follows them): `(label, milliseconds)`, in order of
     /// first appearance, summed over layers.
-    pub fn profile(
-        &self,
-        batch: &ForwardBatch,
-        sampling: Option<&[DeviceSampling]>,
-    ) -> Result<Vec<(String, f64)>> {
+    pub fn profile(&self, batch: &ForwardBatch, sampling: Option<&[DeviceSampling]>) -> Result<Vec<(String, f64)>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let plan = self.plan(batch, sampling, batch.n_tokens())?;
         self.upload(&mut state, &plan)?;
