@@ -369,7 +369,7 @@ mod tests {
         for _ in 0..5 {
             let d = drawn.device_draw().expect("no penalties");
             assert_eq!((d.temperature, d.top_k, d.top_p, d.min_p), (0.8, 7, 0.9, 0.05));
-            assert_eq!(d.u, rng.random::<f64>(), "one uniform per token, in the generator's order");
+            assert_eq!(d.u, rand::Rng::random::<f64>(&mut rng), "one uniform per token, in the generator's order");
             // The host path takes one draw per token too, so both stay in step.
             let t = host.sample(&mut [0.5, 0.1, 2.0]).expect("ok");
             drawn.accept_drawn(t);

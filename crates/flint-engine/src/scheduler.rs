@@ -622,10 +622,7 @@ impl<'a> Scheduler<'a> {
             let logit_row = &mut logits[logit_rows.start * width..logit_rows.end * width];
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
             let sampled = if drawn {
-                drawn_token(logit_row[0]).map(|t| {
-                    seq.sampler.accept_drawn(t);
-                    t
-                })
+                drawn_token(logit_row[0]).inspect(|&t| seq.sampler.accept_drawn(t))
             } else if candidates.is_some() {
                 let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
                 seq.sampler.sample_candidates(&cands)
