@@ -123,6 +123,36 @@ __device__ __forceinline__ bool shorter(Prefix a, Prefix b) {
     return a.key > b.key || (a.key == b.key && a.ties < b.ties);
 }
 
+// The shortest prefix of a row in sampling order holding `k` entries (k below the count of its
+// non-NaN entries): the k-th largest order key, and how many entries equal to it to take.
+__device__ __forceinline__ Prefix select_by_count(const float* x, int n, int k) {
+    __shared__ int hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_remaining;
+    uint32_t prefix = 0u, mask = 0u;
+    int remaining = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const uint32_t key = order_key(x[i]);
+            if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int above = 0, d = 255;
+            for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+            s_prefix = prefix | ((uint32_t)d << shift);
+            s_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= 255u << shift;
+    }
+    return Prefix{prefix, remaining};
+}
+
 struct SampleRow {
     const float* x;
     int n;
@@ -250,33 +280,7 @@ struct SampleRow {
     }
 
     // The shortest prefix holding `k` entries (k below the count of non-NaN entries).
-    __device__ Prefix select_count(int k) const {
-        __shared__ int hist[256];
-        __shared__ uint32_t s_prefix;
-        __shared__ int s_remaining;
-        uint32_t prefix = 0u, mask = 0u;
-        int remaining = k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-            __syncthreads();
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {
-                const uint32_t key = order_key(x[i]);
-                if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                int above = 0, d = 255;
-                for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
-                s_prefix = prefix | ((uint32_t)d << shift);
-                s_remaining = remaining - above;
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            remaining = s_remaining;
-            mask |= 255u << shift;
-        }
-        return Prefix{prefix, remaining};
-    }
+    __device__ Prefix select_count(int k) const { return select_by_count(x, n, k); }
 };
 
 // Grid n_rows, kSampleThreads threads, kSampleSmemBytes dynamic shared memory.
@@ -397,10 +401,7 @@ constexpr int kMaxTopK = 256;
 // 1 <= k <= kMaxTopK.
 __device__ __forceinline__ void top_candidates_row(const float* logits, int width, int ld, int id_offset, int k,
                                                    float* out) {
-    __shared__ int hist[256];
     __shared__ int scratch[32];
-    __shared__ uint32_t s_prefix;
-    __shared__ int s_remaining;
     __shared__ uint32_t cand_key[kMaxTopK];
     __shared__ int cand_id[kMaxTopK];
     const float* x = logits + (size_t)blockIdx.x * ld;
@@ -412,31 +413,12 @@ __device__ __forceinline__ void top_candidates_row(const float* logits, int widt
     block_exclusive_scan(valid, scratch, total_valid);
     // The k-th largest key T (every valid entry when there are at most k), and how many entries
     // equal to T to take.
-    uint32_t prefix = 0u, mask = 0u;
-    int remaining = min(k, total_valid);
+    uint32_t prefix = 1u;  // every valid key is >= 1: take them all
+    int remaining = 0;
     if (total_valid > k) {
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
-            __syncthreads();
-            for (int i = tid; i < width; i += blockDim.x) {
-                const uint32_t key = order_key(x[i]);
-                if (key != 0u && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
-            }
-            __syncthreads();
-            if (tid == 0) {
-                int above = 0, d = 255;
-                for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
-                s_prefix = prefix | ((uint32_t)d << shift);
-                s_remaining = remaining - above;
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            remaining = s_remaining;
-            mask |= 255u << shift;
-        }
-    } else {
-        prefix = 1u;  // every valid key is >= 1: take them all
-        remaining = 0;
+        const Prefix kth = select_by_count(x, width, k);
+        prefix = kth.key;
+        remaining = kth.ties;
     }
     // With T = prefix: entries with key > T all go in; of those equal to T, the first
     // `remaining` in id order (contiguous chunks per thread keep id order through the scan).
