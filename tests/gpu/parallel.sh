@@ -3,8 +3,10 @@
 # .gpu/bundle carried (cargo xtask gpu-bundle). NCCL's NVLink multicast stays off.
 #   bash tests/gpu/parallel.sh check   the peer-to-peer all-reduce test, TP / PP / TP x PP
 #                                      checkpoints against one GPU and transformers, all-reduce
-#                                      latency (NCCL vs p2p) at TP 2 and 4, 8B batch 1 at TP N
-#                                      with and without the p2p all-reduce
+#                                      latency (NCCL vs p2p over both links) at TP 2 and 4, 8B
+#                                      batch 1 at TP N over each link and over NCCL alone
+#   bash tests/gpu/parallel.sh links   PRESET (default llama-3.3-70b) batch 1 at TP N over the
+#                                      flag link, the lamport link and NCCL alone, in one run
 #   bash tests/gpu/parallel.sh table   the 4-GPU table: PRESET (default llama-3.3-70b) at TP 4,
 #                                      PP 4 and TP 2 x PP 2 over BATCHES; 8B at TP 1, 2, 4
 # Logs and JSON go to $OUT (or ./gpu-out).
@@ -28,8 +30,15 @@ if [[ $MODE == check ]]; then
     [[ $w -le $N ]] || continue
     timeout 90 $B/flint bench --allreduce --tp $w --json-out "$OUT/allreduce-tp$w.json" 2>&1 | tail -9 || status=1
   done
-  for p2p in "" "--no-p2p"; do
-    timeout 100 $B/flint bench --preset llama-3.1-8b --tp $N --batches 1,16 --lengths 128:64 $p2p --json-out "$OUT/8b-tp$N$p2p.json" 2>&1 | grep -E "TP $N.*batch|breakdown" | tail -4 || status=1
+  for p2p in "--p2p-link flags" "--p2p-link lamport" "--no-p2p"; do
+    timeout 100 $B/flint bench --preset llama-3.1-8b --tp $N --batches 1,16 --lengths 128:64 $p2p --json-out "$OUT/8b-tp$N${p2p// /}.json" 2>&1 | grep -E "TP $N.*batch|breakdown" | tail -4 || status=1
+  done
+fi
+if [[ $MODE == links ]]; then
+  PRESET=${PRESET:-llama-3.3-70b}
+  for p2p in "--p2p-link flags" "--p2p-link lamport" "--no-p2p"; do
+    echo "== $PRESET TP $N $p2p"
+    timeout ${LIMIT:-150} $B/flint bench --preset $PRESET --tp $N --batches ${BATCHES:-1} --lengths ${LENGTHS:-128:64} $p2p --json-out "$OUT/links-tp$N${p2p// /}.json" 2>&1 | grep -E "TP $N.*batch|breakdown|roofline" | tail -4 || status=1
   done
 fi
 if [[ $MODE == table ]]; then

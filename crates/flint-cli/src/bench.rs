@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// With --preset and --tp: all-reduce through NCCL only (no peer-to-peer kernel).
     #[arg(long, requires = "preset")]
     no_p2p: bool,
+    /// With --preset and --tp: how the peer-to-peer all-reduce moves data: flags (a flag
+    /// barrier, then every rank reads every rank's values) or lamport (every rank pushes its
+    /// values into the peers' memory; no barrier).
+    #[arg(long, default_value = "flags", requires = "preset", conflicts_with = "no_p2p")]
+    p2p_link: flint_comm::P2pLink,
     /// Benchmark a model on the local GPU instead: random weights of this preset's shapes
     /// (llama-3.2-1b, llama-3.1-8b, llama-3.3-70b).
     #[arg(long)]
@@ -320,25 +325,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let rows = &measured.rows;
             println!(
                 "BF16 sum all-reduce, {} GPUs, mean of 50, median of 5 runs: NCCL (in place; eager and from a CUDA graph) \
-                 against the peer-to-peer one-shot kernel (graph), alone and followed by residual add + RMSNorm over rows of {}",
+                 against the peer-to-peer one-shot kernel over its flag and push (lamport) links (graph), alone and followed by \
+                 residual add + RMSNorm over rows of {}",
                 args.tp,
                 flint_comm::bench::FUSED_HIDDEN
             );
             println!(
-                "{:>10} {:>11} {:>11} {:>10} {:>11} {:>15} {:>15}",
-                "bytes", "nccl eager", "nccl graph", "bus GB/s", "p2p graph", "nccl+norm graph", "p2p+norm fused"
+                "{:>10} {:>11} {:>11} {:>10} {:>11} {:>11} {:>15} {:>15} {:>15}",
+                "bytes",
+                "nccl eager",
+                "nccl graph",
+                "bus GB/s",
+                "p2p graph",
+                "push graph",
+                "nccl+norm graph",
+                "p2p+norm fused",
+                "push+norm fused"
             );
             let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
             for r in rows {
                 println!(
-                    "{:>10} {:>11.2} {:>11.2} {:>10.1} {:>11.2} {:>15} {:>15}",
+                    "{:>10} {:>11.2} {:>11.2} {:>10.1} {:>11.2} {:>11.2} {:>15} {:>15} {:>15}",
                     r.bytes,
                     r.eager_us,
                     r.graph_us,
                     r.bus_gbs,
                     r.p2p_graph_us,
+                    r.lamport_graph_us,
                     opt(r.nccl_norm_graph_us),
-                    opt(r.p2p_norm_graph_us)
+                    opt(r.p2p_norm_graph_us),
+                    opt(r.lamport_norm_graph_us)
                 );
             }
         }
@@ -356,7 +372,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (args.dtype == "fp8").then_some(args.kv_cache_dtype == "fp8"),
             args.tp as usize,
             args.pp as usize,
-            !args.no_p2p,
+            (!args.no_p2p).then_some(args.p2p_link),
             args.mixed,
         )?;
         if !emit_json(&args, &report)? {

@@ -58,6 +58,8 @@ pub struct ModelBench {
     pub stages: Vec<(usize, usize)>,
     /// Whether small steps used the peer-to-peer all-reduce (else NCCL).
     pub p2p_all_reduce: bool,
+    /// Its link (flags or lamport), where it was used.
+    pub p2p_link: Option<&'static str>,
     pub copy_bandwidth_gbs: f64,
     pub cublaslt_peak: GemmRate,
     pub prefill_gemms: Vec<GemmRate>,
@@ -135,7 +137,7 @@ pub fn run_preset(
     fp8: Option<bool>,
     tp: usize,
     pp: usize,
-    p2p: bool,
+    p2p: Option<flint_comm::P2pLink>,
     mixed: Option<(usize, usize)>,
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
@@ -156,7 +158,8 @@ pub fn run_preset(
         max_seq_len: max_len.next_multiple_of(256),
         graphs,
         gemv_max_m,
-        p2p_all_reduce: p2p,
+        p2p_all_reduce: p2p.is_some(),
+        p2p_link: p2p.unwrap_or_default(),
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
@@ -255,6 +258,7 @@ pub fn run_preset(
         pp: 1,
         stages: vec![(0, config.n_layers)],
         p2p_all_reduce: false,
+        p2p_link: None,
         copy_bandwidth_gbs: bandwidth / 1e9,
         cublaslt_peak: peak,
         prefill_gemms,
@@ -295,6 +299,7 @@ fn run_preset_parallel(
     drop(gemm);
     let plan = flint_stages::StagePlan::balanced(&config, pp)?;
     let p2p = options.p2p_all_reduce;
+    let p2p_link = p2p.then_some(options.p2p_link.name());
     let dtype = if options.fp8 { "fp8" } else { "bf16" };
     let group = TpGroup::cuda_stages(config, tp, plan.stages.clone(), pp, options, GroupWeights::Random(0x5eed))?;
     let startup_s = start.elapsed().as_secs_f64();
@@ -409,6 +414,7 @@ fn run_preset_parallel(
         pp,
         stages: plan.stages.iter().map(|r| (r.start, r.end)).collect(),
         p2p_all_reduce: p2p,
+        p2p_link,
         copy_bandwidth_gbs: bandwidth / 1e9,
         cublaslt_peak: peak,
         prefill_gemms: Vec::new(),
@@ -442,7 +448,11 @@ pub fn print_table(b: &ModelBench) {
         (t, 1) => format!(
             "{t} x {} (tensor parallel, {} all-reduce)",
             b.gpu,
-            if b.p2p_all_reduce { "p2p + NCCL" } else { "NCCL" }
+            match b.p2p_link {
+                Some("lamport") => "p2p (lamport) + NCCL",
+                Some(_) => "p2p + NCCL",
+                None => "NCCL",
+            }
         ),
         (t, p) => {
             format!("{} x {} (TP {t} x PP {p}, stages {:?}; {p} groups of sequences in flight)", t * p, b.gpu, b.stages)

@@ -1,14 +1,16 @@
 //! All-reduce latency on this machine's GPUs: NCCL, enqueued from the host and replayed from a
 //! CUDA graph (how a decode step runs it), against the peer-to-peer one-shot all-reduce
-//! ([`P2pAllReduce`]), alone and fused with the residual add and RMSNorm that follow it in a
-//! model, over message sizes; every variant checked for the right sum first.
+//! ([`P2pAllReduce`], over both of its links), alone and fused with the residual add and RMSNorm
+//! that follow it in a model, over message sizes; every variant checked for the right sum first.
 
 use std::sync::Arc;
 
 use flint_cuda::{Gpu, ops};
 use serde::Serialize;
 
-use crate::{CommType, Communicator, DeviceSlice, Error, LocalComm, NcclComm, NcclId, P2pAllReduce, ReduceOp, Result};
+use crate::{
+    CommType, Communicator, DeviceSlice, Error, LocalComm, NcclComm, NcclId, P2pAllReduce, P2pLink, ReduceOp, Result,
+};
 
 /// The row length of the fused timings (Llama-3.3-70B's hidden size): a message of `bytes` is
 /// `bytes / 16384` rows.
@@ -32,13 +34,18 @@ pub struct AllReduceRow {
     pub graph_us: f64,
     /// `2 (world - 1) / world * bytes / graph time`, NCCL's "bus bandwidth".
     pub bus_gbs: f64,
-    /// The peer-to-peer one-shot all-reduce (out of place), replayed from a CUDA graph.
+    /// The peer-to-peer one-shot all-reduce (out of place) over the flag link, replayed from a
+    /// CUDA graph.
     pub p2p_graph_us: f64,
+    /// The same over the push link ([`P2pLink::Lamport`]).
+    pub lamport_graph_us: f64,
     /// NCCL all-reduce then the residual-add + RMSNorm kernel, rows of [`FUSED_HIDDEN`], from a
     /// graph (none when the message is not a whole number of rows).
     pub nccl_norm_graph_us: Option<f64>,
-    /// The same as one fused peer-to-peer kernel.
+    /// The same as one fused peer-to-peer kernel (flag link).
     pub p2p_norm_graph_us: Option<f64>,
+    /// The same over the push link.
+    pub lamport_norm_graph_us: Option<f64>,
 }
 
 fn bf16_bits(v: f32) -> u16 {
@@ -67,7 +74,10 @@ pub fn all_reduce_latency(world: usize, sizes: &[usize], iters: usize) -> Result
                 let run = || -> Result<AllReduceReport> {
                     let gpu = Gpu::new(rank)?;
                     let comm = NcclComm::new(Arc::clone(&gpu), rank, world, &id)?;
-                    let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, capacity)?;
+                    let p2p = [
+                        P2pAllReduce::new(Arc::clone(&gpu), &host, capacity, P2pLink::Flags)?,
+                        P2pAllReduce::new(Arc::clone(&gpu), &host, capacity, P2pLink::Lamport)?,
+                    ];
                     let rows: Result<Vec<_>> =
                         sizes.iter().map(|&bytes| time_one(&gpu, &comm, &p2p, bytes, iters)).collect();
                     // Peers may still read this rank's buffers: free them only when all are done.
@@ -139,7 +149,7 @@ fn check_all(gpu: &Gpu, ptr: u64, len: usize, want: u16, what: &str) -> Result<(
     Ok(())
 }
 
-fn time_one(gpu: &Gpu, comm: &NcclComm, p2p: &P2pAllReduce, bytes: usize, iters: usize) -> Result<AllReduceRow> {
+fn time_one(gpu: &Gpu, comm: &NcclComm, links: &[P2pAllReduce; 2], bytes: usize, iters: usize) -> Result<AllReduceRow> {
     let (world, rank) = (comm.world_size(), comm.rank());
     let len = (bytes / 2).max(8).next_multiple_of(8);
     let buf = gpu.alloc(2 * len)?;
@@ -154,11 +164,14 @@ fn time_one(gpu: &Gpu, comm: &NcclComm, p2p: &P2pAllReduce, bytes: usize, iters:
     fill(buf.ptr(), (rank + 1) as f32)?;
     comm.all_reduce(&mut { slice }, ReduceOp::Sum)?;
     check_all(gpu, buf.ptr(), len, want, &format!("NCCL all-reduce of {bytes} bytes"))?;
-    for slot in 0..2 {
-        fill(p2p.input(slot), (rank + 1) as f32)?;
-        gpu.memset(buf.ptr(), 0, 2 * len)?;
-        p2p.sum(slot, buf.ptr(), len)?;
-        check_all(gpu, buf.ptr(), len, want, &format!("p2p all-reduce of {bytes} bytes, slot {slot}"))?;
+    for p2p in links {
+        for slot in 0..2 {
+            fill(p2p.input(slot), (rank + 1) as f32)?;
+            gpu.memset(buf.ptr(), 0, 2 * len)?;
+            p2p.sum(slot, buf.ptr(), len)?;
+            let what = format!("p2p all-reduce ({} link) of {bytes} bytes, slot {slot}", p2p.link().name());
+            check_all(gpu, buf.ptr(), len, want, &what)?;
+        }
     }
 
     // NCCL timings on values that stay finite: x -> world * x per all-reduce from 2^-60.
@@ -168,12 +181,15 @@ fn time_one(gpu: &Gpu, comm: &NcclComm, p2p: &P2pAllReduce, bytes: usize, iters:
     let graph = capture(gpu, iters, &nccl_one)?;
     let graph_us = timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?;
     // The p2p inputs hold rank + 1 and are only read.
-    let p2p_one = |i: usize| p2p.sum(i % 2, buf.ptr(), len);
-    let graph = capture(gpu, iters, &p2p_one)?;
-    let p2p_graph_us = timed(gpu, comm, iters, &|| Ok(()), &|| Ok(graph.launch()?))?;
+    let mut p2p_graph = [0f64; 2];
+    for (t, p2p) in p2p_graph.iter_mut().zip(links) {
+        let p2p_one = |i: usize| p2p.sum(i % 2, buf.ptr(), len);
+        let graph = capture(gpu, iters, &p2p_one)?;
+        *t = timed(gpu, comm, iters, &|| Ok(()), &|| Ok(graph.launch()?))?;
+    }
 
     let rows = len / FUSED_HIDDEN;
-    let (mut nccl_norm_graph_us, mut p2p_norm_graph_us) = (None, None);
+    let (mut nccl_norm_graph_us, mut p2p_norm_graph) = (None, [None; 2]);
     if rows > 0 && len.is_multiple_of(FUSED_HIDDEN) && rows <= 64 {
         let residual = gpu.zeros(2 * len)?;
         let normed = gpu.alloc(2 * len)?;
@@ -201,30 +217,34 @@ fn time_one(gpu: &Gpu, comm: &NcclComm, p2p: &P2pAllReduce, bytes: usize, iters:
         };
         let graph = capture(gpu, iters, &nccl_norm)?;
         nccl_norm_graph_us = Some(timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?);
-        tiny(p2p.input(0))?;
-        tiny(p2p.input(1))?;
-        let p2p_norm = |i: usize| {
-            p2p.add_rms_norm(
-                i % 2,
-                residual.ptr(),
-                weight.ptr(),
-                ops::NormOut::Bf16(normed.ptr()),
-                rows,
-                FUSED_HIDDEN,
-                eps,
-            )
-        };
-        let graph = capture(gpu, iters, &p2p_norm)?;
-        let reset = || Ok(gpu.memset(residual.ptr(), 0, 2 * len)?);
-        p2p_norm_graph_us = Some(timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?);
+        for (t, p2p) in p2p_norm_graph.iter_mut().zip(links) {
+            tiny(p2p.input(0))?;
+            tiny(p2p.input(1))?;
+            let p2p_norm = |i: usize| {
+                p2p.add_rms_norm(
+                    i % 2,
+                    residual.ptr(),
+                    weight.ptr(),
+                    ops::NormOut::Bf16(normed.ptr()),
+                    rows,
+                    FUSED_HIDDEN,
+                    eps,
+                )
+            };
+            let graph = capture(gpu, iters, &p2p_norm)?;
+            let reset = || Ok(gpu.memset(residual.ptr(), 0, 2 * len)?);
+            *t = Some(timed(gpu, comm, iters, &reset, &|| Ok(graph.launch()?))?);
+        }
     }
     Ok(AllReduceRow {
         bytes: 2 * len,
         eager_us,
         graph_us,
         bus_gbs: 2.0 * (world - 1) as f64 / world as f64 * (2 * len) as f64 / (graph_us * 1e-6) / 1e9,
-        p2p_graph_us,
+        p2p_graph_us: p2p_graph[0],
+        lamport_graph_us: p2p_graph[1],
         nccl_norm_graph_us,
-        p2p_norm_graph_us,
+        p2p_norm_graph_us: p2p_norm_graph[0],
+        lamport_norm_graph_us: p2p_norm_graph[1],
     })
 }

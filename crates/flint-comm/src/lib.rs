@@ -10,8 +10,10 @@
 //! - [`NcclComm`]: NCCL through cudarc's bindings, over [`DeviceSlice`]s of one GPU per rank.
 //!   Collectives are enqueued on the rank's stream (and may be captured in CUDA graphs).
 //!
-//! [`P2pAllReduce`] is the small-message all-reduce of decode steps: one kernel reading every
-//! GPU's buffer peer to peer (one process), fused with the residual add and RMSNorm after it.
+//! [`P2pAllReduce`] is the small-message all-reduce of decode steps: one kernel that reads every
+//! GPU's buffer peer to peer after a flag barrier, or pushes this GPU's values into every peer's
+//! memory and waits for theirs in its own ([`P2pLink`]), among the GPUs of one process, fused
+//! with the residual add and RMSNorm after it.
 //!
 //! [`bootstrap`] hands NCCL's unique id from the first node to the others over TCP, for jobs of
 //! several processes or hosts.
@@ -27,7 +29,7 @@ mod tcp;
 pub use error::{Error, Result};
 pub use local::{HostElement, LocalComm, Members};
 pub use nccl::{CommType, DeviceSlice, NcclAbort, NcclComm, NcclId, nccl_available};
-pub use p2p::P2pAllReduce;
+pub use p2p::{P2pAllReduce, P2pLink};
 pub use tcp::TcpComm;
 
 /// How values of the ranks are combined.

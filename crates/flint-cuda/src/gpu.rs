@@ -275,6 +275,13 @@ impl Gpu {
         Ok(())
     }
 
+    /// Fills `count` u16 at `ptr` with `value`.
+    pub fn memset_u16(&self, ptr: u64, value: u16, count: usize) -> Result<()> {
+        // SAFETY: callers pass ranges inside their buffers.
+        unsafe { sys::cuMemsetD16Async(ptr, value, count, self.stream.cu_stream()).result()? };
+        Ok(())
+    }
+
     /// Copies host data into a new buffer.
     pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuffer> {
         let buf = self.alloc(std::mem::size_of_val(data))?;
@@ -552,4 +559,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_ar_sum",
     "flint_ar_add_rms_norm",
     "flint_ar_add_rms_norm_cluster",
+    "flint_arl_sum",
+    "flint_arl_add_rms_norm",
+    "flint_arl_add_rms_norm_cluster",
 ];

@@ -700,44 +700,148 @@ pub fn ar_add_rms_norm(
     rank: usize,
     world: usize,
 ) -> Result<()> {
-    if !hidden.is_multiple_of(8) || world > AR_MAX_RANKS || rank >= world {
-        return Err(shape("ar_add_rms_norm", format!("hidden {hidden}, rank {rank} of {world}")));
+    if world > AR_MAX_RANKS || rank >= world {
+        return Err(shape("ar_add_rms_norm", format!("rank {rank} of {world}")));
     }
+    launch_ar_norm(gpu, ArLink::Flags { peers, counter }, residual, weight, out, n, hidden, eps, rank, world)
+}
+
+/// The parameters that lead an all-reduce kernel's: the link's buffers.
+enum ArLink<'a> {
+    Flags { peers: &'a ArPeers, counter: u64 },
+    Lamport(&'a ArLamport),
+}
+
+/// Launches the fused all-reduce + residual add + RMSNorm kernel of `link`.
+#[allow(clippy::too_many_arguments)]
+fn launch_ar_norm(
+    gpu: &Gpu,
+    link: ArLink,
+    residual: u64,
+    weight: u64,
+    out: NormOut,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    if !hidden.is_multiple_of(8) {
+        return Err(shape("ar_add_rms_norm", format!("hidden {hidden}")));
+    }
+    let (prefix, max_threads) = match link {
+        ArLink::Flags { .. } => ("flint_ar", 1024),
+        ArLink::Lamport(_) => ("flint_arl", ARL_MAX_THREADS),
+    };
     // Up to one row per cluster (of AR_CLUSTER blocks) where a row splits into them evenly;
     // more rows go one per block (measured: at 64 rows of 8192 eight clusters are slower).
     let vectors = hidden / 8;
-    let clustered = n <= AR_MAX_BLOCKS / AR_CLUSTER && vectors.is_multiple_of(AR_CLUSTER) && vectors / AR_CLUSTER >= 32;
+    let clustered = n <= AR_MAX_BLOCKS / AR_CLUSTER
+        && vectors.is_multiple_of(AR_CLUSTER)
+        && (32..=max_threads).contains(&(vectors / AR_CLUSTER));
     let (name, blocks, threads) = if clustered {
         let clusters = n.clamp(1, AR_MAX_BLOCKS / AR_CLUSTER);
-        ("flint_ar_add_rms_norm_cluster", clusters * AR_CLUSTER, (vectors / AR_CLUSTER).next_multiple_of(32).min(1024))
+        (format!("{prefix}_add_rms_norm_cluster"), clusters * AR_CLUSTER, (vectors / AR_CLUSTER).next_multiple_of(32))
     } else {
-        ("flint_ar_add_rms_norm", n.clamp(1, AR_MAX_BLOCKS), vectors.next_multiple_of(32).clamp(128, 1024))
+        (
+            format!("{prefix}_add_rms_norm"),
+            n.clamp(1, AR_MAX_BLOCKS),
+            vectors.next_multiple_of(32).clamp(128, max_threads),
+        )
     };
     let (n, hidden, rank, world) = (n as i32, hidden as i32, rank as i32, world as i32);
     let (rows, codes, scales) = match out {
         NormOut::Bf16(rows) => (rows, 0u64, 0u64),
         NormOut::Fp8 { codes, scales } => (0, codes, scales),
     };
+    let mut args = match &link {
+        ArLink::Flags { peers, counter } => vec![arg(*peers), arg(counter)],
+        ArLink::Lamport(lamport) => vec![arg(*lamport)],
+    };
+    args.extend([
+        arg(&residual),
+        arg(&weight),
+        arg(&rows),
+        arg(&codes),
+        arg(&scales),
+        arg(&n),
+        arg(&hidden),
+        arg(&eps),
+        arg(&rank),
+        arg(&world),
+    ]);
+    gpu.launch(&name, (blocks as u32, 1, 1), threads as u32, 0, &mut args)
+}
+
+/// The push link's buffers of one all-reduce (mirrors `ArLamport` in allreduce.cuh): this
+/// rank's input, every rank's receive area (`[3 slots][world senders][cap8 vectors of 8 bf16]`,
+/// filled with [`AR_LAMPORT_EMPTY`] when allocated) and this GPU's call state (two u32, zeroed).
+/// Unused ranks are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArLamport {
+    pub input: u64,
+    pub recv: [u64; AR_MAX_RANKS],
+    pub state: u64,
+    pub cap8: u64,
+}
+
+/// The bf16 bits that mark a receive place as empty (-0; a sent -0 goes out as +0).
+pub const AR_LAMPORT_EMPTY: u16 = 0x8000;
+
+/// Most threads per block of the push-link kernels (their `__launch_bounds__`).
+const ARL_MAX_THREADS: usize = 512;
+
+fn check_lamport(op: &'static str, l: &ArLamport, values: usize, rank: usize, world: usize) -> Result<()> {
+    if !values.is_multiple_of(8) || world > AR_MAX_RANKS || rank >= world || (values / 8) as u64 > l.cap8 {
+        return Err(shape(op, format!("{values} values in places of {} vectors, rank {rank} of {world}", l.cap8)));
+    }
+    Ok(())
+}
+
+/// `out = sum over ranks of each rank's lamport.input` (`len` bf16, a multiple of 8), pushed
+/// into the peers' receive areas, in `blocks` blocks (any number: the push link has no
+/// per-block state).
+pub fn arl_sum(
+    gpu: &Gpu,
+    lamport: &ArLamport,
+    out: u64,
+    len: usize,
+    rank: usize,
+    world: usize,
+    blocks: usize,
+) -> Result<()> {
+    check_lamport("arl_sum", lamport, len, rank, world)?;
+    if blocks == 0 {
+        return Err(shape("arl_sum", "0 blocks".to_string()));
+    }
+    let (n8, rank, world) = ((len / 8) as u64, rank as i32, world as i32);
     gpu.launch(
-        name,
+        "flint_arl_sum",
         (blocks as u32, 1, 1),
-        threads as u32,
+        ARL_MAX_THREADS as u32,
         0,
-        &mut [
-            arg(peers),
-            arg(&counter),
-            arg(&residual),
-            arg(&weight),
-            arg(&rows),
-            arg(&codes),
-            arg(&scales),
-            arg(&n),
-            arg(&hidden),
-            arg(&eps),
-            arg(&rank),
-            arg(&world),
-        ],
+        &mut [arg(lamport), arg(&out), arg(&n8), arg(&rank), arg(&world)],
     )
+}
+
+/// [`ar_add_rms_norm`] over the push link: each rank's `lamport.input` rows summed into
+/// `residual`, then RMSNorm into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn arl_add_rms_norm(
+    gpu: &Gpu,
+    lamport: &ArLamport,
+    residual: u64,
+    weight: u64,
+    out: NormOut,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    check_lamport("arl_add_rms_norm", lamport, n * hidden, rank, world)?;
+    launch_ar_norm(gpu, ArLink::Lamport(lamport), residual, weight, out, n, hidden, eps, rank, world)
 }
 
 #[cfg(test)]

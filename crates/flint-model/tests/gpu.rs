@@ -567,14 +567,20 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 eprintln!("{name} PP {pp}: {} layers", config.n_layers);
                 continue;
             }
-            for (graphs, p2p) in [(false, true), (true, true), (true, false)] {
-                if !p2p && tp == 1 {
+            use flint_comm::P2pLink::{Flags, Lamport};
+            for (graphs, link) in [(false, Some(Flags)), (true, Some(Flags)), (true, Some(Lamport)), (true, None)] {
+                if tp == 1 && link != Some(Flags) {
                     continue;
                 }
+                let p2p = link.map_or("none", |l| l.name());
                 let what = format!("{name} TP {tp} x PP {pp} graphs={graphs} p2p={p2p}");
                 eprintln!("{what}: loading");
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(source));
-                let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..small_options(graphs) };
+                let options = CudaLlamaOptions {
+                    p2p_all_reduce: link.is_some(),
+                    p2p_link: link.unwrap_or_default(),
+                    ..small_options(graphs)
+                };
                 let stages = even_stages(config.n_layers, pp);
                 let group = flint_model::TpGroup::cuda_stages(config.clone(), tp, stages, 2, options, weights)
                     .expect("parallel group");
@@ -640,10 +646,14 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
             let one8_logits = run_gpu(&one8, &r.prompt, forced);
             drop(one8);
             let mut by_link = Vec::new();
-            for p2p in [true, false] {
-                let what = format!("{name} FP8 TP {tp} p2p={p2p}");
+            for link in [Some(Flags), Some(Lamport), None] {
+                let what = format!("{name} FP8 TP {tp} p2p={}", link.map_or("none", |l| l.name()));
                 let weights = flint_model::cuda::GroupWeights::Checkpoint(Arc::clone(source));
-                let options = CudaLlamaOptions { p2p_all_reduce: p2p, ..fp8.clone() };
+                let options = CudaLlamaOptions {
+                    p2p_all_reduce: link.is_some(),
+                    p2p_link: link.unwrap_or_default(),
+                    ..fp8.clone()
+                };
                 let group = flint_model::TpGroup::cuda_stages(
                     config.clone(),
                     tp,
@@ -659,9 +669,16 @@ fn tensor_parallel_matches_one_gpu_and_transformers() {
                 eprintln!("{what}: {} steps, worst rel err {worst:.2e} vs one GPU FP8", got.len());
                 by_link.push(got);
             }
-            let e = by_link[0].iter().zip(&by_link[1]).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
-            assert!(e <= 2e-2, "{name} FP8 TP {tp}: p2p vs NCCL all-reduce rel err {e:.3e}");
-            eprintln!("{name} FP8 TP {tp}: p2p vs NCCL all-reduce worst rel err {e:.2e}");
+            for (i, link) in ["flags", "lamport"].into_iter().enumerate() {
+                let e = by_link[i].iter().zip(&by_link[2]).map(|(a, b)| rel_err(a, b)).fold(0f64, f64::max);
+                assert!(e <= 2e-2, "{name} FP8 TP {tp}: p2p ({link}) vs NCCL all-reduce rel err {e:.3e}");
+                eprintln!("{name} FP8 TP {tp}: p2p ({link}) vs NCCL all-reduce worst rel err {e:.2e}");
+            }
+            // The two links sum the same values in the same order, and up to rows of 4096 their
+            // fused kernels run the same threads (so the same RMSNorm sums).
+            if config.hidden_size <= 4096 {
+                assert_eq!(by_link[0], by_link[1], "{name} FP8 TP {tp}: the flag and lamport links' logits differ");
+            }
         }
     }
 }
@@ -712,7 +729,9 @@ fn p2p_all_reduce_matches_the_host_sum() {
                 std::thread::spawn(move || {
                     let host = hosts.take(rank).expect("host member");
                     let gpu = Gpu::new(rank).expect("open GPU");
-                    let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, 2 * 64 * 8192).expect("p2p setup");
+                    for link in [flint_comm::P2pLink::Flags, flint_comm::P2pLink::Lamport] {
+                    let p2p = P2pAllReduce::new(Arc::clone(&gpu), &host, 2 * 64 * 8192, link).expect("p2p setup");
+                    let link = link.name();
                     // Plain sums of several sizes (one to several blocks), alternating slots:
                     // bit-exact against the host's f32 sum in rank order rounded to bf16.
                     for (call, len) in [8usize, 4096, 3 * 4096 + 8, 64 * 8192].into_iter().enumerate() {
@@ -728,8 +747,27 @@ fn p2p_all_reduce_matches_the_host_sum() {
                             .map(|i| half::bf16::from_f32(inputs.iter().map(|v| v[i]).sum::<f32>()).to_bits())
                             .collect();
                         let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-                        assert_eq!(bad, 0, "world {world} rank {rank}: {bad} of {len} sums differ");
+                        assert_eq!(bad, 0, "world {world} rank {rank} {link}: {bad} of {len} sums differ");
                         host.barrier().expect("outputs read");
+                    }
+                    // Every rank sends -0 (the lamport link's empty mark): the flag link sums
+                    // to -0, the lamport link sends +0 and sums to +0, and neither waits forever.
+                    {
+                        let len = 4096;
+                        let out = gpu.alloc(2 * len).expect("alloc");
+                        gpu.write_ptr(p2p.input(0), &vec![0x8000u16; len]).expect("write");
+                        host.barrier().expect("inputs written");
+                        p2p.sum(0, out.ptr(), len).expect("sum");
+                        let mut got = vec![0u16; len];
+                        gpu.read(out.ptr(), &mut got).expect("read");
+                        let want = if link == "lamport" { 0 } else { 0x8000 };
+                        let bad = got.iter().filter(|&&g| g != want).count();
+                        assert_eq!(bad, 0, "world {world} rank {rank} {link}: {bad} of {len} sums of -0 are not {want:#x}");
+                        host.barrier().expect("outputs read");
+                        // The next call writes slot 1 (the flag link's alternation).
+                        p2p.sum(1, out.ptr(), 8).expect("sum");
+                        gpu.synchronize().expect("sync");
+                        host.barrier().expect("call done");
                     }
                     // Fused with the residual add and RMSNorm, twice (slots 0 and 1), then 40
                     // more alternating calls from a CUDA graph replayed twice; rows of 1024 run
@@ -840,7 +878,11 @@ fn p2p_all_reduce_matches_the_host_sum() {
                     }
                     gpu.synchronize().expect("sync");
                     host.barrier().expect("done");
-                    eprintln!("world {world} rank {rank}: p2p sums bit-exact, fused add + RMSNorm (bf16 and FP8 out) within 1e-2");
+                    eprintln!(
+                        "world {world} rank {rank} {link} link: p2p sums bit-exact, fused add + RMSNorm (bf16 and FP8 \
+                         out) within 1e-2"
+                    );
+                    }
                 })
             })
             .collect();

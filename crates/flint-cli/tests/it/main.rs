@@ -136,6 +136,9 @@ fn invalid_flags_fail_cleanly() {
     assert_clean_failure(&flint(&[&bench[..], &["512"]].concat()), "DECODES:PROMPT_TOKENS");
     assert_clean_failure(&flint(&[&bench[..], &["512:0"]].concat()), "positive integers");
     assert_clean_failure(&flint(&[&bench[..], &["512:1024", "--pp", "2"]].concat()), "no --pp");
+    let preset = ["bench", "--preset", "llama-3.1-8b", "--tp", "2"];
+    assert_clean_failure(&flint(&[&preset[..], &["--p2p-link", "carrier-pigeon"]].concat()), "flags or lamport");
+    assert_clean_failure(&flint(&[&preset[..], &["--p2p-link", "lamport", "--no-p2p"]].concat()), "--no-p2p");
     let load = ["bench", "--server", "127.0.0.1:1"];
     assert_clean_failure(&flint(&[&load[..], &["--temperature", "-1"]].concat()), "temperature >= 0");
     assert_clean_failure(&flint(&[&load[..], &["--temperature", "NaN"]].concat()), "temperature >= 0");

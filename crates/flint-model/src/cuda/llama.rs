@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use std::ops::Range;
 
-use flint_comm::{CommType, Communicator, DeviceSlice, NcclComm, P2pAllReduce, ReduceOp};
+use flint_comm::{CommType, Communicator, DeviceSlice, NcclComm, P2pAllReduce, P2pLink, ReduceOp};
 use flint_cuda::gemm::{Gemm, GemmOut};
 use flint_cuda::ops::{self, DeviceSampling, Epilogue, GEMV_MAX_M, PagedKv};
 use flint_cuda::{DeviceBuffer, Gpu, Graph, Staging, gib};
@@ -68,6 +68,9 @@ pub struct CudaLlamaOptions {
     /// all-reduce fused with the residual add and RMSNorm, where the GPUs reach each other;
     /// NCCL otherwise. (BF16 models; FP8 ones use NCCL.)
     pub p2p_all_reduce: bool,
+    /// How the peer-to-peer all-reduce moves data (a flag barrier and remote loads, or pushed
+    /// values and sentinels).
+    pub p2p_link: P2pLink,
 }
 
 impl Default for CudaLlamaOptions {
@@ -84,6 +87,7 @@ impl Default for CudaLlamaOptions {
             fp8: false,
             kv_fp8: false,
             p2p_all_reduce: true,
+            p2p_link: P2pLink::Flags,
         }
     }
 }
@@ -1020,12 +1024,27 @@ impl CudaLlama {
         };
         let eps = c.rms_norm_eps;
 
+        // Small steps reduce over the peer-to-peer buffers: the O projection writes into slot 0
+        // and the down projection into slot 1, and each all-reduce is fused with the residual
+        // add + RMSNorm (and for FP8 models the per-token quantization) that follows it. Over
+        // the flag link the embedding stays on NCCL, which also makes every rank finish the
+        // previous step's reads before this step's first write; the lamport link's inputs are
+        // never read by peers, so it takes the embedding too.
+        let p2p = self.p2p.as_ref().filter(|p| 2 * n * h <= p.capacity());
         let first_stage = Stage::first(&self.stage);
         if first_stage {
             let (first, rows) = (lo.vocab.start, lo.vocab.len());
             let embed = self.embed.as_ref().map_or(0, DeviceBuffer::ptr);
-            ops::embedding_shard(g, meta(l.tokens), embed, ws.residual.ptr(), n, h, rows, first)?;
-            self.all_reduce(ws.residual.ptr(), n * h)?;
+            match p2p.filter(|p| p.link() == P2pLink::Lamport) {
+                Some(p) => {
+                    ops::embedding_shard(g, meta(l.tokens), embed, p.input(0), n, h, rows, first)?;
+                    p.sum(0, ws.residual.ptr(), n * h)?;
+                }
+                None => {
+                    ops::embedding_shard(g, meta(l.tokens), embed, ws.residual.ptr(), n, h, rows, first)?;
+                    self.all_reduce(ws.residual.ptr(), n * h)?;
+                }
+            }
             mark("embedding")?;
         } else {
             self.stage_transfer(false, n)?;
@@ -1034,12 +1053,6 @@ impl CudaLlama {
         let fp8 = self.options.fp8;
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
         let bf16_epi = ops::Fp8Epilogue::Bf16;
-        // Small steps reduce over the peer-to-peer buffers: the O projection writes into slot 0
-        // and the down projection into slot 1, and each all-reduce is fused with the residual
-        // add + RMSNorm (and for FP8 models the per-token quantization) that follows it. The
-        // embedding stays on NCCL, which also makes every rank finish the previous step's reads
-        // before this step's first write.
-        let p2p = self.p2p.as_ref().filter(|p| 2 * n * h <= p.capacity());
         let fp8_out = ops::NormOut::Fp8 { codes: xq, scales: xs };
         let (o_out, down_out) = match p2p {
             Some(p) => (p.input(0), p.input(1)),

@@ -195,7 +195,7 @@ impl TpGroup {
                     let p2p = if options.p2p_all_reduce {
                         let rows = P2P_MAX_ROWS.min(options.max_batch_tokens);
                         let capacity = 2 * rows * c.hidden_size;
-                        match P2pAllReduce::new(Arc::clone(&gpu), &stage_host, capacity) {
+                        match P2pAllReduce::new(Arc::clone(&gpu), &stage_host, capacity, options.p2p_link) {
                             Ok(p) => Some(p),
                             Err(e) => {
                                 // Every rank of the stage gets an error (the others an abort).
