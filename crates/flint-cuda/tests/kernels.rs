@@ -6,35 +6,14 @@
 
 #![allow(clippy::too_many_arguments)]
 
-use std::sync::Arc;
-
 use flint_cpu::CpuBackend;
 use flint_cuda::gemm::{Gemm, GemmOut};
 use flint_cuda::ops::{self, DeviceSampling, Epilogue, PagedKv};
 use flint_cuda::{DeviceBuffer, Gpu};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape};
+use flint_testkit::{gpu, rng};
 use half::bf16;
-use rand::{Rng, SeedableRng, seq::SliceRandom};
-use rand_chacha::ChaCha8Rng;
-
-fn gpu() -> Option<Arc<Gpu>> {
-    if !flint_cuda::cuda_available() || !flint_kernels::all_built() {
-        assert!(
-            std::env::var_os("FLINT_REQUIRE_GPU").is_none(),
-            "FLINT_REQUIRE_GPU is set but there is no usable GPU or the kernels are not built"
-        );
-        eprintln!("skipped: no CUDA device or kernels not built");
-        return None;
-    }
-    Some(Gpu::new(0).expect("open GPU 0"))
-}
-
-fn rng() -> ChaCha8Rng {
-    // Fresh inputs on every run; the seed is printed so a failure can be replayed.
-    let seed = std::env::var("FLINT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
+use rand::{Rng, seq::SliceRandom};
 
 fn random_bf16(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32()).collect()

@@ -6,32 +6,11 @@
 //!
 //! Skipped without a GPU, unless `FLINT_REQUIRE_GPU=1`.
 
-use std::sync::Arc;
-
-use flint_cuda::Gpu;
 use flint_cuda::ops::{self, DeviceSampling};
 use flint_engine::{Sampler, SamplingParams};
-use rand::{Rng, SeedableRng};
+use flint_testkit::{gpu, rng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-
-fn gpu() -> Option<Arc<Gpu>> {
-    if !flint_cuda::cuda_available() || !flint_kernels::all_built() {
-        assert!(
-            std::env::var_os("FLINT_REQUIRE_GPU").is_none(),
-            "FLINT_REQUIRE_GPU is set but there is no usable GPU or the kernels are not built"
-        );
-        eprintln!("skipped: no CUDA device or kernels not built");
-        return None;
-    }
-    Some(Gpu::new(0).expect("open GPU 0"))
-}
-
-fn rng() -> ChaCha8Rng {
-    // Fresh inputs on every run; the seed is printed so a failure can be replayed.
-    let seed = std::env::var("FLINT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
 
 /// One row of logits of a kind: 0 uniform, 1 a coarse grid (ties everywhere), 2 peaked (a few
 /// large logits over a flat tail), 3 uniform with NaN and -inf entries.

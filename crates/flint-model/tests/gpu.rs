@@ -17,24 +17,12 @@ use flint_cuda::ops::NormOut;
 use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
 use flint_model::{ForwardBatch, Llama, Logits, ModelSource};
 use flint_tensor::{Backend, DType};
+use flint_testkit::{gpu, gpu_required};
 use serde_json::Value;
-
-fn require() -> bool {
-    std::env::var_os("FLINT_REQUIRE_GPU").is_some()
-}
-
-fn gpu() -> Option<Arc<Gpu>> {
-    if !flint_cuda::cuda_available() || !flint_kernels::all_built() {
-        assert!(!require(), "FLINT_REQUIRE_GPU is set but there is no usable GPU or the kernels are not built");
-        eprintln!("skipped: no CUDA device or kernels not built");
-        return None;
-    }
-    Some(Gpu::new(0).expect("open GPU 0"))
-}
 
 fn hf_dirs() -> Option<Vec<PathBuf>> {
     let Some(root) = std::env::var_os("FLINT_HF_MODELS").map(PathBuf::from) else {
-        assert!(!require(), "FLINT_REQUIRE_GPU is set but FLINT_HF_MODELS is not");
+        assert!(!gpu_required(), "FLINT_REQUIRE_GPU is set but FLINT_HF_MODELS is not");
         eprintln!("skipped: FLINT_HF_MODELS is not set");
         return None;
     };
