@@ -78,6 +78,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: HashMap<String, CudaFunction>,
+    /// The dynamic shared-memory limit each kernel was raised to (so launchers can ask at every
+    /// launch without a driver call each time).
+    smem_limits: std::sync::Mutex<HashMap<String, u32>>,
     _modules: Vec<Arc<CudaModule>>,
     name: String,
     ordinal: usize,
@@ -154,7 +157,17 @@ impl Gpu {
             return Err(Error::Unsupported(format!("kernel {missing} is missing: rebuild with `cargo xtask kernels`")));
         }
         let pdl = std::env::var("FLINT_PDL").map(|v| v != "0").unwrap_or(true);
-        Ok(Arc::new(Gpu { ctx, stream, functions, _modules: modules, name, ordinal, sm_count, pdl }))
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            functions,
+            smem_limits: Default::default(),
+            _modules: modules,
+            name,
+            ordinal,
+            sm_count,
+            pdl,
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -191,9 +204,14 @@ impl Gpu {
         self.functions.get(name).ok_or_else(|| Error::Unsupported(format!("kernel {name} is not in the built modules")))
     }
 
-    /// Raises a kernel's dynamic shared-memory limit.
+    /// Raises a kernel's dynamic shared-memory limit to at least `bytes` (a driver call only
+    /// the first time a kernel needs more than it has).
     pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
         let f = self.function(name)?;
+        let mut limits = self.smem_limits.lock().map_err(|_| Error::Unsupported("poisoned smem limits".into()))?;
+        if limits.get(name).is_some_and(|&set| set >= bytes) {
+            return Ok(());
+        }
         // SAFETY: a valid function handle of this context.
         unsafe {
             result::function::set_function_attribute(
@@ -202,6 +220,7 @@ impl Gpu {
                 bytes as i32,
             )?;
         }
+        limits.insert(name.to_string(), bytes);
         Ok(())
     }
 
