@@ -323,6 +323,62 @@ mod scheduling {
         }
     }
 
+    /// Requests that need their logits on the host (a repetition penalty, a frequency penalty,
+    /// log-probabilities) among requests drawn where the logits are (the CPU backend draws by
+    /// the device's rule): the steps they share return the drawn rows' tokens and the others'
+    /// logits, and every request gets the tokens it gets alone (where its steps are all of one
+    /// kind), with its seed.
+    #[test]
+    fn host_sampled_rows_share_steps_with_drawn_ones() {
+        let engine = cpu_engine();
+        let base = SamplingParams { temperature: 0.9, seed: Some(5), ..SamplingParams::default() };
+        let cases = [
+            (SamplingParams { top_p: 0.9, ..base.clone() }, None),
+            (SamplingParams { repetition_penalty: 1.4, seed: Some(6), ..base.clone() }, None),
+            (SamplingParams { min_p: 0.05, temperature: 1.2, seed: Some(7), ..base.clone() }, Some(3)),
+            (SamplingParams::default(), None),
+            (SamplingParams { frequency_penalty: 0.8, top_k: 30, seed: Some(8), ..base.clone() }, None),
+            (SamplingParams { top_k: 12, seed: Some(9), ..base.clone() }, None),
+        ];
+        let requests: Vec<GenerateRequest> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (sampling, logprobs))| GenerateRequest {
+                max_tokens: 10,
+                ignore_eos: true,
+                sampling: sampling.clone(),
+                logprobs: *logprobs,
+                ..request_for("raw", &format!("Story {i}: the old lighthouse keeper looked out over the"), 10)
+            })
+            .collect();
+        let alone: Vec<Vec<u32>> =
+            requests.iter().map(|r| engine.generate(r, &mut |_| {}).expect("alone").token_ids).collect();
+        let config =
+            SchedulerConfig { block_size: 16, n_blocks: 64, max_batch_tokens: 256, max_running: 8, max_waiting: 64 };
+        let cache = engine.new_kv_cache(config.n_blocks, config.block_size).expect("cache");
+        let mut scheduler = Scheduler::new(config, engine.stop_ids()).expect("scheduler");
+        let mut outs = Vec::new();
+        for r in &requests {
+            let (out, sink) = collector();
+            scheduler.add(engine.prepare(r).expect("prepare"), sink, Arc::new(AtomicBool::new(false))).expect("add");
+            outs.push(out);
+        }
+        while scheduler.has_work() {
+            scheduler.step(&engine.executor(&cache), engine.tokenizer()).expect("step");
+        }
+        let stats = scheduler.stats();
+        assert!(stats.mixed_draw_steps > 0, "no step mixed drawn and host-sampled rows: {stats:?}");
+        for (i, (out, want)) in outs.iter().zip(&alone).enumerate() {
+            let out = out.lock().expect("collector");
+            assert_eq!(out.error, None, "request {i}");
+            assert_eq!(&out.tokens, want, "request {i} ({:?}): together against alone", cases[i]);
+            if let Some(n) = cases[i].1 {
+                assert_eq!(out.logprobs.len(), want.len(), "request {i}: a log-probability entry per token");
+                assert!(out.logprobs.iter().all(|l| l.top.len() == n), "request {i}: {n} alternatives each");
+            }
+        }
+    }
+
     /// SmolLM2's 30 layers in 3 pipeline stages (balanced by weights read: the LM head makes
     /// the last stage shorter), a step per stage in flight, each step's sequences flowing
     /// through as 3 micro-batches; and 2 stages of 3 tensor-parallel ranks each. The same tokens

@@ -155,14 +155,15 @@ impl Executor<'_> {
         matches!(self.runtime, Runtime::Parallel(_) | Runtime::Cuda(_))
     }
 
-    /// Whether a step may ask for each row's token drawn on the device
-    /// ([`ForwardBatch::set_draws`]) instead of its logits: one GPU, or a group whose output rank
-    /// draws on its GPU.
+    /// Whether a step may ask for each row's token drawn where its logits are
+    /// ([`ForwardBatch::set_draws`]) instead of its logits: one GPU, a group whose output rank
+    /// draws on its GPU, or the CPU backend (which draws from its logits by the same rule,
+    /// [`flint_model::apply_draws`], so that the scheduler runs the same path everywhere).
     pub fn draws_on_device(&self) -> bool {
         match self.runtime {
             Runtime::Cuda(model) => model.config().vocab_size <= flint_model::MAX_DRAW_VOCAB,
             Runtime::Parallel(group) => group.info().draws_on_device,
-            Runtime::Backend { .. } => false,
+            Runtime::Backend { model, .. } => model.config().vocab_size <= flint_model::MAX_DRAW_VOCAB,
         }
     }
 
@@ -198,13 +199,23 @@ impl Executor<'_> {
         }
     }
 
-    /// Logits `[batch.logit_rows().len(), vocab]` of one step, on the host.
+    /// Logits `[batch.logit_rows().len(), vocab]` of one step, on the host (or, for a batch with
+    /// draws, the drawn tokens and host rows' logits: [`flint_model::drawn_output_len`]).
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
         match (self.runtime, self.kv) {
-            (Runtime::Backend { backend, model }, KvStore::Backend(cache)) => {
-                let logits = model.forward_batch(backend.as_ref(), batch, cache)?;
-                Ok(backend.to_f32_vec(&logits)?)
-            }
+            (Runtime::Backend { backend, model }, KvStore::Backend(cache)) => match batch.draws() {
+                None => {
+                    let logits = model.forward_batch(backend.as_ref(), batch, cache)?;
+                    Ok(backend.to_f32_vec(&logits)?)
+                }
+                Some(draws) => {
+                    // The reference model returns logits; the draws are applied to them here.
+                    let mut plain = batch.clone();
+                    plain.set_draws(None)?;
+                    let logits = backend.to_f32_vec(&model.forward_batch(backend.as_ref(), &plain, cache)?)?;
+                    Ok(flint_model::apply_draws(draws, &logits, model.config().vocab_size))
+                }
+            },
             // The runner checks every block id against its cache; the store's share is never larger.
             (Runtime::Cuda(model), KvStore::Cuda { .. }) => {
                 model.forward(batch).map_err(|e| Error::Device(e.to_string()))

@@ -139,60 +139,15 @@ impl Sampler {
     fn sample_from(&mut self, logits: &[f32]) -> u32 {
         // One draw per sampled token, whatever the logits (as a device draw takes it up front).
         let u = self.rng.random::<f64>();
-        let p = &self.params;
-        // Candidates sorted by logit, highest first; ties keep the lower id first.
-        let mut cands: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_logit);
-            cands.truncate(p.top_k);
-        }
-        cands.sort_unstable_by(by_logit);
-        if cands.is_empty() {
-            return argmax(logits);
-        }
-        self.pick(&cands, u)
+        self.draw(u).pick(logits)
     }
 
-    /// Draws from `cands` (sorted by [`by_logit`], non-empty, already cut to `top_k`) with the
-    /// uniform `u`: temperature, then top-p and min-p. An infinite largest logit holds all the
-    /// mass: its first token. `flint_cuda`'s `flint_sample` kernel does the same over a device's
-    /// logits ([`Sampler::device_draw`]).
-    fn pick(&self, cands: &[(u32, f32)], u: f64) -> u32 {
+    /// This sampler's settings with the uniform `u`: what [`Draw::pick`] (and the device's
+    /// `flint_sample` kernel) take.
+    fn draw(&self, u: f64) -> Draw {
         let p = &self.params;
-        let max = cands[0].1 as f64;
-        if !max.is_finite() {
-            return cands[0].0;
-        }
-        let inv_t = 1.0 / p.temperature as f64;
-        let mut probs: Vec<f64> = cands.iter().map(|&(_, l)| ((l as f64 - max) * inv_t).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let threshold = p.min_p as f64 * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&q| q >= threshold).count().max(1));
-        }
-        let kept_total: f64 = probs[..keep].iter().sum();
-        let mut r = u * kept_total;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if r < *q {
-                return cands[i].0;
-            }
-            r -= q;
-        }
-        cands[keep - 1].0
+        let top_k = u32::try_from(p.top_k).unwrap_or(u32::MAX);
+        Draw { temperature: p.temperature, top_k, top_p: p.top_p, min_p: p.min_p, u }
     }
 
     /// How many of the most likely tokens this sampler needs to pick exactly what it would from
@@ -227,7 +182,7 @@ impl Sampler {
             cands.first().map_or(0, |&(id, _)| id)
         } else {
             let u = self.rng.random::<f64>();
-            cands.first().map_or(0, |_| self.pick(cands, u))
+            cands.first().map_or(0, |_| self.draw(u).pick_sorted(cands))
         };
         self.record(token);
         Ok(token)
@@ -248,13 +203,11 @@ impl Sampler {
         if !self.draws_on_device() {
             return None;
         }
-        let p = &self.params;
-        if p.is_greedy() {
-            return Some(Draw { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 });
+        if self.params.is_greedy() {
+            return Some(Draw::GREEDY);
         }
-        let top_k = u32::try_from(p.top_k).unwrap_or(u32::MAX);
-        let (temperature, top_p, min_p) = (p.temperature, p.top_p, p.min_p);
-        Some(Draw { temperature, top_k, top_p, min_p, u: self.rng.random::<f64>() })
+        let u = self.rng.random::<f64>();
+        Some(self.draw(u))
     }
 
     /// Records the token a device picked with [`Sampler::device_draw`]'s draw.
@@ -268,23 +221,7 @@ impl Sampler {
     }
 }
 
-/// The candidates' order: highest logit first, ties to the lower id.
-fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// Index of the largest logit; the lowest index wins ties, NaN never wins.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_val = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_val {
-            best = i;
-            best_val = l;
-        }
-    }
-    best as u32
-}
+pub use flint_model::argmax;
 
 #[cfg(test)]
 mod tests {

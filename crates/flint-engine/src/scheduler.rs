@@ -119,6 +119,9 @@ pub struct SchedulerStats {
     /// host's share of a step, which the GPUs wait for unless a pipeline keeps steps in flight.
     pub model_wait_us: u64,
     pub host_us: u64,
+    /// Steps that drew some rows' tokens where the logits are and brought the logits of others
+    /// (penalties, log-probabilities) to the host.
+    pub mixed_draw_steps: u64,
 }
 
 struct Sequence<'a> {
@@ -185,6 +188,7 @@ pub struct Scheduler<'a> {
     in_flight: VecDeque<InFlight>,
     next_step: u64,
     steps: u64,
+    mixed_draw_steps: u64,
     model_wait: std::time::Duration,
     host: std::time::Duration,
 }
@@ -204,8 +208,9 @@ struct Planned {
     wants_logits: Vec<bool>,
     /// Each row's `k` most likely tokens came back instead of its logits.
     candidates: Option<usize>,
-    /// Each row's token, drawn on the device, came back instead of its logits.
-    drawn: bool,
+    /// Per row (in order), when the step drew on the device: whether that row's token came back
+    /// (drawn) instead of its logits (a row sampled on the host).
+    drawn: Option<Vec<bool>>,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -255,6 +260,7 @@ impl<'a> Scheduler<'a> {
             in_flight: VecDeque::new(),
             next_step: 0,
             steps: 0,
+            mixed_draw_steps: 0,
             model_wait: std::time::Duration::ZERO,
             host: std::time::Duration::ZERO,
         })
@@ -328,6 +334,7 @@ impl<'a> Scheduler<'a> {
             steps: self.steps,
             model_wait_us: self.model_wait.as_micros() as u64,
             host_us: self.host.as_micros() as u64,
+            mixed_draw_steps: self.mixed_draw_steps,
         }
     }
 
@@ -531,24 +538,29 @@ impl<'a> Scheduler<'a> {
             None
         };
         batch.set_candidates(candidates)?;
-        // Otherwise, where the runtime can draw on the device and no row needs the logits on the
-        // host (penalties, log-probabilities), each row's token is drawn there with its sampler's
-        // settings and next uniform draw: one value per row crosses instead of the vocabulary.
-        let drawable = |s: &Scheduler<'_>| {
-            plan.iter().zip(&wants_logits).filter(|&(_, &wants)| wants).all(|(&(arrival, _), _)| {
-                let seq = &s.running[s.index_of(arrival).expect("planned sequences run")];
-                seq.logprobs.is_none() && seq.sampler.draws_on_device()
-            })
+        // Otherwise, where the runtime can draw on the device, each row whose sampler allows it
+        // (no penalties, no log-probabilities) is drawn there with its settings and next uniform
+        // draw: one value crosses instead of the vocabulary. The other rows' logits come back
+        // for the host, so that one such request does not bring every row's logits with it.
+        let drawable = |s: &Scheduler<'_>, arrival: u64| {
+            let seq = &s.running[s.index_of(arrival).expect("planned sequences run")];
+            seq.logprobs.is_none() && seq.sampler.draws_on_device()
         };
-        let drawn = candidates.is_none() && executor.draws_on_device() && drawable(self);
-        if drawn {
+        let draw = candidates.is_none()
+            && executor.draws_on_device()
+            && plan.iter().zip(&wants_logits).any(|(&(arrival, _), &wants)| wants && drawable(self, arrival));
+        let mut drawn = None;
+        if draw {
             let mut draws = Vec::with_capacity(plan.len());
             for (&(arrival, _), &wants) in plan.iter().zip(&wants_logits) {
                 if wants {
                     let i = self.index_of(arrival).expect("planned sequences run");
-                    draws.push(self.running[i].sampler.device_draw().expect("checked drawable"));
+                    let seq = &mut self.running[i];
+                    draws.push(if seq.logprobs.is_none() { seq.sampler.device_draw() } else { None });
                 }
             }
+            self.mixed_draw_steps += u64::from(draws.iter().any(Option::is_none));
+            drawn = Some(draws.iter().map(Option::is_some).collect());
             batch.set_draws(Some(draws))?;
         }
         let id = self.next_step;
@@ -570,15 +582,43 @@ impl<'a> Scheduler<'a> {
     fn finish_step(&mut self, planned: Planned, output: Result<Vec<f32>>, tokenizer: &Tokenizer) -> Result<()> {
         let Planned { id, plan, wants_logits, candidates, drawn } = planned;
         let n_rows = wants_logits.iter().filter(|w| **w).count();
-        let output = output.and_then(|l| match candidates {
-            Some(k) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
-                "the model returned {} values for {n_rows} rows of {k} candidates",
-                l.len()
-            ))),
-            None if drawn && l.len() != n_rows => {
-                Err(Error::Internal(format!("the model returned {} tokens for {n_rows} drawn rows", l.len())))
+        // Where each row's values start in the output, and how many it has.
+        let mut spans = Vec::with_capacity(n_rows);
+        let output = output.and_then(|l| {
+            let fixed =
+                |width: usize, spans: &mut Vec<(usize, usize)>| spans.extend((0..n_rows).map(|r| (r * width, width)));
+            match (candidates, &drawn) {
+                (Some(k), _) if l.len() != n_rows * 2 * k => Err(Error::Internal(format!(
+                    "the model returned {} values for {n_rows} rows of {k} candidates",
+                    l.len()
+                ))),
+                (Some(k), _) => {
+                    fixed(2 * k, &mut spans);
+                    Ok(l)
+                }
+                (None, Some(drawn)) => {
+                    let n_drawn = drawn.iter().filter(|&&d| d).count();
+                    let n_host = drawn.len() - n_drawn;
+                    let vocab = l.len().checked_sub(n_drawn).and_then(|v| v.checked_div(n_host)).unwrap_or(0);
+                    if drawn.len() != n_rows || l.len() != n_drawn + n_host * vocab || (n_host > 0 && vocab == 0) {
+                        return Err(Error::Internal(format!(
+                            "the model returned {} values for {n_drawn} drawn rows and {n_host} rows of logits",
+                            l.len()
+                        )));
+                    }
+                    let mut at = 0;
+                    for &d in drawn {
+                        let width = if d { 1 } else { vocab };
+                        spans.push((at, width));
+                        at += width;
+                    }
+                    Ok(l)
+                }
+                (None, None) => {
+                    fixed(l.len().checked_div(n_rows).unwrap_or(0), &mut spans);
+                    Ok(l)
+                }
             }
-            _ => Ok(l),
         });
         // The step's sequences that are still here (a cancelled one was reaped meanwhile).
         let mine =
@@ -598,12 +638,12 @@ impl<'a> Scheduler<'a> {
                 return Ok(());
             }
         };
-        let width = logits.len().checked_div(n_rows).unwrap_or(0);
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
-            let logit_rows = if wants { row..row + 1 } else { row..row };
-            row = logit_rows.end;
+            // This sequence's row of the output, if it has one.
+            let this_row = wants.then_some(row);
+            row += usize::from(wants);
             let Some(i) = mine(self, arrival) else { continue };
             let seq = &mut self.running[i];
             seq.in_flight = None;
@@ -615,13 +655,12 @@ impl<'a> Scheduler<'a> {
                 seq.last_hash = Some(self.blocks.register_full(seq.blocks[b], seq.last_hash, tokens));
                 seq.n_hashed += 1;
             }
-            if !wants {
-                continue;
-            }
+            let Some(r) = this_row else { continue };
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
-            let logit_row = &mut logits[logit_rows.start * width..logit_rows.end * width];
+            let (start, width) = spans[r];
+            let logit_row = &mut logits[start..start + width];
             let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
-            let sampled = if drawn {
+            let sampled = if drawn.as_ref().is_some_and(|d| d[r]) {
                 drawn_token(logit_row[0]).inspect(|&t| seq.sampler.accept_drawn(t))
             } else if candidates.is_some() {
                 let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();

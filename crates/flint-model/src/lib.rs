@@ -8,6 +8,7 @@
 
 mod config;
 pub mod cuda;
+mod draw;
 mod error;
 pub mod fp8_checkpoint;
 pub mod gguf;
@@ -19,10 +20,11 @@ mod source;
 pub mod tp;
 
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig, RopeScaling};
+pub use draw::{Draw, MAX_DRAW_VOCAB, apply_draws, argmax, by_logit, drawn_output_len};
 pub use error::{Error, Result};
 pub use llama::{
-    Draw, ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, MAX_DRAW_VOCAB, PagedKvCache,
-    StageInput, StageOutput, candidate_pairs, merge_candidates, rope_inv_freq, top_candidates,
+    ForwardBatch, Fp8Spec, KvCache, Llama, LoadProgress, Logits, MAX_CANDIDATES, PagedKvCache, StageInput, StageOutput,
+    candidate_pairs, merge_candidates, rope_inv_freq, top_candidates,
 };
 pub use shard::Shard;
 pub use source::{HostTensor, ModelSource, SafetensorsDir, StoredTensor};

@@ -8,6 +8,7 @@ use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::draw::Draw;
 use crate::shard::{Shard, slice_cols, slice_rows};
 use crate::source::{HostTensor, ModelSource};
 use crate::{Error, Result};
@@ -208,32 +209,11 @@ pub struct ForwardBatch {
     /// [`ForwardBatch::set_candidates`]).
     #[serde(default)]
     candidates: Option<usize>,
-    /// Instead of logits, each logit row's token drawn by the device (see
-    /// [`ForwardBatch::set_draws`]).
+    /// Instead of logits, each logit row's token drawn by the device, or for `None` rows their
+    /// logits (see [`ForwardBatch::set_draws`]).
     #[serde(default)]
-    draws: Option<Vec<Draw>>,
+    draws: Option<Vec<Option<Draw>>>,
 }
-
-/// How the device picks one logit row's token: a host sampler's settings and its uniform draw.
-/// The device keeps what the host's sampler keeps (top-k, then top-p and min-p over the row in
-/// order of logit, ties to the lower id) and takes the token where `u` falls in the kept mass,
-/// so it picks the token the host would from the same logits. `temperature <= 0` or `top_k == 1`:
-/// greedy.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Draw {
-    pub temperature: f32,
-    /// 0: off.
-    pub top_k: u32,
-    /// 1: off.
-    pub top_p: f32,
-    /// 0: off.
-    pub min_p: f32,
-    /// Uniform in `[0, 1)`.
-    pub u: f64,
-}
-
-/// Largest vocabulary whose token ids a step returns exactly as f32 (draws).
-pub const MAX_DRAW_VOCAB: usize = 1 << 24;
 
 /// Most candidates per row a step may ask for instead of full logits.
 pub const MAX_CANDIDATES: usize = 256;
@@ -277,19 +257,20 @@ impl ForwardBatch {
     }
 
     /// Asks for each logit row's token, drawn on the device with that row's [`Draw`], instead of
-    /// its logits: the step returns one value per row, the token id as f32. One draw per logit
-    /// row (set after the sequences are pushed); not with candidates. Only GPU runtimes draw
-    /// (`RankInfo::draws_on_device`); the CPU reference refuses such a batch. `None`: logits.
-    pub fn set_draws(&mut self, draws: Option<Vec<Draw>>) -> Result<()> {
+    /// its logits; rows whose draw is `None` (sampled on the host: penalties, log-probabilities)
+    /// still get their logits. The step returns the rows in order, each the token id as one f32
+    /// or a `None` row's `vocab` logits ([`crate::drawn_output_len`]). One entry per logit row
+    /// (set after the sequences are pushed); not with candidates. Runtimes that draw say so
+    /// (`RankInfo::draws_on_device`); the CPU reference model refuses such a batch (the engine
+    /// applies draws to its logits with [`crate::apply_draws`]). `None`: logits.
+    pub fn set_draws(&mut self, draws: Option<Vec<Option<Draw>>>) -> Result<()> {
         if let Some(d) = &draws {
             let why = if d.len() != self.logit_rows.len() {
                 Some(format!("{} draws for {} logit rows", d.len(), self.logit_rows.len()))
             } else if self.candidates.is_some() {
                 Some("draws and candidates together".to_string())
             } else {
-                d.iter()
-                    .find(|d| !(d.u >= 0.0 && d.u < 1.0 && d.temperature.is_finite() && d.top_p > 0.0))
-                    .map(|d| format!("an invalid draw {d:?}"))
+                d.iter().flatten().find(|d| !d.is_valid()).map(|d| format!("an invalid draw {d:?}"))
             };
             if let Some(detail) = why {
                 return Err(Error::Backend(flint_tensor::Error::ShapeMismatch { op: "forward_batch", detail }));
@@ -300,7 +281,7 @@ impl ForwardBatch {
     }
 
     /// What [`ForwardBatch::set_draws`] asked for.
-    pub fn draws(&self) -> Option<&[Draw]> {
+    pub fn draws(&self) -> Option<&[Option<Draw>]> {
         self.draws.as_deref()
     }
 

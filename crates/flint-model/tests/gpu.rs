@@ -946,16 +946,22 @@ fn device_top_candidates_match_the_host() {
     }
 }
 
+/// The GPU and the first checkpoint of `FLINT_HF_MODELS` with its reference, opened; `None`
+/// (skipped) without either.
+fn first_checkpoint() -> Option<(Arc<flint_cuda::Gpu>, Reference, ModelSource, flint_model::ModelConfig)> {
+    let g = gpu()?;
+    let dirs = hf_dirs()?;
+    let r = read_reference(&dirs[0]);
+    let source = ModelSource::open(&dirs[0]).expect("open checkpoint");
+    let config = source.config().expect("config");
+    Some((g, r, source, config))
+}
+
 /// A step asked for candidates returns, from the device, exactly the host's `top_candidates` of
 /// the same step's logits (prefill and decode steps, with and without graphs).
 #[test]
 fn model_steps_return_device_candidates() {
-    let Some(g) = gpu() else { return };
-    let Some(dirs) = hf_dirs() else { return };
-    let dir = &dirs[0];
-    let r = read_reference(dir);
-    let source = ModelSource::open(dir).expect("open checkpoint");
-    let config = source.config().expect("config");
+    let Some((g, r, source, config)) = first_checkpoint() else { return };
     let vocab = config.vocab_size;
     let forced = &r.tokens[..8.min(r.tokens.len() - 1)];
     for graphs in [false, true] {
@@ -982,6 +988,50 @@ fn model_steps_return_device_candidates() {
         }
     }
     eprintln!("device candidates equal the host's top k of the same logits");
+}
+
+/// Steps that draw some rows on the device and bring others' logits back (rows sampled on the
+/// host): each drawn row's token is what `Draw::pick` takes from the same step's logits, each
+/// host row's logits equal the plain step's bit for bit, row by row in one output.
+#[test]
+fn model_steps_mix_drawn_and_host_rows() {
+    use flint_model::Draw;
+    let Some((g, r, source, config)) = first_checkpoint() else { return };
+    let vocab = config.vocab_size;
+    let sampled = |u: f64| Draw { temperature: 0.8, top_k: 0, top_p: 0.9, min_p: 0.0, u };
+    for graphs in [false, true] {
+        let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), small_options(graphs)).expect("load");
+        for (round, batches) in three_sequences(&r.prompt, 6, false).iter().enumerate() {
+            let b = &batches[0];
+            // Both runs write the same keys and values into the same slots.
+            let plain = model.forward(b).expect("plain step");
+            let draws = match round % 3 {
+                0 => vec![Some(Draw::GREEDY), None, Some(sampled(0.37))],
+                1 => vec![None, Some(sampled(0.91)), None],
+                _ => vec![None, None, None],
+            };
+            let mut drawn = b.clone();
+            drawn.set_draws(Some(draws.clone())).expect("draws");
+            let got = model.forward(&drawn).expect("drawn step");
+            assert_eq!(got.len(), flint_model::drawn_output_len(&draws, vocab), "graphs {graphs} round {round}");
+            let mut at = 0;
+            for (row, d) in draws.iter().enumerate() {
+                let logits = &plain[row * vocab..(row + 1) * vocab];
+                match d {
+                    Some(d) => {
+                        assert_eq!(got[at], d.pick(logits) as f32, "graphs {graphs} round {round} row {row}: drawn");
+                        at += 1;
+                    }
+                    None => {
+                        let same = got[at..at + vocab].iter().zip(logits).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "graphs {graphs} round {round} row {row}: host row's logits differ");
+                        at += vocab;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("mixed steps: drawn tokens as the host draws them, host rows' logits as a plain step's");
 }
 
 /// A free TCP port on this machine whose next port is free too (the job's collectives and

@@ -158,6 +158,9 @@ fn device_sampling(d: &crate::Draw) -> DeviceSampling {
 pub enum StepOutput {
     Tokens(Vec<u32>),
     Logits(Vec<f32>),
+    /// Draws where some rows are sampled on the host: row by row, a drawn token id (as f32) or
+    /// a host row's logits ([`crate::drawn_output_len`]).
+    Rows(Vec<f32>),
 }
 
 /// A linear layer's weight: BF16, or E4M3 codes with a scale per row.
@@ -1384,7 +1387,25 @@ impl CudaLlama {
         if sample {
             let mut tokens = vec![0u32; rows];
             self.gpu.read(self.ws.sampled.ptr(), &mut tokens)?;
-            Ok(StepOutput::Tokens(tokens))
+            let host_rows = batch.draws().is_some_and(|d| d.iter().any(Option::is_none));
+            if !host_rows {
+                return Ok(StepOutput::Tokens(tokens));
+            }
+            // Rows sampled on the host get their logits (still in the workspace: the next step
+            // waits for this lock), the others their drawn token.
+            let vocab = self.config.vocab_size;
+            let draws = batch.draws().unwrap_or_default();
+            let mut out = Vec::with_capacity(crate::drawn_output_len(draws, vocab));
+            for (i, (d, &t)) in draws.iter().zip(&tokens).enumerate() {
+                if d.is_some() {
+                    out.push(t as f32);
+                } else {
+                    let at = out.len();
+                    out.resize(at + vocab, 0.0);
+                    self.gpu.read(self.ws.logits.ptr() + (4 * i * vocab) as u64, &mut out[at..])?;
+                }
+            }
+            Ok(StepOutput::Rows(out))
         } else if let Some(k) = plan.candidates {
             // Only each row's top k comes back (picked on the device); on a tensor-parallel
             // group every rank's list of its vocabulary part, merged here.
@@ -1412,14 +1433,18 @@ impl CudaLlama {
 
     /// Logits of a step (host sampling): `[rows, vocab]`, or `[rows, 2k]` candidates
     /// (`crate::top_candidates`' layout) when the batch asks for `k`, or each row's token drawn
-    /// on the device (`[rows]`, ids as f32) when it carries draws ([`ForwardBatch::set_draws`]).
+    /// on the device (ids as f32; a `None` draw's row its logits) when it carries draws
+    /// ([`ForwardBatch::set_draws`]).
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<f32>> {
-        let params: Option<Vec<DeviceSampling>> = batch.draws().map(|d| d.iter().map(device_sampling).collect());
+        // Rows sampled on the host run the greedy draw (its token is not used).
+        let params: Option<Vec<DeviceSampling>> = batch
+            .draws()
+            .map(|d| d.iter().map(|d| d.as_ref().map_or(DeviceSampling::GREEDY, device_sampling)).collect());
         if params.is_some() && self.config.vocab_size > crate::MAX_DRAW_VOCAB {
             return Err(unsupported("drawing tokens on the device from a vocabulary over 2^24 entries"));
         }
         match self.step(batch, params.as_deref())? {
-            StepOutput::Logits(l) => Ok(l),
+            StepOutput::Logits(l) | StepOutput::Rows(l) => Ok(l),
             StepOutput::Tokens(t) => Ok(t.into_iter().map(|t| t as f32).collect()),
         }
     }
