@@ -109,6 +109,7 @@ fn publish(scheduler: &Scheduler<'_>, shared: &Mutex<SchedulerStats>) {
     metrics::counter!("flint_steps_total").absolute(s.steps);
     metrics::counter!("flint_step_model_wait_microseconds_total").absolute(s.model_wait_us);
     metrics::counter!("flint_step_host_microseconds_total").absolute(s.host_us);
+    metrics::counter!("flint_mixed_draw_steps_total").absolute(s.mixed_draw_steps);
 }
 
 fn run(
