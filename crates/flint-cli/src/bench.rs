@@ -118,6 +118,9 @@ pub struct BenchArgs {
     /// Keep each request's K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: u32,
+    /// Repetition penalty of every request (1: off); such requests are sampled on the host.
+    #[arg(long, value_parser = parse_repetition_penalty)]
+    repetition_penalty: Option<f32>,
     /// Seed for prompts, lengths and arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -133,6 +136,13 @@ fn parse_temperature(s: &str) -> Result<f32, String> {
     match s.trim().parse::<f32>() {
         Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
         _ => Err(format!("{s:?}: expected a temperature >= 0 (0 is greedy)")),
+    }
+}
+
+fn parse_repetition_penalty(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?}: expected a repetition penalty > 0 (1 is off)")),
     }
 }
 
@@ -419,12 +429,16 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
     let vocab = info.vocab_size.max(2);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut send_at = Duration::ZERO;
-    let sampling = (args.temperature > 0.0 || args.top_p.is_some() || args.top_k > 0).then(|| pb::SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        ..Default::default()
-    });
+    let sampling =
+        (args.temperature > 0.0 || args.top_p.is_some() || args.top_k > 0 || args.repetition_penalty.is_some()).then(
+            || pb::SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                repetition_penalty: args.repetition_penalty,
+                ..Default::default()
+            },
+        );
     let plans: Vec<Planned> = (0..args.num_requests)
         .map(|_| {
             let n_prompt = rng.random_range(args.prompt_len.min..=args.prompt_len.max);
@@ -496,7 +510,13 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
                 None => format!("concurrency {}", args.concurrency),
             },
             match sampling {
-                Some(p) => format!("temperature {} top-p {} top-k {}", p.temperature, p.top_p.unwrap_or(1.0), p.top_k),
+                Some(p) => format!(
+                    "temperature {} top-p {} top-k {} repetition penalty {}",
+                    p.temperature,
+                    p.top_p.unwrap_or(1.0),
+                    p.top_k,
+                    p.repetition_penalty.unwrap_or(1.0)
+                ),
                 None => "greedy".to_string(),
             }
         ),

@@ -144,6 +144,7 @@ fn invalid_flags_fail_cleanly() {
     assert_clean_failure(&flint(&[&load[..], &["--temperature", "NaN"]].concat()), "temperature >= 0");
     assert_clean_failure(&flint(&[&load[..], &["--top-p", "1.5"]].concat()), "top-p in (0, 1]");
     assert_clean_failure(&flint(&[&load[..], &["--top-p", "0"]].concat()), "top-p in (0, 1]");
+    assert_clean_failure(&flint(&[&load[..], &["--repetition-penalty", "0"]].concat()), "repetition penalty > 0");
 }
 
 /// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's
