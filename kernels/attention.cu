@@ -8,13 +8,13 @@ using namespace flint;
     extern "C" __global__ void __launch_bounds__(kDecodeThreads) flint_attention_decode_##NAME##HD(           \
         const bf16* q, int q_stride, const void* k_cache, const void* v_cache, const float* k_scales,         \
         const float* v_scales, const uint32_t* block_tables, int max_blocks, const int* token_seq,            \
-        const uint32_t* positions, float* part_o, float* part_ml, uint32_t* counters, bf16* out, int n_heads, \
-        int n_kv, int block_size, float scale) {                                                               \
+        const uint32_t* positions, float* part_o, float* part_ml, uint32_t* counters, bf16* out,              \
+        float* out_amax, int n_heads, int n_kv, int block_size, float scale) {                                 \
         using T = typename KvElem<F8>::T;                                                                      \
         pdl_wait();                                                                                            \
         attention_decode<HD, F8>(q, q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),  \
                                  k_scales, v_scales, block_tables, max_blocks, token_seq, positions, part_o,   \
-                                 part_ml, counters, out, n_heads, n_kv, block_size, scale);                    \
+                                 part_ml, counters, out, out_amax, n_heads, n_kv, block_size, scale);          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(kPrefillThreads) flint_attention_prefill_##NAME##HD(         \
         const bf16* q, int q_stride, const void* k_cache, const void* v_cache, const float* k_scales,         \

@@ -20,26 +20,32 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
 }
 
 // The FP8 GEMV per (warps per tile S, 64-element steps per chunk U, prefetch P); the launcher
-// picks one per shape (ops::Fp8GemvConfig).
-#define FLINT_GEMV_FP8(S, U, P)                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) flint_gemv_fp8_s##S##_u##U##_p##P(             \
-        const uint8_t* x, const float* x_scale, const uint8_t* w, const float* w_scale, bf16* y, int m, int n,  \
-        int k, int epilogue) {                                                                                 \
+// picks one per shape (ops::Fp8GemvConfig). `flint_gemv_fp8q_*` take the bf16 activation and
+// its amax slots and quantize it themselves (Q in fp8.cuh).
+#define FLINT_GEMV_FP8(S, U, P, Q, NAME)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) NAME##_s##S##_u##U##_p##P(              \
+        const void* x, const float* x_aux, const uint8_t* w, const float* w_scale, bf16* y, int m, int n, int k, \
+        int epilogue, float* amax_out, float* amax_clear) {                                                    \
         pdl_wait();                                                                                            \
-        gemv_fp8<S, U, P>(x, x_scale, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue));             \
+        gemv_fp8<S, U, P, Q>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out,    \
+                             amax_clear);                                                                      \
     }
 
-#define FLINT_GEMV_FP8_P(S, U) FLINT_GEMV_FP8(S, U, 0) FLINT_GEMV_FP8(S, U, 1)
+#define FLINT_GEMV_FP8_P(S, U)                                                             \
+    FLINT_GEMV_FP8(S, U, 0, false, flint_gemv_fp8) FLINT_GEMV_FP8(S, U, 1, false, flint_gemv_fp8) \
+    FLINT_GEMV_FP8(S, U, 0, true, flint_gemv_fp8q) FLINT_GEMV_FP8(S, U, 1, true, flint_gemv_fp8q)
 #define FLINT_GEMV_FP8_U(S) FLINT_GEMV_FP8_P(S, 2) FLINT_GEMV_FP8_P(S, 4)
 
 FLINT_GEMV_FP8_U(4)
 FLINT_GEMV_FP8_U(8)
 // Sixteen and thirty-two warps per tile (one tile per block): for the narrow projections, whose
-// n / 16 tiles are too few to keep every SM's loads in flight with eight.
+// n / 16 tiles are too few to keep every SM's loads in flight with eight. (No quantizing variant
+// of s32_u2: its buffers would pass the 48 KiB of static shared memory.)
 FLINT_GEMV_FP8_P(16, 1)
 FLINT_GEMV_FP8_P(16, 2)
 FLINT_GEMV_FP8_P(32, 1)
-FLINT_GEMV_FP8_P(32, 2)
+FLINT_GEMV_FP8(32, 2, 0, false, flint_gemv_fp8)
+FLINT_GEMV_FP8(32, 2, 1, false, flint_gemv_fp8)
 
 // y[r, c] = bf16(acc[r, c] * row_scale[r] * col_scale[c]): the scales of an FP8 product that
 // cuBLASLt ran unscaled. Grid-stride over m * n / 4; n % 4 == 0.

@@ -91,6 +91,12 @@ pub struct BenchArgs {
     /// With --preset and --dtype fp8: the FP8 model's KV cache.
     #[arg(long, default_value = "fp8", requires = "preset", value_parser = ["bf16", "fp8"])]
     kv_cache_dtype: String,
+    /// With --preset and --dtype fp8: how decode steps of up to 8 tokens quantize the inputs of
+    /// the O and down projections: fused (the GEMVs quantize them from the amax their producers
+    /// publish), separate (a quantization kernel before each), or both (the FP8 model measured
+    /// each way, one after the other in this run).
+    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    fp8_quantization: String,
     /// With --preset or --allreduce: also write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -380,6 +386,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             !args.no_graphs,
             args.gemv_max_m as usize,
             (args.dtype == "fp8").then_some(args.kv_cache_dtype == "fp8"),
+            crate::gpubench::Fp8Quantization::parse(&args.fp8_quantization)?,
             args.tp as usize,
             args.pp as usize,
             (!args.no_p2p).then_some(args.p2p_link),

@@ -81,6 +81,11 @@ pub struct Fp8Bench {
     pub cublaslt_fp8_peak: GemmRate,
     pub prefill_gemms: Vec<GemmRate>,
     pub weight_bytes_per_step: usize,
+    /// Whether `rows` ran with the O and down GEMVs quantizing their inputs themselves.
+    pub fused_quantization: bool,
+    /// With `--fp8-quantization both`: the same rows with a quantization kernel before each of
+    /// those GEMVs, measured after `rows` in this run.
+    pub separate_quantization_rows: Option<Vec<DecodeRow>>,
     pub rows: Vec<DecodeRow>,
     pub decode_breakdown: Vec<Breakdown>,
     /// BF16 ms/token over FP8 ms/token, per row (same order as `rows`, where BF16 has the row).
@@ -127,6 +132,26 @@ fn decode_rows(
     (rows, breakdown)
 }
 
+/// How an FP8 benchmark's small decode steps quantize the O and down projections' inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Quantization {
+    Fused,
+    Separate,
+    /// Fused, then the same model again with separate kernels.
+    Both,
+}
+
+impl Fp8Quantization {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "fused" => Ok(Self::Fused),
+            "separate" => Ok(Self::Separate),
+            "both" => Ok(Self::Both),
+            _ => anyhow::bail!("--fp8-quantization takes fused, separate or both, not {s:?}"),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn run_preset(
     preset: &str,
@@ -135,6 +160,7 @@ pub fn run_preset(
     graphs: bool,
     gemv_max_m: usize,
     fp8: Option<bool>,
+    fp8_quantization: Fp8Quantization,
     tp: usize,
     pp: usize,
     p2p: Option<flint_comm::P2pLink>,
@@ -160,6 +186,7 @@ pub fn run_preset(
         gemv_max_m,
         p2p_all_reduce: p2p.is_some(),
         p2p_link: p2p.unwrap_or_default(),
+        fuse_fp8_quantization: fp8_quantization != Fp8Quantization::Separate,
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
@@ -226,6 +253,16 @@ pub fn run_preset(
         )?;
         let mut skipped8 = Vec::new();
         let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
+        let weight_bytes8 = model.weight_bytes_per_step();
+        drop(model);
+        let separate_rows = if fp8_quantization == Fp8Quantization::Both {
+            eprintln!("bench: {preset} in FP8 with separate quantization kernels");
+            let separate = CudaLlamaOptions { fp8: true, kv_fp8, fuse_fp8_quantization: false, ..options.clone() };
+            let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), separate, 0x5eed)?;
+            Some(decode_rows(&model, bandwidth, batches, lengths, &mut skipped8).0)
+        } else {
+            None
+        };
         let speedup = rows8
             .iter()
             .map(|r| {
@@ -237,7 +274,9 @@ pub fn run_preset(
         Some(Fp8Bench {
             cublaslt_fp8_peak: peak8,
             prefill_gemms: gemms8,
-            weight_bytes_per_step: model.weight_bytes_per_step(),
+            weight_bytes_per_step: weight_bytes8,
+            fused_quantization: fp8_quantization != Fp8Quantization::Separate,
+            separate_quantization_rows: separate_rows,
             rows: rows8,
             decode_breakdown: breakdown8,
             speedup_over_bf16: speedup,
@@ -572,5 +611,21 @@ pub fn print_fp8_table(b: &ModelBench) {
             r.roofline_fraction,
             s.map_or("-".to_string(), |s| format!("{s:.2}x"))
         );
+    }
+    if let Some(rows) = &f.separate_quantization_rows {
+        println!("the same FP8 model with a quantization kernel before the O and down GEMVs:");
+        println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");
+        for r in rows {
+            let fused =
+                f.rows.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
+            println!(
+                "{:>7} {:>6} {:>12.3} {:>9.2} {:>14}",
+                format!("{}/{}", r.prompt_len, r.output_len),
+                r.batch,
+                r.decode_ms_per_token,
+                r.roofline_fraction,
+                fused.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
+            );
+        }
     }
 }

@@ -281,7 +281,8 @@ pub struct DecodeScratch {
 
 /// Split-K decode attention of `n_tokens` query tokens (one position each) into
 /// `out [n_tokens, n_heads, head_dim]`: the split of each (token, KV head) that finishes last
-/// merges them all.
+/// merges them all. With `out_amax` (else 0), each token's amax of `out` is also published into
+/// its [`AMAX_SLOTS`] there (for [`Fp8Input::Bf16`]; at most [`GEMV_FP8_MAX_M`] tokens then).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -292,9 +293,13 @@ pub fn attention_decode(
     positions: u64,
     scratch: &DecodeScratch,
     out: u64,
+    out_amax: u64,
     n_tokens: usize,
     n_splits: usize,
 ) -> Result<()> {
+    if out_amax != 0 && n_tokens > GEMV_FP8_MAX_M {
+        return Err(shape("attention", format!("{n_tokens} tokens publishing an amax (at most {GEMV_FP8_MAX_M})")));
+    }
     let name = kv.kernel("decode")?;
     if !kv.n_heads.is_multiple_of(kv.n_kv) || kv.n_heads / kv.n_kv > 8 {
         return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
@@ -324,6 +329,7 @@ pub fn attention_decode(
             arg(&scratch.part_ml),
             arg(&scratch.counters),
             arg(&out),
+            arg(&out_amax),
             arg(&h),
             arg(&nkv),
             arg(&bs),
@@ -574,8 +580,79 @@ impl Fp8GemvConfig {
         format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
     }
 
-    fn kernel(&self) -> String {
-        format!("flint_gemv_fp8_{}", self.label())
+    /// Whether a variant that quantizes a bf16 input ([`Fp8Input::Bf16`]) is compiled: every
+    /// one but 32 warps per tile with two steps (its buffers pass 48 KiB of shared memory).
+    pub fn quantizes(&self) -> bool {
+        !(self.split_k == 32 && self.unroll == 2)
+    }
+
+    fn kernel(&self, quantizes: bool) -> String {
+        format!("flint_gemv_fp8{}_{}", if quantizes { "q" } else { "" }, self.label())
+    }
+}
+
+/// Floats per token of an amax publication (mirrors `kAmaxSlots` in e4m3.cuh): a producer maxes
+/// `|value|` into them, the row's amax is their maximum. A slot area must be zero before its
+/// producer runs.
+pub const AMAX_SLOTS: usize = 32;
+
+/// The activation input of the FP8 GEMV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Input {
+    /// E4M3 codes `[m, k]` with an f32 scale per token.
+    Codes { x: u64, scales: u64 },
+    /// The bf16 activation `[m, k]` and its producer's amax slots (`[m, AMAX_SLOTS]` f32): the
+    /// GEMV quantizes it per token itself, to the codes [`quantize_rows`] would give.
+    Bf16 { x: u64, amax: u64 },
+}
+
+/// One FP8 GEMV: `y[m, n] = (x codes . W codes^T) * x_scale[m] * w_scale[n]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Gemv {
+    pub input: Fp8Input,
+    /// FP8 `[n, k]` (or `[2n, k]` for SwiGLU) with an f32 scale per row.
+    pub w: u64,
+    pub w_scale: u64,
+    /// bf16 `[m, n]`.
+    pub y: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub epilogue: Fp8Epilogue,
+    /// SwiGLU: amax slots (`[m, AMAX_SLOTS]`, zero) that receive the output's amax per token, for
+    /// a GEMV taking it as [`Fp8Input::Bf16`] next; 0 for none.
+    pub publish_amax: u64,
+    /// `[m, AMAX_SLOTS]` f32 that the GEMV zeroes (another activation's slots, read by a kernel
+    /// that has finished); 0 for none. Never the input's own slots.
+    pub clear_amax: u64,
+}
+
+impl Fp8Gemv {
+    /// A GEMV of FP8 codes with nothing published or cleared.
+    #[allow(clippy::too_many_arguments)]
+    pub fn codes(
+        x: u64,
+        x_scale: u64,
+        w: u64,
+        w_scale: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: Fp8Epilogue,
+    ) -> Self {
+        Fp8Gemv {
+            input: Fp8Input::Codes { x, scales: x_scale },
+            w,
+            w_scale,
+            y,
+            m,
+            n,
+            k,
+            epilogue,
+            publish_amax: 0,
+            clear_amax: 0,
+        }
     }
 }
 
@@ -594,7 +671,7 @@ pub fn gemv_fp8(
     k: usize,
     epilogue: Fp8Epilogue,
 ) -> Result<()> {
-    gemv_fp8_with(gpu, Fp8GemvConfig::for_shape(n, k, epilogue), x, x_scale, w, w_scale, y, m, n, k, epilogue)
+    run_gemv_fp8(gpu, None, &Fp8Gemv::codes(x, x_scale, w, w_scale, y, m, n, k, epilogue))
 }
 
 /// [`gemv_fp8`] with a chosen variant (benchmarks compare them).
@@ -612,23 +689,55 @@ pub fn gemv_fp8_with(
     k: usize,
     epilogue: Fp8Epilogue,
 ) -> Result<()> {
+    run_gemv_fp8(gpu, Some(config), &Fp8Gemv::codes(x, x_scale, w, w_scale, y, m, n, k, epilogue))
+}
+
+/// Runs one FP8 GEMV with `config`, or the shape's own variant ([`Fp8GemvConfig::for_shape`]).
+pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> Result<()> {
+    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax } = *op;
+    let config = config.unwrap_or_else(|| Fp8GemvConfig::for_shape(n, k, epilogue));
     if m == 0 || m > GEMV_FP8_MAX_M || !gemv_fp8_fits(n, k, epilogue) {
         return Err(shape(
             "gemv_fp8",
             format!("m = {m} (1..=8), n = {n} (a multiple of 16, or 8 for SwiGLU), k = {k} (a multiple of 64)"),
         ));
     }
-    if !Fp8GemvConfig::ALL.contains(&config) {
-        return Err(shape("gemv_fp8", format!("no compiled variant {config:?}")));
+    let quantizes = matches!(input, Fp8Input::Bf16 { .. });
+    if !Fp8GemvConfig::ALL.contains(&config) || (quantizes && !config.quantizes()) {
+        return Err(shape("gemv_fp8", format!("no compiled variant {config:?} for {input:?}")));
     }
+    if publish_amax != 0 && epilogue != Fp8Epilogue::SwiGlu {
+        return Err(shape("gemv_fp8", "only the SwiGLU epilogue publishes an amax"));
+    }
+    let (x, x_aux) = match input {
+        Fp8Input::Codes { x, scales } => (x, scales),
+        Fp8Input::Bf16 { x, amax } => {
+            if amax == clear_amax || amax == 0 {
+                return Err(shape("gemv_fp8", "a bf16 input needs amax slots that the GEMV does not clear"));
+            }
+            (x, amax)
+        }
+    };
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e) = (m as i32, n as i32, k as i32, epilogue as i32);
     gpu.launch(
-        &config.kernel(),
+        &config.kernel(quantizes),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
         32 * config.block_warps() as u32,
         0,
-        &mut [arg(&x), arg(&x_scale), arg(&w), arg(&w_scale), arg(&y), arg(&mi), arg(&ni), arg(&ki), arg(&e)],
+        &mut [
+            arg(&x),
+            arg(&x_aux),
+            arg(&w),
+            arg(&w_scale),
+            arg(&y),
+            arg(&mi),
+            arg(&ni),
+            arg(&ki),
+            arg(&e),
+            arg(&publish_amax),
+            arg(&clear_amax),
+        ],
     )
 }
 

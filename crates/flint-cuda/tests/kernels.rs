@@ -441,15 +441,35 @@ fn check_attention(
         let part_ml = g.alloc(4 * n * heads * splits * 2).expect("pml");
         let out = poisoned(g, 2 * n * heads * hd);
         let scratch = ops::DecodeScratch { part_o: part_o.ptr(), part_ml: part_ml.ptr(), counters: counters.ptr() };
-        ops::attention_decode(g, kvp, qb.ptr(), stride, tsq.ptr(), pos.ptr(), &scratch, out.ptr(), n, splits)
+        // Up to 8 tokens, the output's amax is published too (for the FP8 GEMV's bf16 input).
+        let amax = (n <= ops::GEMV_FP8_MAX_M).then(|| g.zeros(4 * n * ops::AMAX_SLOTS).expect("amax"));
+        let amax_ptr = amax.as_ref().map_or(0, |a| a.ptr());
+        ops::attention_decode(g, kvp, qb.ptr(), stride, tsq.ptr(), pos.ptr(), &scratch, out.ptr(), amax_ptr, n, splits)
             .expect("decode");
-        check(&format!("decode splits {splits} {what}"), &read_bf16(g, &out, n * heads * hd), &want, 1e-2);
+        let got = read_bf16(g, &out, n * heads * hd);
+        check(&format!("decode splits {splits} {what}"), &got, &want, 1e-2);
+        if let Some(amax) = &amax {
+            check_published_amax(g, amax, &got, n, &format!("decode splits {splits} {what}"));
+        }
         let left: Vec<u32> = {
             let mut v = vec![0u32; n * kvp.n_kv];
             g.read(counters.ptr(), &mut v).expect("read");
             v
         };
         assert!(left.iter().all(|&c| c == 0), "decode splits {splits} {what}: counters left {left:?}");
+    }
+}
+
+/// The amax slots a kernel published (`[rows, AMAX_SLOTS]`) hold, per row, exactly the largest
+/// `|value|` of that row of `out` (what `quantize_rows` would take as its amax).
+fn check_published_amax(g: &Gpu, amax: &DeviceBuffer, out: &[f32], rows: usize, what: &str) {
+    let mut slots = vec![0f32; rows * ops::AMAX_SLOTS];
+    g.read(amax.ptr(), &mut slots).expect("read amax");
+    let cols = out.len() / rows;
+    for r in 0..rows {
+        let published = slots[r * ops::AMAX_SLOTS..(r + 1) * ops::AMAX_SLOTS].iter().copied().fold(0f32, f32::max);
+        let want = out[r * cols..(r + 1) * cols].iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert_eq!(published.to_bits(), want.to_bits(), "{what}: row {r}'s published amax");
     }
 }
 
@@ -533,6 +553,12 @@ fn random_fill_has_the_asked_moments() {
 // ---- FP8 ----------------------------------------------------------------------------------
 
 use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
+
+fn read_u16(g: &Gpu, buf: &DeviceBuffer, n: usize) -> Vec<u16> {
+    let mut out = vec![0u16; n];
+    g.read(buf.ptr(), &mut out).expect("read");
+    out
+}
 
 fn read_u8(g: &Gpu, buf: &DeviceBuffer, n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n];
@@ -694,4 +720,102 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
         gemm.matmul_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), yb.ptr(), m, n, k).expect("gemm");
         check(&format!("gemm fp8 {m}x{n}x{k}"), &read_bf16(&g, &yb, m * n), &c.want, 1e-2);
     }
+}
+
+/// The FP8 GEMV that quantizes its bf16 input from published amax slots gives, bit for bit, the
+/// output of `quantize_rows` then the GEMV of the codes; it zeroes the slots it is told to, and
+/// the SwiGLU epilogue publishes its output's exact amax.
+#[test]
+fn fp8_gemv_of_bf16_input_equals_quantize_then_gemv() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    // The 8B projections (o, down), a K tail past the chunks (576), a partial last block (200).
+    for (n, k) in [(4096, 4096), (4096, 14336), (960, 576), (200, 1024)] {
+        let w = random_bf16(&mut r, 2 * n * k, 0.05);
+        let wq = Fp8Matrix::quantize(&w, 2 * n, k, Granularity::Channel, Fp8Format::E4M3);
+        let (wb, ws) = (g.upload(&wq.codes).expect("up"), g.upload(&wq.scales).expect("up"));
+        for m in 1..=ops::GEMV_FP8_MAX_M {
+            let mut x = random_bf16(&mut r, m * k, 3.0);
+            // Zeros of both signs, and a row of zeros (scale 1), where there are rows to spare.
+            x[0] = 0.0;
+            x[1] = -0.0;
+            if m >= 3 {
+                x[2 * k..3 * k].fill(0.0);
+            }
+            let xb = up_bf16(&g, &x);
+            let (codes, scales) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
+            ops::quantize_rows(&g, xb.ptr(), codes.ptr(), scales.ptr(), m, k).expect("quantize");
+            // Each row's amax in one slot, smaller values in the others.
+            let mut slots = vec![0f32; m * ops::AMAX_SLOTS];
+            for t in 0..m {
+                let amax = x[t * k..(t + 1) * k].iter().map(|v| v.abs()).fold(0f32, f32::max);
+                for (s, slot) in slots[t * ops::AMAX_SLOTS..(t + 1) * ops::AMAX_SLOTS].iter_mut().enumerate() {
+                    *slot = if s == (7 * t + 3) % ops::AMAX_SLOTS { amax } else { amax * r.random_range(0.0..1.0) };
+                }
+            }
+            let amax = g.upload(&slots).expect("up");
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::ALL.map(Some));
+            for config in configs.filter(|c| c.is_none_or(|c| c.quantizes()) && (c.is_none() || [1, 3, 8].contains(&m)))
+            {
+                let label = config.map_or("default".to_string(), |c| c.label());
+                for (epilogue, rows) in [(ops::Fp8Epilogue::Bf16, 2 * n), (ops::Fp8Epilogue::SwiGlu, n)] {
+                    let what = format!("gemv_fp8q {label} {epilogue:?} m={m} n={rows} k={k}");
+                    let want = poisoned(&g, 2 * m * rows);
+                    let published = g.zeros(4 * m * ops::AMAX_SLOTS).expect("slots");
+                    let swiglu = epilogue == ops::Fp8Epilogue::SwiGlu;
+                    let mut op = ops::Fp8Gemv::codes(
+                        codes.ptr(),
+                        scales.ptr(),
+                        wb.ptr(),
+                        ws.ptr(),
+                        want.ptr(),
+                        m,
+                        rows,
+                        k,
+                        epilogue,
+                    );
+                    op.publish_amax = if swiglu { published.ptr() } else { 0 };
+                    ops::run_gemv_fp8(&g, config, &op).expect("codes");
+                    let got = poisoned(&g, 2 * m * rows);
+                    let cleared = poisoned(&g, 4 * m * ops::AMAX_SLOTS);
+                    let op = ops::Fp8Gemv {
+                        input: ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() },
+                        y: got.ptr(),
+                        publish_amax: 0,
+                        clear_amax: cleared.ptr(),
+                        ..op
+                    };
+                    ops::run_gemv_fp8(&g, config, &op).expect("bf16 input");
+                    let (a, b) = (read_u16(&g, &got, m * rows), read_u16(&g, &want, m * rows));
+                    let diff = a.iter().zip(&b).position(|(a, b)| a != b);
+                    assert!(
+                        diff.is_none(),
+                        "{what}: output {diff:?} differs: {:#x} vs {:#x}",
+                        a[diff.unwrap()],
+                        b[diff.unwrap()]
+                    );
+                    assert!(
+                        read_f32(&g, &cleared, m * ops::AMAX_SLOTS).iter().all(|&v| v.to_bits() == 0),
+                        "{what}: slots not cleared"
+                    );
+                    if swiglu {
+                        check_published_amax(&g, &published, &read_bf16(&g, &want, m * rows), m, &what);
+                    }
+                }
+            }
+        }
+    }
+    // A bf16 input that would clear its own slots, or a plain epilogue that publishes, is refused.
+    let buf = g.zeros(4 * ops::AMAX_SLOTS * 16).expect("buf");
+    let mut op =
+        ops::Fp8Gemv::codes(buf.ptr(), buf.ptr(), buf.ptr(), buf.ptr(), buf.ptr(), 1, 16, 64, ops::Fp8Epilogue::Bf16);
+    op.publish_amax = buf.ptr();
+    assert!(ops::run_gemv_fp8(&g, None, &op).is_err());
+    let op = ops::Fp8Gemv {
+        input: ops::Fp8Input::Bf16 { x: buf.ptr(), amax: buf.ptr() },
+        publish_amax: 0,
+        clear_amax: buf.ptr(),
+        ..op
+    };
+    assert!(ops::run_gemv_fp8(&g, None, &op).is_err());
 }

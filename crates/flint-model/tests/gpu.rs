@@ -434,6 +434,33 @@ fn fp8_model_matches_the_cpu_emulation() {
     }
 }
 
+/// FP8 decode steps whose O and down GEMVs quantize their inputs themselves (the default) give
+/// the logits of the steps with a quantization kernel before each, bit for bit: one sequence,
+/// and three decoded together in a padded bucket; BF16 and FP8 caches, with and without graphs.
+#[test]
+fn fused_fp8_quantization_changes_no_logit() {
+    let Some((g, r, source, config)) = first_checkpoint() else { return };
+    let forced = &r.tokens[..12.min(r.tokens.len() - 1)];
+    for kv_fp8 in [false, true] {
+        for graphs in [false, true] {
+            let run = |fuse: bool| {
+                let options =
+                    CudaLlamaOptions { fp8: true, kv_fp8, fuse_fp8_quantization: fuse, ..small_options(graphs) };
+                let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
+                let alone = run_gpu(&model, &r.prompt, forced);
+                let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
+                (alone, together)
+            };
+            let (fused, separate) = (run(true), run(false));
+            let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let what = format!("kv fp8 {kv_fp8} graphs {graphs}");
+            assert_eq!(bits(&fused.0), bits(&separate.0), "{what}: one sequence's logits differ");
+            assert_eq!(bits(&fused.1), bits(&separate.1), "{what}: three sequences' logits differ");
+        }
+    }
+    eprintln!("fused FP8 quantization: logits bit-equal to the separate kernels'");
+}
+
 /// Three sequences of different lengths prefilled together, then decoded together (a graph
 /// bucket of 4 with a padding row): logits of every step, `[3, vocab]` each.
 fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {

@@ -55,7 +55,8 @@ __device__ __forceinline__ size_t kv_row(const uint32_t* table, int block_size, 
 // q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
 // n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2] and counts itself in
 // counters[t, kvh] (zero before the launch, zero again after it); the last one writes the
-// group's heads of out [n_tokens, n_heads, HD] (bf16).
+// group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not null, publishes
+// their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
@@ -68,7 +69,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                                  const float* __restrict__ v_scales, const uint32_t* block_tables,
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
                                                  float* part_o, float* part_ml, uint32_t* counters, bf16* out,
-                                                 int n_heads, int n_kv, int block_size, float scale) {
+                                                 float* out_amax, int n_heads, int n_kv, int block_size,
+                                                 float scale) {
     static_assert(HD == 64 || HD == 128, "head_dim");
     using Kv = typename KvElem<F8>::T;
     using KvVec = typename KvElem<F8>::Vec8;
@@ -281,6 +283,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     }
     __syncthreads();
     // ... then four dims of one head per thread, every split's load in flight at once.
+    float amax = 0.f;
     for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
         const int g = i / (HD / 4), d4 = i % (HD / 4);
         const size_t base = (head0 + g) * n_splits;
@@ -296,8 +299,15 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         }
         const float r = inv_l[g];
         __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
-        dst[0] = __floats2bfloat162_rn(o.x * r, o.y * r);
-        dst[1] = __floats2bfloat162_rn(o.z * r, o.w * r);
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
+        dst[0] = lo;
+        dst[1] = hi;
+        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
+    }
+    if (out_amax != nullptr) {
+        amax = warp_max(amax);
+        if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
     }
     if (threadIdx.x == 0) counters[(size_t)t * n_kv + kvh] = 0;  // ready for the next launch
 }

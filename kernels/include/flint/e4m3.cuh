@@ -46,4 +46,29 @@ __device__ __forceinline__ void store_e4m3x8(uint8_t* dst, const float (&v)[8], 
     *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
 }
 
+// value / scale rounded as IEEE division rounds it, from rcp = 1 / scale (IEEE): the quotient's
+// residual is exact in an FMA, and one correction step rounds it right (the step division's own
+// fast path takes). For per-row activation scales |value| <= 448 scale, so nothing overflows, and
+// quotients small enough to lose bits to underflow are far below the smallest E4M3 code; an
+// all-zero row has scale 1 and every quotient exact. (An infinite amax, scale 1, makes an
+// infinite value NaN here where division saturates it: the row is lost either way.)
+__device__ __forceinline__ float div_by_scale(float value, float scale, float rcp) {
+    const float q = value * rcp;
+    return fmaf(fmaf(-q, scale, value), rcp, q);
+}
+
+// ---- Per-token amax published by the producer of an activation --------------------------
+//
+// A kernel that writes an activation row which the next kernel quantizes maxes |value| of what
+// it wrote into one of kAmaxSlots floats of the row's token (a non-negative float's bits order
+// like an unsigned integer, so atomicMax on them is a float max); the consumer's scale is
+// fp8_scale(max over the slots), the amax quantize_row would find. Spreading the atomics over
+// slots keeps a few thousand producing warps off a single address.
+constexpr int kAmaxSlots = 32;
+
+// fmaxf drops NaN, as quantize_row's amax does; v >= 0.
+__device__ __forceinline__ void amax_publish(float* slots, int token, int slot, float v) {
+    atomicMax(reinterpret_cast<unsigned*>(slots) + token * kAmaxSlots + slot % kAmaxSlots, __float_as_uint(v));
+}
+
 }  // namespace flint

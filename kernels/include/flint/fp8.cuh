@@ -116,6 +116,7 @@ __device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* o
 // and its up row n + 8 tile + g, so one lane holds both halves of an output.
 
 constexpr int kF8Warps = 8;  // per block at least; kF8Warps / S tiles per block when S <= 8
+constexpr int kF8MaxM = 8;   // tokens: the MMA's N
 
 // Warps per block of the variant with S warps per tile: 8 (several tiles per block) or S (one).
 __host__ __device__ constexpr int f8_block_warps(int s) { return s > kF8Warps ? s : kF8Warps; }
@@ -159,24 +160,86 @@ __device__ __forceinline__ void load_chunk(uint4 (&va)[U], uint4 (&vb)[U], const
     }
 }
 
+// Q: the warp's codes of tokens < m at k = base .. base + 64 V, into its shared buffer (a row of
+// ROW bytes per token), from bf16 x [m, k]: lane L converts the pairs at base + 64 v + 2 L, so
+// the whole warp shares the work whatever m is; rcp[j] = 1 / scale[j].
+template <int V, int ROW>
+__device__ __forceinline__ void quantize_x(uint8_t* buf, const bf16* __restrict__ x, int k, int m, int base,
+                                           int lane, const float (&scale)[kF8MaxM], const float (&rcp)[kF8MaxM]) {
+#pragma unroll
+    for (int j = 0; j < kF8MaxM; ++j) {
+        if (j >= m) break;
+        uint32_t pair[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+            pair[v] = *reinterpret_cast<const uint32_t*>(x + (size_t)j * k + base + 64 * v + 2 * lane);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const float a = __uint_as_float(pair[v] << 16), b = __uint_as_float(pair[v] & 0xffff0000u);
+            *reinterpret_cast<uint16_t*>(buf + j * ROW + 64 * v + 2 * lane) =
+                to_e4m3x2(div_by_scale(a, scale[j], rcp[j]), div_by_scale(b, scale[j], rcp[j]));
+        }
+    }
+}
+
+// Bytes per token row of a warp's Q buffer: 64 per step, plus 64 when U is even, so that the
+// 16-byte reads of one quarter-warp (tokens g, g + 1) fall on all 32 banks.
+template <int U>
+__host__ __device__ constexpr int f8_qrow() { return 64 * U + (U % 2 == 0 ? 64 : 0); }
+
 // Grid: ceil(tiles / (W / S)) blocks of 32 * W threads, W = f8_block_warps(S); tiles = n / 16
-// (plain) or n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element steps of K;
-// with P, a warp loads its next chunk before it multiplies the current one (twice the loads in
-// flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0 (SwiGLU), m <= 8.
-template <int S, int U, bool P>
-__device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const float* __restrict__ x_scale,
+// (plain) or n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element
+// steps of K; with P, a warp loads its next chunk before it multiplies the current one (twice the
+// loads in flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0
+// (SwiGLU), m <= 8.
+//
+// Input: without Q, x holds E4M3 codes [m, k] and x_aux their per-token scales. With Q, x is the
+// bf16 activation [m, k] and x_aux its producer's amax slots [m, kAmaxSlots]; each warp quantizes
+// the activation of its chunks itself (codes bit-identical to quantize_row's), so no quantization
+// kernel runs between the producer and this GEMV.
+// amax_out (SwiGLU, may be null): the output's amax per token is published there, for a Q GEMV
+// next. amax_clear (may be null): [m, kAmaxSlots] that block 0 zeroes (the other activation's
+// slots, whose reader has finished, for their producer's next use).
+template <int S, int U, bool P, bool Q>
+__device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const float* __restrict__ x_aux,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
-                                         int m, int n, int k, Fp8Epilogue epilogue) {
+                                         int m, int n, int k, Fp8Epilogue epilogue, float* amax_out,
+                                         float* amax_clear) {
     constexpr int W = f8_block_warps(S);
     static_assert(W % S == 0, "S divides the block's warps");
     constexpr int kTilesPerBlock = W / S;
+    constexpr int kRow = f8_qrow<U>();
     __shared__ float partial[W][32][4];
+    __shared__ __align__(16) uint8_t qbuf[Q ? W : 1][Q ? kF8MaxM * kRow : 16];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x * kTilesPerBlock + warp / S;
     const int part = warp % S;
     const bool swiglu = epilogue == Fp8Epilogue::SwiGlu;
     const int n_tiles = swiglu ? n / 8 : n / 16;
+    if (amax_clear != nullptr && blockIdx.x == 0)
+        for (int i = threadIdx.x; i < m * kAmaxSlots; i += blockDim.x) amax_clear[i] = 0.f;
+    // Q: token g's scale in lane (g, t), from its eight slots 8t..8t+7 and the three other lanes';
+    // then every token's in every lane, for the conversion.
+    float own_scale = 1.f;
+    float scale[kF8MaxM], rcp[kF8MaxM];
+    if constexpr (Q) {
+        float a = 0.f;
+        if (g < m) {
+            const float4* s = reinterpret_cast<const float4*>(x_aux + g * kAmaxSlots + 8 * t);
+            const float4 lo = __ldcg(s), hi = __ldcg(s + 1);
+            a = fmaxf(fmaxf(fmaxf(lo.x, lo.y), fmaxf(lo.z, lo.w)), fmaxf(fmaxf(hi.x, hi.y), fmaxf(hi.z, hi.w)));
+        }
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+        own_scale = fp8_scale(a);
+#pragma unroll
+        for (int j = 0; j < kF8MaxM; ++j) {
+            scale[j] = __shfl_sync(0xffffffffu, own_scale, 4 * j);
+            rcp[j] = 1.f / scale[j];
+        }
+    }
+    uint8_t* qb = qbuf[Q ? warp : 0];
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     int row_a = 0, row_b = 0;
     if (tile < n_tiles) {
@@ -184,7 +247,8 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
         row_b = swiglu ? n + row_a : row_a + 8;
         const uint8_t* wa = w + (size_t)row_a * k + 16 * t;
         const uint8_t* wb = w + (size_t)row_b * k + 16 * t;
-        const uint8_t* xr = x + (size_t)g * k + 16 * t;
+        const uint8_t* xr = static_cast<const uint8_t*>(xv) + (size_t)g * k + 16 * t;
+        const bf16* xb = static_cast<const bf16*>(xv);
         const bool has_x = g < m;
         constexpr int kChunk = 64 * U;
         const int full = k / kChunk;
@@ -199,9 +263,19 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
                 load_chunk<U>(va, vb, wa, wb, base);
             }
             uint4 vx[U];
+            if constexpr (Q) {
+                quantize_x<U, kRow>(qb, xb, k, m, base, lane, scale, rcp);
+                __syncwarp();
 #pragma unroll
-            for (int u = 0; u < U; ++u)
-                vx[u] = has_x ? *reinterpret_cast<const uint4*>(xr + base + 64 * u) : make_uint4(0, 0, 0, 0);
+                for (int u = 0; u < U; ++u)
+                    vx[u] = has_x ? *reinterpret_cast<const uint4*>(qb + g * kRow + 64 * u + 16 * t)
+                                  : make_uint4(0, 0, 0, 0);
+                __syncwarp();
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    vx[u] = has_x ? *reinterpret_cast<const uint4*>(xr + base + 64 * u) : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) mma_step(c, va[u], vb[u], vx[u]);
             if (P) {
@@ -215,8 +289,16 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
         // 64-element steps past the last full chunk.
         for (int off = full * kChunk + 64 * part; off < k; off += 64 * S) {
             const uint4 a = load_stream16(wa + off), b = load_stream16(wb + off);
-            const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xr + off) : make_uint4(0, 0, 0, 0);
-            mma_step(c, a, b, xv);
+            uint4 xq;
+            if constexpr (Q) {
+                quantize_x<1, kRow>(qb, xb, k, m, off, lane, scale, rcp);
+                __syncwarp();
+                xq = has_x ? *reinterpret_cast<const uint4*>(qb + g * kRow + 16 * t) : make_uint4(0, 0, 0, 0);
+                __syncwarp();
+            } else {
+                xq = has_x ? *reinterpret_cast<const uint4*>(xr + off) : make_uint4(0, 0, 0, 0);
+            }
+            mma_step(c, a, b, xq);
         }
     }
     pdl_launch_next();
@@ -231,22 +313,45 @@ __device__ __forceinline__ void gemv_fp8(const uint8_t* __restrict__ x, const fl
         for (int p = 0; p < S; ++p) s += partial[warp + p][lane][i];
         c[i] = s;
     }
-    // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens.
-    const float sa = w_scale[row_a], sb = w_scale[row_b];
+    // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens. (From here on the warp
+    // is whole: part 0 of a real tile.)
+    float xs[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         const int tok = 2 * t + j;
-        if (tok >= m) break;
-        const float xs = x_scale[tok];
-        const float va = c[j] * sa * xs, vb = c[2 + j] * sb * xs;
+        if constexpr (Q)
+            xs[j] = __shfl_sync(0xffffffffu, own_scale, 4 * tok);
+        else
+            xs[j] = tok < m ? x_aux[tok] : 0.f;
+    }
+    const float sa = w_scale[row_a], sb = w_scale[row_b];
+    float amax[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int tok = 2 * t + j;
+        if (tok >= m) continue;
+        const float va = c[j] * sa * xs[j], vb = c[2 + j] * sb * xs[j];
         if (swiglu) {
             const float gb = __bfloat162float(__float2bfloat16(va));
             const float ub = __bfloat162float(__float2bfloat16(vb));
-            y[(size_t)tok * n + row_a] = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
+            const bf16 o = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
+            y[(size_t)tok * n + row_a] = o;
+            amax[j] = fmaxf(0.f, fabsf(__bfloat162float(o)));
         } else {
             y[(size_t)tok * n + row_a] = __float2bfloat16(va);
             y[(size_t)tok * n + row_b] = __float2bfloat16(vb);
         }
+    }
+    if (swiglu && amax_out != nullptr) {
+        // Max over the warp's eight rows (lanes of one t), then one atomic per token.
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
+        if (g == 0)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                if (2 * t + j < m) amax_publish(amax_out, 2 * t + j, tile, amax[j]);
     }
 }
 

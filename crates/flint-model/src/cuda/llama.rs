@@ -71,6 +71,10 @@ pub struct CudaLlamaOptions {
     /// How the peer-to-peer all-reduce moves data (a flag barrier and remote loads, or pushed
     /// values and sentinels).
     pub p2p_link: P2pLink,
+    /// FP8 decode steps of up to 8 tokens: the O and down GEMVs quantize their bf16 inputs
+    /// themselves, from the amax that the attention and the SwiGLU GEMV publish, instead of a
+    /// quantization kernel before each (the same codes either way).
+    pub fuse_fp8_quantization: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -88,6 +92,7 @@ impl Default for CudaLlamaOptions {
             kv_fp8: false,
             p2p_all_reduce: true,
             p2p_link: P2pLink::Flags,
+            fuse_fp8_quantization: true,
         }
     }
 }
@@ -274,6 +279,10 @@ struct Workspace {
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
     xs: DeviceBuffer,
+    /// FP8 models: the amax slots (`[2, GEMV_FP8_MAX_M, AMAX_SLOTS]` f32, zero between uses) that
+    /// the attention output and the SwiGLU output publish for the O and down GEMVs, which then
+    /// quantize their bf16 inputs themselves (see `Self::fused_quantization`).
+    amax: DeviceBuffer,
 }
 
 /// What one tensor-parallel rank computes (everything, on one GPU).
@@ -660,6 +669,7 @@ impl CudaLlama {
             sampled: gpu.alloc(4 * max_seqs)?,
             xq: gpu.alloc(if options.fp8 { max_tokens * h.max(ff).max(q_dim) } else { 0 })?,
             xs: gpu.alloc(4 * max_tokens)?,
+            amax: gpu.zeros(if options.fp8 { 4 * 2 * ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS } else { 0 })?,
         };
 
         let gemm = Gemm::new(&gpu)?;
@@ -996,6 +1006,57 @@ impl CudaLlama {
         m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(self.local.ff, self.config.hidden_size, ops::Fp8Epilogue::SwiGlu)
     }
 
+    /// Whether an FP8 step of `plan` skips the two per-token quantization kernels of each layer:
+    /// a decode-only step (the decode attention writes every row of the attention output) of at
+    /// most 8 tokens whose O, gate/up and down projections all run as GEMVs. The attention
+    /// publishes its output's amax into slot area A and the SwiGLU GEMV into B; the O GEMV
+    /// quantizes from A and zeroes B (read last by the previous down GEMV), the down GEMV
+    /// quantizes from B and zeroes A (read by this layer's O GEMV), so each area is zero again
+    /// before its producer's next launch, in this step or the next fused one; an unfused step
+    /// touches neither.
+    fn fused_quantization(&self, plan: &Plan) -> bool {
+        let (c, lo) = (&self.config, &self.local);
+        let q_dim = lo.n_heads * c.head_dim;
+        let n = plan.n_tokens;
+        self.options.fp8
+            && self.options.fuse_fp8_quantization
+            && plan.n_tiles == 0
+            && plan.decode_rows == n
+            && self.fp8_gate_up_gemv(n)
+            && ops::gemv_fp8_fits(c.hidden_size, q_dim, ops::Fp8Epilogue::Bf16)
+            && ops::gemv_fp8_fits(c.hidden_size, lo.ff, ops::Fp8Epilogue::Bf16)
+    }
+
+    /// The FP8 GEMV `y = x W^T` of a bf16 activation `x` that quantizes it itself from the amax
+    /// slots `amax`, zeroing the slots `clear`; `publish`: SwiGLU output amax slots (or 0).
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_fp8_slots(
+        &self,
+        input: ops::Fp8Input,
+        w: &Weight,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: ops::Fp8Epilogue,
+        publish: u64,
+        clear: u64,
+    ) -> Result<()> {
+        let op = ops::Fp8Gemv {
+            input,
+            w: w.ptr(),
+            w_scale: w.scales(),
+            y,
+            m,
+            n,
+            k,
+            epilogue,
+            publish_amax: publish,
+            clear_amax: clear,
+        };
+        Ok(ops::run_gemv_fp8(&self.gpu, None, &op)?)
+    }
+
     /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
     fn enqueue(&self, plan: &Plan, sample: bool) -> Result<()> {
         self.enqueue_marked(plan, sample, &mut |_| Ok(()))
@@ -1054,6 +1115,9 @@ impl CudaLlama {
             mark("stage_recv")?;
         }
         let fp8 = self.options.fp8;
+        let fused = self.fused_quantization(plan);
+        let slots = ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS;
+        let (amax_attn, amax_act) = (ws.amax.ptr(), ws.amax.at(4 * slots));
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
         let bf16_epi = ops::Fp8Epilogue::Bf16;
         let fp8_out = ops::NormOut::Fp8 { codes: xq, scales: xs };
@@ -1156,6 +1220,7 @@ impl CudaLlama {
                         counters: ws.split_counters.ptr(),
                     },
                     ws.attn.ptr(),
+                    if fused { amax_attn } else { 0 },
                     rows,
                     splits,
                 )?;
@@ -1176,9 +1241,14 @@ impl CudaLlama {
             }
             mark("attention")?;
             if fp8 {
-                ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
-                mark("quantize")?;
-                self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi)?;
+                if fused {
+                    let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
+                    self.gemv_fp8_slots(input, &layer.o, o_out, n, h, q_dim, bf16_epi, 0, amax_act)?;
+                } else {
+                    ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
+                    mark("quantize")?;
+                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi)?;
+                }
                 match p2p {
                     Some(p) => {
                         mark("o_proj")?;
@@ -1192,7 +1262,14 @@ impl CudaLlama {
                     }
                 }
                 mark("add_rms_norm")?;
-                if self.fp8_gate_up_gemv(n) {
+                if fused {
+                    let input = ops::Fp8Input::Codes { x: xq, scales: xs };
+                    let swiglu = ops::Fp8Epilogue::SwiGlu;
+                    self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0)?;
+                    mark("gate_up_swiglu")?;
+                    let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
+                    self.gemv_fp8_slots(input, &layer.down, down_out, n, h, ff, bf16_epi, 0, amax_attn)?;
+                } else if self.fp8_gate_up_gemv(n) {
                     self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu)?;
                     mark("gate_up_swiglu")?;
                     ops::quantize_rows(g, ws.act.ptr(), xq, xs, n, ff)?;
@@ -1203,7 +1280,9 @@ impl CudaLlama {
                     ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
                     mark("swiglu_quantize")?;
                 }
-                self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi)?;
+                if !fused {
+                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi)?;
+                }
                 if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
                 }
