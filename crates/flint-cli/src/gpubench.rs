@@ -255,6 +255,8 @@ pub fn run_preset(
         let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
         let weight_bytes8 = model.weight_bytes_per_step();
         drop(model);
+        // Stream-ordered frees return their memory to the device at the next synchronization.
+        gpu.synchronize()?;
         let separate_rows = if fp8_quantization == Fp8Quantization::Both {
             eprintln!("bench: {preset} in FP8 with separate quantization kernels");
             let separate = CudaLlamaOptions { fp8: true, kv_fp8, fuse_fp8_quantization: false, ..options.clone() };
