@@ -39,13 +39,11 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
 FLINT_GEMV_FP8_U(4)
 FLINT_GEMV_FP8_U(8)
 // Sixteen and thirty-two warps per tile (one tile per block): for the narrow projections, whose
-// n / 16 tiles are too few to keep every SM's loads in flight with eight. (No quantizing variant
-// of s32_u2: its buffers would pass the 48 KiB of static shared memory.)
+// n / 16 tiles are too few to keep every SM's loads in flight with eight.
 FLINT_GEMV_FP8_P(16, 1)
 FLINT_GEMV_FP8_P(16, 2)
 FLINT_GEMV_FP8_P(32, 1)
-FLINT_GEMV_FP8(32, 2, 0, false, flint_gemv_fp8)
-FLINT_GEMV_FP8(32, 2, 1, false, flint_gemv_fp8)
+FLINT_GEMV_FP8_P(32, 2)
 
 // y[r, c] = bf16(acc[r, c] * row_scale[r] * col_scale[c]): the scales of an FP8 product that
 // cuBLASLt ran unscaled. Grid-stride over m * n / 4; n % 4 == 0.

@@ -28,7 +28,7 @@ if [[ $MODE == check || $MODE == all ]]; then
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET BF16, FP8 fused, FP8 separate"
-  timeout 400 $B/flint bench --preset "$PRESET" --dtype fp8 --fp8-quantization both --batches ${BATCHES:-1,8} \
+  timeout 400 $B/flint bench --preset "$PRESET" --dtype fp8 --fp8-quantization both --batches ${BATCHES:-1,2,8} \
     --lengths ${LENGTHS:-128:128} --json-out "$OUT/flint-$PRESET-fp8-fused.json" 2>&1 | grep -v "^  " || status=1
 fi
 exit $status

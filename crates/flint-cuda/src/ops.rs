@@ -580,12 +580,6 @@ impl Fp8GemvConfig {
         format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
     }
 
-    /// Whether a variant that quantizes a bf16 input ([`Fp8Input::Bf16`]) is compiled: every
-    /// one but 32 warps per tile with two steps (its buffers pass 48 KiB of shared memory).
-    pub fn quantizes(&self) -> bool {
-        !(self.split_k == 32 && self.unroll == 2)
-    }
-
     fn kernel(&self, quantizes: bool) -> String {
         format!("flint_gemv_fp8{}_{}", if quantizes { "q" } else { "" }, self.label())
     }
@@ -596,13 +590,19 @@ impl Fp8GemvConfig {
 /// producer runs.
 pub const AMAX_SLOTS: usize = 32;
 
+/// Most tokens of an [`Fp8Input::Bf16`] GEMV (mirrors `kF8QMaxM` in fp8.cuh): every warp
+/// converts the activation of its chunks, a cost that grows with the tokens and past two
+/// outweighs the quantization kernel it saves.
+pub const GEMV_FP8_QUANTIZING_MAX_M: usize = 2;
+
 /// The activation input of the FP8 GEMV.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Input {
     /// E4M3 codes `[m, k]` with an f32 scale per token.
     Codes { x: u64, scales: u64 },
-    /// The bf16 activation `[m, k]` and its producer's amax slots (`[m, AMAX_SLOTS]` f32): the
-    /// GEMV quantizes it per token itself, to the codes [`quantize_rows`] would give.
+    /// The bf16 activation `[m, k]` (`m <= GEMV_FP8_QUANTIZING_MAX_M`) and its producer's amax
+    /// slots (`[m, AMAX_SLOTS]` f32): the GEMV quantizes it per token itself, to the codes
+    /// [`quantize_rows`] would give.
     Bf16 { x: u64, amax: u64 },
 }
 
@@ -703,8 +703,11 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
         ));
     }
     let quantizes = matches!(input, Fp8Input::Bf16 { .. });
-    if !Fp8GemvConfig::ALL.contains(&config) || (quantizes && !config.quantizes()) {
-        return Err(shape("gemv_fp8", format!("no compiled variant {config:?} for {input:?}")));
+    if !Fp8GemvConfig::ALL.contains(&config) {
+        return Err(shape("gemv_fp8", format!("no compiled variant {config:?}")));
+    }
+    if quantizes && m > GEMV_FP8_QUANTIZING_MAX_M {
+        return Err(shape("gemv_fp8", format!("m = {m} tokens of a bf16 input (at most {GEMV_FP8_QUANTIZING_MAX_M})")));
     }
     if publish_amax != 0 && epilogue != Fp8Epilogue::SwiGlu {
         return Err(shape("gemv_fp8", "only the SwiGLU epilogue publishes an amax"));

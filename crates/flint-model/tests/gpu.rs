@@ -435,8 +435,9 @@ fn fp8_model_matches_the_cpu_emulation() {
 }
 
 /// FP8 decode steps whose O and down GEMVs quantize their inputs themselves (the default) give
-/// the logits of the steps with a quantization kernel before each, bit for bit: one sequence,
-/// and three decoded together in a padded bucket; BF16 and FP8 caches, with and without graphs.
+/// the logits of the steps with a quantization kernel before each, bit for bit: one sequence, two
+/// decoded together, and three in a padded bucket of four (not fused); BF16 and FP8 caches, with
+/// and without graphs.
 #[test]
 fn fused_fp8_quantization_changes_no_logit() {
     let Some((g, r, source, config)) = first_checkpoint() else { return };
@@ -449,13 +450,29 @@ fn fused_fp8_quantization_changes_no_logit() {
                 let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
                 let alone = run_gpu(&model, &r.prompt, forced);
                 let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
-                (alone, together)
+                // Two sequences decoding together (the most a fused step takes).
+                let p = &r.prompt;
+                let per = (p.len() + forced.len() + 1).div_ceil(16) as u32;
+                let tables = [(0..per).collect::<Vec<u32>>(), (per..2 * per).collect()];
+                let mut b = ForwardBatch::new(16);
+                b.push_sequence(p, 0, &tables[0], Logits::Last).expect("batch");
+                b.push_sequence(&p[..p.len() / 2], 0, &tables[1], Logits::Last).expect("batch");
+                let mut pair = vec![model.forward(&b).expect("prefill")];
+                for i in 0..forced.len() {
+                    let mut b = ForwardBatch::new(16);
+                    b.push_sequence(&[forced[i]], p.len() + i, &tables[0], Logits::Last).expect("batch");
+                    b.push_sequence(&[forced[(i + 1) % forced.len()]], p.len() / 2 + i, &tables[1], Logits::Last)
+                        .expect("batch");
+                    pair.push(model.forward(&b).expect("decode"));
+                }
+                (alone, together, pair)
             };
             let (fused, separate) = (run(true), run(false));
             let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
             let what = format!("kv fp8 {kv_fp8} graphs {graphs}");
             assert_eq!(bits(&fused.0), bits(&separate.0), "{what}: one sequence's logits differ");
             assert_eq!(bits(&fused.1), bits(&separate.1), "{what}: three sequences' logits differ");
+            assert_eq!(bits(&fused.2), bits(&separate.2), "{what}: two sequences' logits differ");
         }
     }
     eprintln!("fused FP8 quantization: logits bit-equal to the separate kernels'");
