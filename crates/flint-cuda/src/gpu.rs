@@ -588,6 +588,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_gemv_fp8q_s16_u2_p1",
     "flint_gemv_fp8q_s32_u1_p0",
     "flint_gemv_fp8q_s32_u1_p1",
+    "flint_gemv_fp8q_s32_u2_p0",
+    "flint_gemv_fp8q_s32_u2_p1",
     "flint_scale_output",
     "flint_ar_sum",
     "flint_ar_add_rms_norm",

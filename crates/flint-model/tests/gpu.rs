@@ -435,9 +435,9 @@ fn fp8_model_matches_the_cpu_emulation() {
 }
 
 /// FP8 decode steps whose O and down GEMVs quantize their inputs themselves (the default) give
-/// the logits of the steps with a quantization kernel before each, bit for bit: one sequence, two
-/// decoded together, and three in a padded bucket of four (not fused); BF16 and FP8 caches, with
-/// and without graphs.
+/// the logits of the steps with a quantization kernel before each, bit for bit: one sequence (the
+/// fused steps), then two and three decoded together (past `FUSED_QUANTIZATION_MAX_TOKENS`, so
+/// the option must leave them alone); BF16 and FP8 caches, with and without graphs.
 #[test]
 fn fused_fp8_quantization_changes_no_logit() {
     let Some((g, r, source, config)) = first_checkpoint() else { return };
@@ -450,7 +450,7 @@ fn fused_fp8_quantization_changes_no_logit() {
                 let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load fp8");
                 let alone = run_gpu(&model, &r.prompt, forced);
                 let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
-                // Two sequences decoding together (the most a fused step takes).
+                // Two sequences decoding together.
                 let p = &r.prompt;
                 let per = (p.len() + forced.len() + 1).div_ceil(16) as u32;
                 let tables = [(0..per).collect::<Vec<u32>>(), (per..2 * per).collect()];

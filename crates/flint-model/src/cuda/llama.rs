@@ -37,6 +37,12 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
     Error::Cuda(flint_cuda::Error::OutOfMemory { what, need_gib: gib(need), free_gib: gib(free) })
 }
 
+/// Most tokens of a step whose O and down GEMVs quantize their inputs themselves
+/// ([`CudaLlamaOptions::fuse_fp8_quantization`]). The kernel takes two, but on one H100
+/// (Llama-3.1-8B, `flint bench --fp8-quantization both`) the fused step was 1.025x faster at one
+/// token and 0.992x at two.
+pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
+
 /// Sizes chosen at load time.
 #[derive(Clone, Debug)]
 pub struct CudaLlamaOptions {
@@ -71,7 +77,7 @@ pub struct CudaLlamaOptions {
     /// How the peer-to-peer all-reduce moves data (a flag barrier and remote loads, or pushed
     /// values and sentinels).
     pub p2p_link: P2pLink,
-    /// FP8 decode steps of up to 2 tokens: the O and down GEMVs quantize their bf16 inputs
+    /// FP8 decode steps of one token: the O and down GEMVs quantize their bf16 inputs
     /// themselves, from the amax that the attention and the SwiGLU GEMV publish, instead of a
     /// quantization kernel before each (the same codes either way).
     pub fuse_fp8_quantization: bool,
@@ -1008,7 +1014,7 @@ impl CudaLlama {
 
     /// Whether an FP8 step of `plan` skips the two per-token quantization kernels of each layer:
     /// a decode-only step (the decode attention writes every row of the attention output) of at
-    /// most `GEMV_FP8_QUANTIZING_MAX_M` tokens whose O, gate/up and down projections all run as GEMVs. The attention
+    /// most [`FUSED_QUANTIZATION_MAX_TOKENS`] tokens whose O, gate/up and down projections all run as GEMVs. The attention
     /// publishes its output's amax into slot area A and the SwiGLU GEMV into B; the O GEMV
     /// quantizes from A and zeroes B (read last by the previous down GEMV), the down GEMV
     /// quantizes from B and zeroes A (read by this layer's O GEMV), so each area is zero again
@@ -1020,7 +1026,7 @@ impl CudaLlama {
         let n = plan.n_tokens;
         self.options.fp8
             && self.options.fuse_fp8_quantization
-            && n <= ops::GEMV_FP8_QUANTIZING_MAX_M
+            && n <= FUSED_QUANTIZATION_MAX_TOKENS
             && plan.n_tiles == 0
             && plan.decode_rows == n
             && self.fp8_gate_up_gemv(n)
