@@ -638,6 +638,8 @@ impl<'a> Scheduler<'a> {
                 return Ok(());
             }
         };
+        let mut host =
+            self.sample_host_rows(id, &plan, &wants_logits, &drawn, candidates.is_some(), &spans, &mut logits);
         let mut row = 0;
         let mut finished = Vec::new();
         for (&(arrival, n_new), wants) in plan.iter().zip(wants_logits) {
@@ -659,14 +661,12 @@ impl<'a> Scheduler<'a> {
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
             let (start, width) = spans[r];
             let logit_row = &mut logits[start..start + width];
-            let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
-            let sampled = if drawn.as_ref().is_some_and(|d| d[r]) {
-                drawn_token(logit_row[0]).inspect(|&t| seq.sampler.accept_drawn(t))
-            } else if candidates.is_some() {
-                let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
-                seq.sampler.sample_candidates(&cands)
-            } else {
-                seq.sampler.sample(logit_row)
+            let (raw, sampled) = match host[r].take() {
+                Some(done) => done,
+                None => {
+                    let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
+                    (raw, Self::sample_row(seq, r, &drawn, candidates.is_some(), logit_row))
+                }
             };
             let token = match sampled {
                 Ok(t) => t,
@@ -698,6 +698,101 @@ impl<'a> Scheduler<'a> {
             }
         }
         Ok(())
+    }
+
+    /// One row's token: the device's draw, a pick among its candidates, or one sampled from its
+    /// logits on the host (penalties applied in place).
+    fn sample_row(
+        seq: &mut Sequence<'_>,
+        r: usize,
+        drawn: &Option<Vec<bool>>,
+        candidates: bool,
+        logit_row: &mut [f32],
+    ) -> Result<u32> {
+        if drawn.as_ref().is_some_and(|d| d[r]) {
+            drawn_token(logit_row[0]).inspect(|&t| seq.sampler.accept_drawn(t))
+        } else if candidates {
+            let cands: Vec<(u32, f32)> = flint_model::candidate_pairs(logit_row).collect();
+            seq.sampler.sample_candidates(&cands)
+        } else {
+            seq.sampler.sample(logit_row)
+        }
+    }
+
+    /// The rows of a step sampled from full logits on the host, where there are several: each
+    /// row's sampler and logits are its own, so they run in parallel (a vocabulary's sort is
+    /// milliseconds), with the results the loop in `finish_step` would get row by row.
+    /// Indexed by row; `None` where the loop samples the row itself.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn sample_host_rows(
+        &mut self,
+        id: u64,
+        plan: &[(u64, usize)],
+        wants_logits: &[bool],
+        drawn: &Option<Vec<bool>>,
+        candidates: bool,
+        spans: &[(usize, usize)],
+        logits: &mut [f32],
+    ) -> Vec<Option<(Option<(usize, Vec<f32>)>, Result<u32>)>> {
+        use rayon::prelude::*;
+        let mut out: Vec<Option<_>> = (0..spans.len()).map(|_| None).collect();
+        if candidates {
+            return out;
+        }
+        // Rows on the host, with the running index of their sequence.
+        let mut rows = Vec::new();
+        let mut row = 0;
+        for (&(arrival, _), &wants) in plan.iter().zip(wants_logits) {
+            if !wants {
+                continue;
+            }
+            let r = row;
+            row += 1;
+            let on_host = drawn.as_ref().is_none_or(|d| !d[r]);
+            // The sequences the loop will sample (still here, this step's).
+            let mine = self.index_of(arrival).filter(|&i| self.running[i].in_flight == Some(id));
+            if let Some(i) = mine.filter(|_| on_host && r < spans.len()) {
+                rows.push((i, r));
+            }
+        }
+        if rows.len() < 2 {
+            return out;
+        }
+        // Disjoint borrows: each row's logits and its sequence's sampler.
+        let mut slices: Vec<Option<&mut [f32]>> = Vec::with_capacity(spans.len());
+        let mut rest = logits;
+        let mut at = 0;
+        for &(start, width) in spans {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+            let (this, tail) = tail.split_at_mut(width);
+            slices.push(Some(this));
+            rest = tail;
+            at = start + width;
+        }
+        let mut by_index: Vec<Option<usize>> = vec![None; self.running.len()];
+        for &(i, r) in &rows {
+            by_index[i] = Some(r);
+        }
+        let mut work: Vec<(usize, &mut Sampler, Option<usize>, &mut [f32])> = self
+            .running
+            .iter_mut()
+            .zip(&by_index)
+            .filter_map(|(seq, r)| {
+                let r = (*r)?;
+                Some((r, &mut seq.sampler, seq.logprobs, slices[r].take()?))
+            })
+            .collect();
+        let done: Vec<(usize, Option<(usize, Vec<f32>)>, Result<u32>)> = work
+            .par_iter_mut()
+            .map(|(r, sampler, logprobs, row)| {
+                let raw = logprobs.map(|top| (top, row.to_vec()));
+                (*r, raw, sampler.sample(row))
+            })
+            .collect();
+        for (r, raw, sampled) in done {
+            out[r] = Some((raw, sampled));
+        }
+        out
     }
 
     /// Streams a newly sampled token and says whether the sequence is done.
