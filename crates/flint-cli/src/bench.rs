@@ -91,10 +91,10 @@ pub struct BenchArgs {
     /// With --preset and --dtype fp8: the FP8 model's KV cache.
     #[arg(long, default_value = "fp8", requires = "preset", value_parser = ["bf16", "fp8"])]
     kv_cache_dtype: String,
-    /// With --preset and --dtype fp8: how decode steps of up to 8 tokens quantize the inputs of
-    /// the O and down projections: fused (the GEMVs quantize them from the amax their producers
-    /// publish), separate (a quantization kernel before each), or both (the FP8 model measured
-    /// each way, one after the other in this run).
+    /// With --preset and --dtype fp8: how one-token decode steps quantize the inputs of the O
+    /// and down projections (larger steps always run a quantization kernel): fused (the GEMVs
+    /// quantize them from the amax their producers publish), separate (a quantization kernel
+    /// before each), or both (the FP8 model measured each way, one after the other in this run).
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     fp8_quantization: String,
     /// With --preset or --allreduce: also write the report as JSON to this file.

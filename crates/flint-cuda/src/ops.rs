@@ -674,25 +674,8 @@ pub fn gemv_fp8(
     run_gemv_fp8(gpu, None, &Fp8Gemv::codes(x, x_scale, w, w_scale, y, m, n, k, epilogue))
 }
 
-/// [`gemv_fp8`] with a chosen variant (benchmarks compare them).
-#[allow(clippy::too_many_arguments)]
-pub fn gemv_fp8_with(
-    gpu: &Gpu,
-    config: Fp8GemvConfig,
-    x: u64,
-    x_scale: u64,
-    w: u64,
-    w_scale: u64,
-    y: u64,
-    m: usize,
-    n: usize,
-    k: usize,
-    epilogue: Fp8Epilogue,
-) -> Result<()> {
-    run_gemv_fp8(gpu, Some(config), &Fp8Gemv::codes(x, x_scale, w, w_scale, y, m, n, k, epilogue))
-}
-
-/// Runs one FP8 GEMV with `config`, or the shape's own variant ([`Fp8GemvConfig::for_shape`]).
+/// Runs one FP8 GEMV with `config` (benchmarks compare them), or the shape's own variant
+/// ([`Fp8GemvConfig::for_shape`]).
 pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> Result<()> {
     let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax } = *op;
     let config = config.unwrap_or_else(|| Fp8GemvConfig::for_shape(n, k, epilogue));

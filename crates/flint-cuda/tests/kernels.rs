@@ -689,11 +689,9 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
             }
             let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::ALL.map(Some));
             for config in configs.filter(|c| c.is_none() || [1, 3, 8].contains(&m)) {
-                let run = |n: usize, y: u64, epilogue| match config {
-                    None => ops::gemv_fp8(&g, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), y, m, n, k, epilogue),
-                    Some(cfg) => {
-                        ops::gemv_fp8_with(&g, cfg, xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), y, m, n, k, epilogue)
-                    }
+                let run = |n: usize, y: u64, epilogue| {
+                    let op = ops::Fp8Gemv::codes(xb.ptr(), xs.ptr(), wb.ptr(), ws.ptr(), y, m, n, k, epilogue);
+                    ops::run_gemv_fp8(&g, config, &op)
                 };
                 let label = config.map_or("default".to_string(), |c| c.label());
                 let yb = poisoned(&g, 2 * m * 2 * n);

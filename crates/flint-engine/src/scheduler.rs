@@ -661,7 +661,7 @@ impl<'a> Scheduler<'a> {
             // Sampling applies penalties in place: keep the raw row only when logprobs are asked.
             let (start, width) = spans[r];
             let logit_row = &mut logits[start..start + width];
-            let (raw, sampled) = match host[r].take() {
+            let (raw, sampled) = match host.get_mut(r).and_then(Option::take) {
                 Some(done) => done,
                 None => {
                     let raw = seq.logprobs.map(|top| (top, logit_row.to_vec()));
@@ -722,7 +722,8 @@ impl<'a> Scheduler<'a> {
     /// The rows of a step sampled from full logits on the host, where there are several: each
     /// row's sampler and logits are its own, so they run in parallel (a vocabulary's sort is
     /// milliseconds), with the results the loop in `finish_step` would get row by row.
-    /// Indexed by row; `None` where the loop samples the row itself.
+    /// Indexed by row; `None` (or no entry: nothing ran here) where the loop samples the row
+    /// itself.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn sample_host_rows(
         &mut self,
@@ -735,9 +736,8 @@ impl<'a> Scheduler<'a> {
         logits: &mut [f32],
     ) -> Vec<Option<(Option<(usize, Vec<f32>)>, Result<u32>)>> {
         use rayon::prelude::*;
-        let mut out: Vec<Option<_>> = (0..spans.len()).map(|_| None).collect();
         if candidates {
-            return out;
+            return Vec::new();
         }
         // Rows on the host, with the running index of their sequence.
         let mut rows = Vec::new();
@@ -756,7 +756,7 @@ impl<'a> Scheduler<'a> {
             }
         }
         if rows.len() < 2 {
-            return out;
+            return Vec::new();
         }
         // Disjoint borrows: each row's logits and its sequence's sampler.
         let mut slices: Vec<Option<&mut [f32]>> = Vec::with_capacity(spans.len());
@@ -789,6 +789,7 @@ impl<'a> Scheduler<'a> {
                 (*r, raw, sampler.sample(row))
             })
             .collect();
+        let mut out: Vec<Option<_>> = (0..spans.len()).map(|_| None).collect();
         for (r, raw, sampled) in done {
             out[r] = Some((raw, sampled));
         }

@@ -203,7 +203,8 @@ pub fn gemv_rates(
         let ms = time_events(gpu, 7, 20, || {
             i = (i + 1) % copies;
             let (w, sc) = &ws[i];
-            Ok(ops::gemv_fp8_with(gpu, config, x8.ptr(), xs.ptr(), w.ptr(), sc.ptr(), y.ptr(), m, n, k, epilogue)?)
+            let op = ops::Fp8Gemv::codes(x8.ptr(), xs.ptr(), w.ptr(), sc.ptr(), y.ptr(), m, n, k, epilogue);
+            Ok(ops::run_gemv_fp8(gpu, Some(config), &op)?)
         })?;
         out.push(rate(config.label(), config == chosen, "fp8", rows * k + 4 * rows, ms));
     }
