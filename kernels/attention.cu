@@ -11,7 +11,7 @@ using namespace flint;
         const uint32_t* positions, float* part_o, float* part_ml, uint32_t* counters, bf16* out,              \
         float* out_amax, int n_heads, int n_kv, int block_size, float scale) {                                 \
         using T = typename KvElem<F8>::T;                                                                      \
-        pdl_wait();                                                                                            \
+        pdl_enter();                                                                                           \
         attention_decode<HD, F8>(q, q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),  \
                                  k_scales, v_scales, block_tables, max_blocks, token_seq, positions, part_o,   \
                                  part_ml, counters, out, out_amax, n_heads, n_kv, block_size, scale);          \

@@ -4,29 +4,29 @@
 using namespace flint;
 
 extern "C" __global__ void flint_quantize_rows(const bf16* x, uint8_t* out, float* scales, int cols) {
-    pdl_wait();
+    pdl_enter();
     quantize_row(x, out, scales, cols);
 }
 
 extern "C" __global__ void flint_add_rms_norm_fp8(bf16* residual, const bf16* add, const float* weight,
                                                   uint8_t* out, float* scales, int hidden, float eps) {
-    pdl_wait();
+    pdl_enter();
     add_rms_norm_fp8_row(residual, add, weight, out, scales, hidden, eps);
 }
 
 extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out, float* scales, int ff) {
-    pdl_wait();
+    pdl_enter();
     silu_mul_fp8_row(gate_up, out, scales, ff);
 }
 
 // The FP8 GEMV per (warps per tile S, 64-element steps per chunk U, prefetch P); the launcher
 // picks one per shape (ops::Fp8GemvConfig). `flint_gemv_fp8q_*` take the bf16 activation and
-// its amax slots and quantize it themselves (Q in fp8.cuh).
+// its amax slots and quantize it themselves (Q in fp8.cuh). Each waits for the previous kernel
+// itself, after loading its first weights.
 #define FLINT_GEMV_FP8(S, U, P, Q, NAME)                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) NAME##_s##S##_u##U##_p##P(              \
         const void* x, const float* x_aux, const uint8_t* w, const float* w_scale, bf16* y, int m, int n, int k, \
         int epilogue, float* amax_out, float* amax_clear) {                                                    \
-        pdl_wait();                                                                                            \
         gemv_fp8<S, U, P, Q>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out,    \
                              amax_clear);                                                                      \
     }

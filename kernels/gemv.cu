@@ -7,7 +7,6 @@ using namespace flint;
 #define FLINT_GEMV(M, U)                                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * kGemvWarps) flint_gemv_##M##_u##U(                       \
         const bf16* x, const bf16* w, void* y, int n, int k, int epilogue) {                                   \
-        pdl_wait();                                                                                            \
         gemv<M, U>(x, w, y, n, k, static_cast<GemvEpilogue>(epilogue));                                        \
     }
 

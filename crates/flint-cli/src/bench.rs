@@ -97,6 +97,14 @@ pub struct BenchArgs {
     /// before each), or both (the FP8 model measured each way, one after the other in this run).
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     fp8_quantization: String,
+    /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
+    /// for the previous one before it reads anything) or N (early launch: the small kernels let
+    /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
+    /// of them asked into L2). The first is the run's; the decode rows are measured again under
+    /// each other one on the same models. Default: FLINT_EARLY_LAUNCH / FLINT_L2_PREFETCH_MB,
+    /// else early launch with 32 MiB.
+    #[arg(long, requires = "preset")]
+    launch_tuning: Option<String>,
     /// With --preset or --allreduce: also write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -379,6 +387,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(preset) = &args.preset {
         let batches = crate::gpubench::parse_batches(&args.batches)?;
         let lengths = crate::gpubench::parse_lengths(&args.lengths)?;
+        let tunings = args.launch_tuning.as_deref().map(crate::gpubench::parse_tunings).transpose()?;
         let report = crate::gpubench::run_preset(
             preset,
             &batches,
@@ -391,6 +400,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.pp as usize,
             (!args.no_p2p).then_some(args.p2p_link),
             args.mixed,
+            tunings.as_deref().unwrap_or_default(),
         )?;
         if !emit_json(&args, &report)? {
             crate::gpubench::print_table(&report);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flint_cuda::Gpu;
+use flint_cuda::{Gpu, LaunchTuning};
 use flint_model::ModelConfig;
 use flint_model::cuda::bench::{self, Breakdown, DecodeRow, GemmRate};
 use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
@@ -41,6 +41,28 @@ pub fn parse_batches(s: &str) -> anyhow::Result<Vec<usize>> {
         .collect()
 }
 
+/// `--launch-tuning`: comma-separated `off` (every kernel waits first) or a number of MiB (early
+/// launch with that L2 prefetch budget; 0 for none).
+pub fn parse_tunings(s: &str) -> anyhow::Result<Vec<LaunchTuning>> {
+    s.split(',')
+        .map(|t| match t.trim() {
+            "off" => Ok(LaunchTuning { early_launch: false, l2_prefetch_budget: 0 }),
+            mb => match mb.parse::<u32>() {
+                Ok(mb) if mb <= 1024 => Ok(LaunchTuning { early_launch: true, l2_prefetch_budget: mb << 20 }),
+                _ => bail!("{t:?}: --launch-tuning takes off or a number of MiB (0..=1024)"),
+            },
+        })
+        .collect()
+}
+
+/// Decode rows measured again with another launch tuning, on the same model in the same run.
+#[derive(Debug, Serialize)]
+pub struct TuningRows {
+    /// `off`, or `early+l2=NM` (LaunchTuning::label).
+    pub tuning: String,
+    pub rows: Vec<DecodeRow>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ModelBench {
     /// The git revision `flint` was built from, and when the run started (Unix seconds).
@@ -72,6 +94,10 @@ pub struct ModelBench {
     pub skipped: Vec<String>,
     pub cuda_graphs: bool,
     pub pdl: bool,
+    /// The launch tuning of `rows` (LaunchTuning::label).
+    pub launch_tuning: String,
+    /// With `--launch-tuning A,B,...`: the rows again under B, ... (after `rows`, same model).
+    pub tuning_rows: Vec<TuningRows>,
     /// With `--dtype fp8`: the same preset in FP8, measured after the BF16 model in this run.
     pub fp8: Option<Fp8Bench>,
 }
@@ -87,6 +113,8 @@ pub struct Fp8Bench {
     /// those GEMVs, measured after `rows` in this run.
     pub separate_quantization_rows: Option<Vec<DecodeRow>>,
     pub rows: Vec<DecodeRow>,
+    /// As `ModelBench::tuning_rows`, for the FP8 model.
+    pub tuning_rows: Vec<TuningRows>,
     pub decode_breakdown: Vec<Breakdown>,
     /// BF16 ms/token over FP8 ms/token, per row (same order as `rows`, where BF16 has the row).
     pub speedup_over_bf16: Vec<Option<f64>>,
@@ -104,6 +132,46 @@ fn decode_rows(
     lengths: &[(usize, usize)],
     skipped: &mut Vec<String>,
 ) -> (Vec<DecodeRow>, Vec<Breakdown>) {
+    let rows = decode_rows_only(model, bandwidth, batches, lengths, skipped);
+    let mut breakdown = Vec::new();
+    for &b in batches {
+        match bench::decode_breakdown(model, b, model.options().max_seq_len.saturating_sub(2).min(256)) {
+            Ok(d) => breakdown.push(d),
+            Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
+        }
+    }
+    (rows, breakdown)
+}
+
+/// The rows again under each of `others` (the GPU's tuning restored after).
+fn rows_per_tuning(
+    model: &CudaLlama,
+    bandwidth: f64,
+    batches: &[usize],
+    lengths: &[(usize, usize)],
+    others: &[LaunchTuning],
+    skipped: &mut Vec<String>,
+) -> anyhow::Result<Vec<TuningRows>> {
+    let gpu = model.gpu();
+    let main = gpu.launch_tuning();
+    let mut out = Vec::new();
+    for &tuning in others {
+        eprintln!("  launch tuning {}:", tuning.label());
+        gpu.set_launch_tuning(tuning)?;
+        let rows = decode_rows_only(model, bandwidth, batches, lengths, skipped);
+        out.push(TuningRows { tuning: tuning.label(), rows });
+    }
+    gpu.set_launch_tuning(main)?;
+    Ok(out)
+}
+
+fn decode_rows_only(
+    model: &CudaLlama,
+    bandwidth: f64,
+    batches: &[usize],
+    lengths: &[(usize, usize)],
+    skipped: &mut Vec<String>,
+) -> Vec<DecodeRow> {
     let mut rows = Vec::new();
     for &(p, o) in lengths {
         for &b in batches {
@@ -122,14 +190,7 @@ fn decode_rows(
             }
         }
     }
-    let mut breakdown = Vec::new();
-    for &b in batches {
-        match bench::decode_breakdown(model, b, model.options().max_seq_len.saturating_sub(2).min(256)) {
-            Ok(d) => breakdown.push(d),
-            Err(e) => skipped.push(format!("breakdown batch {b}: {e}")),
-        }
-    }
-    (rows, breakdown)
+    rows
 }
 
 /// How an FP8 benchmark's small decode steps quantize the O and down projections' inputs.
@@ -165,13 +226,19 @@ pub fn run_preset(
     pp: usize,
     p2p: Option<flint_comm::P2pLink>,
     mixed: Option<(usize, usize)>,
+    tunings: &[LaunchTuning],
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
+    anyhow::ensure!(tunings.is_empty() || tp * pp == 1, "--launch-tuning compares tunings on one GPU (no --tp, --pp)");
     anyhow::ensure!(mixed.is_none() || pp == 1, "--mixed times one GPU or tensor-parallel ranks (no --pp)");
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?}; presets: {}", ModelConfig::PRESETS.join(", ")))?;
     let gpu = Gpu::new(0)?;
-    eprintln!("bench: {preset} on {}", gpu.name());
+    if let Some(&first) = tunings.first() {
+        gpu.set_launch_tuning(first)?;
+    }
+    let others = tunings.get(1..).unwrap_or_default();
+    eprintln!("bench: {preset} on {} (launch tuning {})", gpu.name(), gpu.launch_tuning().label());
     let bandwidth = bench::copy_bandwidth(&gpu, 1 << 31)?;
     eprintln!("copy bandwidth {:.0} GB/s", bandwidth / 1e9);
 
@@ -217,6 +284,7 @@ pub fn run_preset(
 
     let mut skipped = Vec::new();
     let (rows, mut decode_breakdown) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped);
+    let tuning_rows = rows_per_tuning(&model, bandwidth, batches, lengths, others, &mut skipped)?;
     if let Some((d, p)) = mixed {
         let context = model.options().max_seq_len.saturating_sub(2).min(256);
         match bench::mixed_breakdown(&model, d, p, context) {
@@ -253,6 +321,7 @@ pub fn run_preset(
         )?;
         let mut skipped8 = Vec::new();
         let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
+        let tuning_rows8 = rows_per_tuning(&model, bandwidth, batches, lengths, others, &mut skipped8)?;
         let weight_bytes8 = model.weight_bytes_per_step();
         drop(model);
         // Stream-ordered frees return their memory to the device at the next synchronization.
@@ -280,6 +349,7 @@ pub fn run_preset(
             fused_quantization: fp8_quantization != Fp8Quantization::Separate,
             separate_quantization_rows: separate_rows,
             rows: rows8,
+            tuning_rows: tuning_rows8,
             decode_breakdown: breakdown8,
             speedup_over_bf16: speedup,
             gemv,
@@ -311,6 +381,8 @@ pub fn run_preset(
         skipped,
         cuda_graphs: graphs,
         pdl: gpu.pdl(),
+        launch_tuning: gpu.launch_tuning().label(),
+        tuning_rows,
         fp8,
     })
 }
@@ -467,6 +539,8 @@ fn run_preset_parallel(
         skipped,
         cuda_graphs: true,
         pdl: gpu.pdl(),
+        launch_tuning: gpu.launch_tuning().label(),
+        tuning_rows: Vec::new(),
         fp8: None,
     })
 }
@@ -542,6 +616,27 @@ pub fn print_table(b: &ModelBench) {
             r.roofline_fraction
         );
     }
+    print_tuning_rows(&b.launch_tuning, &b.rows, &b.tuning_rows);
+}
+
+/// Each other tuning's rows beside the main ones.
+fn print_tuning_rows(main: &str, rows: &[DecodeRow], others: &[TuningRows]) {
+    for t in others {
+        println!("the same model with launch tuning {} (rows above: {main}):", t.tuning);
+        println!("{:>7} {:>6} {:>12} {:>9} {:>16}", "len", "batch", "ms/token", "roofline", "rows above vs");
+        for r in &t.rows {
+            let above =
+                rows.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
+            println!(
+                "{:>7} {:>6} {:>12.3} {:>9.2} {:>16}",
+                format!("{}/{}", r.prompt_len, r.output_len),
+                r.batch,
+                r.decode_ms_per_token,
+                r.roofline_fraction,
+                above.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
+            );
+        }
+    }
 }
 
 /// The FP8 part of a `--dtype fp8` report.
@@ -614,6 +709,7 @@ pub fn print_fp8_table(b: &ModelBench) {
             s.map_or("-".to_string(), |s| format!("{s:.2}x"))
         );
     }
+    print_tuning_rows(&b.launch_tuning, &f.rows, &f.tuning_rows);
     if let Some(rows) = &f.separate_quantization_rows {
         println!("the same FP8 model with a quantization kernel before the O and down GEMVs:");
         println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");
@@ -628,6 +724,29 @@ pub fn print_fp8_table(b: &ModelBench) {
                 r.roofline_fraction,
                 fused.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_tunings_parse_in_order() {
+        let t = parse_tunings("32, off,0").unwrap();
+        assert_eq!(
+            t,
+            [
+                LaunchTuning { early_launch: true, l2_prefetch_budget: 32 << 20 },
+                LaunchTuning { early_launch: false, l2_prefetch_budget: 0 },
+                LaunchTuning { early_launch: true, l2_prefetch_budget: 0 },
+            ]
+        );
+        assert_eq!(t[0].label(), "early+l2=32M");
+        assert_eq!(t[1].label(), "off");
+        for bad in ["", "on", "-1", "2048", "32,"] {
+            assert!(parse_tunings(bad).is_err(), "{bad:?}");
         }
     }
 }

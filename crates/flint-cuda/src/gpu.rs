@@ -73,6 +73,57 @@ impl Drop for PeerBuffer {
     }
 }
 
+/// How the kernels of a decode step overlap (mirrors `flint_early_launch` and
+/// `flint_l2_prefetch_budget` in kernels/include/flint/common.cuh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchTuning {
+    /// The latency-bound kernels (norms, RoPE, decode attention, quantization) let the next
+    /// kernel launch as they enter, and the GEMVs load their first weights before they wait for
+    /// the previous kernel: the weight stream starts while the chain's small kernels run. Off,
+    /// every kernel waits first and launches the next at its end. Needs [`Gpu::pdl`] to matter.
+    pub early_launch: bool,
+    /// Bytes of its weights a GEMV asks into L2 before its wait, from its first blocks (with
+    /// `early_launch`); 0 for none.
+    pub l2_prefetch_budget: u32,
+}
+
+impl Default for LaunchTuning {
+    /// Early launch with a 32 MiB budget: the qkv and o projections of Llama-3.1-8B whole, the
+    /// start of the larger ones, well inside an H100's 50 MiB of L2.
+    fn default() -> Self {
+        LaunchTuning { early_launch: true, l2_prefetch_budget: 32 << 20 }
+    }
+}
+
+impl LaunchTuning {
+    /// The default, changed by `FLINT_EARLY_LAUNCH` (`0` or `1`) and `FLINT_L2_PREFETCH_MB`
+    /// (MiB, at most 1024).
+    pub fn from_env() -> Result<Self> {
+        let mut tuning = LaunchTuning::default();
+        if let Ok(v) = std::env::var("FLINT_EARLY_LAUNCH") {
+            tuning.early_launch = match v.as_str() {
+                "0" => false,
+                "1" => true,
+                _ => return Err(Error::Unsupported(format!("FLINT_EARLY_LAUNCH is 0 or 1, not {v:?}"))),
+            };
+        }
+        if let Ok(v) = std::env::var("FLINT_L2_PREFETCH_MB") {
+            let mb: u32 = v
+                .parse()
+                .ok()
+                .filter(|&mb| mb <= 1024)
+                .ok_or_else(|| Error::Unsupported(format!("FLINT_L2_PREFETCH_MB is 0..=1024 MiB, not {v:?}")))?;
+            tuning.l2_prefetch_budget = mb << 20;
+        }
+        Ok(tuning)
+    }
+
+    /// `off`, or `early` with the budget in MiB (`early+l2=32M`), for reports.
+    pub fn label(&self) -> String {
+        if self.early_launch { format!("early+l2={}M", self.l2_prefetch_budget >> 20) } else { "off".to_string() }
+    }
+}
+
 /// A CUDA device with Flint's kernels loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -81,11 +132,12 @@ pub struct Gpu {
     /// The dynamic shared-memory limit each kernel was raised to (so launchers can ask at every
     /// launch without a driver call each time).
     smem_limits: std::sync::Mutex<HashMap<String, u32>>,
-    _modules: Vec<Arc<CudaModule>>,
+    modules: Vec<Arc<CudaModule>>,
     name: String,
     ordinal: usize,
     sm_count: u32,
     pdl: bool,
+    tuning: std::sync::Mutex<LaunchTuning>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -157,17 +209,47 @@ impl Gpu {
             return Err(Error::Unsupported(format!("kernel {missing} is missing: rebuild with `cargo xtask kernels`")));
         }
         let pdl = std::env::var("FLINT_PDL").map(|v| v != "0").unwrap_or(true);
-        Ok(Arc::new(Gpu {
+        let tuning = LaunchTuning::from_env()?;
+        let gpu = Arc::new(Gpu {
             ctx,
             stream,
             functions,
             smem_limits: Default::default(),
-            _modules: modules,
+            modules,
             name,
             ordinal,
             sm_count,
             pdl,
-        }))
+            tuning: std::sync::Mutex::new(tuning),
+        });
+        gpu.set_launch_tuning(tuning)?;
+        Ok(gpu)
+    }
+
+    /// The launch tuning the kernels run with.
+    pub fn launch_tuning(&self) -> LaunchTuning {
+        self.tuning.lock().map_or_else(|e| *e.into_inner(), |t| *t)
+    }
+
+    /// Sets the launch tuning of every module. Kernels read it as they run (captured graphs
+    /// included), so this synchronizes the stream before and after writing it.
+    pub fn set_launch_tuning(&self, tuning: LaunchTuning) -> Result<()> {
+        let mut current = self.tuning.lock().map_err(|_| Error::Unsupported("poisoned launch tuning".into()))?;
+        self.stream.synchronize()?;
+        let early = i32::from(tuning.early_launch).to_ne_bytes();
+        let budget = tuning.l2_prefetch_budget.to_ne_bytes();
+        for module in &self.modules {
+            for (symbol, value) in [("flint_early_launch", &early), ("flint_l2_prefetch_budget", &budget)] {
+                let mut global = module.get_global(symbol, &self.stream)?;
+                if global.len() != value.len() {
+                    return Err(Error::Unsupported(format!("kernel constant {symbol} has {} bytes", global.len())));
+                }
+                self.stream.memcpy_htod(value.as_slice(), &mut global)?;
+            }
+        }
+        self.stream.synchronize()?;
+        *current = tuning;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

@@ -12,4 +12,4 @@ pub mod gpu;
 pub mod ops;
 
 pub use error::{Error, Result};
-pub use gpu::{DeviceBuffer, Event, Gpu, Graph, PeerBuffer, Staging, cuda_available, device_count, gib};
+pub use gpu::{DeviceBuffer, Event, Gpu, Graph, LaunchTuning, PeerBuffer, Staging, cuda_available, device_count, gib};

@@ -478,6 +478,46 @@ fn fused_fp8_quantization_changes_no_logit() {
     eprintln!("fused FP8 quantization: logits bit-equal to the separate kernels'");
 }
 
+/// Early launch (the small kernels let the next one launch as they enter, the GEMVs load and
+/// L2-prefetch weights before they wait) changes no logit: BF16 and FP8 models (FP8 cache, the
+/// fused quantization), one sequence and three decoding together, with and without graphs, give
+/// bit for bit the logits of every kernel waiting first; the budgets cover none, some and every
+/// block of each GEMV.
+#[test]
+fn early_launch_changes_no_logit() {
+    let Some((g, r, source, config)) = first_checkpoint() else { return };
+    let forced = &r.tokens[..12.min(r.tokens.len() - 1)];
+    let off = flint_cuda::LaunchTuning { early_launch: false, l2_prefetch_budget: 0 };
+    let tunings = [
+        flint_cuda::LaunchTuning::default(),
+        flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 0 },
+        flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 1 << 16 },
+        flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 1 << 30 },
+    ];
+    let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for fp8 in [false, true] {
+        for graphs in [false, true] {
+            let options = CudaLlamaOptions { fp8, kv_fp8: fp8, ..small_options(graphs) };
+            let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load");
+            let run = |tuning: flint_cuda::LaunchTuning| {
+                g.set_launch_tuning(tuning).expect("tuning");
+                let alone = run_gpu(&model, &r.prompt, forced);
+                let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
+                (bits(&alone), bits(&together))
+            };
+            let want = run(off);
+            for tuning in tunings {
+                let got = run(tuning);
+                let what = format!("fp8 {fp8} graphs {graphs} tuning {tuning:?}");
+                assert!(got.0 == want.0, "{what}: one sequence's logits differ from every kernel waiting first");
+                assert!(got.1 == want.1, "{what}: three sequences' logits differ from every kernel waiting first");
+            }
+        }
+    }
+    g.set_launch_tuning(flint_cuda::LaunchTuning::default()).expect("tuning");
+    eprintln!("early launch: logits bit-equal to every kernel waiting first");
+}
+
 /// Three sequences of different lengths prefilled together, then decoded together (a graph
 /// bucket of 4 with a padding row): logits of every step, `[3, vocab]` each.
 fn run_batched(forward: &dyn Fn(&ForwardBatch) -> Vec<f32>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {

@@ -4,6 +4,16 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Launch tuning, one copy per module, set by the host at start-up (flint-cuda's Gpu; read before
+// any griddepcontrol.wait, so they must not change while kernels run).
+// flint_early_launch: a latency-bound kernel of the decode chain lets the next kernel launch as
+// it enters (pdl_enter), and a GEMV loads weights before it waits (they never depend on the
+// previous kernel); 0 keeps every kernel waiting first and launching the next at its end.
+__constant__ int flint_early_launch = 1;
+// flint_l2_prefetch_budget: bytes of its weights a GEMV asks into L2 before it waits, from its
+// first blocks (those resident first); 0 for none. Read only with flint_early_launch.
+__constant__ unsigned int flint_l2_prefetch_budget = 32u << 20;
+
 namespace flint {
 
 using bf16 = __nv_bfloat16;
@@ -113,6 +123,30 @@ __device__ __forceinline__ void pdl_launch_next() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
+}
+
+// The entry of a latency-bound kernel of the decode chain: with early launch, the next kernel
+// launches now and starts streaming its weights while this one waits and runs. Safe whatever
+// the position of the trigger: every kernel reads and writes activations only after its own
+// wait, which returns once the previous kernel (and so, by induction, every earlier one) has
+// completed; before it, a kernel only reads weights.
+__device__ __forceinline__ void pdl_enter() {
+    if (flint_early_launch != 0) pdl_launch_next();
+    pdl_wait();
+}
+
+// Asks the L2 for [p, p + bytes) without waiting (a TMA bulk prefetch); p 16-byte aligned,
+// bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// Whether block `block` of a GEMV whose blocks each read `block_bytes` of weights prefetches
+// them into L2 before its wait: the first blocks, up to the budget.
+__device__ __forceinline__ bool prefetches_l2(int block, size_t block_bytes) {
+    return flint_early_launch != 0 && (size_t)block * block_bytes < (size_t)flint_l2_prefetch_budget;
 }
 
 // splitmix64: a counter-based generator for seeded sampling and random weights.

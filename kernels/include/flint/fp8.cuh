@@ -229,6 +229,32 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
     const int part = warp % S;
     const bool swiglu = epilogue == Fp8Epilogue::SwiGlu;
     const int n_tiles = swiglu ? n / 8 : n / 16;
+    const bool early = flint_early_launch != 0;
+    if (!early) pdl_wait();
+    // Before the wait (early launch): the block's weight rows into L2 where the budget reaches,
+    // and (P) each warp's first chunk into registers, while the previous kernel finishes.
+    const int first_tile = blockIdx.x * kTilesPerBlock;
+    const int block_tiles = min(kTilesPerBlock, n_tiles - first_tile);
+    if (block_tiles > 0 && prefetches_l2(blockIdx.x, (size_t)kTilesPerBlock * 16 * k) && lane == 0) {
+        // Warp r asks for rows r, r + W, ... of the block's 16 per tile (SwiGLU: 8 gate rows
+        // per tile, then their 8 up rows).
+        for (int r = warp; r < 16 * block_tiles; r += W) {
+            const int half = 8 * block_tiles;
+            const size_t row = swiglu ? (r < half ? 8 * first_tile + r : n + 8 * first_tile + (r - half))
+                                      : 16 * (size_t)first_tile + r;
+            prefetch_l2(w + row * k, k);
+        }
+    }
+    const bool real = tile < n_tiles;
+    const int row_a = real ? (swiglu ? tile * 8 + g : tile * 16 + g) : 0;
+    const int row_b = real ? (swiglu ? n + row_a : row_a + 8) : 0;
+    const uint8_t* wa = w + (size_t)row_a * k + 16 * t;
+    const uint8_t* wb = w + (size_t)row_b * k + 16 * t;
+    constexpr int kChunk = 64 * U;
+    const int full = k / kChunk;
+    uint4 va[U], vb[U];
+    if (P && real && part < full) load_chunk<U>(va, vb, wa, wb, part * kChunk);
+    if (early) pdl_wait();
     if (amax_clear != nullptr && blockIdx.x == 0)
         for (int i = threadIdx.x; i < m * kAmaxSlots; i += blockDim.x) amax_clear[i] = 0.f;
     // Q: token g's scale in lane (g, t), from its eight slots 8t..8t+7 and the three other lanes';
@@ -253,24 +279,14 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
     }
     uint8_t* qb = qbuf[Q ? warp : 0];
     float c[4] = {0.f, 0.f, 0.f, 0.f};
-    int row_a = 0, row_b = 0;
-    if (tile < n_tiles) {
-        row_a = swiglu ? tile * 8 + g : tile * 16 + g;
-        row_b = swiglu ? n + row_a : row_a + 8;
-        const uint8_t* wa = w + (size_t)row_a * k + 16 * t;
-        const uint8_t* wb = w + (size_t)row_b * k + 16 * t;
+    if (real) {
         const uint8_t* xr = static_cast<const uint8_t*>(xv) + (size_t)g * k + 16 * t;
         const bf16* xb = static_cast<const bf16*>(xv);
         const bool has_x = g < m;
-        constexpr int kChunk = 64 * U;
-        const int full = k / kChunk;
-        uint4 va[U], vb[U];
         // Q: the chunk's activation pairs, loaded (with P) one chunk ahead like the weights.
         uint32_t xp[Q ? kF8QMaxM : 1][Q ? U : 1];
-        if (P && part < full) {
-            load_chunk<U>(va, vb, wa, wb, part * kChunk);
-            if constexpr (Q) load_x_pairs<U>(xp, xb, k, m, part * kChunk, lane);
-        }
+        if constexpr (Q && P)
+            if (part < full) load_x_pairs<U>(xp, xb, k, m, part * kChunk, lane);
         for (int ch = part; ch < full; ch += S) {
             const int base = ch * kChunk;
             uint4 na[U], nb[U];

@@ -96,8 +96,17 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
             row0 = 2 * pair;
             row1 = min(row0 + 1, n - 1);  // a lone last row reads itself twice and writes once
         }
-        gemv_rows_dot<M, U>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
     }
+    // With early launch the block's first weights go to L2 (within the budget) before the wait.
+    const bool early = flint_early_launch != 0;
+    if (!early) pdl_wait();
+    if (pair < n_pairs && part == 0 && lane == 0 &&
+        prefetches_l2(blockIdx.x, (size_t)kGemvPairsPerBlock * kGemvRows * k * sizeof(bf16))) {
+        prefetch_l2(w + (size_t)row0 * k, k * sizeof(bf16));
+        prefetch_l2(w + (size_t)row1 * k, k * sizeof(bf16));
+    }
+    if (early) pdl_wait();
+    if (pair < n_pairs) gemv_rows_dot<M, U>(x, w + (size_t)row0 * k, w + (size_t)row1 * k, k, part, acc);
     // This block's weights are read: the next kernel may start launching.
     pdl_launch_next();
 #pragma unroll

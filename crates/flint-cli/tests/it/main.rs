@@ -140,6 +140,8 @@ fn invalid_flags_fail_cleanly() {
     assert_clean_failure(&flint(&[&preset[..], &["--p2p-link", "carrier-pigeon"]].concat()), "flags or lamport");
     assert_clean_failure(&flint(&[&preset[..], &["--p2p-link", "lamport", "--no-p2p"]].concat()), "--no-p2p");
     assert_clean_failure(&flint(&[&preset[..], &["--fp8-quantization", "sometimes"]].concat()), "fused");
+    assert_clean_failure(&flint(&[&preset[..], &["--launch-tuning", "off,lots"]].concat()), "off or a number of MiB");
+    assert_clean_failure(&flint(&[&preset[..], &["--launch-tuning", "off,32"]].concat()), "on one GPU");
     let load = ["bench", "--server", "127.0.0.1:1"];
     assert_clean_failure(&flint(&[&load[..], &["--temperature", "-1"]].concat()), "temperature >= 0");
     assert_clean_failure(&flint(&[&load[..], &["--temperature", "NaN"]].concat()), "temperature >= 0");
