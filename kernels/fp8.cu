@@ -10,8 +10,17 @@ extern "C" __global__ void flint_quantize_rows(const bf16* x, uint8_t* out, floa
 
 extern "C" __global__ void flint_add_rms_norm_fp8(bf16* residual, const bf16* add, const float* weight,
                                                   uint8_t* out, float* scales, int hidden, float eps) {
-    pdl_enter();
-    add_rms_norm_fp8_row(residual, add, weight, out, scales, hidden, eps);
+    // The row in registers where it fits (2, 4 or 8 vectors of 8 per thread), else three passes.
+    if (hidden <= 16 * (int)blockDim.x) {
+        add_rms_norm_fp8_cached<2>(residual, add, weight, out, scales, hidden, eps);
+    } else if (hidden <= 32 * (int)blockDim.x) {
+        add_rms_norm_fp8_cached<4>(residual, add, weight, out, scales, hidden, eps);
+    } else if (hidden <= 64 * (int)blockDim.x) {
+        add_rms_norm_fp8_cached<8>(residual, add, weight, out, scales, hidden, eps);
+    } else {
+        pdl_enter();
+        add_rms_norm_fp8_row(residual, add, weight, out, scales, hidden, eps);
+    }
 }
 
 extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out, float* scales, int ff) {

@@ -74,6 +74,72 @@ __device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16*
     if (threadIdx.x == 0) scales[blockIdx.x] = scale;
 }
 
+// add_rms_norm_fp8_row with the row in registers, C vectors of 8 per thread (hidden <= 8 C
+// blockDim.x): one read of each input, and with early launch the norm weights are loaded before
+// the wait. The same arithmetic, so the same codes and scales.
+template <int C>
+__device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf16* add, const float* weight,
+                                                        uint8_t* out, float* scales, int hidden, float eps) {
+    __shared__ float scratch[32];
+    const int nv = hidden / 8;
+    const size_t row = (size_t)blockIdx.x * hidden;
+    Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + row);
+    const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + row);
+    float w[C][8], v[C][8];
+    auto load_weights = [&]() {
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int i = threadIdx.x + c * blockDim.x;
+            if (i < nv) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) w[c][j] = weight[i * 8 + j];
+            }
+        }
+    };
+    const bool early = flint_early_launch != 0;
+    if (early) {
+        pdl_launch_next();
+        load_weights();
+    }
+    pdl_wait();
+    if (!early) load_weights();
+    float ss = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = threadIdx.x + c * blockDim.x;
+        if (i >= nv) continue;
+        if (add != nullptr) {
+            float a[8];
+            unpack(addv[i], a);
+            residual_add8(res[i], a, v[c], ss);
+        } else {
+            unpack(res[i], v[c]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss += v[c][j] * v[c][j];
+        }
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    float m = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = threadIdx.x + c * blockDim.x;
+        if (i >= nv) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            v[c][j] = __bfloat162float(__float2bfloat16(w[c][j] * __bfloat162float(__float2bfloat16(v[c][j] * r))));
+            m = fmaxf(m, fabsf(v[c][j]));
+        }
+    }
+    __syncthreads();  // scratch reuse
+    const float scale = fp8_scale(block_max(m, scratch));
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = threadIdx.x + c * blockDim.x;
+        if (i < nv) store_e4m3x8(out + row + i * 8, v[c], scale);
+    }
+    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+}
+
 // SwiGLU on a fused gate/up row ([2 ff]: gate then up), quantized: out[t] = codes of
 // bf16(silu(gate) * up) / scale[t]. One block per token.
 __device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* out, float* scales, int ff) {
