@@ -102,7 +102,7 @@ pub struct BenchArgs {
     /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
     /// of them asked into L2). The first is the run's; the decode rows are measured again under
     /// each other one on the same models. Default: FLINT_EARLY_LAUNCH / FLINT_L2_PREFETCH_MB,
-    /// else early launch with 32 MiB.
+    /// else early launch without L2 prefetch (0).
     #[arg(long, requires = "preset")]
     launch_tuning: Option<String>,
     /// With --preset or --allreduce: also write the report as JSON to this file.

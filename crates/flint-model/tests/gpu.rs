@@ -490,7 +490,7 @@ fn early_launch_changes_no_logit() {
     let off = flint_cuda::LaunchTuning { early_launch: false, l2_prefetch_budget: 0 };
     let tunings = [
         flint_cuda::LaunchTuning::default(),
-        flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 0 },
+        flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 32 << 20 },
         flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 1 << 16 },
         flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 1 << 30 },
     ];

@@ -12,7 +12,7 @@
 __constant__ int flint_early_launch = 1;
 // flint_l2_prefetch_budget: bytes of its weights a GEMV asks into L2 before it waits, from its
 // first blocks (those resident first); 0 for none. Read only with flint_early_launch.
-__constant__ unsigned int flint_l2_prefetch_budget = 32u << 20;
+__constant__ unsigned int flint_l2_prefetch_budget = 0;
 
 namespace flint {
 
