@@ -28,6 +28,19 @@ __device__ __forceinline__ void quantize_row(const bf16* x, uint8_t* out, float*
     if (threadIdx.x == 0) scales[blockIdx.x] = scale;
 }
 
+// v = res (+= add, rounded to bf16 and stored, where add is not null); ss += the squares of v.
+__device__ __forceinline__ void residual_sum8(Bf16x8& res, const Bf16x8* add, float (&v)[8], float& ss) {
+    if (add != nullptr) {
+        float a[8];
+        unpack(*add, a);
+        residual_add8(res, a, v, ss);
+    } else {
+        unpack(res, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+    }
+}
+
 // add_rms_norm_row (elementwise.cuh) with an FP8 output: residual[t] += add[t] (bf16), then the
 // normalised row, rounded to bf16 as the BF16 model has it, is quantized with its own scale.
 __device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16* add, const float* weight,
@@ -39,15 +52,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16*
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) {
         float v[8];
-        if (add != nullptr) {
-            float a[8];
-            unpack(addv[i], a);
-            residual_add8(res[i], a, v, ss);
-        } else {
-            unpack(res[i], v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
-        }
+        residual_sum8(res[i], add != nullptr ? &addv[i] : nullptr, v, ss);
     }
     const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
     // The bf16 model's normed activation, before quantization.
@@ -107,16 +112,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const int i = threadIdx.x + c * blockDim.x;
-        if (i >= nv) continue;
-        if (add != nullptr) {
-            float a[8];
-            unpack(addv[i], a);
-            residual_add8(res[i], a, v[c], ss);
-        } else {
-            unpack(res[i], v[c]);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss += v[c][j] * v[c][j];
-        }
+        if (i < nv) residual_sum8(res[i], add != nullptr ? &addv[i] : nullptr, v[c], ss);
     }
     const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
     float m = 0.f;
@@ -124,9 +120,10 @@ __device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf
     for (int c = 0; c < C; ++c) {
         const int i = threadIdx.x + c * blockDim.x;
         if (i >= nv) continue;
+        rms_scale8(v[c], w[c], r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            v[c][j] = __bfloat162float(__float2bfloat16(w[c][j] * __bfloat162float(__float2bfloat16(v[c][j] * r))));
+            v[c][j] = __bfloat162float(__float2bfloat16(v[c][j]));
             m = fmaxf(m, fabsf(v[c][j]));
         }
     }
