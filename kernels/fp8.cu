@@ -35,9 +35,9 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
 #define FLINT_GEMV_FP8(S, U, P, Q, NAME)                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) NAME##_s##S##_u##U##_p##P(              \
         const void* x, const float* x_aux, const uint8_t* w, const float* w_scale, bf16* y, int m, int n, int k, \
-        int epilogue, float* amax_out, float* amax_clear) {                                                    \
+        int epilogue, float* amax_out, float* amax_clear, int l2_prefetch) {                                   \
         gemv_fp8<S, U, P, Q>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out,    \
-                             amax_clear);                                                                      \
+                             amax_clear, l2_prefetch != 0);                                                    \
     }
 
 #define FLINT_GEMV_FP8_P(S, U)                                                             \

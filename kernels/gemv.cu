@@ -6,8 +6,8 @@ using namespace flint;
 
 #define FLINT_GEMV(M, U)                                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * kGemvWarps) flint_gemv_##M##_u##U(                       \
-        const bf16* x, const bf16* w, void* y, int n, int k, int epilogue) {                                   \
-        gemv<M, U>(x, w, y, n, k, static_cast<GemvEpilogue>(epilogue));                                        \
+        const bf16* x, const bf16* w, void* y, int n, int k, int epilogue, int l2_prefetch) {                  \
+        gemv<M, U>(x, w, y, n, k, static_cast<GemvEpilogue>(epilogue), l2_prefetch != 0);                       \
     }
 
 #define FLINT_GEMV_ALL_U(M) FLINT_GEMV(M, 1) FLINT_GEMV(M, 2) FLINT_GEMV(M, 4)

@@ -5,8 +5,9 @@
 #        launch against every kernel waiting first (bit-equal logits), the CPU emulation and
 #        each other (fused FP8 quantization, batched decode).
 # bench: PRESET (default llama-3.1-8b) BF16 then FP8, the decode rows under each launch tuning of
-#        TUNINGS (default 0,off,16,32: early launch without L2 prefetch, every kernel waiting first,
-#        early launch with 16 and 32 MiB of L2 prefetch), one process.
+#        TUNINGS (default 0,off,4,8,16,32: early launch without L2 prefetch, every kernel waiting
+#        first, early launch with 4 to 32 MiB of L2 prefetch by each GEMV that follows a
+#        latency-bound kernel), one process; and the step's projections alone in one graph.
 # Logs and JSON go to $OUT (or ./gpu-out).
 set -uo pipefail
 MODE=${1:-all}
@@ -19,9 +20,9 @@ status=0
 echo "revision $(cat $B/REVISION)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 if [[ $MODE == bench || $MODE == all ]]; then
-  echo "== bench $PRESET BF16 and FP8 under launch tunings ${TUNINGS:-0,off,16,32}"
-  timeout 330 $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
-    --launch-tuning ${TUNINGS:-0,off,16,32} --json-out "$OUT/flint-$PRESET-early-launch.json" 2>&1 | grep -v "^  " || status=1
+  echo "== bench $PRESET BF16 and FP8 under launch tunings ${TUNINGS:-0,off,4,8,16,32}"
+  timeout 420 $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
+    --launch-tuning ${TUNINGS:-0,off,4,8,16,32} --json-out "$OUT/flint-$PRESET-early-launch.json" 2>&1 | grep -v "^  " || status=1
 fi
 if [[ $MODE == check || $MODE == all ]]; then
   echo "== kernels against flint-cpu"

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use flint_cuda::{Gpu, LaunchTuning};
 use flint_model::ModelConfig;
-use flint_model::cuda::bench::{self, Breakdown, DecodeRow, GemmRate};
+use flint_model::cuda::bench::{self, Breakdown, DecodeRow, GemmRate, ProjectionChain};
 use flint_model::cuda::{CudaLlama, CudaLlamaOptions};
 use serde::Serialize;
 
@@ -90,6 +90,8 @@ pub struct ModelBench {
     pub rows: Vec<DecodeRow>,
     /// Eager per-operation times of single decode steps (where the time goes).
     pub decode_breakdown: Vec<Breakdown>,
+    /// Each batch's projections alone in one graph (what the rest of the step adds to them).
+    pub projection_chain: Vec<ProjectionChain>,
     pub gemv_max_m: usize,
     pub skipped: Vec<String>,
     pub cuda_graphs: bool,
@@ -116,6 +118,8 @@ pub struct Fp8Bench {
     /// As `ModelBench::tuning_rows`, for the FP8 model.
     pub tuning_rows: Vec<TuningRows>,
     pub decode_breakdown: Vec<Breakdown>,
+    /// As `ModelBench::projection_chain`, for the FP8 model.
+    pub projection_chain: Vec<ProjectionChain>,
     /// BF16 ms/token over FP8 ms/token, per row (same order as `rows`, where BF16 has the row).
     pub speedup_over_bf16: Vec<Option<f64>>,
     /// The decode GEMV of one token on each projection: BF16 and every FP8 variant.
@@ -141,6 +145,23 @@ fn decode_rows(
         }
     }
     (rows, breakdown)
+}
+
+/// The projection chain of each batch that decodes through GEMVs.
+fn projection_chains(
+    model: &CudaLlama,
+    bandwidth: f64,
+    batches: &[usize],
+    skipped: &mut Vec<String>,
+) -> Vec<ProjectionChain> {
+    let mut out = Vec::new();
+    for &b in batches.iter().filter(|&&b| b <= model.options().gemv_max_m.min(flint_cuda::ops::GEMV_MAX_M)) {
+        match bench::projection_chain(model, bandwidth, b) {
+            Ok(c) => out.push(c),
+            Err(e) => skipped.push(format!("projection chain batch {b}: {e}")),
+        }
+    }
+    out
 }
 
 /// The rows again under each of `others` (the GPU's tuning restored after).
@@ -285,6 +306,7 @@ pub fn run_preset(
     let mut skipped = Vec::new();
     let (rows, mut decode_breakdown) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped);
     let tuning_rows = rows_per_tuning(&model, bandwidth, batches, lengths, others, &mut skipped)?;
+    let projection_chain = projection_chains(&model, bandwidth, batches, &mut skipped);
     if let Some((d, p)) = mixed {
         let context = model.options().max_seq_len.saturating_sub(2).min(256);
         match bench::mixed_breakdown(&model, d, p, context) {
@@ -322,6 +344,7 @@ pub fn run_preset(
         let mut skipped8 = Vec::new();
         let (rows8, breakdown8) = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8);
         let tuning_rows8 = rows_per_tuning(&model, bandwidth, batches, lengths, others, &mut skipped8)?;
+        let chain8 = projection_chains(&model, bandwidth, batches, &mut skipped8);
         let weight_bytes8 = model.weight_bytes_per_step();
         drop(model);
         // Stream-ordered frees return their memory to the device at the next synchronization.
@@ -351,6 +374,7 @@ pub fn run_preset(
             rows: rows8,
             tuning_rows: tuning_rows8,
             decode_breakdown: breakdown8,
+            projection_chain: chain8,
             speedup_over_bf16: speedup,
             gemv,
             kv_cache: if kv_fp8 { "fp8" } else { "bf16" },
@@ -377,6 +401,7 @@ pub fn run_preset(
         weight_bytes_per_step,
         rows,
         decode_breakdown,
+        projection_chain,
         gemv_max_m,
         skipped,
         cuda_graphs: graphs,
@@ -535,6 +560,7 @@ fn run_preset_parallel(
         weight_bytes_per_step: weight_bytes.load(std::sync::atomic::Ordering::Relaxed),
         rows,
         decode_breakdown,
+        projection_chain: Vec::new(),
         gemv_max_m: 2,
         skipped,
         cuda_graphs: true,
@@ -617,6 +643,20 @@ pub fn print_table(b: &ModelBench) {
         );
     }
     print_tuning_rows(&b.launch_tuning, &b.rows, &b.tuning_rows);
+    print_chains(&b.projection_chain, &b.rows);
+}
+
+/// Each projection chain beside the first row of its batch.
+fn print_chains(chains: &[ProjectionChain], rows: &[DecodeRow]) {
+    for c in chains {
+        let step = rows.iter().find(|r| r.batch == c.batch).map_or(String::new(), |r| {
+            format!("; the whole step {:.3} ms, {:.3} ms more", r.decode_ms_per_token, r.decode_ms_per_token - c.ms)
+        });
+        println!(
+            "the step's projections alone (one graph), batch {}: {:.3} ms, {:.2} of the weights' roofline{step}",
+            c.batch, c.ms, c.roofline_fraction
+        );
+    }
 }
 
 /// Each other tuning's rows beside the main ones.
@@ -710,6 +750,7 @@ pub fn print_fp8_table(b: &ModelBench) {
         );
     }
     print_tuning_rows(&b.launch_tuning, &f.rows, &f.tuning_rows);
+    print_chains(&f.projection_chain, &f.rows);
     if let Some(rows) = &f.separate_quantization_rows {
         println!("the same FP8 model with a quantization kernel before the O and down GEMVs:");
         println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");

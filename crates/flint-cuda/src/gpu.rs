@@ -82,8 +82,9 @@ pub struct LaunchTuning {
     /// the previous kernel: the weight stream starts while the chain's small kernels run. Off,
     /// every kernel waits first and launches the next at its end. Needs [`Gpu::pdl`] to matter.
     pub early_launch: bool,
-    /// Bytes of its weights a GEMV asks into L2 before its wait, from its first blocks (with
-    /// `early_launch`); 0 for none.
+    /// Bytes of its weights a GEMV launched with `l2_prefetch` (one that follows a latency-bound
+    /// kernel, while DRAM idles: `ops::gemv_l2`, `ops::Fp8Gemv::l2_prefetch`) asks into L2
+    /// before its wait, from its first blocks (with `early_launch`); 0 for none.
     pub l2_prefetch_budget: u32,
 }
 

@@ -200,8 +200,6 @@ pub enum Epilogue {
 pub const GEMV_MAX_M: usize = 8;
 const GEMV_WARPS: usize = 8;
 
-/// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= 8`; with `SwiGlu`, `w` has `2n` rows (gate, then up).
-#[allow(clippy::too_many_arguments)]
 /// Loads in flight per lane (1, 2 or 4 chunks of 256 elements) for a GEMV over `k`: the one
 /// whose chunks spread most evenly over the four warps that share a row pair (measured on an
 /// H200: a K of 2048 at four loads leaves two of the warps idle), the larger on a tie.
@@ -214,12 +212,31 @@ pub fn gemv_unroll(k: usize) -> usize {
     [4, 2, 1].into_iter().min_by_key(|&u| steps(u)).unwrap_or(4)
 }
 
+/// `y[m, n] = x[m, k] . w[n, k]^T` for `m <= 8`; with `SwiGlu`, `w` has `2n` rows (gate, then up).
 pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epilogue: Epilogue) -> Result<()> {
+    gemv_l2(gpu, x, w, y, m, n, k, epilogue, false)
+}
+
+/// [`gemv`]; with `l2_prefetch` (for a GEMV that follows a latency-bound kernel, while DRAM
+/// idles) its first blocks ask their weights into L2 before they wait, within the launch
+/// tuning's budget ([`crate::LaunchTuning::l2_prefetch_budget`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_l2(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    y: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    epilogue: Epilogue,
+    l2_prefetch: bool,
+) -> Result<()> {
     if m == 0 || m > GEMV_MAX_M || !k.is_multiple_of(8) {
         return Err(shape("gemv", format!("m = {m} (1..=8), k = {k} (a multiple of 8)")));
     }
     let name = format!("flint_gemv_{m}_u{}", gemv_unroll(k));
-    let (ni, ki, e) = (n as i32, k as i32, epilogue as i32);
+    let (ni, ki, e, l2) = (n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
     // Four warps share a row pair (two plain rows, or gate j with up j), splitting K.
     let pairs = if epilogue == Epilogue::SwiGlu { n } else { n.div_ceil(2) };
     gpu.launch(
@@ -227,7 +244,7 @@ pub fn gemv(gpu: &Gpu, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, epi
         (pairs.div_ceil(GEMV_WARPS / 4) as u32, 1, 1),
         (32 * GEMV_WARPS) as u32,
         0,
-        &mut [arg(&x), arg(&w), arg(&y), arg(&ni), arg(&ki), arg(&e)],
+        &mut [arg(&x), arg(&w), arg(&y), arg(&ni), arg(&ki), arg(&e), arg(&l2)],
     )
 }
 
@@ -625,6 +642,9 @@ pub struct Fp8Gemv {
     /// `[m, AMAX_SLOTS]` f32 that the GEMV zeroes (another activation's slots, read by a kernel
     /// that has finished); 0 for none. Never the input's own slots.
     pub clear_amax: u64,
+    /// The GEMV follows a latency-bound kernel: its first blocks may ask their weights into L2
+    /// before they wait, within the launch tuning's budget (as [`gemv_l2`]).
+    pub l2_prefetch: bool,
 }
 
 impl Fp8Gemv {
@@ -652,6 +672,7 @@ impl Fp8Gemv {
             epilogue,
             publish_amax: 0,
             clear_amax: 0,
+            l2_prefetch: false,
         }
     }
 }
@@ -677,7 +698,7 @@ pub fn gemv_fp8(
 /// Runs one FP8 GEMV with `config` (benchmarks compare them), or the shape's own variant
 /// ([`Fp8GemvConfig::for_shape`]).
 pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> Result<()> {
-    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax } = *op;
+    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax, l2_prefetch } = *op;
     let config = config.unwrap_or_else(|| Fp8GemvConfig::for_shape(n, k, epilogue));
     if m == 0 || m > GEMV_FP8_MAX_M || !gemv_fp8_fits(n, k, epilogue) {
         return Err(shape(
@@ -705,7 +726,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
         }
     };
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
-    let (mi, ni, ki, e) = (m as i32, n as i32, k as i32, epilogue as i32);
+    let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
     gpu.launch(
         &config.kernel(quantizes),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
@@ -723,6 +744,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             arg(&e),
             arg(&publish_amax),
             arg(&clear_amax),
+            arg(&l2),
         ],
     )
 }

@@ -724,6 +724,47 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
 /// The FP8 GEMV that quantizes its bf16 input from published amax slots gives, bit for bit, the
 /// output of `quantize_rows` then the GEMV of the codes; it zeroes the slots it is told to, and
 /// the SwiGLU epilogue publishes its output's exact amax.
+/// A GEMV that asks its weights into L2 before its wait (every block, with a 1 GiB budget) gives
+/// the bits it gives without: BF16 (plain, SwiGLU, f32) and FP8 (codes and bf16 input).
+#[test]
+fn gemv_l2_prefetch_changes_no_bit() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    let cpu = CpuBackend::new();
+    g.set_launch_tuning(flint_cuda::LaunchTuning { early_launch: true, l2_prefetch_budget: 1 << 30 }).expect("tuning");
+    for (n, k) in [(16, 64), (4096, 4096), (1536, 14336), (200, 1024)] {
+        for m in [1, 2, 8] {
+            let x = random_bf16(&mut r, m * k, 1.0);
+            let w = random_bf16(&mut r, 2 * n * k, 0.05);
+            let (xb, wb) = (up_bf16(&g, &x), up_bf16(&g, &w));
+            for e in [Epilogue::Bf16, Epilogue::F32, Epilogue::SwiGlu] {
+                let run = |l2: bool| {
+                    let y = poisoned(&g, 4 * m * n);
+                    ops::gemv_l2(&g, xb.ptr(), wb.ptr(), y.ptr(), m, n, k, e, l2).expect("launch");
+                    read_u8(&g, &y, 4 * m * n)
+                };
+                assert_eq!(run(false), run(true), "gemv {e:?} m={m} n={n} k={k}");
+            }
+            let c = fp8_case(&mut r, &cpu, m, 2 * n, k);
+            let (xq, xs) = (g.upload(&c.xq.codes).expect("up"), g.upload(&c.xq.scales).expect("up"));
+            let (wq, ws) = (g.upload(&c.wq.codes).expect("up"), g.upload(&c.wq.scales).expect("up"));
+            for e in [ops::Fp8Epilogue::Bf16, ops::Fp8Epilogue::SwiGlu] {
+                let run = |l2: bool| {
+                    let y = poisoned(&g, 4 * m * n);
+                    let op = ops::Fp8Gemv {
+                        l2_prefetch: l2,
+                        ..ops::Fp8Gemv::codes(xq.ptr(), xs.ptr(), wq.ptr(), ws.ptr(), y.ptr(), m, n, k, e)
+                    };
+                    ops::run_gemv_fp8(&g, None, &op).expect("launch");
+                    read_u8(&g, &y, 4 * m * n)
+                };
+                assert_eq!(run(false), run(true), "gemv_fp8 {e:?} m={m} n={n} k={k}");
+            }
+        }
+    }
+    g.set_launch_tuning(flint_cuda::LaunchTuning::default()).expect("tuning");
+}
+
 #[test]
 fn fp8_gemv_of_bf16_input_equals_quantize_then_gemv() {
     let Some(g) = gpu() else { return };

@@ -10,8 +10,9 @@
 // it enters (pdl_enter), and a GEMV loads weights before it waits (they never depend on the
 // previous kernel); 0 keeps every kernel waiting first and launching the next at its end.
 __constant__ int flint_early_launch = 1;
-// flint_l2_prefetch_budget: bytes of its weights a GEMV asks into L2 before it waits, from its
-// first blocks (those resident first); 0 for none. Read only with flint_early_launch.
+// flint_l2_prefetch_budget: bytes of its weights a GEMV launched with its l2_prefetch argument
+// set (one that follows a latency-bound kernel, while DRAM idles) asks into L2 before it waits,
+// from its first blocks (those resident first); 0 for none. Read only with flint_early_launch.
 __constant__ unsigned int flint_l2_prefetch_budget = 0;
 
 namespace flint {
@@ -144,9 +145,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 }
 
 // Whether block `block` of a GEMV whose blocks each read `block_bytes` of weights prefetches
-// them into L2 before its wait: the first blocks, up to the budget.
-__device__ __forceinline__ bool prefetches_l2(int block, size_t block_bytes) {
-    return flint_early_launch != 0 && (size_t)block * block_bytes < (size_t)flint_l2_prefetch_budget;
+// them into L2 before its wait: with `asked` (the launch's l2_prefetch), the first blocks, up to
+// the budget.
+__device__ __forceinline__ bool prefetches_l2(bool asked, int block, size_t block_bytes) {
+    return asked && flint_early_launch != 0 && (size_t)block * block_bytes < (size_t)flint_l2_prefetch_budget;
 }
 
 // splitmix64: a counter-based generator for seeded sampling and random weights.

@@ -279,7 +279,7 @@ template <int S, int U, bool P, bool Q>
 __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const float* __restrict__ x_aux,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue, float* amax_out,
-                                         float* amax_clear) {
+                                         float* amax_clear, bool l2_prefetch) {
     constexpr int W = f8_block_warps(S);
     static_assert(W % S == 0, "S divides the block's warps");
     constexpr int kTilesPerBlock = W / S;
@@ -298,7 +298,7 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
     // and (P) each warp's first chunk into registers, while the previous kernel finishes.
     const int first_tile = blockIdx.x * kTilesPerBlock;
     const int block_tiles = min(kTilesPerBlock, n_tiles - first_tile);
-    if (block_tiles > 0 && prefetches_l2(blockIdx.x, (size_t)kTilesPerBlock * 16 * k) && lane == 0) {
+    if (block_tiles > 0 && prefetches_l2(l2_prefetch, blockIdx.x, (size_t)kTilesPerBlock * 16 * k) && lane == 0) {
         // Warp r asks for rows r, r + W, ... of the block's 16 per tile (SwiGLU: 8 gate rows
         // per tile, then their 8 up rows).
         for (int r = warp; r < 16 * block_tiles; r += W) {

@@ -73,9 +73,10 @@ __device__ __forceinline__ void gemv_rows_dot(const bf16* __restrict__ x, const 
 // Grid: ceil(pairs / kGemvPairsPerBlock) blocks of 32 * kGemvWarps threads, where a pair is two
 // plain rows (pairs = ceil(n / 2)) or, for SwiGlu, gate row j with up row n + j (pairs = n).
 // kGemvSplitK warps share a pair and add their partial sums through shared memory. k % 8 == 0.
+// l2_prefetch: the launch may ask its first blocks' weights into L2 before the wait.
 template <int M, int U>
 __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, void* y, int n, int k,
-                                     GemvEpilogue epilogue) {
+                                     GemvEpilogue epilogue, bool l2_prefetch) {
     __shared__ float partial[kGemvWarps][M][kGemvRows];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int pair = blockIdx.x * kGemvPairsPerBlock + warp / kGemvSplitK;
@@ -97,11 +98,12 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
             row1 = min(row0 + 1, n - 1);  // a lone last row reads itself twice and writes once
         }
     }
-    // With early launch the block's first weights go to L2 (within the budget) before the wait.
+    // With early launch and l2_prefetch the block's weights go to L2 (within the budget) before
+    // the wait.
     const bool early = flint_early_launch != 0;
     if (!early) pdl_wait();
     if (pair < n_pairs && part == 0 && lane == 0 &&
-        prefetches_l2(blockIdx.x, (size_t)kGemvPairsPerBlock * kGemvRows * k * sizeof(bf16))) {
+        prefetches_l2(l2_prefetch, blockIdx.x, (size_t)kGemvPairsPerBlock * kGemvRows * k * sizeof(bf16))) {
         prefetch_l2(w + (size_t)row0 * k, k * sizeof(bf16));
         prefetch_l2(w + (size_t)row1 * k, k * sizeof(bf16));
     }

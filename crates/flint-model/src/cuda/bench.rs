@@ -211,6 +211,28 @@ pub fn gemv_rates(
     Ok(out)
 }
 
+/// The decode step's projections alone (`CudaLlama::enqueue_projections`) in one CUDA graph:
+/// what its GEMVs take with nothing between them, beside the whole step.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectionChain {
+    pub batch: usize,
+    pub ms: f64,
+    /// The weight bytes the step reads (as `DecodeRow::bytes_per_step`, without the KV cache).
+    pub weight_bytes: usize,
+    /// (weight_bytes / bandwidth) / ms.
+    pub roofline_fraction: f64,
+}
+
+/// Times the projection chain of `batch` tokens (median of 7 rounds of 10 graph launches).
+pub fn projection_chain(model: &CudaLlama, bandwidth: f64, batch: usize) -> Result<ProjectionChain> {
+    let gpu = model.gpu();
+    let graph = model.capture_projections(batch)?;
+    let ms = time_events(gpu, 7, 10, || Ok(graph.launch()?))?;
+    gpu.synchronize()?;
+    let weight_bytes = model.weight_bytes_per_step();
+    Ok(ProjectionChain { batch, ms, weight_bytes, roofline_fraction: (weight_bytes as f64 / bandwidth) / (ms * 1e-3) })
+}
+
 /// One batch size's end-to-end figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeRow {

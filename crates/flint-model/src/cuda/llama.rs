@@ -985,10 +985,24 @@ impl CudaLlama {
         Ok(())
     }
 
-    fn linear(&self, x: u64, w: &DeviceBuffer, y: u64, m: usize, n: usize, k: usize, out: GemmOut) -> Result<()> {
+    /// `y[m, n] = x . W^T` in bf16: the GEMV up to the model's GEMV batch, cuBLASLt above.
+    /// `l2`: the projection follows a latency-bound kernel, so a GEMV may ask its first weights
+    /// into L2 while that kernel runs (`ops::gemv_l2`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        x: u64,
+        w: &DeviceBuffer,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: GemmOut,
+        l2: bool,
+    ) -> Result<()> {
         if m <= self.options.gemv_max_m.min(GEMV_MAX_M) {
             let e = if out == GemmOut::F32 { Epilogue::F32 } else { Epilogue::Bf16 };
-            Ok(ops::gemv(&self.gpu, x, w.ptr(), y, m, n, k, e)?)
+            Ok(ops::gemv_l2(&self.gpu, x, w.ptr(), y, m, n, k, e, l2)?)
         } else {
             Ok(self.gemm.matmul(&self.gpu, x, w.ptr(), y, m, n, k, out)?)
         }
@@ -996,10 +1010,25 @@ impl CudaLlama {
 
     /// `y[m, rows] = x . W^T` from the FP8 activations in `xq`/`xs`: the FP8 GEMV up to 8 tokens,
     /// cuBLASLt FP8 above. `SwiGlu` (GEMV only) applies the activation to a fused gate/up weight.
-    fn linear_fp8(&self, w: &Weight, y: u64, m: usize, n: usize, k: usize, epilogue: ops::Fp8Epilogue) -> Result<()> {
+    /// `l2` as for [`Self::linear`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fp8(
+        &self,
+        w: &Weight,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: ops::Fp8Epilogue,
+        l2: bool,
+    ) -> Result<()> {
         let (g, ws) = (&*self.gpu, &self.ws);
         if m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(n, k, epilogue) {
-            return Ok(ops::gemv_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k, epilogue)?);
+            let op = ops::Fp8Gemv {
+                l2_prefetch: l2,
+                ..ops::Fp8Gemv::codes(ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k, epilogue)
+            };
+            return Ok(ops::run_gemv_fp8(g, None, &op)?);
         }
         if epilogue == ops::Fp8Epilogue::SwiGlu {
             return Err(shape("gemv_fp8", "SwiGLU is fused only into the GEMV"));
@@ -1035,7 +1064,8 @@ impl CudaLlama {
     }
 
     /// The FP8 GEMV `y = x W^T` of a bf16 activation `x` that quantizes it itself from the amax
-    /// slots `amax`, zeroing the slots `clear`; `publish`: SwiGLU output amax slots (or 0).
+    /// slots `amax`, zeroing the slots `clear`; `publish`: SwiGLU output amax slots (or 0); `l2`
+    /// as for [`Self::linear`].
     #[allow(clippy::too_many_arguments)]
     fn gemv_fp8_slots(
         &self,
@@ -1048,6 +1078,7 @@ impl CudaLlama {
         epilogue: ops::Fp8Epilogue,
         publish: u64,
         clear: u64,
+        l2: bool,
     ) -> Result<()> {
         let op = ops::Fp8Gemv {
             input,
@@ -1060,6 +1091,7 @@ impl CudaLlama {
             epilogue,
             publish_amax: publish,
             clear_amax: clear,
+            l2_prefetch: l2,
         };
         Ok(ops::run_gemv_fp8(&self.gpu, None, &op)?)
     }
@@ -1144,7 +1176,7 @@ impl CudaLlama {
                     _ => ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?,
                 }
                 mark("add_rms_norm")?;
-                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)?;
+                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true)?;
             } else {
                 match p2p {
                     Some(p) if i > 0 => {
@@ -1156,7 +1188,7 @@ impl CudaLlama {
                     }
                 }
                 mark("add_rms_norm")?;
-                self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16)?;
+                self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16, true)?;
             }
             mark("qkv_proj")?;
             let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
@@ -1250,11 +1282,11 @@ impl CudaLlama {
             if fp8 {
                 if fused {
                     let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
-                    self.gemv_fp8_slots(input, &layer.o, o_out, n, h, q_dim, bf16_epi, 0, amax_act)?;
+                    self.gemv_fp8_slots(input, &layer.o, o_out, n, h, q_dim, bf16_epi, 0, amax_act, true)?;
                 } else {
                     ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                     mark("quantize")?;
-                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi)?;
+                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true)?;
                 }
                 match p2p {
                     Some(p) => {
@@ -1272,23 +1304,23 @@ impl CudaLlama {
                 if fused {
                     let input = ops::Fp8Input::Codes { x: xq, scales: xs };
                     let swiglu = ops::Fp8Epilogue::SwiGlu;
-                    self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0)?;
+                    self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0, true)?;
                     mark("gate_up_swiglu")?;
                     let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
-                    self.gemv_fp8_slots(input, &layer.down, down_out, n, h, ff, bf16_epi, 0, amax_attn)?;
+                    self.gemv_fp8_slots(input, &layer.down, down_out, n, h, ff, bf16_epi, 0, amax_attn, false)?;
                 } else if self.fp8_gate_up_gemv(n) {
-                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu)?;
+                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true)?;
                     mark("gate_up_swiglu")?;
                     ops::quantize_rows(g, ws.act.ptr(), xq, xs, n, ff)?;
                     mark("quantize")?;
                 } else {
-                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi)?;
+                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi, true)?;
                     mark("gate_up_swiglu")?;
                     ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
                     mark("swiglu_quantize")?;
                 }
                 if !fused {
-                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi)?;
+                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true)?;
                 }
                 if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
@@ -1296,7 +1328,7 @@ impl CudaLlama {
                 mark("down_proj")?;
                 continue;
             }
-            self.linear(ws.attn.ptr(), &layer.o.data, o_out, n, h, q_dim, GemmOut::Bf16)?;
+            self.linear(ws.attn.ptr(), &layer.o.data, o_out, n, h, q_dim, GemmOut::Bf16, true)?;
             match p2p {
                 Some(p) => {
                     mark("o_proj")?;
@@ -1320,7 +1352,7 @@ impl CudaLlama {
             }
             mark("add_rms_norm")?;
             if n <= self.options.gemv_max_m.min(GEMV_MAX_M) {
-                ops::gemv(g, ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr(), n, ff, h, Epilogue::SwiGlu)?;
+                ops::gemv_l2(g, ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr(), n, ff, h, Epilogue::SwiGlu, true)?;
             } else {
                 self.gemm.matmul(
                     g,
@@ -1335,7 +1367,7 @@ impl CudaLlama {
                 ops::silu_mul(g, ws.gate_up.ptr(), ws.act.ptr(), n, ff)?;
             }
             mark("gate_up_swiglu")?;
-            self.linear(ws.act.ptr(), &layer.down.data, down_out, n, h, ff, GemmOut::Bf16)?;
+            self.linear(ws.act.ptr(), &layer.down.data, down_out, n, h, ff, GemmOut::Bf16, false)?;
             if p2p.is_none() {
                 self.all_reduce(ws.proj.ptr(), n * h)?;
             }
@@ -1376,7 +1408,7 @@ impl CudaLlama {
         let head = self.head().ok_or_else(|| unsupported("the last stage has no LM head"))?;
         match (&self.comm, plan.candidates) {
             (None, k) => {
-                self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32)?;
+                self.linear(hidden, head, ws.logits.ptr(), rows_run, c.vocab_size, h, GemmOut::F32, true)?;
                 if let Some(k) = k {
                     let (v, out) = (c.vocab_size, ws.candidates.ptr());
                     ops::top_candidates(g, ws.logits.ptr(), rows_run, v, v, 0, k, out)?;
@@ -1387,7 +1419,7 @@ impl CudaLlama {
                 // 2k floats per row and rank cross NVLink instead of the logits.
                 let (vp, world, rank) = (lo.vocab_part, lo.shard.world, lo.shard.rank);
                 let mine = ws.logits_parts.at(4 * rank * rows_run * vp);
-                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32)?;
+                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32, true)?;
                 let width = c.vocab_size.saturating_sub(rank * vp).min(vp);
                 let part = rows_run * 2 * k;
                 let out = ws.candidate_parts.at(4 * rank * part);
@@ -1400,7 +1432,7 @@ impl CudaLlama {
                 // laid out as whole rows.
                 let (vp, world, rank) = (lo.vocab_part, lo.shard.world, lo.shard.rank);
                 let mine = ws.logits_parts.at(4 * rank * rows_run * vp);
-                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32)?;
+                self.linear(hidden, head, mine, rows_run, vp, h, GemmOut::F32, true)?;
                 let comm = comm.lock().unwrap_or_else(|p| p.into_inner());
                 let mut all = DeviceSlice::new(ws.logits_parts.ptr(), world * rows_run * vp, CommType::F32);
                 comm.all_gather(&mut all)?;
@@ -1568,6 +1600,71 @@ impl CudaLlama {
             prev = e;
         }
         Ok(out)
+    }
+
+    /// The projections of a decode step of `n` tokens alone, as [`Self::enqueue`] launches them
+    /// (the same kernels, variants and buffers, in layer order, then the LM head), with nothing
+    /// in between and no L2 prefetch: the floor the step's GEMVs set, for the benchmark to set
+    /// the whole step against. One GPU only; leaves the workspace's activations undefined (the
+    /// next step recomputes them) and the amax slots as a step leaves them.
+    pub fn enqueue_projections(&self, n: usize) -> Result<()> {
+        if self.comm.is_some() || self.stage.is_some() {
+            return Err(unsupported("the projection chain runs on one GPU"));
+        }
+        let (c, lo, ws) = (&self.config, &self.local, &self.ws);
+        let (h, ff, q_dim) = (c.hidden_size, lo.ff, lo.n_heads * c.head_dim);
+        let qkv_w = q_dim + 2 * lo.n_kv * c.head_dim;
+        if n == 0 || n > self.options.gemv_max_m.min(GEMV_MAX_M) || n > self.options.max_seqs {
+            return Err(shape("projection chain", format!("{n} tokens do not run as GEMVs")));
+        }
+        let slots = ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS;
+        let (amax_attn, amax_act) = (ws.amax.ptr(), ws.amax.at(4 * slots));
+        let bf16_epi = ops::Fp8Epilogue::Bf16;
+        let fused = self.options.fp8
+            && self.options.fuse_fp8_quantization
+            && n <= FUSED_QUANTIZATION_MAX_TOKENS
+            && self.fp8_gate_up_gemv(n)
+            && ops::gemv_fp8_fits(h, q_dim, bf16_epi)
+            && ops::gemv_fp8_fits(h, ff, bf16_epi);
+        for layer in &self.layers {
+            if !self.options.fp8 {
+                self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16, false)?;
+                self.linear(ws.attn.ptr(), &layer.o.data, ws.proj.ptr(), n, h, q_dim, GemmOut::Bf16, false)?;
+                let (x, w, y) = (ws.normed.ptr(), layer.gate_up.ptr(), ws.act.ptr());
+                ops::gemv_l2(&self.gpu, x, w, y, n, ff, h, Epilogue::SwiGlu, false)?;
+                self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16, false)?;
+                continue;
+            }
+            self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false)?;
+            if fused {
+                let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
+                self.gemv_fp8_slots(input, &layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, 0, amax_act, false)?;
+                let input = ops::Fp8Input::Codes { x: ws.xq.ptr(), scales: ws.xs.ptr() };
+                let swiglu = ops::Fp8Epilogue::SwiGlu;
+                self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0, false)?;
+                let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
+                self.gemv_fp8_slots(input, &layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, 0, amax_attn, false)?;
+            } else {
+                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false)?;
+                self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false)?;
+                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, false)?;
+            }
+        }
+        let head = self.head().ok_or_else(|| unsupported("the model has no LM head"))?;
+        self.linear(ws.normed.ptr(), head, ws.logits.ptr(), n, c.vocab_size, h, GemmOut::F32, false)
+    }
+
+    /// Captures [`Self::enqueue_projections`] in a CUDA graph.
+    pub fn capture_projections(&self, n: usize) -> Result<flint_cuda::Graph> {
+        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.enqueue_projections(n)?;
+        self.gpu.synchronize()?;
+        Ok(self.gpu.capture(|| {
+            self.enqueue_projections(n).map_err(|e| match e {
+                Error::Cuda(c) => c,
+                other => flint_cuda::Error::Unsupported(other.to_string()),
+            })
+        })?)
     }
 
     /// Number of CUDA graphs captured so far.
