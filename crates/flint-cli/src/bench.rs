@@ -100,9 +100,9 @@ pub struct BenchArgs {
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let
     /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
-    /// of them asked into L2). The first is the run's; the decode rows are measured again under
-    /// each other one on the same models. Default: FLINT_EARLY_LAUNCH / FLINT_L2_PREFETCH_MB,
-    /// else early launch without L2 prefetch (0).
+    /// of them asked into L2 by each GEMV that follows a latency-bound kernel). The first is the
+    /// run's; the decode rows are measured again under each other one on the same models.
+    /// Default: FLINT_EARLY_LAUNCH / FLINT_L2_PREFETCH_MB, else early launch with 4 MiB.
     #[arg(long, requires = "preset")]
     launch_tuning: Option<String>,
     /// With --preset or --allreduce: also write the report as JSON to this file.

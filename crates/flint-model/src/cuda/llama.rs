@@ -1050,14 +1050,17 @@ impl CudaLlama {
     /// before its producer's next launch, in this step or the next fused one; an unfused step
     /// touches neither.
     fn fused_quantization(&self, plan: &Plan) -> bool {
+        plan.n_tiles == 0 && plan.decode_rows == plan.n_tokens && self.fused_quantization_fits(plan.n_tokens)
+    }
+
+    /// The model and shape conditions of [`Self::fused_quantization`] for a decode step of `n`
+    /// tokens.
+    fn fused_quantization_fits(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let q_dim = lo.n_heads * c.head_dim;
-        let n = plan.n_tokens;
         self.options.fp8
             && self.options.fuse_fp8_quantization
             && n <= FUSED_QUANTIZATION_MAX_TOKENS
-            && plan.n_tiles == 0
-            && plan.decode_rows == n
             && self.fp8_gate_up_gemv(n)
             && ops::gemv_fp8_fits(c.hidden_size, q_dim, ops::Fp8Epilogue::Bf16)
             && ops::gemv_fp8_fits(c.hidden_size, lo.ff, ops::Fp8Epilogue::Bf16)
@@ -1620,12 +1623,7 @@ impl CudaLlama {
         let slots = ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS;
         let (amax_attn, amax_act) = (ws.amax.ptr(), ws.amax.at(4 * slots));
         let bf16_epi = ops::Fp8Epilogue::Bf16;
-        let fused = self.options.fp8
-            && self.options.fuse_fp8_quantization
-            && n <= FUSED_QUANTIZATION_MAX_TOKENS
-            && self.fp8_gate_up_gemv(n)
-            && ops::gemv_fp8_fits(h, q_dim, bf16_epi)
-            && ops::gemv_fp8_fits(h, ff, bf16_epi);
+        let fused = self.fused_quantization_fits(n);
         for layer in &self.layers {
             if !self.options.fp8 {
                 self.linear(ws.normed.ptr(), &layer.qkv.data, ws.qkv.ptr(), n, qkv_w, h, GemmOut::Bf16, false)?;
