@@ -97,6 +97,11 @@ pub struct BenchArgs {
     /// before each), or both (the FP8 model measured each way, one after the other in this run).
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     fp8_quantization: String,
+    /// With --preset: whether decode-only steps rope the queries and write the new keys and
+    /// values in the decode attention kernel (fused) or in a kernel before it (separate); both:
+    /// each model measured each way, one after the other in this run.
+    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    rope_attention: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let
     /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
@@ -395,7 +400,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             !args.no_graphs,
             args.gemv_max_m as usize,
             (args.dtype == "fp8").then_some(args.kv_cache_dtype == "fp8"),
-            crate::gpubench::Fp8Quantization::parse(&args.fp8_quantization)?,
+            crate::gpubench::Fusion::parse("fp8-quantization", &args.fp8_quantization)?,
+            crate::gpubench::Fusion::parse("rope-attention", &args.rope_attention)?,
             args.tp as usize,
             args.pp as usize,
             (!args.no_p2p).then_some(args.p2p_link),

@@ -100,6 +100,11 @@ pub struct ModelBench {
     pub launch_tuning: String,
     /// With `--launch-tuning A,B,...`: the rows again under B, ... (after `rows`, same model).
     pub tuning_rows: Vec<TuningRows>,
+    /// Whether decode-only steps ran with RoPE and the KV write folded into the decode attention.
+    pub fused_rope_attention: bool,
+    /// With `--rope-attention both`: the rows again with a separate RoPE + KV-write kernel
+    /// (the model built again, measured after the rest of the BF16 part).
+    pub separate_rope_rows: Option<Vec<DecodeRow>>,
     /// With `--dtype fp8`: the same preset in FP8, measured after the BF16 model in this run.
     pub fp8: Option<Fp8Bench>,
 }
@@ -114,6 +119,9 @@ pub struct Fp8Bench {
     /// With `--fp8-quantization both`: the same rows with a quantization kernel before each of
     /// those GEMVs, measured after `rows` in this run.
     pub separate_quantization_rows: Option<Vec<DecodeRow>>,
+    /// As `ModelBench::fused_rope_attention` and `separate_rope_rows`, for the FP8 model.
+    pub fused_rope_attention: bool,
+    pub separate_rope_rows: Option<Vec<DecodeRow>>,
     pub rows: Vec<DecodeRow>,
     /// As `ModelBench::tuning_rows`, for the FP8 model.
     pub tuning_rows: Vec<TuningRows>,
@@ -214,23 +222,28 @@ fn decode_rows_only(
     rows
 }
 
-/// How an FP8 benchmark's small decode steps quantize the O and down projections' inputs.
+/// Whether a benchmark runs with a fusion of kernels, without it, or both ways (the same model
+/// built again without it, measured after the fused one in the same run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fp8Quantization {
+pub enum Fusion {
     Fused,
     Separate,
-    /// Fused, then the same model again with separate kernels.
     Both,
 }
 
-impl Fp8Quantization {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+impl Fusion {
+    /// `flag`: the option's name, for the error.
+    pub fn parse(flag: &str, s: &str) -> anyhow::Result<Self> {
         match s {
             "fused" => Ok(Self::Fused),
             "separate" => Ok(Self::Separate),
             "both" => Ok(Self::Both),
-            _ => anyhow::bail!("--fp8-quantization takes fused, separate or both, not {s:?}"),
+            _ => anyhow::bail!("--{flag} takes fused, separate or both, not {s:?}"),
         }
+    }
+
+    pub fn fused(self) -> bool {
+        self != Self::Separate
     }
 }
 
@@ -242,7 +255,8 @@ pub fn run_preset(
     graphs: bool,
     gemv_max_m: usize,
     fp8: Option<bool>,
-    fp8_quantization: Fp8Quantization,
+    fp8_quantization: Fusion,
+    rope_attention: Fusion,
     tp: usize,
     pp: usize,
     p2p: Option<flint_comm::P2pLink>,
@@ -274,7 +288,8 @@ pub fn run_preset(
         gemv_max_m,
         p2p_all_reduce: p2p.is_some(),
         p2p_link: p2p.unwrap_or_default(),
-        fuse_fp8_quantization: fp8_quantization != Fp8Quantization::Separate,
+        fuse_fp8_quantization: fp8_quantization.fused(),
+        fuse_rope_attention: rope_attention.fused(),
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
@@ -316,6 +331,7 @@ pub fn run_preset(
     }
     let weight_bytes_per_step = model.weight_bytes_per_step();
     drop(model);
+    let separate_rope_rows = separate_rope(&gpu, &config, &options, rope_attention, batches, lengths, &mut skipped)?;
 
     let fp8 = if let Some(kv_fp8) = fp8 {
         eprintln!("bench: {preset} in FP8");
@@ -349,14 +365,20 @@ pub fn run_preset(
         drop(model);
         // Stream-ordered frees return their memory to the device at the next synchronization.
         gpu.synchronize()?;
-        let separate_rows = if fp8_quantization == Fp8Quantization::Both {
+        let separate_rows = if fp8_quantization == Fusion::Both {
             eprintln!("bench: {preset} in FP8 with separate quantization kernels");
             let separate = CudaLlamaOptions { fp8: true, kv_fp8, fuse_fp8_quantization: false, ..options.clone() };
             let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), separate, 0x5eed)?;
-            Some(decode_rows(&model, bandwidth, batches, lengths, &mut skipped8).0)
+            let rows = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8).0;
+            drop(model);
+            gpu.synchronize()?;
+            Some(rows)
         } else {
             None
         };
+        let fp8_options = CudaLlamaOptions { fp8: true, kv_fp8, ..options.clone() };
+        let separate_rope8 =
+            separate_rope(&gpu, &config, &fp8_options, rope_attention, batches, lengths, &mut skipped8)?;
         let speedup = rows8
             .iter()
             .map(|r| {
@@ -369,8 +391,10 @@ pub fn run_preset(
             cublaslt_fp8_peak: peak8,
             prefill_gemms: gemms8,
             weight_bytes_per_step: weight_bytes8,
-            fused_quantization: fp8_quantization != Fp8Quantization::Separate,
+            fused_quantization: fp8_quantization.fused(),
             separate_quantization_rows: separate_rows,
+            fused_rope_attention: rope_attention.fused(),
+            separate_rope_rows: separate_rope8,
             rows: rows8,
             tuning_rows: tuning_rows8,
             decode_breakdown: breakdown8,
@@ -408,8 +432,35 @@ pub fn run_preset(
         pdl: gpu.pdl(),
         launch_tuning: gpu.launch_tuning().label(),
         tuning_rows,
+        fused_rope_attention: rope_attention.fused(),
+        separate_rope_rows,
         fp8,
     })
+}
+
+/// With `--rope-attention both`: the decode rows again on the model built without the RoPE and
+/// KV write folded into the decode attention (after the fused one's memory is back).
+fn separate_rope(
+    gpu: &Arc<Gpu>,
+    config: &ModelConfig,
+    options: &CudaLlamaOptions,
+    rope_attention: Fusion,
+    batches: &[usize],
+    lengths: &[(usize, usize)],
+    skipped: &mut Vec<String>,
+) -> anyhow::Result<Option<Vec<DecodeRow>>> {
+    if rope_attention != Fusion::Both {
+        return Ok(None);
+    }
+    gpu.synchronize()?;
+    eprintln!("bench: the same model with a separate RoPE + KV-write kernel");
+    let separate = CudaLlamaOptions { fuse_rope_attention: false, ..options.clone() };
+    let model = CudaLlama::random(Arc::clone(gpu), config.clone(), separate, 0x5eed)?;
+    let bandwidth = bench::copy_bandwidth(gpu, 1 << 31)?;
+    let rows = decode_rows(&model, bandwidth, batches, lengths, skipped).0;
+    drop(model);
+    gpu.synchronize()?;
+    Ok(Some(rows))
 }
 
 /// The preset split over GPUs `0..tp * pp` (TP shards within each of `pp` pipeline stages):
@@ -439,6 +490,7 @@ fn run_preset_parallel(
     let p2p = options.p2p_all_reduce;
     let p2p_link = p2p.then_some(options.p2p_link.name());
     let dtype = if options.fp8 { "fp8" } else { "bf16" };
+    let fused_rope_attention = options.fuse_rope_attention;
     let group = TpGroup::cuda_stages(config, tp, plan.stages.clone(), pp, options, GroupWeights::Random(0x5eed))?;
     let startup_s = start.elapsed().as_secs_f64();
     let what = format!("TP {tp} x PP {pp}");
@@ -567,6 +619,8 @@ fn run_preset_parallel(
         pdl: gpu.pdl(),
         launch_tuning: gpu.launch_tuning().label(),
         tuning_rows: Vec::new(),
+        fused_rope_attention,
+        separate_rope_rows: None,
         fp8: None,
     })
 }
@@ -644,6 +698,9 @@ pub fn print_table(b: &ModelBench) {
     }
     print_tuning_rows(&b.launch_tuning, &b.rows, &b.tuning_rows);
     print_chains(&b.projection_chain, &b.rows);
+    if let Some(rows) = &b.separate_rope_rows {
+        print_unfused("the same model with a separate RoPE + KV-write kernel:", rows, &b.rows);
+    }
 }
 
 /// Each projection chain beside the first row of its batch.
@@ -752,20 +809,28 @@ pub fn print_fp8_table(b: &ModelBench) {
     print_tuning_rows(&b.launch_tuning, &f.rows, &f.tuning_rows);
     print_chains(&f.projection_chain, &f.rows);
     if let Some(rows) = &f.separate_quantization_rows {
-        println!("the same FP8 model with a quantization kernel before the O and down GEMVs:");
-        println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");
-        for r in rows {
-            let fused =
-                f.rows.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
-            println!(
-                "{:>7} {:>6} {:>12.3} {:>9.2} {:>14}",
-                format!("{}/{}", r.prompt_len, r.output_len),
-                r.batch,
-                r.decode_ms_per_token,
-                r.roofline_fraction,
-                fused.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
-            );
-        }
+        print_unfused("the same FP8 model with a quantization kernel before the O and down GEMVs:", rows, &f.rows);
+    }
+    if let Some(rows) = &f.separate_rope_rows {
+        print_unfused("the same FP8 model with a separate RoPE + KV-write kernel:", rows, &f.rows);
+    }
+}
+
+/// Rows of a model run without a fusion, each beside the fused run's row of the same shape.
+fn print_unfused(title: &str, rows: &[DecodeRow], fused: &[DecodeRow]) {
+    println!("{title}");
+    println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");
+    for r in rows {
+        let fused =
+            fused.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
+        println!(
+            "{:>7} {:>6} {:>12.3} {:>9.2} {:>14}",
+            format!("{}/{}", r.prompt_len, r.output_len),
+            r.batch,
+            r.decode_ms_per_token,
+            r.roofline_fraction,
+            fused.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
+        );
     }
 }
 

@@ -296,10 +296,26 @@ pub struct DecodeScratch {
     pub counters: u64,
 }
 
+/// The step's RoPE and KV-cache write, folded into [`attention_decode`]: its `q` is then the raw
+/// fused QKV output `[n_tokens, (n_heads + 2 n_kv) * head_dim]` (as [`rope_kv_write`] takes it,
+/// left unchanged), each token's query heads are roped in the kernel, and its new key and value
+/// go into the cache at `slots[t]` (0xffffffff: none), exactly as [`rope_kv_write`] (or
+/// [`rope_kv_write_fp8`]) would write them. Only for steps in which each token is its sequence's
+/// only new one: no block then reads a position another block writes.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeRope {
+    /// The QKV bias `[(n_heads + 2 n_kv) * head_dim]` bf16, or 0.
+    pub bias: u64,
+    pub inv_freq: u64,
+    pub slots: u64,
+}
+
 /// Split-K decode attention of `n_tokens` query tokens (one position each) into
 /// `out [n_tokens, n_heads, head_dim]`: the split of each (token, KV head) that finishes last
 /// merges them all. With `out_amax` (else 0), each token's amax of `out` is also published into
 /// its [`AMAX_SLOTS`] there (for [`Fp8Input::Bf16`]; at most [`GEMV_FP8_MAX_M`] tokens then).
+/// With `rope`, the kernel also ropes the queries and writes the new keys and values
+/// ([`DecodeRope`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -311,13 +327,18 @@ pub fn attention_decode(
     scratch: &DecodeScratch,
     out: u64,
     out_amax: u64,
+    rope: Option<&DecodeRope>,
     n_tokens: usize,
     n_splits: usize,
 ) -> Result<()> {
     if out_amax != 0 && n_tokens > GEMV_FP8_MAX_M {
         return Err(shape("attention", format!("{n_tokens} tokens publishing an amax (at most {GEMV_FP8_MAX_M})")));
     }
-    let name = kv.kernel("decode")?;
+    let qkv_width = (kv.n_heads + 2 * kv.n_kv) * kv.head_dim;
+    if rope.is_some() && q_stride < qkv_width {
+        return Err(shape("attention", format!("a fused-RoPE q stride of {q_stride} (the QKV row is {qkv_width})")));
+    }
+    let name = kv.kernel(if rope.is_some() { "decode_rope" } else { "decode" })?;
     if !kv.n_heads.is_multiple_of(kv.n_kv) || kv.n_heads / kv.n_kv > 8 {
         return Err(shape("attention", format!("{} heads over {} KV heads: groups of at most 8", kv.n_heads, kv.n_kv)));
     }
@@ -326,33 +347,32 @@ pub fn attention_decode(
     }
     let qs = q_stride as i32;
     let (maxb, h, nkv, bs) = (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32);
-    gpu.launch(
-        &name,
-        (n_tokens as u32, kv.n_kv as u32, n_splits as u32),
-        128,
-        0,
-        &mut [
-            arg(&q),
-            arg(&qs),
-            arg(&kv.k_cache),
-            arg(&kv.v_cache),
-            arg(&kv.k_scales),
-            arg(&kv.v_scales),
-            arg(&kv.block_tables),
-            arg(&maxb),
-            arg(&token_seq),
-            arg(&positions),
-            arg(&scratch.part_o),
-            arg(&scratch.part_ml),
-            arg(&scratch.counters),
-            arg(&out),
-            arg(&out_amax),
-            arg(&h),
-            arg(&nkv),
-            arg(&bs),
-            arg(&kv.scale),
-        ],
-    )
+    let (bias, inv_freq, slots) = rope.map_or((0u64, 0u64, 0u64), |r| (r.bias, r.inv_freq, r.slots));
+    let mut args = vec![
+        arg(&q),
+        arg(&qs),
+        arg(&kv.k_cache),
+        arg(&kv.v_cache),
+        arg(&kv.k_scales),
+        arg(&kv.v_scales),
+        arg(&kv.block_tables),
+        arg(&maxb),
+        arg(&token_seq),
+        arg(&positions),
+        arg(&scratch.part_o),
+        arg(&scratch.part_ml),
+        arg(&scratch.counters),
+        arg(&out),
+        arg(&out_amax),
+        arg(&h),
+        arg(&nkv),
+        arg(&bs),
+        arg(&kv.scale),
+    ];
+    if rope.is_some() {
+        args.extend([arg(&bias), arg(&inv_freq), arg(&slots)]);
+    }
+    gpu.launch(&name, (n_tokens as u32, kv.n_kv as u32, n_splits as u32), 128, 0, &mut args)
 }
 
 /// Flash-attention prefill over `n_tiles` tiles of up to 64 query tokens (see attention.cuh).

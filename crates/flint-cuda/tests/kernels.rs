@@ -444,7 +444,8 @@ fn check_attention(
         // Up to 8 tokens, the output's amax is published too (for the FP8 GEMV's bf16 input).
         let amax = (n <= ops::GEMV_FP8_MAX_M).then(|| g.zeros(4 * n * ops::AMAX_SLOTS).expect("amax"));
         let amax_ptr = amax.as_ref().map_or(0, |a| a.ptr());
-        ops::attention_decode(g, kvp, qb.ptr(), stride, tsq.ptr(), pos.ptr(), &scratch, out.ptr(), amax_ptr, n, splits)
+        let (q, ts, p) = (qb.ptr(), tsq.ptr(), pos.ptr());
+        ops::attention_decode(g, kvp, q, stride, ts, p, &scratch, out.ptr(), amax_ptr, None, n, splits)
             .expect("decode");
         let got = read_bf16(g, &out, n * heads * hd);
         check(&format!("decode splits {splits} {what}"), &got, &want, 1e-2);
@@ -484,6 +485,184 @@ fn attention_matches_cpu_on_paged_batches() {
     run_attention_case(&g, &mut r, 32, 8, 128, 16, &[(0, 130), (15, 1), (16, 1), (17, 64)]);
     run_attention_case(&g, &mut r, 64, 8, 128, 32, &[(300, 200), (0, 65), (2047, 1)]);
     run_attention_case(&g, &mut r, 16, 4, 128, 7, &[(63, 2), (0, 1), (129, 127)]);
+}
+
+/// The decode attention with RoPE and the KV write folded in (`DecodeRope`) gives, bit for bit,
+/// the output, the published amax and the cache bytes of `rope_kv_write(_fp8)` followed by the
+/// plain decode kernel, and leaves the QKV rows as they were: random raw QKV rows (with and
+/// without a bias), one new token per sequence after a random cached context (the new position
+/// first, inside or last in a block and a split), a padding row, every split count.
+#[test]
+fn decode_with_rope_equals_rope_then_decode() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    for (heads, kv, hd, block_size, cached) in [
+        (8, 8, 64, 16, vec![0, 16, 31, 1000]),
+        (9, 3, 64, 16, vec![5, 63, 64, 2047]),
+        (32, 8, 128, 16, vec![0, 127, 200, 999, 3000]),
+        (16, 2, 128, 7, vec![1, 33, 64]),
+    ] {
+        let seqs: Vec<(usize, usize)> = cached.iter().map(|&c| (c, 1)).collect();
+        let case = paged_case(&mut r, block_size, &seqs);
+        let b = &case.batch;
+        let n_seqs = b.n_seqs();
+        let n = n_seqs + 1; // and a padding row
+        let width = (heads + 2 * kv) * hd;
+        let qkv = random_bf16(&mut r, n * width, 1.0);
+        let bias = random_bf16(&mut r, width, 0.5);
+        let positions: Vec<u32> = (0..n).map(|t| if t < n_seqs { b.context_lens[t] - 1 } else { 0 }).collect();
+        let token_seq: Vec<i32> = (0..n).map(|t| if t < n_seqs { t as i32 } else { -1 }).collect();
+        let slots: Vec<u32> = (0..n)
+            .map(|t| {
+                if t >= n_seqs {
+                    return u32::MAX;
+                }
+                let p = positions[t] as usize;
+                b.block_tables[t * b.max_blocks_per_seq + p / block_size] * block_size as u32 + (p % block_size) as u32
+            })
+            .collect();
+        let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let rows = case.n_blocks * block_size * kv;
+        let cache_vals = [random_bf16(&mut r, rows * hd, 1.0), random_bf16(&mut r, rows * hd, 1.0)];
+        let (pb, fb, sb, tsq, tables) = (
+            g.upload(&positions).expect("p"),
+            g.upload(&inv_freq).expect("f"),
+            g.upload(&slots).expect("s"),
+            g.upload(&token_seq).expect("ts"),
+            g.upload(&b.block_tables).expect("tables"),
+        );
+        let biased = up_bf16(&g, &bias);
+        for (fp8, with_bias) in [(false, false), (false, true), (true, false), (true, true)] {
+            let bias_ptr = if with_bias { biased.ptr() } else { 0 };
+            // Each path gets its own copy of the cache.
+            let cache = || -> [DeviceBuffer; 4] {
+                if fp8 {
+                    let [k, v] = cache_vals
+                        .each_ref()
+                        .map(|c| Fp8Matrix::quantize(c, rows, hd, Granularity::Channel, Fp8Format::E4M3));
+                    [
+                        g.upload(&k.codes).expect("k"),
+                        g.upload(&v.codes).expect("v"),
+                        g.upload(&k.scales).expect("ks"),
+                        g.upload(&v.scales).expect("vs"),
+                    ]
+                } else {
+                    [
+                        up_bf16(&g, &cache_vals[0]),
+                        up_bf16(&g, &cache_vals[1]),
+                        g.alloc(4).expect("a"),
+                        g.alloc(4).expect("a"),
+                    ]
+                }
+            };
+            let paged = |c: &[DeviceBuffer; 4]| PagedKv {
+                k_cache: c[0].ptr(),
+                v_cache: c[1].ptr(),
+                k_scales: if fp8 { c[2].ptr() } else { 0 },
+                v_scales: if fp8 { c[3].ptr() } else { 0 },
+                block_tables: tables.ptr(),
+                max_blocks: b.max_blocks_per_seq,
+                block_size,
+                n_heads: heads,
+                n_kv: kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let counters = g.zeros(4 * n * kv).expect("counters");
+            for splits in [1, 3, 8, 32] {
+                let part_o = g.alloc(4 * n * heads * splits * hd).expect("po");
+                let part_ml = g.alloc(4 * n * heads * splits * 2).expect("pml");
+                let scratch =
+                    ops::DecodeScratch { part_o: part_o.ptr(), part_ml: part_ml.ptr(), counters: counters.ptr() };
+                let run = |fused: bool| {
+                    let (c, qb) = (cache(), up_bf16(&g, &qkv));
+                    let kvp = paged(&c);
+                    if !fused && fp8 {
+                        let cache = [kvp.k_cache, kvp.v_cache, kvp.k_scales, kvp.v_scales];
+                        ops::rope_kv_write_fp8(
+                            &g,
+                            qb.ptr(),
+                            bias_ptr,
+                            pb.ptr(),
+                            fb.ptr(),
+                            sb.ptr(),
+                            cache,
+                            n,
+                            heads,
+                            kv,
+                            hd,
+                        )
+                        .expect("rope fp8");
+                    } else if !fused {
+                        let (k, v) = (kvp.k_cache, kvp.v_cache);
+                        ops::rope_kv_write(
+                            &g,
+                            qb.ptr(),
+                            bias_ptr,
+                            pb.ptr(),
+                            fb.ptr(),
+                            sb.ptr(),
+                            k,
+                            v,
+                            n,
+                            heads,
+                            kv,
+                            hd,
+                        )
+                        .expect("rope");
+                    }
+                    let rope = ops::DecodeRope { bias: bias_ptr, inv_freq: fb.ptr(), slots: sb.ptr() };
+                    let (out, amax) =
+                        (poisoned(&g, 2 * n * heads * hd), g.zeros(4 * n * ops::AMAX_SLOTS).expect("amax"));
+                    ops::attention_decode(
+                        &g,
+                        &kvp,
+                        qb.ptr(),
+                        width,
+                        tsq.ptr(),
+                        pb.ptr(),
+                        &scratch,
+                        out.ptr(),
+                        amax.ptr(),
+                        fused.then_some(&rope),
+                        n,
+                        splits,
+                    )
+                    .expect("decode");
+                    let cache_bytes = if fp8 { rows * hd } else { 2 * rows * hd };
+                    let bytes: Vec<Vec<u8>> = c
+                        .iter()
+                        .zip([cache_bytes, cache_bytes, 4 * rows, 4 * rows])
+                        .take(if fp8 { 4 } else { 2 })
+                        .map(|(buf, len)| read_u8(&g, buf, len))
+                        .collect();
+                    (
+                        read_u16(&g, &out, n * heads * hd),
+                        read_f32(&g, &amax, n * ops::AMAX_SLOTS),
+                        bytes,
+                        read_u16(&g, &qb, n * width),
+                    )
+                };
+                let (fused, separate) = (run(true), run(false));
+                let what =
+                    format!("heads {heads}/{kv} hd {hd} block {block_size} fp8 {fp8} bias {with_bias} splits {splits}");
+                assert_eq!(
+                    fused.0[..n_seqs * heads * hd],
+                    separate.0[..n_seqs * heads * hd],
+                    "{what}: attention output"
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fused.1), bits(&separate.1), "{what}: published amax");
+                for (i, name) in ["k codes", "v codes", "k scales", "v scales"].iter().enumerate().take(fused.2.len()) {
+                    assert!(fused.2[i] == separate.2[i], "{what}: {name} of the cache differ");
+                }
+                let raw: Vec<u16> = to_bf16(&qkv).iter().map(|x| x.to_bits()).collect();
+                assert_eq!(fused.3, raw, "{what}: the fused kernel changed the QKV rows");
+                let left = read_u8(&g, &counters, 4 * n * kv);
+                assert!(left.iter().all(|&c| c == 0), "{what}: counters left");
+            }
+        }
+    }
 }
 
 #[test]

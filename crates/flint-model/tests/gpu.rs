@@ -478,6 +478,59 @@ fn fused_fp8_quantization_changes_no_logit() {
     eprintln!("fused FP8 quantization: logits bit-equal to the separate kernels'");
 }
 
+/// Decode steps whose attention ropes the queries and writes the new keys and values itself (the
+/// default) give the logits of a RoPE + KV-write kernel before the attention, bit for bit, on
+/// every reference checkpoint (head dims 64 and 128, GQA 1 to 8, the QKV bias): one sequence
+/// (prefill, then decode-only steps), three decoding together and a prompt joining a decode
+/// mid-way (a mixed step, which keeps the separate kernel); BF16 and FP8 models over BF16 and FP8 caches,
+/// with and without graphs.
+#[test]
+fn fused_rope_attention_changes_no_logit() {
+    let Some(g) = gpu() else { return };
+    let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for dir in hf_dirs().expect("checkpoints") {
+        let r = read_reference(&dir);
+        let source = ModelSource::open(&dir).expect("open checkpoint");
+        let config = source.config().expect("config");
+        let forced = &r.tokens[..12.min(r.tokens.len() - 1)];
+        for (fp8, kv_fp8) in [(false, false), (false, true), (true, true)] {
+            for graphs in [false, true] {
+                let run = |fuse: bool| {
+                    let options = CudaLlamaOptions { fp8, kv_fp8, fuse_rope_attention: fuse, ..small_options(graphs) };
+                    let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load");
+                    let alone = run_gpu(&model, &r.prompt, forced);
+                    let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
+                    // Sequence 0 decodes; at step 3 sequence 1's prompt joins it (a mixed step),
+                    // and both decode after it.
+                    let p = &r.prompt;
+                    let per = (p.len() + forced.len() + 1).div_ceil(16) as u32;
+                    let tables = [(0..per).collect::<Vec<u32>>(), (per..2 * per).collect()];
+                    let mut b = ForwardBatch::new(16);
+                    b.push_sequence(p, 0, &tables[0], Logits::Last).expect("batch");
+                    let mut mixed = vec![model.forward(&b).expect("prefill")];
+                    for (i, &t) in forced.iter().enumerate() {
+                        let mut b = ForwardBatch::new(16);
+                        b.push_sequence(&[t], p.len() + i, &tables[0], Logits::Last).expect("batch");
+                        match i {
+                            0..3 => {}
+                            3 => b.push_sequence(&p[..p.len() / 2], 0, &tables[1], Logits::Last).expect("batch"),
+                            _ => b.push_sequence(&[t], p.len() / 2 + i - 4, &tables[1], Logits::Last).expect("batch"),
+                        }
+                        mixed.push(model.forward(&b).expect("step"));
+                    }
+                    (alone, together, mixed)
+                };
+                let (fused, separate) = (run(true), run(false));
+                let what = format!("{} fp8 {fp8} kv fp8 {kv_fp8} graphs {graphs}", dir.display());
+                assert_eq!(bits(&fused.0), bits(&separate.0), "{what}: one sequence's logits differ");
+                assert_eq!(bits(&fused.1), bits(&separate.1), "{what}: three sequences' logits differ");
+                assert_eq!(bits(&fused.2), bits(&separate.2), "{what}: the mixed run's logits differ");
+            }
+        }
+    }
+    eprintln!("fused RoPE attention: logits bit-equal to the separate kernel's");
+}
+
 /// Early launch (the small kernels let the next one launch as they enter, the GEMVs load and
 /// L2-prefetch weights before they wait) changes no logit: BF16 and FP8 models (FP8 cache, the
 /// fused quantization), one sequence and three decoding together, with and without graphs, give

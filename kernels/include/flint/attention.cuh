@@ -50,6 +50,88 @@ __device__ __forceinline__ size_t kv_row(const uint32_t* table, int block_size, 
     return slot * n_kv + kvh;
 }
 
+// An 8-element vector of a row held in shared memory.
+template <class V>
+__device__ __forceinline__ V load_kv_shared(const V* p) {
+    V v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// RoPE and the KV-cache write of a decode step's new position, folded into its attention
+// (attention_decode with ROPE): q is then the raw fused QKV row (bias not yet added), and the
+// caches are written at row slots[t] * n_kv + kvh.
+struct DecodeRope {
+    const bf16* bias;
+    const float* inv_freq;
+    const uint32_t* slots;
+    void* k_cache;
+    void* v_cache;
+    float* k_scales;
+    float* v_scales;
+};
+
+// Key head kvh (roped to `pos`) and value head kvh of the raw QKV row `row`, with the bias,
+// exactly as rope_kv_write_head / rope_kv_write_fp8_head compute them: into the cache row `r`
+// and into new_k / new_v (the cache's elements) and new_scale (their FP8 scales), for the block
+// to use in place of the cache's row. Every thread of the block calls it.
+template <int HD, bool F8>
+__device__ __forceinline__ void decode_write_new_kv(const bf16* row, const DecodeRope& rope, float pos, int n_heads,
+                                                    int n_kv, int kvh, size_t r, typename KvElem<F8>::T* new_k,
+                                                    typename KvElem<F8>::T* new_v, float* new_scale) {
+    constexpr int kHalf = HD / 2;
+    const int k_head = n_heads + kvh, v_col = (n_heads + n_kv + kvh) * HD;
+    if constexpr (!F8) {
+        bf16* kc = static_cast<bf16*>(rope.k_cache) + r * HD;
+        bf16* vc = static_cast<bf16*>(rope.v_cache) + r * HD;
+        for (int p = threadIdx.x; p < kHalf; p += blockDim.x) {
+            bf16 y0, y1;
+            rope_pair(row, rope.bias, pos, rope.inv_freq, k_head, HD, p, y0, y1);
+            new_k[p] = kc[p] = y0;
+            new_k[p + kHalf] = kc[p + kHalf] = y1;
+        }
+        for (int i = threadIdx.x; i < HD; i += blockDim.x) {
+            float v = __bfloat162float(row[v_col + i]);
+            if (rope.bias != nullptr) v += __bfloat162float(rope.bias[v_col + i]);
+            new_v[i] = vc[i] = __float2bfloat16(v);
+        }
+    } else {
+        __shared__ float vals[2][HD];
+        __shared__ float scratch[32];
+        float mk = 0.f, mv = 0.f;
+        for (int p = threadIdx.x; p < kHalf; p += blockDim.x) {
+            bf16 y0, y1;
+            rope_pair(row, rope.bias, pos, rope.inv_freq, k_head, HD, p, y0, y1);
+            vals[0][p] = __bfloat162float(y0);
+            vals[0][p + kHalf] = __bfloat162float(y1);
+            mk = fmaxf(mk, fmaxf(fabsf(vals[0][p]), fabsf(vals[0][p + kHalf])));
+        }
+        for (int i = threadIdx.x; i < HD; i += blockDim.x) {
+            float v = __bfloat162float(row[v_col + i]);
+            if (rope.bias != nullptr) v += __bfloat162float(rope.bias[v_col + i]);
+            vals[1][i] = __bfloat162float(__float2bfloat16(v));
+            mv = fmaxf(mv, fabsf(vals[1][i]));
+        }
+        // block_max synchronises: vals are complete after the first call.
+        const float sk = fp8_scale(block_max(mk, scratch));
+        const float sv = fp8_scale(block_max(mv, scratch));
+        uint8_t* kc = static_cast<uint8_t*>(rope.k_cache) + r * HD;
+        uint8_t* vc = static_cast<uint8_t*>(rope.v_cache) + r * HD;
+        for (int i = 2 * threadIdx.x; i < HD; i += 2 * blockDim.x) {
+            const uint16_t a = to_e4m3x2(vals[0][i] / sk, vals[0][i + 1] / sk);
+            const uint16_t b = to_e4m3x2(vals[1][i] / sv, vals[1][i + 1] / sv);
+            *reinterpret_cast<uint16_t*>(new_k + i) = a;
+            *reinterpret_cast<uint16_t*>(kc + i) = a;
+            *reinterpret_cast<uint16_t*>(new_v + i) = b;
+            *reinterpret_cast<uint16_t*>(vc + i) = b;
+        }
+        if (threadIdx.x == 0) {
+            new_scale[0] = rope.k_scales[r] = sk;
+            new_scale[1] = rope.v_scales[r] = sv;
+        }
+    }
+}
+
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
 // q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
@@ -61,7 +143,14 @@ __device__ __forceinline__ size_t kv_row(const uint32_t* table, int block_size, 
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
 // the head dimension, and the warps' partial sums are added at the end.
-template <int HD, bool F8>
+//
+// With ROPE (decode-only steps: no other row of the step writes or reads token t's sequence),
+// q is the raw QKV row and `rope` says where the new key and value go: every block ropes its
+// group's query heads itself, and the one block whose split holds the new position (ctx - 1)
+// computes that position's key and value, writes them into the cache and uses them from shared
+// memory; no other block reads that position. The same values and cache bytes as
+// rope_kv_write(_fp8) followed by the plain kernel.
+template <int HD, bool F8, bool ROPE>
 __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
                                                  const typename KvElem<F8>::T* __restrict__ k_cache,
                                                  const typename KvElem<F8>::T* __restrict__ v_cache,
@@ -70,7 +159,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                                  int max_blocks, const int* token_seq, const uint32_t* positions,
                                                  float* part_o, float* part_ml, uint32_t* counters, bf16* out,
                                                  float* out_amax, int n_heads, int n_kv, int block_size,
-                                                 float scale) {
+                                                 float scale, DecodeRope rope) {
     static_assert(HD == 64 || HD == 128, "head_dim");
     using Kv = typename KvElem<F8>::T;
     using KvVec = typename KvElem<F8>::Vec8;
@@ -98,9 +187,31 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % kKeyLanes;
 
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        const int g = i / HD, d = i % HD;
-        qs[g][d] = __bfloat162float(q[(size_t)t * q_stride + (kvh * group + g) * HD + d]) * scale * kLog2e;
+    const bf16* qrow = q + (size_t)t * q_stride;
+    // The new position's key and value (ROPE), where this block's split holds it.
+    __shared__ __align__(16) Kv new_k[ROPE ? HD : 16], new_v[ROPE ? HD : 16];
+    __shared__ float new_scale[2];
+    int new_pos = -1;
+    if constexpr (ROPE) {
+        const float pos = (float)positions[t];
+        for (int i = threadIdx.x; i < group * HD / 2; i += blockDim.x) {
+            const int g = i / (HD / 2), p = i % (HD / 2);
+            bf16 y0, y1;
+            rope_pair(qrow, rope.bias, pos, rope.inv_freq, kvh * group + g, HD, p, y0, y1);
+            qs[g][p] = __bfloat162float(y0) * scale * kLog2e;
+            qs[g][p + HD / 2] = __bfloat162float(y1) * scale * kLog2e;
+        }
+        const uint32_t slot = rope.slots[t];
+        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) {  // uniform over the block
+            new_pos = ctx - 1;
+            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)slot * n_kv + kvh, new_k, new_v,
+                                        new_scale);
+        }
+    } else {
+        for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+            const int g = i / HD, d = i % HD;
+            qs[g][d] = __bfloat162float(qrow[(kvh * group + g) * HD + d]) * scale * kLog2e;
+        }
     }
     if (threadIdx.x < kMaxGroup) {
         m_s[threadIdx.x] = -INFINITY;
@@ -119,13 +230,18 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         // The tile's values stream into shared memory while the scores are computed.
         for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
             const int j = i / kRowChunks, c = i % kRowChunks;
+            char* dst = reinterpret_cast<char*>(&vs[j][0]) + c * 16;
+            if (ROPE && tile + j == new_pos) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
+                continue;
+            }
             const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-            cp_async16(reinterpret_cast<char*>(&vs[j][0]) + c * 16,
-                       reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
+            cp_async16(dst, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
         }
         if constexpr (F8)
             for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
-                vscale[j] = v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
+                vscale[j] = ROPE && tile + j == new_pos ? new_scale[1]
+                                                        : v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
         // Scores.
         KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
         float kscale[kDecodeTile / kKeysPerPass];
@@ -133,7 +249,12 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
             const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
             kscale[p] = 1.f;
-            if (j < n_keys) {
+            if (ROPE && j < n_keys && tile + j == new_pos) {
+                const KvVec* krow = reinterpret_cast<const KvVec*>(new_k);
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_shared(krow + sub + kKeyLanes * v);
+                if constexpr (F8) kscale[p] = new_scale[0];
+            } else if (j < n_keys) {
                 const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
                 const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
 #pragma unroll

@@ -112,6 +112,22 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// Pair p of head `head` of a fused QKV row, bias added (rounded to bf16 as the bf16 model has
+// it) and rotated to position `pos`: (y0, y1) for dims p and p + head_dim / 2.
+__device__ __forceinline__ void rope_pair(const bf16* row, const bf16* bias, float pos, const float* inv_freq,
+                                          int head, int head_dim, int p, bf16& y0, bf16& y1) {
+    const int a = head * head_dim + p, b = a + head_dim / 2;
+    float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
+    if (bias != nullptr) {
+        x0 = __bfloat162float(__float2bfloat16(x0 + __bfloat162float(bias[a])));
+        x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[b])));
+    }
+    float s, c;
+    sincosf(pos * inv_freq[p], &s, &c);
+    y0 = __float2bfloat16(x0 * c - x1 * s);
+    y1 = __float2bfloat16(x1 * c + x0 * s);
+}
+
 // Programmatic dependent launch: wait for the previous kernel's results before touching them,
 // and let the next kernel start its prologue early. Both are no-ops without the launch attribute.
 __device__ __forceinline__ void pdl_wait() {

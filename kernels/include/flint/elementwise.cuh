@@ -65,22 +65,6 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* residual, const bf16* add
     }
 }
 
-// Pair p of head `head` of a fused QKV row, bias added (rounded to bf16 as the bf16 model has
-// it) and rotated to position `pos`: (y0, y1) for dims p and p + head_dim / 2.
-__device__ __forceinline__ void rope_pair(const bf16* row, const bf16* bias, float pos, const float* inv_freq,
-                                          int head, int head_dim, int p, bf16& y0, bf16& y1) {
-    const int a = head * head_dim + p, b = a + head_dim / 2;
-    float x0 = __bfloat162float(row[a]), x1 = __bfloat162float(row[b]);
-    if (bias != nullptr) {
-        x0 = __bfloat162float(__float2bfloat16(x0 + __bfloat162float(bias[a])));
-        x1 = __bfloat162float(__float2bfloat16(x1 + __bfloat162float(bias[b])));
-    }
-    float s, c;
-    sincosf(pos * inv_freq[p], &s, &c);
-    y0 = __float2bfloat16(x0 * c - x1 * s);
-    y1 = __float2bfloat16(x1 * c + x0 * s);
-}
-
 // qkv: [n, (n_heads + 2 n_kv) * head_dim], the fused projection's output. Adds the bias if given,
 // turns q (in place) and k by RoPE (rotate-half) at positions[t], and writes k and v into the
 // paged caches [n_blocks, block_size, n_kv, head_dim] at slot slots[t] (skipped when the slot is

@@ -81,6 +81,10 @@ pub struct CudaLlamaOptions {
     /// themselves, from the amax that the attention and the SwiGLU GEMV publish, instead of a
     /// quantization kernel before each (the same codes either way).
     pub fuse_fp8_quantization: bool,
+    /// Decode-only steps: the decode attention ropes each token's queries and writes its new
+    /// key and value into the cache itself, instead of a RoPE + KV-write kernel before it (the
+    /// same values and cache bytes either way; one kernel less per layer).
+    pub fuse_rope_attention: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -99,6 +103,7 @@ impl Default for CudaLlamaOptions {
             p2p_all_reduce: true,
             p2p_link: P2pLink::Flags,
             fuse_fp8_quantization: true,
+            fuse_rope_attention: true,
         }
     }
 }
@@ -1055,6 +1060,13 @@ impl CudaLlama {
 
     /// The model and shape conditions of [`Self::fused_quantization`] for a decode step of `n`
     /// tokens.
+    /// Whether the decode attention ropes the queries and writes the new keys and values itself
+    /// ([`CudaLlamaOptions::fuse_rope_attention`]): a decode-only step, where every token is its
+    /// sequence's only new one and the decode kernel runs them all.
+    fn rope_in_attention(&self, plan: &Plan) -> bool {
+        self.options.fuse_rope_attention && plan.n_tiles == 0 && plan.decode_rows == plan.n_tokens
+    }
+
     fn fused_quantization_fits(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let q_dim = lo.n_heads * c.head_dim;
@@ -1158,6 +1170,7 @@ impl CudaLlama {
         }
         let fp8 = self.options.fp8;
         let fused = self.fused_quantization(plan);
+        let rope_in_attention = self.rope_in_attention(plan);
         let slots = ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS;
         let (amax_attn, amax_act) = (ws.amax.ptr(), ws.amax.at(4 * slots));
         let (xq, xs) = (ws.xq.ptr(), ws.xs.ptr());
@@ -1196,43 +1209,48 @@ impl CudaLlama {
             mark("qkv_proj")?;
             let (k_cache, v_cache) = (self.k_cache.at(i * layer_kv), self.v_cache.at(i * layer_kv));
             let bias = layer.qkv_bias.as_ref().map_or(0, DeviceBuffer::ptr);
+            let rope = ops::DecodeRope { bias, inv_freq: self.inv_freq.ptr(), slots: meta(l.slots) };
             let (k_scales, v_scales) = if self.options.kv_fp8 {
-                let (ks, vs) = (self.k_scales.at(i * layer_scales), self.v_scales.at(i * layer_scales));
-                let cache = [k_cache, v_cache, ks, vs];
-                let (positions, slots) = (meta(l.positions), meta(l.slots));
-                let (heads, kv_heads) = (lo.n_heads, lo.n_kv);
-                ops::rope_kv_write_fp8(
-                    g,
-                    ws.qkv.ptr(),
-                    bias,
-                    positions,
-                    self.inv_freq.ptr(),
-                    slots,
-                    cache,
-                    n,
-                    heads,
-                    kv_heads,
-                    c.head_dim,
-                )?;
-                (ks, vs)
+                (self.k_scales.at(i * layer_scales), self.v_scales.at(i * layer_scales))
             } else {
-                ops::rope_kv_write(
-                    g,
-                    ws.qkv.ptr(),
-                    bias,
-                    meta(l.positions),
-                    self.inv_freq.ptr(),
-                    meta(l.slots),
-                    k_cache,
-                    v_cache,
-                    n,
-                    lo.n_heads,
-                    lo.n_kv,
-                    c.head_dim,
-                )?;
                 (0, 0)
             };
-            mark("rope_kv_write")?;
+            if !rope_in_attention {
+                let (positions, slots, inv_freq) = (meta(l.positions), meta(l.slots), self.inv_freq.ptr());
+                let (heads, kv_heads, hd) = (lo.n_heads, lo.n_kv, c.head_dim);
+                if self.options.kv_fp8 {
+                    let cache = [k_cache, v_cache, k_scales, v_scales];
+                    ops::rope_kv_write_fp8(
+                        g,
+                        ws.qkv.ptr(),
+                        bias,
+                        positions,
+                        inv_freq,
+                        slots,
+                        cache,
+                        n,
+                        heads,
+                        kv_heads,
+                        hd,
+                    )?;
+                } else {
+                    ops::rope_kv_write(
+                        g,
+                        ws.qkv.ptr(),
+                        bias,
+                        positions,
+                        inv_freq,
+                        slots,
+                        k_cache,
+                        v_cache,
+                        n,
+                        heads,
+                        kv_heads,
+                        hd,
+                    )?;
+                }
+                mark("rope_kv_write")?;
+            }
             let kv = PagedKv {
                 k_cache,
                 v_cache,
@@ -1263,6 +1281,7 @@ impl CudaLlama {
                     },
                     ws.attn.ptr(),
                     if fused { amax_attn } else { 0 },
+                    rope_in_attention.then_some(&rope),
                     rows,
                     splits,
                 )?;
