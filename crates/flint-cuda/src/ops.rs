@@ -595,19 +595,20 @@ impl Fp8GemvConfig {
     }
 
     /// The variant for an `[n, k]` weight, by its number of 16-row tiles (`n / 8` for SwiGLU),
-    /// from the per-projection table of `bench::gemv_rates` on an H100 (Llama-3.1-8B, one token;
-    /// `bench/results/2026-11-22-h100-llama-3.1-8b-fp8-gemv.json`): at 256 tiles (o, down) too
-    /// few warps stream with eight per tile, and sixteen with one 64-byte step each is fastest
-    /// (0.67 and 0.85 of the copy bandwidth, against 0.61 and 0.80); at 384 (qkv) eight warps
-    /// with two steps (0.71); at 1792 (gate/up) eight with four steps (0.90). Every variant
-    /// prefetches its next chunk. The choice depends on the shape alone (no timing at start-up),
-    /// so a shape always runs one kernel and one summation order.
+    /// from the per-projection tables of `bench::gemv_rates` (Llama-3.1-8B, one token): at 256
+    /// tiles (o, down) too few warps stream with eight per tile, and sixteen with one 64-byte
+    /// step each is fastest (`bench/results/2026-11-22-h100-llama-3.1-8b-fp8-gemv.json`: 0.67 and
+    /// 0.85 of the copy bandwidth, against 0.61 and 0.80); above, eight warps with two steps: at
+    /// 384 tiles (qkv) since that table (0.71), and at 1792 (gate/up) since the L2-prefetching
+    /// kernels, where in four H100 runs of 2026-12-06 and one H200 run it beat the four steps
+    /// picked before (H100: 40.8 to 44.9 us against 42.5 to 46.9). Every variant prefetches
+    /// its next chunk. The choice depends on the shape alone (no timing at start-up), so a
+    /// shape always runs one kernel and one summation order.
     pub fn for_shape(n: usize, _k: usize, epilogue: Fp8Epilogue) -> Self {
         let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
         let (split_k, unroll) = match tiles {
             0..=320 => (16, 1),
-            321..=1023 => (8, 2),
-            _ => (8, 4),
+            _ => (8, 2),
         };
         Fp8GemvConfig { split_k, unroll, prefetch: true }
     }
