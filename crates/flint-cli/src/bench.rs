@@ -99,8 +99,9 @@ pub struct BenchArgs {
     fp8_quantization: String,
     /// With --preset: whether decode-only steps rope the queries and write the new keys and
     /// values in the decode attention kernel (fused) or in a kernel before it (separate); both:
-    /// each model measured each way, one after the other in this run.
-    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    /// each model measured each way, one after the other in this run. The default is the
+    /// model's (separate until the fused kernel has been measured).
+    #[arg(long, default_value = "separate", requires = "preset", value_parser = ["fused", "separate", "both"])]
     rope_attention: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let
