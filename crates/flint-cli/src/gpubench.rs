@@ -719,20 +719,8 @@ fn print_chains(chains: &[ProjectionChain], rows: &[DecodeRow]) {
 /// Each other tuning's rows beside the main ones.
 fn print_tuning_rows(main: &str, rows: &[DecodeRow], others: &[TuningRows]) {
     for t in others {
-        println!("the same model with launch tuning {} (rows above: {main}):", t.tuning);
-        println!("{:>7} {:>6} {:>12} {:>9} {:>16}", "len", "batch", "ms/token", "roofline", "rows above vs");
-        for r in &t.rows {
-            let above =
-                rows.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
-            println!(
-                "{:>7} {:>6} {:>12.3} {:>9.2} {:>16}",
-                format!("{}/{}", r.prompt_len, r.output_len),
-                r.batch,
-                r.decode_ms_per_token,
-                r.roofline_fraction,
-                above.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
-            );
-        }
+        let title = format!("the same model with launch tuning {} (rows above: {main}):", t.tuning);
+        print_compared(&title, "rows above vs", 16, &t.rows, rows);
     }
 }
 
@@ -818,18 +806,23 @@ pub fn print_fp8_table(b: &ModelBench) {
 
 /// Rows of a model run without a fusion, each beside the fused run's row of the same shape.
 fn print_unfused(title: &str, rows: &[DecodeRow], fused: &[DecodeRow]) {
+    print_compared(title, "fused speedup", 14, rows, fused);
+}
+
+/// `rows` under `title`, each with its time over that of `base`'s row of the same shape in a
+/// last column `column` of width `w`.
+fn print_compared(title: &str, column: &str, w: usize, rows: &[DecodeRow], base: &[DecodeRow]) {
     println!("{title}");
-    println!("{:>7} {:>6} {:>12} {:>9} {:>14}", "len", "batch", "ms/token", "roofline", "fused speedup");
+    println!("{:>7} {:>6} {:>12} {:>9} {column:>w$}", "len", "batch", "ms/token", "roofline");
     for r in rows {
-        let fused =
-            fused.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
+        let b = base.iter().find(|x| (x.prompt_len, x.output_len, x.batch) == (r.prompt_len, r.output_len, r.batch));
+        let ratio = b.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token));
         println!(
-            "{:>7} {:>6} {:>12.3} {:>9.2} {:>14}",
+            "{:>7} {:>6} {:>12.3} {:>9.2} {ratio:>w$}",
             format!("{}/{}", r.prompt_len, r.output_len),
             r.batch,
             r.decode_ms_per_token,
-            r.roofline_fraction,
-            fused.map_or("-".to_string(), |x| format!("{:.3}x", r.decode_ms_per_token / x.decode_ms_per_token))
+            r.roofline_fraction
         );
     }
 }
