@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with .gpu/bundle carried (cargo xtask gpu-bundle).
-#   bash tests/gpu/decode-fusion.sh [check|bench|all]
+#   bash tests/gpu/decode-fusion.sh [kernels|models|check|bench|all]   (check = kernels + models)
 # check: every kernel against flint-cpu (with the decode attention that ropes and writes the new
-#        K/V itself against rope_kv_write + the plain kernel, bit for bit), then the models: the
-#        fused RoPE attention against the separate kernel (bit-equal logits on every reference
-#        checkpoint), early launch, fused FP8 quantization, the CPU emulation, batched decode and
-#        transformers' logits.
-# bench: PRESET (default llama-3.1-8b) BF16 then FP8 (FP8 cache), each with the RoPE folded
-#        into the decode attention and again with the separate kernel, one process.
+#        K/V itself against rope_kv_write + the plain kernel, and the FP8 GEMV with the norm tail
+#        against the GEMV + add_rms_norm_fp8, bit for bit), then the models: the fused RoPE
+#        attention and the norm tail against the separate kernels (bit-equal logits on every
+#        reference checkpoint), early launch, fused FP8 quantization, the CPU emulation, batched
+#        decode and transformers' logits.
+# bench: PRESET (default llama-3.1-8b) BF16 then FP8 (FP8 cache), with the RoPE folded into the
+#        decode attention and the FP8 norm tail, then each model again with the separate RoPE
+#        kernel, and the FP8 one with the norm kernels, one process.
 # Logs and JSON go to $OUT (or ./gpu-out).
 set -uo pipefail
 MODE=${1:-all}
@@ -19,19 +21,21 @@ export FLINT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 status=0
 echo "revision $(cat $B/REVISION)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-if [[ $MODE == check || $MODE == all ]]; then
+if [[ $MODE == kernels || $MODE == check || $MODE == all ]]; then
   echo "== kernels against flint-cpu"
   timeout 240 $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -40
+fi
+if [[ $MODE == models || $MODE == check || $MODE == all ]]; then
   echo "== transformers checkpoints, model tests"
   [[ -d /tmp/flint-hf ]] || timeout 200 python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
-  FLINT_HF_MODELS=/tmp/flint-hf timeout 360 $B/tests/gpu fused_rope early_launch fused_fp8 fp8_model batched_decode matches \
+  FLINT_HF_MODELS=/tmp/flint-hf timeout 420 $B/tests/gpu fused_rope norm_tail early_launch fused_fp8 fp8_model batched_decode matches \
     --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|early launch|fused|panicked|test result" "$OUT/model.log" | tail -24
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
-  echo "== bench $PRESET BF16 and FP8, RoPE in the attention and separate"
+  echo "== bench $PRESET BF16 and FP8, RoPE in the attention and separate, FP8 norm tail and separate"
   timeout 420 $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
-    --rope-attention both --json-out "$OUT/flint-$PRESET-rope-attention.json" 2>&1 | grep -v "^  " || status=1
+    --rope-attention both --norm-tail both --json-out "$OUT/flint-$PRESET-decode-fusion.json" 2>&1 | grep -v "^  " || status=1
 fi
 exit $status

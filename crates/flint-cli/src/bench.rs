@@ -103,6 +103,12 @@ pub struct BenchArgs {
     /// model's (separate until the fused kernel has been measured).
     #[arg(long, default_value = "separate", requires = "preset", value_parser = ["fused", "separate", "both"])]
     rope_attention: String,
+    /// With --preset and --dtype fp8: whether FP8 steps of up to two tokens on one GPU run the
+    /// residual add + RMSNorm + quantize after the O and down projections in those GEMVs' last
+    /// block (fused) or in a norm kernel after each (separate); both: the FP8 model measured each
+    /// way in this run. The default is the model's (separate until the tail has been measured).
+    #[arg(long, default_value = "separate", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    norm_tail: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let
     /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
@@ -401,8 +407,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             !args.no_graphs,
             args.gemv_max_m as usize,
             (args.dtype == "fp8").then_some(args.kv_cache_dtype == "fp8"),
-            crate::gpubench::Fusion::parse("fp8-quantization", &args.fp8_quantization)?,
-            crate::gpubench::Fusion::parse("rope-attention", &args.rope_attention)?,
+            crate::gpubench::Fusions {
+                fp8_quantization: crate::gpubench::Fusion::parse("fp8-quantization", &args.fp8_quantization)?,
+                rope_attention: crate::gpubench::Fusion::parse("rope-attention", &args.rope_attention)?,
+                norm_tail: crate::gpubench::Fusion::parse("norm-tail", &args.norm_tail)?,
+            },
             args.tp as usize,
             args.pp as usize,
             (!args.no_p2p).then_some(args.p2p_link),

@@ -122,6 +122,11 @@ pub struct Fp8Bench {
     /// As `ModelBench::fused_rope_attention` and `separate_rope_rows`, for the FP8 model.
     pub fused_rope_attention: bool,
     pub separate_rope_rows: Option<Vec<DecodeRow>>,
+    /// Whether `rows` ran with the O and down GEMVs doing the residual add + RMSNorm + quantize
+    /// after them in their last block (steps of up to two tokens).
+    pub fused_norm_tail: bool,
+    /// With `--norm-tail both`: the same rows with the norm kernels, measured after `rows`.
+    pub separate_norm_rows: Option<Vec<DecodeRow>>,
     pub rows: Vec<DecodeRow>,
     /// As `ModelBench::tuning_rows`, for the FP8 model.
     pub tuning_rows: Vec<TuningRows>,
@@ -231,6 +236,15 @@ pub enum Fusion {
     Both,
 }
 
+/// The kernel fusions a preset benchmark runs with (`flint bench --fp8-quantization,
+/// --rope-attention, --norm-tail`).
+#[derive(Clone, Copy, Debug)]
+pub struct Fusions {
+    pub fp8_quantization: Fusion,
+    pub rope_attention: Fusion,
+    pub norm_tail: Fusion,
+}
+
 impl Fusion {
     /// `flag`: the option's name, for the error.
     pub fn parse(flag: &str, s: &str) -> anyhow::Result<Self> {
@@ -255,8 +269,7 @@ pub fn run_preset(
     graphs: bool,
     gemv_max_m: usize,
     fp8: Option<bool>,
-    fp8_quantization: Fusion,
-    rope_attention: Fusion,
+    fusions: Fusions,
     tp: usize,
     pp: usize,
     p2p: Option<flint_comm::P2pLink>,
@@ -264,6 +277,7 @@ pub fn run_preset(
     tunings: &[LaunchTuning],
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
+    let Fusions { fp8_quantization, rope_attention, norm_tail } = fusions;
     anyhow::ensure!(tunings.is_empty() || tp * pp == 1, "--launch-tuning compares tunings on one GPU (no --tp, --pp)");
     anyhow::ensure!(mixed.is_none() || pp == 1, "--mixed times one GPU or tensor-parallel ranks (no --pp)");
     let config = ModelConfig::preset(preset)
@@ -290,6 +304,7 @@ pub fn run_preset(
         p2p_link: p2p.unwrap_or_default(),
         fuse_fp8_quantization: fp8_quantization.fused(),
         fuse_rope_attention: rope_attention.fused(),
+        fuse_norm_tail: norm_tail.fused(),
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
@@ -331,7 +346,10 @@ pub fn run_preset(
     }
     let weight_bytes_per_step = model.weight_bytes_per_step();
     drop(model);
-    let separate_rope_rows = separate_rope(&gpu, &config, &options, rope_attention, batches, lengths, &mut skipped)?;
+    let separate = CudaLlamaOptions { fuse_rope_attention: false, ..options.clone() };
+    let title = "the same model with a separate RoPE + KV-write kernel";
+    let separate_rope_rows =
+        unfused_rows(&gpu, &config, separate, rope_attention, title, batches, lengths, &mut skipped)?;
 
     let fp8 = if let Some(kv_fp8) = fp8 {
         eprintln!("bench: {preset} in FP8");
@@ -365,20 +383,25 @@ pub fn run_preset(
         drop(model);
         // Stream-ordered frees return their memory to the device at the next synchronization.
         gpu.synchronize()?;
-        let separate_rows = if fp8_quantization == Fusion::Both {
-            eprintln!("bench: {preset} in FP8 with separate quantization kernels");
-            let separate = CudaLlamaOptions { fp8: true, kv_fp8, fuse_fp8_quantization: false, ..options.clone() };
-            let model = CudaLlama::random(Arc::clone(&gpu), config.clone(), separate, 0x5eed)?;
-            let rows = decode_rows(&model, bandwidth, batches, lengths, &mut skipped8).0;
-            drop(model);
-            gpu.synchronize()?;
-            Some(rows)
-        } else {
-            None
-        };
         let fp8_options = CudaLlamaOptions { fp8: true, kv_fp8, ..options.clone() };
-        let separate_rope8 =
-            separate_rope(&gpu, &config, &fp8_options, rope_attention, batches, lengths, &mut skipped8)?;
+        let mut unfused = |fusion: Fusion, options: CudaLlamaOptions, title: &str| {
+            unfused_rows(&gpu, &config, options, fusion, title, batches, lengths, &mut skipped8)
+        };
+        let separate_rows = unfused(
+            fp8_quantization,
+            CudaLlamaOptions { fuse_fp8_quantization: false, ..fp8_options.clone() },
+            "the FP8 model with separate quantization kernels",
+        )?;
+        let separate_rope8 = unfused(
+            rope_attention,
+            CudaLlamaOptions { fuse_rope_attention: false, ..fp8_options.clone() },
+            "the FP8 model with a separate RoPE + KV-write kernel",
+        )?;
+        let separate_norm8 = unfused(
+            norm_tail,
+            CudaLlamaOptions { fuse_norm_tail: false, ..fp8_options.clone() },
+            "the FP8 model with the norm kernels after the O and down GEMVs",
+        )?;
         let speedup = rows8
             .iter()
             .map(|r| {
@@ -395,6 +418,8 @@ pub fn run_preset(
             separate_quantization_rows: separate_rows,
             fused_rope_attention: rope_attention.fused(),
             separate_rope_rows: separate_rope8,
+            fused_norm_tail: norm_tail.fused(),
+            separate_norm_rows: separate_norm8,
             rows: rows8,
             tuning_rows: tuning_rows8,
             decode_breakdown: breakdown8,
@@ -438,24 +463,25 @@ pub fn run_preset(
     })
 }
 
-/// With `--rope-attention both`: the decode rows again on the model built without the RoPE and
-/// KV write folded into the decode attention (after the fused one's memory is back).
-fn separate_rope(
+/// With a fusion measured both ways (`fusion` is `Both`): the decode rows again on the model
+/// built with `options` (without that fusion), after the fused model's memory is back.
+#[allow(clippy::too_many_arguments)]
+fn unfused_rows(
     gpu: &Arc<Gpu>,
     config: &ModelConfig,
-    options: &CudaLlamaOptions,
-    rope_attention: Fusion,
+    options: CudaLlamaOptions,
+    fusion: Fusion,
+    title: &str,
     batches: &[usize],
     lengths: &[(usize, usize)],
     skipped: &mut Vec<String>,
 ) -> anyhow::Result<Option<Vec<DecodeRow>>> {
-    if rope_attention != Fusion::Both {
+    if fusion != Fusion::Both {
         return Ok(None);
     }
     gpu.synchronize()?;
-    eprintln!("bench: the same model with a separate RoPE + KV-write kernel");
-    let separate = CudaLlamaOptions { fuse_rope_attention: false, ..options.clone() };
-    let model = CudaLlama::random(Arc::clone(gpu), config.clone(), separate, 0x5eed)?;
+    eprintln!("bench: {title}");
+    let model = CudaLlama::random(Arc::clone(gpu), config.clone(), options, 0x5eed)?;
     let bandwidth = bench::copy_bandwidth(gpu, 1 << 31)?;
     let rows = decode_rows(&model, bandwidth, batches, lengths, skipped).0;
     drop(model);
@@ -801,6 +827,9 @@ pub fn print_fp8_table(b: &ModelBench) {
     }
     if let Some(rows) = &f.separate_rope_rows {
         print_unfused("the same FP8 model with a separate RoPE + KV-write kernel:", rows, &f.rows);
+    }
+    if let Some(rows) = &f.separate_norm_rows {
+        print_unfused("the same FP8 model with the norm kernels after the O and down GEMVs:", rows, &f.rows);
     }
 }
 

@@ -613,13 +613,21 @@ impl Fp8GemvConfig {
         Fp8GemvConfig { split_k, unroll, prefetch: true }
     }
 
+    /// The variants compiled with a [`NormTail`] as well: those [`Self::for_shape`] picks for a
+    /// plain output of up to 320 tiles and above.
+    pub const NORM_TAIL: [Fp8GemvConfig; 2] = [
+        Fp8GemvConfig { split_k: 16, unroll: 1, prefetch: true },
+        Fp8GemvConfig { split_k: 8, unroll: 2, prefetch: true },
+    ];
+
     /// `s{split_k}_u{unroll}_p{0|1}`, as in the kernel's name.
     pub fn label(&self) -> String {
         format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
     }
 
-    fn kernel(&self, quantizes: bool) -> String {
-        format!("flint_gemv_fp8{}_{}", if quantizes { "q" } else { "" }, self.label())
+    fn kernel(&self, quantizes: bool, norm_tail: bool) -> String {
+        let (q, tail) = (if quantizes { "q" } else { "" }, if norm_tail { "_norm" } else { "" });
+        format!("flint_gemv_fp8{q}{tail}_{}", self.label())
     }
 }
 
@@ -666,6 +674,30 @@ pub struct Fp8Gemv {
     /// The GEMV follows a latency-bound kernel: its first blocks may ask their weights into L2
     /// before they wait, within the launch tuning's budget (as [`gemv_l2`]).
     pub l2_prefetch: bool,
+    /// The add + RMSNorm + quantize of the output, run by the GEMV's last block
+    /// ([`NormTail`]); `None` leaves it to [`add_rms_norm_fp8`].
+    pub norm_tail: Option<NormTail>,
+}
+
+/// Most tokens of a GEMV with a [`NormTail`] (mirrors `kNormTailMaxM` in fp8.cuh): its last
+/// block normalises the rows one after another.
+pub const NORM_TAIL_MAX_M: usize = 2;
+/// Widest output a [`NormTail`] takes (mirrors `kNormTailMaxHidden`).
+pub const NORM_TAIL_MAX_HIDDEN: usize = 8192;
+
+/// What [`add_rms_norm_fp8`] would do after an FP8 GEMV of plain epilogue, done by that GEMV's
+/// last block once every block has written `y` (mirrors `Fp8NormTail`): `residual += y`, then
+/// the normalised rows as FP8 codes `[m, n]` with a scale per row, bit for bit those of the
+/// kernel. `counter`: a u32, zero before the launch and zero again after it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormTail {
+    pub residual: u64,
+    pub weight: u64,
+    pub codes: u64,
+    pub scales: u64,
+    pub counter: u64,
+    pub eps: f32,
 }
 
 impl Fp8Gemv {
@@ -694,6 +726,7 @@ impl Fp8Gemv {
             publish_amax: 0,
             clear_amax: 0,
             l2_prefetch: false,
+            norm_tail: None,
         }
     }
 }
@@ -719,7 +752,7 @@ pub fn gemv_fp8(
 /// Runs one FP8 GEMV with `config` (benchmarks compare them), or the shape's own variant
 /// ([`Fp8GemvConfig::for_shape`]).
 pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> Result<()> {
-    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax, l2_prefetch } = *op;
+    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax, l2_prefetch, norm_tail } = *op;
     let config = config.unwrap_or_else(|| Fp8GemvConfig::for_shape(n, k, epilogue));
     if m == 0 || m > GEMV_FP8_MAX_M || !gemv_fp8_fits(n, k, epilogue) {
         return Err(shape(
@@ -737,6 +770,23 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
     if publish_amax != 0 && epilogue != Fp8Epilogue::SwiGlu {
         return Err(shape("gemv_fp8", "only the SwiGLU epilogue publishes an amax"));
     }
+    if let Some(tail) = &norm_tail {
+        if !norm_tail_fits(m, n, epilogue) {
+            return Err(shape(
+                "gemv_fp8",
+                format!(
+                    "a norm tail needs the plain epilogue, m <= {NORM_TAIL_MAX_M} and n <= {NORM_TAIL_MAX_HIDDEN} \
+                     (m = {m}, n = {n}, {epilogue:?})"
+                ),
+            ));
+        }
+        if !Fp8GemvConfig::NORM_TAIL.contains(&config) {
+            return Err(shape("gemv_fp8", format!("no compiled variant {config:?} with a norm tail")));
+        }
+        if tail.counter == 0 || tail.residual == 0 || tail.weight == 0 || tail.codes == 0 || tail.scales == 0 {
+            return Err(shape("gemv_fp8", "a norm tail needs its residual, weight, codes, scales and counter"));
+        }
+    }
     let (x, x_aux) = match input {
         Fp8Input::Codes { x, scales } => (x, scales),
         Fp8Input::Bf16 { x, amax } => {
@@ -748,8 +798,9 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
     };
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
+    let tail = norm_tail.unwrap_or(NormTail { residual: 0, weight: 0, codes: 0, scales: 0, counter: 0, eps: 0.0 });
     gpu.launch(
-        &config.kernel(quantizes),
+        &config.kernel(quantizes, norm_tail.is_some()),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
         32 * config.block_warps() as u32,
         0,
@@ -766,8 +817,17 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             arg(&publish_amax),
             arg(&clear_amax),
             arg(&l2),
+            arg(&tail),
         ],
     )
+}
+
+/// Whether an FP8 GEMV of `m` tokens and `n` outputs can run a [`NormTail`].
+pub fn norm_tail_fits(m: usize, n: usize, epilogue: Fp8Epilogue) -> bool {
+    epilogue == Fp8Epilogue::Bf16
+        && (1..=NORM_TAIL_MAX_M).contains(&m)
+        && n <= NORM_TAIL_MAX_HIDDEN
+        && n.is_multiple_of(8)
 }
 
 /// Most ranks of a peer-to-peer all-reduce (mirrors `kArMaxRanks` in allreduce.cuh).

@@ -900,9 +900,6 @@ fn fp8_gemv_and_gemm_match_the_dequantized_product() {
     }
 }
 
-/// The FP8 GEMV that quantizes its bf16 input from published amax slots gives, bit for bit, the
-/// output of `quantize_rows` then the GEMV of the codes; it zeroes the slots it is told to, and
-/// the SwiGLU epilogue publishes its output's exact amax.
 /// A GEMV that asks its weights into L2 before its wait (every block, with a 1 GiB budget) gives
 /// the bits it gives without: BF16 (plain, SwiGLU, f32) and FP8 (codes and bf16 input).
 #[test]
@@ -944,6 +941,9 @@ fn gemv_l2_prefetch_changes_no_bit() {
     g.set_launch_tuning(flint_cuda::LaunchTuning::default()).expect("tuning");
 }
 
+/// The FP8 GEMV that quantizes its bf16 input from published amax slots gives, bit for bit, the
+/// output of `quantize_rows` then the GEMV of the codes; it zeroes the slots it is told to, and
+/// the SwiGLU epilogue publishes its output's exact amax.
 #[test]
 fn fp8_gemv_of_bf16_input_equals_quantize_then_gemv() {
     let Some(g) = gpu() else { return };
@@ -1042,5 +1042,116 @@ fn fp8_gemv_of_bf16_input_equals_quantize_then_gemv() {
     ops::run_gemv_fp8(&g, None, &op).expect("one token of a bf16 input");
     let op = ops::Fp8Gemv { m: ops::GEMV_FP8_QUANTIZING_MAX_M + 1, ..op };
     assert!(ops::run_gemv_fp8(&g, None, &op).is_err());
+    g.synchronize().expect("sync");
+}
+
+/// Amax slots of the rows of `x` (`[m, k]`) as a producer publishes them: each row's amax in one
+/// slot, smaller values in the others.
+fn amax_slots(r: &mut impl Rng, x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut slots = vec![0f32; m * ops::AMAX_SLOTS];
+    for t in 0..m {
+        let amax = x[t * k..(t + 1) * k].iter().map(|v| v.abs()).fold(0f32, f32::max);
+        for (s, slot) in slots[t * ops::AMAX_SLOTS..(t + 1) * ops::AMAX_SLOTS].iter_mut().enumerate() {
+            *slot = if s == (5 * t + 2) % ops::AMAX_SLOTS { amax } else { amax * r.random_range(0.0..1.0) };
+        }
+    }
+    slots
+}
+
+/// An FP8 GEMV that runs the residual add + RMSNorm + quantize of its output in its last block
+/// leaves, bit for bit, the output, residual, codes and scales of the GEMV followed by
+/// `add_rms_norm_fp8`: for codes and bf16 inputs, one and two tokens, every variant compiled
+/// with the tail, and outputs from 64 to 8192 wide. Its arrival counter is zero again after each
+/// launch (so the next launch works too), and shapes or variants without a tail are refused.
+#[test]
+fn gemv_norm_tail_equals_norm_kernel() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    let eps = 1e-5;
+    // SmolLM2's O (576 wide), the 8B O and down (s16), an output of 512 tiles (s8_u2), a small one.
+    for (n, k) in [(576, 576), (4096, 4096), (4096, 14336), (8192, 1024), (64, 128)] {
+        let w = random_bf16(&mut r, n * k, 0.05);
+        let wq = Fp8Matrix::quantize(&w, n, k, Granularity::Channel, Fp8Format::E4M3);
+        let (wb, ws) = (g.upload(&wq.codes).expect("up"), g.upload(&wq.scales).expect("up"));
+        let norm_w: Vec<f32> = (0..n).map(|_| r.random_range(0.5f32..1.5)).collect();
+        let nw = g.upload(&norm_w).expect("up");
+        let counter = g.zeros(4).expect("counter");
+        for m in 1..=ops::NORM_TAIL_MAX_M {
+            let x = random_bf16(&mut r, m * k, 2.0);
+            let residual = random_bf16(&mut r, m * n, 4.0);
+            let xb = up_bf16(&g, &x);
+            let (xq, xs) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
+            ops::quantize_rows(&g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
+            let amax = g.upload(&amax_slots(&mut r, &x, m, k)).expect("up");
+            let inputs = [
+                ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
+                ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
+            ];
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM_TAIL.map(Some));
+            for config in configs {
+                for (input_name, input) in inputs {
+                    let label = config.map_or("default".to_string(), |c| c.label());
+                    let what = format!("gemv_fp8 norm tail {label} {input_name} m={m} n={n} k={k}");
+                    // Output, residual, codes, scales.
+                    let run = |tail: bool| {
+                        let (y, res) = (poisoned(&g, 2 * m * n), up_bf16(&g, &residual));
+                        let (codes, scales) = (poisoned(&g, m * n), poisoned(&g, 4 * m));
+                        let op = ops::Fp8Gemv {
+                            input,
+                            norm_tail: tail.then_some(ops::NormTail {
+                                residual: res.ptr(),
+                                weight: nw.ptr(),
+                                codes: codes.ptr(),
+                                scales: scales.ptr(),
+                                counter: counter.ptr(),
+                                eps,
+                            }),
+                            ..ops::Fp8Gemv::codes(0, 0, wb.ptr(), ws.ptr(), y.ptr(), m, n, k, ops::Fp8Epilogue::Bf16)
+                        };
+                        ops::run_gemv_fp8(&g, config, &op).expect("gemv");
+                        if !tail {
+                            ops::add_rms_norm_fp8(
+                                &g,
+                                res.ptr(),
+                                y.ptr(),
+                                nw.ptr(),
+                                codes.ptr(),
+                                scales.ptr(),
+                                m,
+                                n,
+                                eps,
+                            )
+                            .expect("norm");
+                        }
+                        (
+                            read_u16(&g, &y, m * n),
+                            read_u16(&g, &res, m * n),
+                            read_u8(&g, &codes, m * n),
+                            read_f32(&g, &scales, m).iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                        )
+                    };
+                    let (want, got) = (run(false), run(true));
+                    assert_eq!(got.0, want.0, "{what}: output");
+                    assert_eq!(got.1, want.1, "{what}: residual");
+                    let diff = got.2.iter().zip(&want.2).position(|(a, b)| a != b);
+                    assert!(diff.is_none(), "{what}: code {diff:?} differs");
+                    assert_eq!(got.3, want.3, "{what}: scales");
+                    assert_eq!(read_u8(&g, &counter, 4), [0; 4], "{what}: counter not reset");
+                }
+            }
+        }
+    }
+    // Refused: a SwiGLU epilogue, three tokens, a variant compiled without the tail, no counter.
+    let buf = g.zeros(1 << 16).expect("buf");
+    let p = buf.ptr();
+    let tail = ops::NormTail { residual: p, weight: p, codes: p, scales: p, counter: p, eps };
+    let op =
+        ops::Fp8Gemv { norm_tail: Some(tail), ..ops::Fp8Gemv::codes(p, p, p, p, p, 1, 64, 64, ops::Fp8Epilogue::Bf16) };
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { epilogue: ops::Fp8Epilogue::SwiGlu, ..op }).is_err());
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { m: ops::NORM_TAIL_MAX_M + 1, ..op }).is_err());
+    let plain_only = ops::Fp8GemvConfig { split_k: 4, unroll: 2, prefetch: false };
+    assert!(ops::run_gemv_fp8(&g, Some(plain_only), &op).is_err());
+    let no_counter = ops::Fp8Gemv { norm_tail: Some(ops::NormTail { counter: 0, ..tail }), ..op };
+    assert!(ops::run_gemv_fp8(&g, None, &no_counter).is_err());
     g.synchronize().expect("sync");
 }

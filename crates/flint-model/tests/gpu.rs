@@ -478,14 +478,36 @@ fn fused_fp8_quantization_changes_no_logit() {
     eprintln!("fused FP8 quantization: logits bit-equal to the separate kernels'");
 }
 
-/// Decode steps whose attention ropes the queries and writes the new keys and values itself (the
-/// default) give the logits of a RoPE + KV-write kernel before the attention, bit for bit, on
-/// every reference checkpoint (head dims 64 and 128, GQA 1 to 8, the QKV bias): one sequence
-/// (prefill, then decode-only steps), three decoding together and a prompt joining a decode
-/// mid-way (a mixed step, which keeps the separate kernel); BF16 and FP8 models over BF16 and FP8 caches,
-/// with and without graphs.
+/// Decode steps whose attention ropes the queries and writes the new keys and values itself give
+/// the logits of a RoPE + KV-write kernel before the attention, bit for bit, on every reference
+/// checkpoint (head dims 64 and 128, GQA 1 to 8, the QKV bias), in the runs of
+/// [`assert_fusion_changes_no_logit`]; BF16 and FP8 models over BF16 and FP8 caches.
 #[test]
 fn fused_rope_attention_changes_no_logit() {
+    let dtypes = [(false, false), (false, true), (true, true)];
+    assert_fusion_changes_no_logit("fused RoPE attention", &dtypes, |o, on| o.fuse_rope_attention = on);
+}
+
+/// FP8 steps of one and two tokens whose O and down GEMVs run the residual add + RMSNorm +
+/// quantize in their last block give the logits of the norm kernels, bit for bit, on every
+/// reference checkpoint (hidden sizes and their GEMV variants), in the runs of
+/// [`assert_fusion_changes_no_logit`] (the mixed run decodes two sequences after the prompt
+/// joins); BF16 and FP8 caches, with and without the fused quantization (one token).
+#[test]
+fn norm_tail_changes_no_logit() {
+    let dtypes = [(true, false), (true, true)];
+    assert_fusion_changes_no_logit("norm tail", &dtypes, |o, on| o.fuse_norm_tail = on);
+    assert_fusion_changes_no_logit("norm tail, separate quantization", &dtypes, |o, on| {
+        o.fuse_norm_tail = on;
+        o.fuse_fp8_quantization = false;
+    });
+}
+
+/// On every reference checkpoint, for each (fp8, kv_fp8) of `dtypes`, with and without graphs:
+/// the logits with a fusion on (`set(options, true)`) equal those with it off, bit for bit, for
+/// one sequence (prefill, then decode-only steps), three decoding together, and a prompt joining
+/// a decode mid-way (a mixed step, after which two sequences decode).
+fn assert_fusion_changes_no_logit(name: &str, dtypes: &[(bool, bool)], set: fn(&mut CudaLlamaOptions, bool)) {
     let Some(g) = gpu() else { return };
     let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
     for dir in hf_dirs().expect("checkpoints") {
@@ -493,10 +515,11 @@ fn fused_rope_attention_changes_no_logit() {
         let source = ModelSource::open(&dir).expect("open checkpoint");
         let config = source.config().expect("config");
         let forced = &r.tokens[..12.min(r.tokens.len() - 1)];
-        for (fp8, kv_fp8) in [(false, false), (false, true), (true, true)] {
+        for &(fp8, kv_fp8) in dtypes {
             for graphs in [false, true] {
                 let run = |fuse: bool| {
-                    let options = CudaLlamaOptions { fp8, kv_fp8, fuse_rope_attention: fuse, ..small_options(graphs) };
+                    let mut options = CudaLlamaOptions { fp8, kv_fp8, ..small_options(graphs) };
+                    set(&mut options, fuse);
                     let model = CudaLlama::load(Arc::clone(&g), &source, config.clone(), options).expect("load");
                     let alone = run_gpu(&model, &r.prompt, forced);
                     let together = run_batched(&|b| model.forward(b).expect("step"), &r.prompt, 8);
@@ -521,14 +544,14 @@ fn fused_rope_attention_changes_no_logit() {
                     (alone, together, mixed)
                 };
                 let (fused, separate) = (run(true), run(false));
-                let what = format!("{} fp8 {fp8} kv fp8 {kv_fp8} graphs {graphs}", dir.display());
+                let what = format!("{name}: {} fp8 {fp8} kv fp8 {kv_fp8} graphs {graphs}", dir.display());
                 assert_eq!(bits(&fused.0), bits(&separate.0), "{what}: one sequence's logits differ");
                 assert_eq!(bits(&fused.1), bits(&separate.1), "{what}: three sequences' logits differ");
                 assert_eq!(bits(&fused.2), bits(&separate.2), "{what}: the mixed run's logits differ");
             }
         }
     }
-    eprintln!("fused RoPE attention: logits bit-equal to the separate kernel's");
+    eprintln!("{name}: logits bit-equal with the fusion on and off");
 }
 
 /// Early launch (the small kernels let the next one launch as they enter, the GEMVs load and

@@ -160,6 +160,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// Asks L1 for the line holding p without waiting.
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
 // Whether block `block` of a GEMV whose blocks each read `block_bytes` of weights prefetches
 // them into L2 before its wait: with `asked` (the launch's l2_prefetch), the first blocks, up to
 // the budget.

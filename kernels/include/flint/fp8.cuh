@@ -79,62 +79,136 @@ __device__ __forceinline__ void add_rms_norm_fp8_row(bf16* residual, const bf16*
     if (threadIdx.x == 0) scales[blockIdx.x] = scale;
 }
 
-// add_rms_norm_fp8_row with the row in registers, C vectors of 8 per thread (hidden <= 8 C
-// blockDim.x): one read of each input, and with early launch the norm weights are loaded before
-// the wait. The same arithmetic, so the same codes and scales.
+// Threads that share a row in the add + RMSNorm + quantize kernels (the launch's block size).
+// The fused tail of an FP8 GEMV (norm_tail) splits the row as this many threads would, whatever
+// its block size, so that its sums and codes are the kernel's bit for bit.
+constexpr int kNormThreads = 256;
+
+// The norm weights of thread `tid`'s vectors tid + c kNormThreads (c < C) of a row of nv vectors.
 template <int C>
-__device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf16* add, const float* weight,
-                                                        uint8_t* out, float* scales, int hidden, float eps) {
-    __shared__ float scratch[32];
-    const int nv = hidden / 8;
-    const size_t row = (size_t)blockIdx.x * hidden;
-    Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + row);
-    const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + row);
-    float w[C][8], v[C][8];
-    auto load_weights = [&]() {
+__device__ __forceinline__ void load_norm_weights(float (&w)[C][8], const float* weight, int nv, int tid) {
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-            const int i = threadIdx.x + c * blockDim.x;
-            if (i < nv) {
+    for (int c = 0; c < C; ++c) {
+        const int i = tid + c * kNormThreads;
+        if (tid < kNormThreads && i < nv) {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) w[c][j] = weight[i * 8 + j];
-            }
+            for (int j = 0; j < 8; ++j) w[c][j] = weight[i * 8 + j];
         }
-    };
-    const bool early = flint_early_launch != 0;
-    if (early) {
-        pdl_launch_next();
-        load_weights();
     }
-    pdl_wait();
-    if (!early) load_weights();
+}
+
+// add_rms_norm_fp8_row with the row in registers, C vectors of 8 per thread (hidden <= 8 C
+// kNormThreads), for row `row`: thread tid < kNormThreads takes vectors tid + c kNormThreads,
+// threads past it only join the block reductions (adding zeros, so the sums are those of a
+// kNormThreads block). The row is held as bf16 (every value it keeps is a bf16 value), four
+// registers a vector. weights8(c, i): the norm weights of vector i (the thread's c-th), read
+// after the sum of squares. CG: the added row is read through L2 (written by other blocks of
+// this grid). The same arithmetic as the three-pass row kernel, so the same codes and scales.
+template <int C, bool CG, class Weights>
+__device__ __forceinline__ void add_rms_norm_fp8_regs(Weights weights8, bf16* residual, const bf16* add, uint8_t* out,
+                                                      float* scales, int row, int hidden, float eps, float* scratch) {
+    const int nv = hidden / 8, tid = threadIdx.x;
+    const size_t at = (size_t)row * hidden;
+    Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + at);
+    const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + at);
+    Bf16x8 kept[C];
     float ss = 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        const int i = threadIdx.x + c * blockDim.x;
-        if (i < nv) residual_sum8(res[i], add != nullptr ? &addv[i] : nullptr, v[c], ss);
+        const int i = tid + c * kNormThreads;
+        if (tid >= kNormThreads || i >= nv) continue;
+        float v[8];
+        if (add == nullptr) {
+            residual_sum8(res[i], nullptr, v, ss);
+        } else if constexpr (CG) {
+            const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(addv + i));
+            residual_sum8(res[i], reinterpret_cast<const Bf16x8*>(&raw), v, ss);
+        } else {
+            residual_sum8(res[i], &addv[i], v, ss);
+        }
+        kept[c] = pack(v);
     }
     const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
     float m = 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        const int i = threadIdx.x + c * blockDim.x;
-        if (i >= nv) continue;
-        rms_scale8(v[c], w[c], r);
+        const int i = tid + c * kNormThreads;
+        if (tid >= kNormThreads || i >= nv) continue;
+        float v[8];
+        unpack(kept[c], v);
+        rms_scale8(v, weights8(c, i), r);
+        kept[c] = pack(v);  // the bf16 rounding of the normed row
+        unpack(kept[c], v);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            v[c][j] = __bfloat162float(__float2bfloat16(v[c][j]));
-            m = fmaxf(m, fabsf(v[c][j]));
-        }
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
     }
     __syncthreads();  // scratch reuse
     const float scale = fp8_scale(block_max(m, scratch));
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-        const int i = threadIdx.x + c * blockDim.x;
-        if (i < nv) store_e4m3x8(out + row + i * 8, v[c], scale);
+        const int i = tid + c * kNormThreads;
+        if (tid >= kNormThreads || i >= nv) continue;
+        float v[8];
+        unpack(kept[c], v);
+        store_e4m3x8(out + at + i * 8, v, scale);
     }
-    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+    if (tid == 0) scales[row] = scale;
+}
+
+// The kernel form of add_rms_norm_fp8_regs, one block of kNormThreads per row: with early launch
+// the norm weights are loaded (into registers) before the wait, and each input is read once.
+template <int C>
+__device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf16* add, const float* weight,
+                                                        uint8_t* out, float* scales, int hidden, float eps) {
+    __shared__ float scratch[32];
+    float w[C][8];
+    const bool early = flint_early_launch != 0;
+    if (early) {
+        pdl_launch_next();
+        load_norm_weights<C>(w, weight, hidden / 8, threadIdx.x);
+    }
+    pdl_wait();
+    if (!early) load_norm_weights<C>(w, weight, hidden / 8, threadIdx.x);
+    const auto weights8 = [&](int c, int) -> const float* { return w[c]; };
+    add_rms_norm_fp8_regs<C, false>(weights8, residual, add, out, scales, blockIdx.x, hidden, eps, scratch);
+}
+
+// The add + RMSNorm + quantize that an FP8 GEMV of the decode chain (O, down) runs on its own
+// output once every block has written it (residual += y, then the next layer's normed codes).
+// counter: a u32, zero before the launch and again after it.
+struct Fp8NormTail {
+    bf16* residual;
+    const float* weight;
+    uint8_t* codes;
+    float* scales;
+    unsigned* counter;
+    float eps;
+};
+
+// Largest row the tail takes (in registers, four vectors per thread).
+constexpr int kNormTailMaxHidden = 32 * kNormThreads;
+// Most tokens of a tail (the rows run one after another in one block).
+constexpr int kNormTailMaxM = 2;
+
+// Called by every thread of every block after its writes of y [m, hidden]: the last block to
+// arrive normalises the m rows, one after another, with add_rms_norm_fp8_regs.
+__device__ __forceinline__ void norm_tail(const Fp8NormTail& tail, const bf16* y, int m, int hidden) {
+    __shared__ float scratch[32];
+    __shared__ bool last;
+    __threadfence();  // this thread's y, before the block counts itself in
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(tail.counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // every block's y, before reading it
+    // The norm weights are read after each row's sum of squares; ask them into L1 now.
+    const int nv = hidden / 8;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) prefetch_l1(tail.weight + i * 8);
+    const auto weights8 = [&](int, int i) { return tail.weight + i * 8; };
+    for (int r = 0; r < m; ++r)
+        add_rms_norm_fp8_regs<4, true>(weights8, tail.residual, y, tail.codes, tail.scales, r, hidden, tail.eps,
+                                       scratch);
+    if (threadIdx.x == 0) *tail.counter = 0;  // ready for the next launch
 }
 
 // SwiGLU on a fused gate/up row ([2 ff]: gate then up), quantized: out[t] = codes of
@@ -275,11 +349,11 @@ __host__ __device__ constexpr int f8_qrow() { return 64 * U + (U % 2 == 0 ? 64 :
 // amax_out (SwiGLU, may be null): the output's amax per token is published there, for a Q GEMV
 // next. amax_clear (may be null): [m, kAmaxSlots] that block 0 zeroes (the other activation's
 // slots, whose reader has finished, for their producer's next use).
-template <int S, int U, bool P, bool Q>
+template <int S, int U, bool P, bool Q, bool T>
 __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const float* __restrict__ x_aux,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue, float* amax_out,
-                                         float* amax_clear, bool l2_prefetch) {
+                                         float* amax_clear, bool l2_prefetch, const Fp8NormTail& tail) {
     constexpr int W = f8_block_warps(S);
     static_assert(W % S == 0, "S divides the block's warps");
     constexpr int kTilesPerBlock = W / S;
@@ -413,54 +487,56 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
 #pragma unroll
     for (int i = 0; i < 4; ++i) partial[warp][lane][i] = c[i];
     __syncthreads();
-    if (part != 0 || tile >= n_tiles) return;
+    if (part == 0 && tile < n_tiles) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float s = 0.f;
+        for (int i = 0; i < 4; ++i) {
+            float s = 0.f;
 #pragma unroll
-        for (int p = 0; p < S; ++p) s += partial[warp + p][lane][i];
-        c[i] = s;
-    }
-    // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens. (From here on the warp
-    // is whole: part 0 of a real tile.)
-    float xs[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int tok = 2 * t + j;
-        if constexpr (Q)
-            xs[j] = __shfl_sync(0xffffffffu, own_scale, 4 * tok);
-        else
-            xs[j] = tok < m ? x_aux[tok] : 0.f;
-    }
-    const float sa = w_scale[row_a], sb = w_scale[row_b];
-    float amax[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int tok = 2 * t + j;
-        if (tok >= m) continue;
-        const float va = c[j] * sa * xs[j], vb = c[2 + j] * sb * xs[j];
-        if (swiglu) {
-            const float gb = __bfloat162float(__float2bfloat16(va));
-            const float ub = __bfloat162float(__float2bfloat16(vb));
-            const bf16 o = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
-            y[(size_t)tok * n + row_a] = o;
-            amax[j] = fmaxf(0.f, fabsf(__bfloat162float(o)));
-        } else {
-            y[(size_t)tok * n + row_a] = __float2bfloat16(va);
-            y[(size_t)tok * n + row_b] = __float2bfloat16(vb);
+            for (int p = 0; p < S; ++p) s += partial[warp + p][lane][i];
+            c[i] = s;
         }
-    }
-    if (swiglu && amax_out != nullptr) {
-        // Max over the warp's eight rows (lanes of one t), then one atomic per token.
+        // c0, c1: row A, tokens 2t, 2t + 1; c2, c3: row B, the same tokens. (From here on the warp
+        // is whole: part 0 of a real tile.)
+        float xs[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < 2; ++j) {
+            const int tok = 2 * t + j;
+            if constexpr (Q)
+                xs[j] = __shfl_sync(0xffffffffu, own_scale, 4 * tok);
+            else
+                xs[j] = tok < m ? x_aux[tok] : 0.f;
+        }
+        const float sa = w_scale[row_a], sb = w_scale[row_b];
+        float amax[2] = {0.f, 0.f};
 #pragma unroll
-            for (int o = 4; o < 32; o <<= 1) amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
-        if (g == 0)
+        for (int j = 0; j < 2; ++j) {
+            const int tok = 2 * t + j;
+            if (tok >= m) continue;
+            const float va = c[j] * sa * xs[j], vb = c[2 + j] * sb * xs[j];
+            if (swiglu) {
+                const float gb = __bfloat162float(__float2bfloat16(va));
+                const float ub = __bfloat162float(__float2bfloat16(vb));
+                const bf16 o = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
+                y[(size_t)tok * n + row_a] = o;
+                amax[j] = fmaxf(0.f, fabsf(__bfloat162float(o)));
+            } else {
+                y[(size_t)tok * n + row_a] = __float2bfloat16(va);
+                y[(size_t)tok * n + row_b] = __float2bfloat16(vb);
+            }
+        }
+        if (swiglu && amax_out != nullptr) {
+            // Max over the warp's eight rows (lanes of one t), then one atomic per token.
 #pragma unroll
             for (int j = 0; j < 2; ++j)
-                if (2 * t + j < m) amax_publish(amax_out, 2 * t + j, tile, amax[j]);
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
+            if (g == 0)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if (2 * t + j < m) amax_publish(amax_out, 2 * t + j, tile, amax[j]);
+        }
     }
+    if constexpr (T) norm_tail(tail, y, m, n);
 }
 
 }  // namespace flint

@@ -87,6 +87,12 @@ pub struct CudaLlamaOptions {
     /// its GPU tests (`decode_with_rope_equals_rope_then_decode`,
     /// `fused_rope_attention_changes_no_logit`) and `flint bench --rope-attention both` have run.
     pub fuse_rope_attention: bool,
+    /// Single-GPU FP8 steps of at most `ops::NORM_TAIL_MAX_M` tokens: the O and down GEMVs end
+    /// with the residual add + RMSNorm + quantize of their output, run by their last block,
+    /// instead of a norm kernel after each (the same residual, codes and scales either way; two
+    /// kernels less per layer). Off by default until its GPU tests
+    /// (`gemv_norm_tail_equals_norm_kernel`, `norm_tail_changes_no_logit`) have run.
+    pub fuse_norm_tail: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -106,6 +112,7 @@ impl Default for CudaLlamaOptions {
             p2p_link: P2pLink::Flags,
             fuse_fp8_quantization: true,
             fuse_rope_attention: false,
+            fuse_norm_tail: false,
         }
     }
 }
@@ -288,6 +295,9 @@ struct Workspace {
     candidate_parts: DeviceBuffer,
     /// Split counters of the decode attention (`[tokens, n_kv]` u32, zero between launches).
     split_counters: DeviceBuffer,
+    /// The arrival counter of an FP8 GEMV's norm tail (one u32, zero between launches; the
+    /// GEMVs with a tail run one after another).
+    norm_counter: DeviceBuffer,
     sampled: DeviceBuffer,
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
@@ -673,6 +683,7 @@ impl CudaLlama {
             part_o: gpu.alloc(4 * part_rows * local.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
+            norm_counter: gpu.zeros(4)?,
             candidates: gpu.alloc(4 * max_seqs * 2 * crate::MAX_CANDIDATES)?,
             candidate_parts: gpu.alloc(if shard.is_single() {
                 0
@@ -1080,11 +1091,10 @@ impl CudaLlama {
             && ops::gemv_fp8_fits(c.hidden_size, lo.ff, ops::Fp8Epilogue::Bf16)
     }
 
-    /// The FP8 GEMV `y = x W^T` of a bf16 activation `x` that quantizes it itself from the amax
-    /// slots `amax`, zeroing the slots `clear`; `publish`: SwiGLU output amax slots (or 0); `l2`
-    /// as for [`Self::linear`].
+    /// The FP8 GEMV `y = x W^T` of `w` on `input`, with nothing published, cleared, prefetched or
+    /// normalised (callers set those with struct update syntax).
     #[allow(clippy::too_many_arguments)]
-    fn gemv_fp8_slots(
+    fn fp8_gemv(
         &self,
         input: ops::Fp8Input,
         w: &Weight,
@@ -1093,24 +1103,26 @@ impl CudaLlama {
         n: usize,
         k: usize,
         epilogue: ops::Fp8Epilogue,
-        publish: u64,
-        clear: u64,
-        l2: bool,
-    ) -> Result<()> {
-        let op = ops::Fp8Gemv {
-            input,
-            w: w.ptr(),
-            w_scale: w.scales(),
-            y,
-            m,
-            n,
-            k,
-            epilogue,
-            publish_amax: publish,
-            clear_amax: clear,
-            l2_prefetch: l2,
-        };
-        Ok(ops::run_gemv_fp8(&self.gpu, None, &op)?)
+    ) -> ops::Fp8Gemv {
+        let codes = ops::Fp8Gemv::codes(0, 0, w.ptr(), w.scales(), y, m, n, k, epilogue);
+        ops::Fp8Gemv { input, ..codes }
+    }
+
+    /// Whether the O and down GEMVs of an FP8 step of `n` tokens run the residual add +
+    /// RMSNorm + quantize after them as their tail ([`CudaLlamaOptions::fuse_norm_tail`]): one
+    /// GPU (an all-reduce comes between the projection and the norm otherwise), and both
+    /// projections run as FP8 GEMVs.
+    fn norm_tail(&self, n: usize) -> bool {
+        let (c, lo) = (&self.config, &self.local);
+        let bf16_epi = ops::Fp8Epilogue::Bf16;
+        self.options.fp8
+            && self.options.fuse_norm_tail
+            && self.comm.is_none()
+            && self.p2p.is_none()
+            && n <= ops::GEMV_FP8_MAX_M
+            && ops::norm_tail_fits(n, c.hidden_size, bf16_epi)
+            && ops::gemv_fp8_fits(c.hidden_size, lo.n_heads * c.head_dim, bf16_epi)
+            && ops::gemv_fp8_fits(c.hidden_size, lo.ff, bf16_epi)
     }
 
     /// Enqueues the whole forward pass (and sampling) of a planned step; no host synchronisation.
@@ -1182,18 +1194,32 @@ impl CudaLlama {
             Some(p) => (p.input(0), p.input(1)),
             None => (ws.proj.ptr(), ws.proj.ptr()),
         };
+        let norm_tail = self.norm_tail(n);
+        let tail = |weight: u64| ops::NormTail {
+            residual: ws.residual.ptr(),
+            weight,
+            codes: xq,
+            scales: xs,
+            counter: ws.norm_counter.ptr(),
+            eps,
+        };
+        // The previous layer's down GEMV has already normalised this layer's input.
+        let mut normed_by_tail = false;
         for (i, layer) in self.layers.iter().enumerate() {
             // The pending down projection: none before the first layer; on a later stage the
             // received (already reduced) one.
             let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
             if fp8 {
                 match p2p {
+                    _ if normed_by_tail => {}
                     Some(p) if i > 0 => {
                         p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
                     }
                     _ => ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?,
                 }
-                mark("add_rms_norm")?;
+                if !normed_by_tail {
+                    mark("add_rms_norm")?;
+                }
                 self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true)?;
             } else {
                 match p2p {
@@ -1304,34 +1330,67 @@ impl CudaLlama {
             }
             mark("attention")?;
             if fp8 {
+                let o_tail = norm_tail.then(|| tail(layer.mlp_norm.ptr()));
+                let down_tail = self.layers.get(i + 1).filter(|_| norm_tail).map(|next| tail(next.attn_norm.ptr()));
                 if fused {
                     let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
-                    self.gemv_fp8_slots(input, &layer.o, o_out, n, h, q_dim, bf16_epi, 0, amax_act, true)?;
+                    let op = ops::Fp8Gemv {
+                        clear_amax: amax_act,
+                        l2_prefetch: true,
+                        norm_tail: o_tail,
+                        ..self.fp8_gemv(input, &layer.o, o_out, n, h, q_dim, bf16_epi)
+                    };
+                    ops::run_gemv_fp8(g, None, &op)?;
                 } else {
                     ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                     mark("quantize")?;
-                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true)?;
+                    match o_tail {
+                        Some(t) => {
+                            let input = ops::Fp8Input::Codes { x: xq, scales: xs };
+                            let op = ops::Fp8Gemv {
+                                l2_prefetch: true,
+                                norm_tail: Some(t),
+                                ..self.fp8_gemv(input, &layer.o, o_out, n, h, q_dim, bf16_epi)
+                            };
+                            ops::run_gemv_fp8(g, None, &op)?;
+                        }
+                        None => self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true)?,
+                    }
                 }
                 match p2p {
                     Some(p) => {
                         mark("o_proj")?;
                         p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), fp8_out, n, h, eps)?;
+                        mark("add_rms_norm")?;
                     }
                     None => {
                         self.all_reduce(ws.proj.ptr(), n * h)?;
                         mark("o_proj")?;
-                        let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
-                        ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
+                        if o_tail.is_none() {
+                            let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
+                            ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
+                            mark("add_rms_norm")?;
+                        }
                     }
                 }
-                mark("add_rms_norm")?;
+                normed_by_tail = down_tail.is_some();
                 if fused {
                     let input = ops::Fp8Input::Codes { x: xq, scales: xs };
                     let swiglu = ops::Fp8Epilogue::SwiGlu;
-                    self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0, true)?;
+                    let op = ops::Fp8Gemv {
+                        publish_amax: amax_act,
+                        l2_prefetch: true,
+                        ..self.fp8_gemv(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu)
+                    };
+                    ops::run_gemv_fp8(g, None, &op)?;
                     mark("gate_up_swiglu")?;
                     let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
-                    self.gemv_fp8_slots(input, &layer.down, down_out, n, h, ff, bf16_epi, 0, amax_attn, false)?;
+                    let op = ops::Fp8Gemv {
+                        clear_amax: amax_attn,
+                        norm_tail: down_tail,
+                        ..self.fp8_gemv(input, &layer.down, down_out, n, h, ff, bf16_epi)
+                    };
+                    ops::run_gemv_fp8(g, None, &op)?;
                 } else if self.fp8_gate_up_gemv(n) {
                     self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true)?;
                     mark("gate_up_swiglu")?;
@@ -1344,7 +1403,18 @@ impl CudaLlama {
                     mark("swiglu_quantize")?;
                 }
                 if !fused {
-                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true)?;
+                    match down_tail {
+                        Some(t) => {
+                            let input = ops::Fp8Input::Codes { x: xq, scales: xs };
+                            let op = ops::Fp8Gemv {
+                                l2_prefetch: true,
+                                norm_tail: Some(t),
+                                ..self.fp8_gemv(input, &layer.down, down_out, n, h, ff, bf16_epi)
+                            };
+                            ops::run_gemv_fp8(g, None, &op)?;
+                        }
+                        None => self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true)?,
+                    }
                 }
                 if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
@@ -1657,12 +1727,14 @@ impl CudaLlama {
             self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false)?;
             if fused {
                 let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
-                self.gemv_fp8_slots(input, &layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, 0, amax_act, false)?;
+                let op = self.fp8_gemv(input, &layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi);
+                ops::run_gemv_fp8(&self.gpu, None, &ops::Fp8Gemv { clear_amax: amax_act, ..op })?;
                 let input = ops::Fp8Input::Codes { x: ws.xq.ptr(), scales: ws.xs.ptr() };
-                let swiglu = ops::Fp8Epilogue::SwiGlu;
-                self.gemv_fp8_slots(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu, amax_act, 0, false)?;
+                let op = self.fp8_gemv(input, &layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu);
+                ops::run_gemv_fp8(&self.gpu, None, &ops::Fp8Gemv { publish_amax: amax_act, ..op })?;
                 let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
-                self.gemv_fp8_slots(input, &layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, 0, amax_attn, false)?;
+                let op = self.fp8_gemv(input, &layer.down, ws.proj.ptr(), n, h, ff, bf16_epi);
+                ops::run_gemv_fp8(&self.gpu, None, &ops::Fp8Gemv { clear_amax: amax_attn, ..op })?;
             } else {
                 self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false)?;
                 self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false)?;
