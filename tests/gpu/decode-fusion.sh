@@ -10,7 +10,8 @@
 # bench: PRESET (default llama-3.1-8b) BF16 then FP8 (FP8 cache), with the RoPE folded into the
 #        decode attention and the FP8 norm tail, then each model again with the separate RoPE
 #        kernel, and the FP8 one with the norm kernels, one process.
-# Logs and JSON go to $OUT (or ./gpu-out).
+# Logs and JSON go to $OUT (or ./gpu-out). KERNEL_TESTS / MODEL_TESTS narrow the tests run (test
+# name filters); KERNELS_TIMEOUT, HF_TIMEOUT, MODELS_TIMEOUT and BENCH_TIMEOUT bound each part.
 set -uo pipefail
 MODE=${1:-all}
 PRESET=${PRESET:-llama-3.1-8b}
@@ -23,19 +24,19 @@ echo "revision $(cat $B/REVISION)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 if [[ $MODE == kernels || $MODE == check || $MODE == all ]]; then
   echo "== kernels against flint-cpu"
-  timeout 240 $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
+  timeout ${KERNELS_TIMEOUT:-240} $B/tests/kernels ${KERNEL_TESTS:-} --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -40
 fi
 if [[ $MODE == models || $MODE == check || $MODE == all ]]; then
   echo "== transformers checkpoints, model tests"
-  [[ -d /tmp/flint-hf ]] || timeout 200 python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
-  FLINT_HF_MODELS=/tmp/flint-hf timeout 420 $B/tests/gpu fused_rope norm_tail early_launch fused_fp8 fp8_model batched_decode matches \
+  [[ -d /tmp/flint-hf ]] || timeout ${HF_TIMEOUT:-200} python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  FLINT_HF_MODELS=/tmp/flint-hf timeout ${MODELS_TIMEOUT:-420} $B/tests/gpu ${MODEL_TESTS:-fused_rope norm_tail early_launch fused_fp8 fp8_model batched_decode matches} \
     --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
-  grep -E "^test .*(ok|FAILED)$|worst|early launch|fused|panicked|test result" "$OUT/model.log" | tail -24
+  grep -E "^test .*(ok|FAILED)$|worst|early launch|fused|bit-equal|panicked|test result" "$OUT/model.log" | tail -24
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET BF16 and FP8, RoPE in the attention and separate, FP8 norm tail and separate"
-  timeout 420 $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
+  timeout ${BENCH_TIMEOUT:-420} $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
     --rope-attention both --norm-tail both --json-out "$OUT/flint-$PRESET-decode-fusion.json" 2>&1 | grep -v "^  " || status=1
 fi
 exit $status
