@@ -1046,6 +1046,44 @@ pub fn arl_add_rms_norm(
 mod tests {
     use super::gemv_unroll;
 
+    /// Every kernel name the launchers can form is in the list the modules are checked against
+    /// at start-up (a compiled kernel missing there cannot be launched).
+    #[test]
+    fn every_launchable_kernel_is_registered() {
+        use super::{Fp8GemvConfig, PagedKv};
+        let registered = |name: &str| crate::gpu::KERNEL_NAMES.contains(&name);
+        for c in Fp8GemvConfig::ALL {
+            for q in [false, true] {
+                assert!(registered(&c.kernel(q, false)), "{} is not registered", c.kernel(q, false));
+            }
+        }
+        for c in Fp8GemvConfig::NORM_TAIL {
+            assert!(Fp8GemvConfig::ALL.contains(&c));
+            for q in [false, true] {
+                assert!(registered(&c.kernel(q, true)), "{} is not registered", c.kernel(q, true));
+            }
+        }
+        for (scales, head_dim) in [(0, 64), (0, 128), (8, 64), (8, 128)] {
+            let kv = PagedKv {
+                k_cache: 0,
+                v_cache: 0,
+                k_scales: scales,
+                v_scales: scales,
+                block_tables: 0,
+                max_blocks: 1,
+                block_size: 16,
+                n_heads: 1,
+                n_kv: 1,
+                head_dim,
+                scale: 1.0,
+            };
+            for kind in ["decode", "decode_rope", "prefill"] {
+                let name = kv.kernel(kind).expect("name");
+                assert!(registered(&name), "{name} is not registered");
+            }
+        }
+    }
+
     /// Per-warp 256-element steps of a GEMV over `k` with `u` loads in flight (what the kernel
     /// does: full chunks round-robin over 4 warps, then the tail's steps).
     fn per_warp_steps(k: usize, u: usize) -> usize {
