@@ -690,7 +690,7 @@ pub const NORM_TAIL_MAX_HIDDEN: usize = 8192;
 /// the normalised rows as FP8 codes `[m, n]` with a scale per row, bit for bit those of the
 /// kernel. `counter`: a u32, zero before the launch and zero again after it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct NormTail {
     pub residual: u64,
     pub weight: u64,
@@ -798,7 +798,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
     };
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
-    let tail = norm_tail.unwrap_or(NormTail { residual: 0, weight: 0, codes: 0, scales: 0, counter: 0, eps: 0.0 });
+    let tail = norm_tail.unwrap_or_default();
     gpu.launch(
         &config.kernel(quantizes, norm_tail.is_some()),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),

@@ -1054,6 +1054,25 @@ impl CudaLlama {
         Ok(self.gemm.matmul_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k)?)
     }
 
+    /// A plain-epilogue [`Self::linear_fp8`] (L2 prefetch on) that, with `tail`, runs as the FP8
+    /// GEMV whose last block also does the residual add + RMSNorm + quantize of its output.
+    fn linear_fp8_normed(
+        &self,
+        w: &Weight,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        tail: Option<ops::NormTail>,
+    ) -> Result<()> {
+        let bf16_epi = ops::Fp8Epilogue::Bf16;
+        let Some(tail) = tail else { return self.linear_fp8(w, y, m, n, k, bf16_epi, true) };
+        let input = ops::Fp8Input::Codes { x: self.ws.xq.ptr(), scales: self.ws.xs.ptr() };
+        let op =
+            ops::Fp8Gemv { l2_prefetch: true, norm_tail: Some(tail), ..self.fp8_gemv(input, w, y, m, n, k, bf16_epi) };
+        Ok(ops::run_gemv_fp8(&self.gpu, None, &op)?)
+    }
+
     /// Whether a step of `m` tokens runs its gate/up projection through the fused FP8 GEMV.
     fn fp8_gate_up_gemv(&self, m: usize) -> bool {
         m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(self.local.ff, self.config.hidden_size, ops::Fp8Epilogue::SwiGlu)
@@ -1071,8 +1090,6 @@ impl CudaLlama {
         plan.n_tiles == 0 && plan.decode_rows == plan.n_tokens && self.fused_quantization_fits(plan.n_tokens)
     }
 
-    /// The model and shape conditions of [`Self::fused_quantization`] for a decode step of `n`
-    /// tokens.
     /// Whether the decode attention ropes the queries and writes the new keys and values itself
     /// ([`CudaLlamaOptions::fuse_rope_attention`]): a decode-only step, where every token is its
     /// sequence's only new one and the decode kernel runs them all.
@@ -1080,6 +1097,8 @@ impl CudaLlama {
         self.options.fuse_rope_attention && plan.n_tiles == 0 && plan.decode_rows == plan.n_tokens
     }
 
+    /// The model and shape conditions of [`Self::fused_quantization`] for a decode step of `n`
+    /// tokens.
     fn fused_quantization_fits(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let q_dim = lo.n_heads * c.head_dim;
@@ -1210,14 +1229,16 @@ impl CudaLlama {
             // received (already reduced) one.
             let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
             if fp8 {
-                match p2p {
-                    _ if normed_by_tail => {}
-                    Some(p) if i > 0 => {
-                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
-                    }
-                    _ => ops::add_rms_norm_fp8(g, ws.residual.ptr(), add, layer.attn_norm.ptr(), xq, xs, n, h, eps)?,
-                }
                 if !normed_by_tail {
+                    match p2p {
+                        Some(p) if i > 0 => {
+                            p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
+                        }
+                        _ => {
+                            let (res, norm) = (ws.residual.ptr(), layer.attn_norm.ptr());
+                            ops::add_rms_norm_fp8(g, res, add, norm, xq, xs, n, h, eps)?
+                        }
+                    }
                     mark("add_rms_norm")?;
                 }
                 self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true)?;
@@ -1344,18 +1365,7 @@ impl CudaLlama {
                 } else {
                     ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                     mark("quantize")?;
-                    match o_tail {
-                        Some(t) => {
-                            let input = ops::Fp8Input::Codes { x: xq, scales: xs };
-                            let op = ops::Fp8Gemv {
-                                l2_prefetch: true,
-                                norm_tail: Some(t),
-                                ..self.fp8_gemv(input, &layer.o, o_out, n, h, q_dim, bf16_epi)
-                            };
-                            ops::run_gemv_fp8(g, None, &op)?;
-                        }
-                        None => self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true)?,
-                    }
+                    self.linear_fp8_normed(&layer.o, o_out, n, h, q_dim, o_tail)?;
                 }
                 match p2p {
                     Some(p) => {
@@ -1403,18 +1413,7 @@ impl CudaLlama {
                     mark("swiglu_quantize")?;
                 }
                 if !fused {
-                    match down_tail {
-                        Some(t) => {
-                            let input = ops::Fp8Input::Codes { x: xq, scales: xs };
-                            let op = ops::Fp8Gemv {
-                                l2_prefetch: true,
-                                norm_tail: Some(t),
-                                ..self.fp8_gemv(input, &layer.down, down_out, n, h, ff, bf16_epi)
-                            };
-                            ops::run_gemv_fp8(g, None, &op)?;
-                        }
-                        None => self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true)?,
-                    }
+                    self.linear_fp8_normed(&layer.down, down_out, n, h, ff, down_tail)?;
                 }
                 if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
