@@ -12,16 +12,11 @@
 #        kernel, and the FP8 one with the norm kernels, one process.
 # Logs and JSON go to $OUT (or ./gpu-out). KERNEL_TESTS / MODEL_TESTS narrow the tests run (test
 # name filters); KERNELS_TIMEOUT, HF_TIMEOUT, MODELS_TIMEOUT and BENCH_TIMEOUT bound each part.
-set -uo pipefail
+source tests/gpu/lib.sh
 MODE=${1:-all}
 PRESET=${PRESET:-llama-3.1-8b}
-B=.gpu/bundle
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export FLINT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-status=0
-echo "revision $(cat $B/REVISION)"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export FLINT_REQUIRE_GPU=1
+banner
 if [[ $MODE == kernels || $MODE == check || $MODE == all ]]; then
   echo "== kernels against flint-cpu"
   timeout ${KERNELS_TIMEOUT:-240} $B/tests/kernels ${KERNEL_TESTS:-} --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
@@ -29,7 +24,7 @@ if [[ $MODE == kernels || $MODE == check || $MODE == all ]]; then
 fi
 if [[ $MODE == models || $MODE == check || $MODE == all ]]; then
   echo "== transformers checkpoints, model tests"
-  [[ -d /tmp/flint-hf ]] || timeout ${HF_TIMEOUT:-200} python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf timeout ${MODELS_TIMEOUT:-420} $B/tests/gpu ${MODEL_TESTS:-fused_rope norm_tail early_launch fused_fp8 fp8_model batched_decode matches} \
     --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|early launch|fused|bit-equal|panicked|test result" "$OUT/model.log" | tail -24

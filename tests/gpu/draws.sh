@@ -5,14 +5,12 @@
 # host from full logits, e.g. one built from the revision before device draws) for the same
 # seed; then serving PRESET (random weights) under a temperature 0.8 / top-p 0.95 load and a
 # greedy one, with this bundle's binary and with OLD. Logs under $OUT.
-set -uo pipefail
-B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+source tests/gpu/lib.sh
 OLD=${OLD:-}
 PRESET=${PRESET:-llama-3.1-8b}
 CONC=${CONC:-256}
 export FLINT_REQUIRE_GPU=1
-status=0
-echo "revision $(cat $B/REVISION); $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+banner
 echo "== sampling kernel"
 $B/tests/kernels sampling --test-threads=1 --nocapture > "$OUT/kernels-sampling.log" 2>&1 || status=1
 grep -E "^test .*(ok|FAILED)$|panicked" "$OUT/kernels-sampling.log"

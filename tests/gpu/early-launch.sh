@@ -9,16 +9,11 @@
 #        first, early launch with 4 to 32 MiB of L2 prefetch by each GEMV that follows a
 #        latency-bound kernel), one process; and the step's projections alone in one graph.
 # Logs and JSON go to $OUT (or ./gpu-out).
-set -uo pipefail
+source tests/gpu/lib.sh
 MODE=${1:-all}
 PRESET=${PRESET:-llama-3.1-8b}
-B=.gpu/bundle
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export FLINT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-status=0
-echo "revision $(cat $B/REVISION)"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export FLINT_REQUIRE_GPU=1
+banner
 if [[ $MODE == bench || $MODE == all ]]; then
   echo "== bench $PRESET BF16 and FP8 under launch tunings ${TUNINGS:-0,off,4,8,16,32}"
   timeout 420 $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8} --lengths ${LENGTHS:-128:128} \
@@ -29,7 +24,7 @@ if [[ $MODE == check || $MODE == all ]]; then
   timeout 240 $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -40
   echo "== transformers checkpoints, model tests"
-  [[ -d /tmp/flint-hf ]] || timeout 200 python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf timeout 300 $B/tests/gpu early_launch fused_fp8 fp8_model batched_decode matches \
     --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|early launch|fused|panicked|test result" "$OUT/model.log" | tail -24

@@ -7,22 +7,17 @@
 # bench: PRESET (default llama-3.1-8b) BF16, then FP8 fused, then FP8 with separate quantization
 #        kernels, one after the other in one process (flint bench --fp8-quantization both).
 # Logs and JSON go to $OUT (or ./gpu-out).
-set -uo pipefail
+source tests/gpu/lib.sh
 MODE=${1:-all}
 PRESET=${PRESET:-llama-3.1-8b}
-B=.gpu/bundle
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export FLINT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-status=0
-echo "revision $(cat $B/REVISION)"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export FLINT_REQUIRE_GPU=1
+banner
 if [[ $MODE == check || $MODE == all ]]; then
   echo "== FP8 and attention kernels against flint-cpu and each other"
   timeout 240 $B/tests/kernels fp8 attention --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -8
   echo "== transformers checkpoints, FP8 model tests"
-  [[ -d /tmp/flint-hf ]] || timeout 200 python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf timeout 300 $B/tests/gpu fused_fp8 fp8_model batched_decode --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|fused|panicked|test result" "$OUT/model.log" | tail -16
 fi

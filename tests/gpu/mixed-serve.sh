@@ -3,13 +3,11 @@
 # alone, then with a second client beside it whose requests carry a repetition penalty (their
 # rows are sampled on the host, the others' drawn on the device in the same steps). From the
 # repository root with .gpu/bundle carried; logs under $OUT.
-set -uo pipefail
-B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+source tests/gpu/lib.sh
 PRESET=${PRESET:-llama-3.1-8b}
 CONC=${CONC:-256}; PENALIZED=${PENALIZED:-8}
 export FLINT_REQUIRE_GPU=1
-status=0
-echo "revision $(cat $B/REVISION); $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+banner
 port=50400
 $B/flint serve --device cuda --random-weights "$PRESET" --port $port --metrics-port $((port + 1)) --max-running 512 \
   --max-batch-tokens 2048 --max-model-len 1024 > "$OUT/serve-mixed.log" 2>&1 &

@@ -3,10 +3,9 @@
 # --nnodes 2` and then of `flint serve --pp 2 --nnodes 2` (the same flags work across hosts):
 # serve a load-generator run through node 0, then SIGTERM node 0 and check node 1 leaves
 # cleanly. From the repository root, with .gpu/bundle carried; logs under $OUT.
-set -uo pipefail
-B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0
-[[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1
+source tests/gpu/lib.sh
+banner
+hf_checkpoints
 M=/tmp/flint-hf/llama-gqa4-hd128
 port=29400
 for layout in "--tp 2" "--pp 2"; do

@@ -10,20 +10,15 @@
 #   bash tests/gpu/parallel.sh table   the 4-GPU table: PRESET (default llama-3.3-70b) at TP 4,
 #                                      PP 4 and TP 2 x PP 2 over BATCHES; 8B at TP 1, 2, 4
 # Logs and JSON go to $OUT (or ./gpu-out).
-set -uo pipefail
+source tests/gpu/lib.sh
 MODE=${1:-check}
-B=.gpu/bundle
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 FLINT_REQUIRE_GPU=1 FLINT_REQUIRE_TP=1 PYTHONUNBUFFERED=1
-N=$(nvidia-smi -L | wc -l)
-echo "revision $(cat $B/REVISION); $N x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-status=0
+export FLINT_REQUIRE_GPU=1 FLINT_REQUIRE_TP=1
+banner
 if [[ $MODE == check ]]; then
   nvidia-smi topo -m 2>/dev/null | head -$((N + 1))
   timeout 90 $B/tests/gpu p2p_all_reduce --test-threads=1 --nocapture > "$OUT/p2p-test.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|world [0-9] rank 0" "$OUT/p2p-test.log" | tail -6
-  [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf timeout 240 $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > "$OUT/parallel-model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|steps, worst|not split|panicked|test result" "$OUT/parallel-model.log" | tail -40
   for w in 2 4; do

@@ -7,12 +7,9 @@
 # big to save quickly). FLINT names another server binary to compare (default the bundle's);
 # LOAD_ARGS adds flags to the load generator (e.g. "--temperature 0.8 --top-p 0.95").
 # From the repository root with .gpu/bundle carried; logs under $OUT.
-set -uo pipefail
-B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-N=$(nvidia-smi -L | wc -l)
+source tests/gpu/lib.sh
 PRESET=${PRESET:-llama-3.1-8b}
-echo "revision $(cat $B/REVISION); $N x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+banner
 if [[ -n ${RANDOM_WEIGHTS:-} ]]; then
   MODEL=(--random-weights "$PRESET")
 else

@@ -11,16 +11,11 @@
 # The SmolLM2 GGUF (98 MB) is over one call's carry limit: carry .gpu/smol1, .gpu/smol2 and
 # .gpu/smol3 (its three parts) in consecutive calls to one warm machine; they collect in /tmp.
 # Logs and JSON go to $OUT (or ./gpu-out).
-set -uo pipefail
+source tests/gpu/lib.sh
 MODE=${1:-all}
 PRESET=${2:-llama-3.1-8b}
-B=.gpu/bundle
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export FLINT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-status=0
-echo "revision $(cat $B/REVISION)"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export FLINT_REQUIRE_GPU=1
+banner
 
 SMOL=/tmp/flint-smol
 mkdir -p $SMOL
@@ -45,7 +40,7 @@ if [[ $MODE == check || $MODE == all ]]; then
   $B/tests/gpu-engine --test-threads=1 --nocapture > "$OUT/draws.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|device draws|panicked|test result" "$OUT/draws.log" | tail -4
   echo "== transformers checkpoints"
-  python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   grep -E "parameters|seed|Error" "$OUT/hf_models.log"
   FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|matches|SmolLM2|panicked|test result" "$OUT/model.log" | tail -20
@@ -76,7 +71,7 @@ if [[ $MODE == fp8-check || $MODE == fp8 ]]; then
   $B/tests/kernels --test-threads=1 --nocapture > "$OUT/kernels.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|panicked|test result" "$OUT/kernels.log" | tail -14
   grep -E "fp8.*rel err|quantize" "$OUT/kernels.log" | sort -g -k4 | tail -3
-  [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf $B/tests/gpu --test-threads=1 --nocapture > "$OUT/model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|worst|fp8|panicked|test result" "$OUT/model.log" | tail -24
   $B/flint generate --random-weights llama-3.2-1b --dtype fp8 --prompt "Hello" --max-tokens 16 --ignore-eos --json > "$OUT/gen-random-fp8.json" 2>&1 || status=1
@@ -94,10 +89,9 @@ if [[ $MODE == fp8-bench || $MODE == fp8 ]]; then
   $B/flint bench --preset "$PRESET" --dtype fp8 --batches ${BATCHES:-1,8,32,128} --lengths ${LENGTHS:-128:128,2048:256} --json-out "$OUT/flint-$PRESET-fp8.json" || status=1
 fi
 if [[ $MODE == tp ]]; then
-  export NCCL_NVLS_ENABLE=0 FLINT_REQUIRE_TP=1
-  N=$(nvidia-smi -L | wc -l)
+  export FLINT_REQUIRE_TP=1
   echo "== $N GPUs"; nvidia-smi topo -m 2>/dev/null | head -$((N + 1))
-  [[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > "$OUT/hf_models.log" 2>&1 || status=1
+  hf_checkpoints
   FLINT_HF_MODELS=/tmp/flint-hf RUST_LOG=info timeout 300 $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > "$OUT/tp-model.log" 2>&1 || status=1
   grep -E "^test .*(ok|FAILED)$|TP [0-9]|panicked|test result" "$OUT/tp-model.log" | tail -14
   for w in $(seq 2 $N); do

@@ -1,9 +1,8 @@
 # Short tensor-parallel session: the TP model test, then decode at TP 1 and TP N (batch 1).
-set -uo pipefail
-B=.gpu/bundle; OUT=${OUT:-gpu-out}; mkdir -p $OUT
-export NCCL_NVLS_ENABLE=0 FLINT_REQUIRE_GPU=1 FLINT_REQUIRE_TP=1
-N=$(nvidia-smi -L | wc -l)
-[[ -d /tmp/flint-hf ]] || python3 tests/gpu/hf_models.py --out /tmp/flint-hf > $OUT/hf.log 2>&1
+source tests/gpu/lib.sh
+export FLINT_REQUIRE_GPU=1 FLINT_REQUIRE_TP=1
+banner
+hf_checkpoints
 FLINT_HF_MODELS=/tmp/flint-hf timeout 120 $B/tests/gpu tensor_parallel --test-threads=1 --nocapture > $OUT/tp-model.log 2>&1; echo "test rc $?"
 grep -E "^test .*(ok|FAILED)$|TP [0-9].*steps|not split|panicked|test result" $OUT/tp-model.log | tail -12
 for w in 1 $N; do
