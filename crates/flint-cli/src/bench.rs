@@ -100,14 +100,14 @@ pub struct BenchArgs {
     /// With --preset: whether decode-only steps rope the queries and write the new keys and
     /// values in the decode attention kernel (fused) or in a kernel before it (separate); both:
     /// each model measured each way, one after the other in this run. The default is the
-    /// model's (separate until the fused kernel has been measured).
-    #[arg(long, default_value = "separate", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    /// model's.
+    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     rope_attention: String,
-    /// With --preset and --dtype fp8: whether FP8 steps of up to two tokens on one GPU run the
-    /// residual add + RMSNorm + quantize after the O and down projections in those GEMVs' last
-    /// block (fused) or in a norm kernel after each (separate); both: the FP8 model measured each
-    /// way in this run. The default is the model's (separate until the tail has been measured).
-    #[arg(long, default_value = "separate", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    /// With --preset and --dtype fp8: whether FP8 steps of one token on one GPU run the residual
+    /// add + RMSNorm + quantize after the O and down projections in those GEMVs' last block
+    /// (fused) or in a norm kernel after each (separate); both: the FP8 model measured each way
+    /// in this run. The default is the model's.
+    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     norm_tail: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let

@@ -488,11 +488,12 @@ fn fused_rope_attention_changes_no_logit() {
     assert_fusion_changes_no_logit("fused RoPE attention", &dtypes, |o, on| o.fuse_rope_attention = on);
 }
 
-/// FP8 steps of one and two tokens whose O and down GEMVs run the residual add + RMSNorm +
-/// quantize in their last block give the logits of the norm kernels, bit for bit, on every
-/// reference checkpoint (hidden sizes and their GEMV variants), in the runs of
-/// [`assert_fusion_changes_no_logit`] (the mixed run decodes two sequences after the prompt
-/// joins); BF16 and FP8 caches, with and without the fused quantization (one token).
+/// FP8 steps of one token whose O and down GEMVs run the residual add + RMSNorm + quantize in
+/// their last block give the logits of the norm kernels, bit for bit, on every reference
+/// checkpoint (hidden sizes and their GEMV variants), in the runs of
+/// [`assert_fusion_changes_no_logit`] (steps of two and three tokens, past
+/// `NORM_TAIL_MAX_TOKENS`, must be left alone); BF16 and FP8 caches, with and without the fused
+/// quantization.
 #[test]
 fn norm_tail_changes_no_logit() {
     let dtypes = [(true, false), (true, true)];

@@ -43,6 +43,12 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
 /// token and 0.992x at two.
 pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
+/// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
+/// ([`CudaLlamaOptions::fuse_norm_tail`]). The kernel takes two (`ops::NORM_TAIL_MAX_M`), but its
+/// last block normalises them one after the other: on one H100 (Llama-3.1-8B FP8, `flint bench
+/// --norm-tail both`) the fused step was 1.024x faster at one token and 0.968x at two.
+pub const NORM_TAIL_MAX_TOKENS: usize = 1;
+
 /// Sizes chosen at load time.
 #[derive(Clone, Debug)]
 pub struct CudaLlamaOptions {
@@ -83,15 +89,16 @@ pub struct CudaLlamaOptions {
     pub fuse_fp8_quantization: bool,
     /// Decode-only steps: the decode attention ropes each token's queries and writes its new
     /// key and value into the cache itself, instead of a RoPE + KV-write kernel before it (the
-    /// same values and cache bytes either way; one kernel less per layer). Off by default until
-    /// its GPU tests (`decode_with_rope_equals_rope_then_decode`,
-    /// `fused_rope_attention_changes_no_logit`) and `flint bench --rope-attention both` have run.
+    /// same values and cache bytes either way; one kernel less per layer, and the attention
+    /// starts reading the cache before the QKV projection has finished). On by default: 1.02x on
+    /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
+    /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
-    /// Single-GPU FP8 steps of at most `ops::NORM_TAIL_MAX_M` tokens: the O and down GEMVs end
+    /// Single-GPU FP8 steps of one token ([`NORM_TAIL_MAX_TOKENS`]): the O and down GEMVs end
     /// with the residual add + RMSNorm + quantize of their output, run by their last block,
     /// instead of a norm kernel after each (the same residual, codes and scales either way; two
-    /// kernels less per layer). Off by default until its GPU tests
-    /// (`gemv_norm_tail_equals_norm_kernel`, `norm_tail_changes_no_logit`) have run.
+    /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
+    /// on an H100 (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_norm_tail: bool,
 }
 
@@ -111,8 +118,8 @@ impl Default for CudaLlamaOptions {
             p2p_all_reduce: true,
             p2p_link: P2pLink::Flags,
             fuse_fp8_quantization: true,
-            fuse_rope_attention: false,
-            fuse_norm_tail: false,
+            fuse_rope_attention: true,
+            fuse_norm_tail: true,
         }
     }
 }
@@ -1129,8 +1136,8 @@ impl CudaLlama {
 
     /// Whether the O and down GEMVs of an FP8 step of `n` tokens run the residual add +
     /// RMSNorm + quantize after them as their tail ([`CudaLlamaOptions::fuse_norm_tail`]): one
-    /// GPU (an all-reduce comes between the projection and the norm otherwise), and both
-    /// projections run as FP8 GEMVs.
+    /// GPU (an all-reduce comes between the projection and the norm otherwise), at most
+    /// [`NORM_TAIL_MAX_TOKENS`], and both projections run as FP8 GEMVs.
     fn norm_tail(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let bf16_epi = ops::Fp8Epilogue::Bf16;
@@ -1138,7 +1145,7 @@ impl CudaLlama {
             && self.options.fuse_norm_tail
             && self.comm.is_none()
             && self.p2p.is_none()
-            && n <= ops::GEMV_FP8_MAX_M
+            && n <= NORM_TAIL_MAX_TOKENS
             && ops::norm_tail_fits(n, c.hidden_size, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.n_heads * c.head_dim, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.ff, bf16_epi)
