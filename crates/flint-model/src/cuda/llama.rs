@@ -89,8 +89,7 @@ pub struct CudaLlamaOptions {
     pub fuse_fp8_quantization: bool,
     /// Decode-only steps: the decode attention ropes each token's queries and writes its new
     /// key and value into the cache itself, instead of a RoPE + KV-write kernel before it (the
-    /// same values and cache bytes either way; one kernel less per layer, and the attention
-    /// starts reading the cache before the QKV projection has finished). On by default: 1.02x on
+    /// same values and cache bytes either way; one kernel less per layer). On by default: 1.02x on
     /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
     /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
