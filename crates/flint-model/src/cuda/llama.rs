@@ -1034,7 +1034,8 @@ impl CudaLlama {
 
     /// `y[m, rows] = x . W^T` from the FP8 activations in `xq`/`xs`: the FP8 GEMV up to 8 tokens,
     /// cuBLASLt FP8 above. `SwiGlu` (GEMV only) applies the activation to a fused gate/up weight.
-    /// `l2` as for [`Self::linear`].
+    /// `l2` as for [`Self::linear`]. With `tail` (GEMV only, see [`Self::norm_tail`]), the GEMV's
+    /// last block also does the residual add + RMSNorm + quantize of its output.
     #[allow(clippy::too_many_arguments)]
     fn linear_fp8(
         &self,
@@ -1045,11 +1046,13 @@ impl CudaLlama {
         k: usize,
         epilogue: ops::Fp8Epilogue,
         l2: bool,
+        tail: Option<ops::NormTail>,
     ) -> Result<()> {
         let (g, ws) = (&*self.gpu, &self.ws);
         if m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(n, k, epilogue) {
             let op = ops::Fp8Gemv {
                 l2_prefetch: l2,
+                norm_tail: tail,
                 ..ops::Fp8Gemv::codes(ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k, epilogue)
             };
             return Ok(ops::run_gemv_fp8(g, None, &op)?);
@@ -1057,26 +1060,10 @@ impl CudaLlama {
         if epilogue == ops::Fp8Epilogue::SwiGlu {
             return Err(shape("gemv_fp8", "SwiGLU is fused only into the GEMV"));
         }
+        if tail.is_some() {
+            return Err(shape("gemv_fp8", "the norm tail runs only in the GEMV"));
+        }
         Ok(self.gemm.matmul_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k)?)
-    }
-
-    /// A plain-epilogue [`Self::linear_fp8`] (L2 prefetch on) that, with `tail`, runs as the FP8
-    /// GEMV whose last block also does the residual add + RMSNorm + quantize of its output.
-    fn linear_fp8_normed(
-        &self,
-        w: &Weight,
-        y: u64,
-        m: usize,
-        n: usize,
-        k: usize,
-        tail: Option<ops::NormTail>,
-    ) -> Result<()> {
-        let bf16_epi = ops::Fp8Epilogue::Bf16;
-        let Some(tail) = tail else { return self.linear_fp8(w, y, m, n, k, bf16_epi, true) };
-        let input = ops::Fp8Input::Codes { x: self.ws.xq.ptr(), scales: self.ws.xs.ptr() };
-        let op =
-            ops::Fp8Gemv { l2_prefetch: true, norm_tail: Some(tail), ..self.fp8_gemv(input, w, y, m, n, k, bf16_epi) };
-        Ok(ops::run_gemv_fp8(&self.gpu, None, &op)?)
     }
 
     /// Whether a step of `m` tokens runs its gate/up projection through the fused FP8 GEMV.
@@ -1247,7 +1234,7 @@ impl CudaLlama {
                     }
                     mark("add_rms_norm")?;
                 }
-                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true)?;
+                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true, None)?;
             } else {
                 match p2p {
                     Some(p) if i > 0 => {
@@ -1371,7 +1358,7 @@ impl CudaLlama {
                 } else {
                     ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                     mark("quantize")?;
-                    self.linear_fp8_normed(&layer.o, o_out, n, h, q_dim, o_tail)?;
+                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true, o_tail)?;
                 }
                 match p2p {
                     Some(p) => {
@@ -1408,18 +1395,18 @@ impl CudaLlama {
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
                 } else if self.fp8_gate_up_gemv(n) {
-                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true)?;
+                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true, None)?;
                     mark("gate_up_swiglu")?;
                     ops::quantize_rows(g, ws.act.ptr(), xq, xs, n, ff)?;
                     mark("quantize")?;
                 } else {
-                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi, true)?;
+                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi, true, None)?;
                     mark("gate_up_swiglu")?;
                     ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
                     mark("swiglu_quantize")?;
                 }
                 if !fused {
-                    self.linear_fp8_normed(&layer.down, down_out, n, h, ff, down_tail)?;
+                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true, down_tail)?;
                 }
                 if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
@@ -1729,7 +1716,7 @@ impl CudaLlama {
                 self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16, false)?;
                 continue;
             }
-            self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false)?;
+            self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false, None)?;
             if fused {
                 let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
                 let op = self.fp8_gemv(input, &layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi);
@@ -1741,9 +1728,9 @@ impl CudaLlama {
                 let op = self.fp8_gemv(input, &layer.down, ws.proj.ptr(), n, h, ff, bf16_epi);
                 ops::run_gemv_fp8(&self.gpu, None, &ops::Fp8Gemv { clear_amax: amax_attn, ..op })?;
             } else {
-                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false)?;
-                self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false)?;
-                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, false)?;
+                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false, None)?;
+                self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false, None)?;
+                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, false, None)?;
             }
         }
         let head = self.head().ok_or_else(|| unsupported("the model has no LM head"))?;
