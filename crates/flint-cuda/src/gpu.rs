@@ -441,6 +441,23 @@ impl Gpu {
         Ok(())
     }
 
+    /// Runs `f` as a profiler range (cuProfilerStart / cuProfilerStop, the stream synchronized
+    /// on both sides): a profiler started with collection off (`ncu --profile-from-start off`)
+    /// sees only the kernels `f` launches. Without a profiler attached it only synchronizes.
+    pub fn profiled<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        self.ctx.bind_to_thread().map_err(Error::from)?;
+        self.synchronize()?;
+        cudarc::driver::profiler_start().map_err(Error::from)?;
+        let out = f();
+        let synced = self.synchronize();
+        cudarc::driver::profiler_stop().map_err(Error::from)?;
+        synced?;
+        out
+    }
+
     /// Launches kernel `name`; `args` point at the kernel's parameters in order.
     pub(crate) fn launch(
         &self,

@@ -149,7 +149,10 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
 // group's query heads itself, and the one block whose split holds the new position (ctx - 1)
 // computes that position's key and value, writes them into the cache and uses them from shared
 // memory; no other block reads that position. The same values and cache bytes as
-// rope_kv_write(_fp8) followed by the plain kernel.
+// rope_kv_write(_fp8) followed by the plain kernel. Since no kernel of the step writes the
+// cache rows it reads (earlier steps wrote them), the ROPE form starts its first tile's loads
+// before it waits for the QKV projection; the plain form's caller waits first (pdl_enter),
+// since a rope_kv_write before it writes the step's rows.
 template <int HD, bool F8, bool ROPE>
 __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
                                                  const typename KvElem<F8>::T* __restrict__ k_cache,
@@ -178,6 +181,12 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
+    // The step's metadata (token_seq, positions, slots, block tables) is uploaded before the
+    // step and read by no kernel's write: the ROPE form reads it, and starts its first tile of
+    // keys and values, before it waits for the QKV projection (below).
+    if constexpr (ROPE) {
+        if (flint_early_launch != 0) pdl_launch_next();
+    }
     const int seq = token_seq[t];
     const int ctx = seq < 0 ? 0 : (int)positions[t] + 1;
     int chunk = (ctx + n_splits - 1) / n_splits;
@@ -186,12 +195,56 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     const size_t part = ((size_t)t * n_heads + kvh * group) * n_splits + split;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % kKeyLanes;
+    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
+
+    // The new position (ROPE): this block computes its key and value, where its split holds it,
+    // and never reads that cache row.
+    int new_pos = -1;
+    if constexpr (ROPE) {
+        const uint32_t slot = rope.slots[t];
+        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) new_pos = ctx - 1;  // uniform over the block
+    }
+
+    // A tile's values start streaming into shared memory and its keys into registers, every
+    // position but the new one (written below): the cache rows of earlier steps only.
+    KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
+    float kscale[kDecodeTile / kKeysPerPass];
+    const auto load_tile = [&](int tile) {
+        const int n_keys = min(kDecodeTile, end - tile);
+        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
+            const int j = i / kRowChunks, c = i % kRowChunks;
+            if (tile + j == new_pos) continue;
+            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+            cp_async16(reinterpret_cast<char*>(&vs[j][0]) + c * 16, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
+        }
+        if constexpr (F8)
+            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+                if (tile + j != new_pos) vscale[j] = v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
+#pragma unroll
+        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            kscale[p] = 1.f;
+            if (j < n_keys && tile + j != new_pos) {
+                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
+                if constexpr (F8) kscale[p] = k_scales[r];
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
+            }
+        }
+    };
+    if constexpr (ROPE) {
+        if (begin < end) load_tile(begin);
+        pdl_wait();
+    }
 
     const bf16* qrow = q + (size_t)t * q_stride;
     // The new position's key and value (ROPE), where this block's split holds it.
     __shared__ __align__(16) Kv new_k[ROPE ? HD : 16], new_v[ROPE ? HD : 16];
     __shared__ float new_scale[2];
-    int new_pos = -1;
     if constexpr (ROPE) {
         const float pos = (float)positions[t];
         for (int i = threadIdx.x; i < group * HD / 2; i += blockDim.x) {
@@ -201,12 +254,9 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             qs[g][p] = __bfloat162float(y0) * scale * kLog2e;
             qs[g][p + HD / 2] = __bfloat162float(y1) * scale * kLog2e;
         }
-        const uint32_t slot = rope.slots[t];
-        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) {  // uniform over the block
-            new_pos = ctx - 1;
-            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)slot * n_kv + kvh, new_k, new_v,
-                                        new_scale);
-        }
+        if (new_pos >= 0)
+            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)rope.slots[t] * n_kv + kvh,
+                                        new_k, new_v, new_scale);
     } else {
         for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
             const int g = i / HD, d = i % HD;
@@ -217,7 +267,6 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         m_s[threadIdx.x] = -INFINITY;
         l_s[threadIdx.x] = 0.f;
     }
-    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
     float acc[kMaxGroup][kDims];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g)
@@ -227,42 +276,22 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
-        // The tile's values stream into shared memory while the scores are computed.
-        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
-            const int j = i / kRowChunks, c = i % kRowChunks;
-            char* dst = reinterpret_cast<char*>(&vs[j][0]) + c * 16;
-            if (ROPE && tile + j == new_pos) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
-                continue;
-            }
-            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-            cp_async16(dst, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
-        }
-        if constexpr (F8)
-            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
-                vscale[j] = ROPE && tile + j == new_pos ? new_scale[1]
-                                                        : v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
-        // Scores.
-        KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
-        float kscale[kDecodeTile / kKeysPerPass];
+        if (!ROPE || tile != begin) load_tile(tile);  // the ROPE form started the first before its wait
+        // The new position from shared memory (written before the block's last synchronisation).
+        if (ROPE && new_pos >= tile && new_pos < tile + n_keys) {
+            const int jn = new_pos - tile;
+            for (int c = threadIdx.x; c < kRowChunks; c += blockDim.x)
+                *reinterpret_cast<uint4*>(reinterpret_cast<char*>(&vs[jn][0]) + c * 16) =
+                    *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
+            if constexpr (F8)
+                if (threadIdx.x == 0) vscale[jn] = new_scale[1];
 #pragma unroll
-        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
-            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
-            kscale[p] = 1.f;
-            if (ROPE && j < n_keys && tile + j == new_pos) {
+            for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+                if (p * kKeysPerPass + threadIdx.x / kKeyLanes != jn) continue;
                 const KvVec* krow = reinterpret_cast<const KvVec*>(new_k);
 #pragma unroll
                 for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_shared(krow + sub + kKeyLanes * v);
                 if constexpr (F8) kscale[p] = new_scale[0];
-            } else if (j < n_keys) {
-                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
-                if constexpr (F8) kscale[p] = k_scales[r];
-            } else {
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
             }
         }
 #pragma unroll

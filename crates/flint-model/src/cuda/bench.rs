@@ -323,7 +323,9 @@ fn prefill(
 }
 
 /// Runs `batch` sequences of random prompts of `prompt_len` tokens through prefill (in chunks of
-/// the model's token budget) and `output_len - 1` decode steps, greedy on the device.
+/// the model's token budget) and `output_len - 1` decode steps, greedy on the device. The last
+/// step runs as a profiler range ([`Gpu::profiled`]), so that `ncu --profile-from-start off` sees
+/// one steady-state step of each run (`tests/gpu/profile-step.sh`).
 pub fn decode_run(
     model: &CudaLlama,
     bandwidth: f64,
@@ -369,7 +371,12 @@ pub fn decode_run(
             fb.push_sequence(&[last[s]], prompt_len + step - 1, table, Logits::Last)?;
         }
         let t = Instant::now();
-        let out = model.step(&fb, Some(&params))?;
+        // The last step is a profiler range, for a profiler that collects only there.
+        let out = if step + 1 == output_len {
+            model.gpu().profiled(|| model.step(&fb, Some(&params)))?
+        } else {
+            model.step(&fb, Some(&params))?
+        };
         times.push(t.elapsed().as_secs_f64() * 1e3);
         if let StepOutput::Tokens(t) = out {
             last = t;
