@@ -4,7 +4,8 @@
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
 // are read once for every query head of the group; the split that finishes last merges the
-// partial softmax states of all of them (no second kernel). Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// partial softmax states of all of them (no second kernel), and a context of one split needs no
+// merge. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
 // cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
 #pragma once
 
@@ -134,11 +135,13 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
 
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
-// q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
-// n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2] and counts itself in
-// counters[t, kvh] (zero before the launch, zero again after it); the last one writes the
-// group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not null, publishes
-// their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
+// q row t starts at q + t * q_stride (the fused QKV output). The context is cut into splits of
+// at least one tile (kDecodeTile keys); the n_active splits that hold keys run, the others exit.
+// With several, each writes part_o [n_tokens, n_heads, n_splits, HD] (unnormalised) and part_ml
+// [.., n_splits, 2] and counts itself in counters[t, kvh] (zero before the launch, zero again
+// after it), and the last one merges them; a lone split normalises its own state. That block
+// writes the group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not
+// null, publishes their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
@@ -189,8 +192,13 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     }
     const int seq = token_seq[t];
     const int ctx = seq < 0 ? 0 : (int)positions[t] + 1;
-    int chunk = (ctx + n_splits - 1) / n_splits;
-    chunk = max(chunk, 32);
+    // Splits of at least one whole tile: a shorter one costs its block the same round trips and
+    // only adds partial states to merge. The splits past the context do nothing at all (the
+    // graph's grid is sized for the longest context); split 0 always runs, so that a skipped
+    // row (ctx 0) still gets its zeros.
+    const int chunk = max((ctx + n_splits - 1) / n_splits, kDecodeTile);
+    const int n_active = max(1, (ctx + chunk - 1) / chunk);
+    if (split >= n_active) return;
     const int begin = split * chunk, end = min(ctx, begin + chunk);
     const size_t part = ((size_t)t * n_heads + kvh * group) * n_splits + split;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -394,6 +402,42 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         for (int e = 0; e < kDims; ++e) red[warp][g][lane * kDims + e] = acc[g][e];
     }
     __syncthreads();
+    const size_t head0 = (size_t)t * n_heads + kvh * group;
+    // Four dims of one head, o (the sum over splits, unnormalised) times r, into out as bf16;
+    // the block's amax of what it wrote is published for the FP8 GEMV after (out_amax).
+    float amax = 0.f;
+    const auto emit = [&](int g, int d4, float4 o, float r) {
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
+        dst[0] = lo;
+        dst[1] = hi;
+        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
+    };
+    const auto publish = [&] {
+        if (out_amax != nullptr) {
+            amax = warp_max(amax);
+            if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
+        }
+    };
+    if (n_active == 1) {
+        // The whole context in one split: normalise here, with no partial state and no merge (the
+        // values the merge of one split gives: its weight is 1).
+        for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
+            const int g = i / (HD / 4), d4 = i % (HD / 4);
+            float o[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                o[e] = 0.f;
+#pragma unroll
+                for (int w = 0; w < kWarps; ++w) o[e] += red[w][g][4 * d4 + e];
+            }
+            const float l = l_s[g];
+            emit(g, d4, make_float4(o[0], o[1], o[2], o[3]), seq < 0 || l == 0.f ? 0.f : 1.f / l);
+        }
+        publish();
+        return;
+    }
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD;
         float o = 0.f;
@@ -405,41 +449,39 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
     }
-    // The last split of this (token, KV head) to finish merges them all.
+    // The last active split of this (token, KV head) to finish merges them all.
     __shared__ bool last;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         const uint32_t done = atomicAdd(&counters[(size_t)t * n_kv + kvh], 1u);
-        last = done + 1 == (uint32_t)n_splits;
+        last = done + 1 == (uint32_t)n_active;
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const size_t head0 = (size_t)t * n_heads + kvh * group;
     // Other blocks wrote the partials: read them through L2 (ld.cg), never a stale L1 line.
-    // Each split's weight per head, one warp per head (n_splits <= 32, lane s holds split s) ...
+    // Each split's weight per head, one warp per head (n_active <= 32, lane s holds split s) ...
     __shared__ float weight[kMaxGroup][kMaxSplits];
     __shared__ float inv_l[kMaxGroup];
     for (int g = warp; g < group; g += kWarps) {
         const size_t base = (head0 + g) * n_splits;
-        const float ms = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
-        const float ls = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
+        const float ms = lane < n_active ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
+        const float ls = lane < n_active ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
         const float m = warp_max(ms);
         const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
         const float l = warp_sum(ls * w);
-        if (lane < n_splits) weight[g][lane] = w;
+        if (lane < n_active) weight[g][lane] = w;
         if (lane == 0) inv_l[g] = seq < 0 || l == 0.f ? 0.f : 1.f / l;
     }
     __syncthreads();
     // ... then four dims of one head per thread, every split's load in flight at once.
-    float amax = 0.f;
     for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
         const int g = i / (HD / 4), d4 = i % (HD / 4);
         const size_t base = (head0 + g) * n_splits;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-        for (int s = 0; s < n_splits; ++s) {
+        for (int s = 0; s < n_active; ++s) {
             const float w = weight[g][s];
             const float4 p = __ldcg(reinterpret_cast<const float4*>(part_o + (base + s) * HD) + d4);
             o.x = fmaf(w, p.x, o.x);
@@ -447,18 +489,9 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             o.z = fmaf(w, p.z, o.z);
             o.w = fmaf(w, p.w, o.w);
         }
-        const float r = inv_l[g];
-        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
-        dst[0] = lo;
-        dst[1] = hi;
-        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
-        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
+        emit(g, d4, o, inv_l[g]);
     }
-    if (out_amax != nullptr) {
-        amax = warp_max(amax);
-        if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
-    }
+    publish();
     if (threadIdx.x == 0) counters[(size_t)t * n_kv + kvh] = 0;  // ready for the next launch
 }
 
