@@ -97,17 +97,43 @@ __device__ __forceinline__ void load_norm_weights(float (&w)[C][8], const float*
     }
 }
 
+// Sum and max over the kNormThreads threads of row group `grp` (threads grp kNormThreads ..
+// (grp + 1) kNormThreads - 1 of the block, blockDim.x a multiple of kNormThreads): the group's
+// warp partials sit in lanes 0..7 of the final warp reduction and zeros in the others, as in
+// block_sum / block_max of a kNormThreads block, so the results are theirs bit for bit. Every
+// thread of the block calls them together (they synchronise the block); scratch holds a float per
+// warp of the block.
+constexpr int kNormWarps = kNormThreads / 32;
+__device__ __forceinline__ float group_sum(float v, float* scratch, int grp) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < kNormWarps ? scratch[grp * kNormWarps + lane] : 0.f);
+}
+__device__ __forceinline__ float group_max(float v, float* scratch, int grp) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < kNormWarps ? scratch[grp * kNormWarps + lane] : -INFINITY);
+}
+
 // add_rms_norm_fp8_row with the row in registers, C vectors of 8 per thread (hidden <= 8 C
-// kNormThreads), for row `row`: thread tid < kNormThreads takes vectors tid + c kNormThreads,
-// threads past it only join the block reductions (adding zeros, so the sums are those of a
-// kNormThreads block). The row is held as bf16 (every value it keeps is a bf16 value), four
+// kNormThreads), for row `row`, by row group `grp` of the block (blockDim.x a multiple of
+// kNormThreads): its thread tid takes vectors tid + c kNormThreads. The groups of a block run
+// together, each on its own row; a group with `active` false has no row and only joins the
+// block's synchronisations. The row is held as bf16 (every value it keeps is a bf16 value), four
 // registers a vector. weights8(c, i): the norm weights of vector i (the thread's c-th), read
 // after the sum of squares. CG: the added row is read through L2 (written by other blocks of
 // this grid). The same arithmetic as the three-pass row kernel, so the same codes and scales.
 template <int C, bool CG, class Weights>
 __device__ __forceinline__ void add_rms_norm_fp8_regs(Weights weights8, bf16* residual, const bf16* add, uint8_t* out,
-                                                      float* scales, int row, int hidden, float eps, float* scratch) {
-    const int nv = hidden / 8, tid = threadIdx.x;
+                                                      float* scales, int row, int grp, bool active, int hidden,
+                                                      float eps, float* scratch) {
+    const int nv = active ? hidden / 8 : 0, tid = threadIdx.x - grp * kNormThreads;
     const size_t at = (size_t)row * hidden;
     Bf16x8* res = reinterpret_cast<Bf16x8*>(residual + at);
     const Bf16x8* addv = reinterpret_cast<const Bf16x8*>(add + at);
@@ -128,7 +154,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_regs(Weights weights8, bf16* re
         }
         kept[c] = pack(v);
     }
-    const float r = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    const float r = rsqrtf(group_sum(ss, scratch, grp) / hidden + eps);
     float m = 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -143,7 +169,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_regs(Weights weights8, bf16* re
         for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
     }
     __syncthreads();  // scratch reuse
-    const float scale = fp8_scale(block_max(m, scratch));
+    const float scale = fp8_scale(group_max(m, scratch, grp));
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const int i = tid + c * kNormThreads;
@@ -152,7 +178,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_regs(Weights weights8, bf16* re
         unpack(kept[c], v);
         store_e4m3x8(out + at + i * 8, v, scale);
     }
-    if (tid == 0) scales[row] = scale;
+    if (active && tid == 0) scales[row] = scale;
 }
 
 // The kernel form of add_rms_norm_fp8_regs, one block of kNormThreads per row: with early launch
@@ -170,7 +196,7 @@ __device__ __forceinline__ void add_rms_norm_fp8_cached(bf16* residual, const bf
     pdl_wait();
     if (!early) load_norm_weights<C>(w, weight, hidden / 8, threadIdx.x);
     const auto weights8 = [&](int c, int) -> const float* { return w[c]; };
-    add_rms_norm_fp8_regs<C, false>(weights8, residual, add, out, scales, blockIdx.x, hidden, eps, scratch);
+    add_rms_norm_fp8_regs<C, false>(weights8, residual, add, out, scales, blockIdx.x, 0, true, hidden, eps, scratch);
 }
 
 // The add + RMSNorm + quantize that an FP8 GEMV of the decode chain (O, down) runs on its own
@@ -191,7 +217,8 @@ constexpr int kNormTailMaxHidden = 32 * kNormThreads;
 constexpr int kNormTailMaxM = 2;
 
 // Called by every thread of every block after its writes of y [m, hidden]: the last block to
-// arrive normalises the m rows, one after another, with add_rms_norm_fp8_regs.
+// arrive normalises the m rows with add_rms_norm_fp8_regs, as many side by side as it has groups
+// of kNormThreads threads (two rows at once in a 512-thread block).
 __device__ __forceinline__ void norm_tail(const Fp8NormTail& tail, const bf16* y, int m, int hidden) {
     __shared__ float scratch[32];
     __shared__ bool last;
@@ -205,9 +232,11 @@ __device__ __forceinline__ void norm_tail(const Fp8NormTail& tail, const bf16* y
     const int nv = hidden / 8;
     for (int i = threadIdx.x; i < nv; i += blockDim.x) prefetch_l1(tail.weight + i * 8);
     const auto weights8 = [&](int, int i) { return tail.weight + i * 8; };
-    for (int r = 0; r < m; ++r)
-        add_rms_norm_fp8_regs<4, true>(weights8, tail.residual, y, tail.codes, tail.scales, r, hidden, tail.eps,
-                                       scratch);
+    // A row per group of kNormThreads threads, the groups side by side.
+    const int groups = blockDim.x / kNormThreads, grp = threadIdx.x / kNormThreads;
+    for (int r0 = 0; r0 < m; r0 += groups)
+        add_rms_norm_fp8_regs<4, true>(weights8, tail.residual, y, tail.codes, tail.scales, r0 + grp, grp,
+                                       r0 + grp < m, hidden, tail.eps, scratch);
     if (threadIdx.x == 0) *tail.counter = 0;  // ready for the next launch
 }
 

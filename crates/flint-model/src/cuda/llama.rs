@@ -44,10 +44,11 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
 pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
 /// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
-/// ([`CudaLlamaOptions::fuse_norm_tail`]). The kernel takes two (`ops::NORM_TAIL_MAX_M`), but its
-/// last block normalises them one after the other: on one H100 (Llama-3.1-8B FP8, `flint bench
-/// --norm-tail both`) the fused step was 1.024x faster at one token and 0.968x at two.
-pub const NORM_TAIL_MAX_TOKENS: usize = 1;
+/// ([`CudaLlamaOptions::fuse_norm_tail`]), where both GEMVs' last blocks normalise that many rows
+/// side by side (`ops::norm_tail_rows_at_once`; one token always). Rows one after the other cost
+/// more than they save: on one H100 (Llama-3.1-8B FP8, `flint bench --norm-tail both`) the
+/// fused step was 1.024x faster at one token and 0.968x at two, before the rows ran side by side.
+pub const NORM_TAIL_MAX_TOKENS: usize = 2;
 
 /// Sizes chosen at load time.
 #[derive(Clone, Debug)]
@@ -93,7 +94,7 @@ pub struct CudaLlamaOptions {
     /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
     /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
-    /// Single-GPU FP8 steps of one token ([`NORM_TAIL_MAX_TOKENS`]): the O and down GEMVs end
+    /// Single-GPU FP8 steps of up to [`NORM_TAIL_MAX_TOKENS`] tokens: the O and down GEMVs end
     /// with the residual add + RMSNorm + quantize of their output, run by their last block,
     /// instead of a norm kernel after each (the same residual, codes and scales either way; two
     /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
@@ -1132,6 +1133,8 @@ impl CudaLlama {
             && self.comm.is_none()
             && self.p2p.is_none()
             && n <= NORM_TAIL_MAX_TOKENS
+            && (n == 1
+                || [lo.n_heads * c.head_dim, lo.ff].iter().all(|&k| ops::norm_tail_rows_at_once(c.hidden_size, k) >= n))
             && ops::norm_tail_fits(n, c.hidden_size, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.n_heads * c.head_dim, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.ff, bf16_epi)
