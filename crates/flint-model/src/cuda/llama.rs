@@ -45,10 +45,12 @@ pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
 /// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
 /// ([`CudaLlamaOptions::fuse_norm_tail`]), where both GEMVs' last blocks normalise that many rows
-/// side by side (`ops::norm_tail_rows_at_once`; one token always). Rows one after the other cost
-/// more than they save: on one H100 (Llama-3.1-8B FP8, `flint bench --norm-tail both`) the
-/// fused step was 1.024x faster at one token and 0.968x at two, before the rows ran side by side.
-pub const NORM_TAIL_MAX_TOKENS: usize = 2;
+/// side by side (`ops::norm_tail_rows_at_once`; one token always). On one H100 (Llama-3.1-8B
+/// FP8) the fused step was 1.024x faster than the norm kernels at one token; at two it was
+/// 0.968x with the rows one after the other and still 0.995x with them side by side
+/// (`bench/results/2026-12-07-h100-llama-3.1-8b-attention-splits-6c88e39.md`), so two-token
+/// steps keep the norm kernels.
+pub const NORM_TAIL_MAX_TOKENS: usize = 1;
 
 /// Sizes chosen at load time.
 #[derive(Clone, Debug)]
@@ -94,7 +96,7 @@ pub struct CudaLlamaOptions {
     /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
     /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
-    /// Single-GPU FP8 steps of up to [`NORM_TAIL_MAX_TOKENS`] tokens: the O and down GEMVs end
+    /// Single-GPU FP8 steps of one token ([`NORM_TAIL_MAX_TOKENS`]): the O and down GEMVs end
     /// with the residual add + RMSNorm + quantize of their output, run by their last block,
     /// instead of a norm kernel after each (the same residual, codes and scales either way; two
     /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
