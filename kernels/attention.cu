@@ -1,7 +1,6 @@
 // Entry points of the paged attention kernels (include/flint/attention.cuh), for head_dim 64 and
 // 128, over a BF16 cache and (fp8_) an E4M3 cache with per-row scales (ignored by the BF16 ones);
-// decode_rope_ is the decode kernel with the step's RoPE and KV-cache write folded in (it waits for
-// the previous kernel itself, after starting its first tile of the cache).
+// decode_rope_ is the decode kernel with the step's RoPE and KV-cache write folded in.
 #include "flint/attention.cuh"
 
 using namespace flint;
@@ -25,6 +24,7 @@ using namespace flint;
         float* part_o, float* part_ml, uint32_t* counters, bf16* out, float* out_amax, int n_heads, int n_kv,  \
         int block_size, float scale, const bf16* bias, const float* inv_freq, const uint32_t* slots) {         \
         using T = typename KvElem<F8>::T;                                                                      \
+        pdl_enter();                                                                                           \
         const DecodeRope rope{bias, inv_freq, slots, k_cache, v_cache, k_scales, v_scales};                    \
         attention_decode<HD, F8, true>(qkv, q_stride, static_cast<const T*>(k_cache),                          \
                                        static_cast<const T*>(v_cache), k_scales, v_scales, block_tables,       \

@@ -680,7 +680,8 @@ pub struct Fp8Gemv {
 }
 
 /// Most tokens of a GEMV with a [`NormTail`] (mirrors `kNormTailMaxM` in fp8.cuh): its last
-/// block normalises [`norm_tail_rows_at_once`] rows side by side, the rest after them.
+/// block normalises one row per 256 threads side by side (two in the 512-thread variant), the
+/// rest after them.
 pub const NORM_TAIL_MAX_M: usize = 2;
 /// Widest output a [`NormTail`] takes (mirrors `kNormTailMaxHidden`).
 pub const NORM_TAIL_MAX_HIDDEN: usize = 8192;
@@ -828,13 +829,6 @@ pub fn norm_tail_fits(m: usize, n: usize, epilogue: Fp8Epilogue) -> bool {
         && (1..=NORM_TAIL_MAX_M).contains(&m)
         && n <= NORM_TAIL_MAX_HIDDEN
         && n.is_multiple_of(8)
-}
-
-/// Rows the [`NormTail`] of the FP8 GEMV with `n` outputs ([`Fp8GemvConfig::for_shape`], plain
-/// epilogue) normalises side by side: one per 256 threads of its block (`kNormThreads`).
-pub fn norm_tail_rows_at_once(n: usize, k: usize) -> usize {
-    let config = Fp8GemvConfig::for_shape(n, k, Fp8Epilogue::Bf16);
-    config.split_k.max(8) * 32 / 256
 }
 
 /// Most ranks of a peer-to-peer all-reduce (mirrors `kArMaxRanks` in allreduce.cuh).

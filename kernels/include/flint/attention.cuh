@@ -4,8 +4,7 @@
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
 // are read once for every query head of the group; the split that finishes last merges the
-// partial softmax states of all of them (no second kernel), and a context of one split needs no
-// merge. Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// partial softmax states of all of them (no second kernel). Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
 // cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
 #pragma once
 
@@ -19,7 +18,6 @@ constexpr int kMaxGroup = 8;        // query heads per KV head handled by one de
 constexpr int kDecodeTile = 64;     // keys scored together in a decode block
 constexpr int kDecodeThreads = 128;
 constexpr int kMaxSplits = 32;      // decode splits of one (token, KV head); one per lane at merge
-constexpr int kMinSplitKeys = 32;   // fewest keys of a decode split (but the last)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // The cache's element: bf16, or an E4M3 code; Vec8 holds eight of them (one load).
@@ -136,13 +134,11 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
 
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
-// q row t starts at q + t * q_stride (the fused QKV output). The context is cut into splits of
-// at least kMinSplitKeys keys; the n_active splits that hold keys run, the others exit.
-// With several, each writes part_o [n_tokens, n_heads, n_splits, HD] (unnormalised) and part_ml
-// [.., n_splits, 2] and counts itself in counters[t, kvh] (zero before the launch, zero again
-// after it), and the last one merges them; a lone split normalises its own state. That block
-// writes the group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not
-// null, publishes their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
+// q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
+// n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2] and counts itself in
+// counters[t, kvh] (zero before the launch, zero again after it); the last one writes the
+// group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not null, publishes
+// their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every fourth key, each lane a slice of
@@ -153,10 +149,7 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
 // group's query heads itself, and the one block whose split holds the new position (ctx - 1)
 // computes that position's key and value, writes them into the cache and uses them from shared
 // memory; no other block reads that position. The same values and cache bytes as
-// rope_kv_write(_fp8) followed by the plain kernel. Since no kernel of the step writes the
-// cache rows it reads (earlier steps wrote them), the ROPE form starts its first tile's loads
-// before it waits for the QKV projection; the plain form's caller waits first (pdl_enter),
-// since a rope_kv_write before it writes the step's rows.
+// rope_kv_write(_fp8) followed by the plain kernel.
 template <int HD, bool F8, bool ROPE>
 __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int q_stride,
                                                  const typename KvElem<F8>::T* __restrict__ k_cache,
@@ -185,76 +178,20 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
-    // The step's metadata (token_seq, positions, slots, block tables) is uploaded before the
-    // step and read by no kernel's write: the ROPE form reads it, and starts its first tile of
-    // keys and values, before it waits for the QKV projection (below).
-    if constexpr (ROPE) {
-        if (flint_early_launch != 0) pdl_launch_next();
-    }
     const int seq = token_seq[t];
     const int ctx = seq < 0 ? 0 : (int)positions[t] + 1;
-    // Splits of at least kMinSplitKeys keys. A block's time at short contexts is its warps'
-    // instruction latency (one warp per scheduler: on an H100 a split of 64 keys made the BF16
-    // 8B step 0.9% slower than splits of 32), so short splits are worth their partial states.
-    // The splits past the context do nothing at all (the graph's grid is sized for the longest
-    // context); split 0 always runs, so that a skipped row (ctx 0) still gets its zeros.
-    const int chunk = max((ctx + n_splits - 1) / n_splits, kMinSplitKeys);
-    const int n_active = max(1, (ctx + chunk - 1) / chunk);
-    if (split >= n_active) return;
+    int chunk = (ctx + n_splits - 1) / n_splits;
+    chunk = max(chunk, 32);
     const int begin = split * chunk, end = min(ctx, begin + chunk);
     const size_t part = ((size_t)t * n_heads + kvh * group) * n_splits + split;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % kKeyLanes;
-    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
-
-    // The new position (ROPE): this block computes its key and value, where its split holds it,
-    // and never reads that cache row.
-    int new_pos = -1;
-    if constexpr (ROPE) {
-        const uint32_t slot = rope.slots[t];
-        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) new_pos = ctx - 1;  // uniform over the block
-    }
-
-    // A tile's values start streaming into shared memory and its keys into registers, every
-    // position but the new one (written below): the cache rows of earlier steps only.
-    KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
-    float kscale[kDecodeTile / kKeysPerPass];
-    const auto load_tile = [&](int tile) {
-        const int n_keys = min(kDecodeTile, end - tile);
-        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
-            const int j = i / kRowChunks, c = i % kRowChunks;
-            if (tile + j == new_pos) continue;
-            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-            cp_async16(reinterpret_cast<char*>(&vs[j][0]) + c * 16, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
-        }
-        if constexpr (F8)
-            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
-                if (tile + j != new_pos) vscale[j] = v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
-#pragma unroll
-        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
-            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
-            kscale[p] = 1.f;
-            if (j < n_keys && tile + j != new_pos) {
-                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
-                if constexpr (F8) kscale[p] = k_scales[r];
-            } else {
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
-            }
-        }
-    };
-    if constexpr (ROPE) {
-        if (begin < end) load_tile(begin);
-        pdl_wait();
-    }
 
     const bf16* qrow = q + (size_t)t * q_stride;
     // The new position's key and value (ROPE), where this block's split holds it.
     __shared__ __align__(16) Kv new_k[ROPE ? HD : 16], new_v[ROPE ? HD : 16];
     __shared__ float new_scale[2];
+    int new_pos = -1;
     if constexpr (ROPE) {
         const float pos = (float)positions[t];
         for (int i = threadIdx.x; i < group * HD / 2; i += blockDim.x) {
@@ -264,9 +201,12 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             qs[g][p] = __bfloat162float(y0) * scale * kLog2e;
             qs[g][p + HD / 2] = __bfloat162float(y1) * scale * kLog2e;
         }
-        if (new_pos >= 0)
-            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)rope.slots[t] * n_kv + kvh,
-                                        new_k, new_v, new_scale);
+        const uint32_t slot = rope.slots[t];
+        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) {  // uniform over the block
+            new_pos = ctx - 1;
+            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)slot * n_kv + kvh, new_k, new_v,
+                                        new_scale);
+        }
     } else {
         for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
             const int g = i / HD, d = i % HD;
@@ -277,6 +217,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         m_s[threadIdx.x] = -INFINITY;
         l_s[threadIdx.x] = 0.f;
     }
+    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
     float acc[kMaxGroup][kDims];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g)
@@ -286,22 +227,42 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
-        if (!ROPE || tile != begin) load_tile(tile);  // the ROPE form started the first before its wait
-        // The new position from shared memory (written before the block's last synchronisation).
-        if (ROPE && new_pos >= tile && new_pos < tile + n_keys) {
-            const int jn = new_pos - tile;
-            for (int c = threadIdx.x; c < kRowChunks; c += blockDim.x)
-                *reinterpret_cast<uint4*>(reinterpret_cast<char*>(&vs[jn][0]) + c * 16) =
-                    *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
-            if constexpr (F8)
-                if (threadIdx.x == 0) vscale[jn] = new_scale[1];
+        // The tile's values stream into shared memory while the scores are computed.
+        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
+            const int j = i / kRowChunks, c = i % kRowChunks;
+            char* dst = reinterpret_cast<char*>(&vs[j][0]) + c * 16;
+            if (ROPE && tile + j == new_pos) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
+                continue;
+            }
+            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+            cp_async16(dst, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
+        }
+        if constexpr (F8)
+            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+                vscale[j] = ROPE && tile + j == new_pos ? new_scale[1]
+                                                        : v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
+        // Scores.
+        KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
+        float kscale[kDecodeTile / kKeysPerPass];
 #pragma unroll
-            for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
-                if (p * kKeysPerPass + threadIdx.x / kKeyLanes != jn) continue;
+        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            kscale[p] = 1.f;
+            if (ROPE && j < n_keys && tile + j == new_pos) {
                 const KvVec* krow = reinterpret_cast<const KvVec*>(new_k);
 #pragma unroll
                 for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_shared(krow + sub + kKeyLanes * v);
                 if constexpr (F8) kscale[p] = new_scale[0];
+            } else if (j < n_keys) {
+                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
+                if constexpr (F8) kscale[p] = k_scales[r];
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
             }
         }
 #pragma unroll
@@ -404,42 +365,6 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         for (int e = 0; e < kDims; ++e) red[warp][g][lane * kDims + e] = acc[g][e];
     }
     __syncthreads();
-    const size_t head0 = (size_t)t * n_heads + kvh * group;
-    // Four dims of one head, o (the sum over splits, unnormalised) times r, into out as bf16;
-    // the block's amax of what it wrote is published for the FP8 GEMV after (out_amax).
-    float amax = 0.f;
-    const auto emit = [&](int g, int d4, float4 o, float r) {
-        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
-        dst[0] = lo;
-        dst[1] = hi;
-        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
-        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
-    };
-    const auto publish = [&] {
-        if (out_amax != nullptr) {
-            amax = warp_max(amax);
-            if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
-        }
-    };
-    if (n_active == 1) {
-        // The whole context in one split: normalise here, with no partial state and no merge (the
-        // values the merge of one split gives: its weight is 1).
-        for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
-            const int g = i / (HD / 4), d4 = i % (HD / 4);
-            float o[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                o[e] = 0.f;
-#pragma unroll
-                for (int w = 0; w < kWarps; ++w) o[e] += red[w][g][4 * d4 + e];
-            }
-            const float l = l_s[g];
-            emit(g, d4, make_float4(o[0], o[1], o[2], o[3]), seq < 0 || l == 0.f ? 0.f : 1.f / l);
-        }
-        publish();
-        return;
-    }
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD;
         float o = 0.f;
@@ -451,39 +376,41 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2 + 1] = l_s[threadIdx.x];
     }
-    // The last active split of this (token, KV head) to finish merges them all.
+    // The last split of this (token, KV head) to finish merges them all.
     __shared__ bool last;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         const uint32_t done = atomicAdd(&counters[(size_t)t * n_kv + kvh], 1u);
-        last = done + 1 == (uint32_t)n_active;
+        last = done + 1 == (uint32_t)n_splits;
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
+    const size_t head0 = (size_t)t * n_heads + kvh * group;
     // Other blocks wrote the partials: read them through L2 (ld.cg), never a stale L1 line.
-    // Each split's weight per head, one warp per head (n_active <= 32, lane s holds split s) ...
+    // Each split's weight per head, one warp per head (n_splits <= 32, lane s holds split s) ...
     __shared__ float weight[kMaxGroup][kMaxSplits];
     __shared__ float inv_l[kMaxGroup];
     for (int g = warp; g < group; g += kWarps) {
         const size_t base = (head0 + g) * n_splits;
-        const float ms = lane < n_active ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
-        const float ls = lane < n_active ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
+        const float ms = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
+        const float ls = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
         const float m = warp_max(ms);
         const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
         const float l = warp_sum(ls * w);
-        if (lane < n_active) weight[g][lane] = w;
+        if (lane < n_splits) weight[g][lane] = w;
         if (lane == 0) inv_l[g] = seq < 0 || l == 0.f ? 0.f : 1.f / l;
     }
     __syncthreads();
     // ... then four dims of one head per thread, every split's load in flight at once.
+    float amax = 0.f;
     for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
         const int g = i / (HD / 4), d4 = i % (HD / 4);
         const size_t base = (head0 + g) * n_splits;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-        for (int s = 0; s < n_active; ++s) {
+        for (int s = 0; s < n_splits; ++s) {
             const float w = weight[g][s];
             const float4 p = __ldcg(reinterpret_cast<const float4*>(part_o + (base + s) * HD) + d4);
             o.x = fmaf(w, p.x, o.x);
@@ -491,9 +418,18 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             o.z = fmaf(w, p.z, o.z);
             o.w = fmaf(w, p.w, o.w);
         }
-        emit(g, d4, o, inv_l[g]);
+        const float r = inv_l[g];
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
+        dst[0] = lo;
+        dst[1] = hi;
+        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
     }
-    publish();
+    if (out_amax != nullptr) {
+        amax = warp_max(amax);
+        if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
+    }
     if (threadIdx.x == 0) counters[(size_t)t * n_kv + kvh] = 0;  // ready for the next launch
 }
 

@@ -44,12 +44,12 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
 pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
 /// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
-/// ([`CudaLlamaOptions::fuse_norm_tail`]), where both GEMVs' last blocks normalise that many rows
-/// side by side (`ops::norm_tail_rows_at_once`; one token always). On one H100 (Llama-3.1-8B
-/// FP8) the fused step was 1.024x faster than the norm kernels at one token; at two it was
-/// 0.968x with the rows one after the other and still 0.995x with them side by side
-/// (`bench/results/2026-12-07-h100-llama-3.1-8b-attention-splits-6c88e39.md`), so two-token
-/// steps keep the norm kernels.
+/// ([`CudaLlamaOptions::fuse_norm_tail`]). The kernel takes two (`ops::NORM_TAIL_MAX_M`; a
+/// 512-thread block normalises them side by side), but on one H100 (Llama-3.1-8B FP8) the fused
+/// step was 1.024x faster than the norm kernels at one token and, at two, 0.968x with the rows one
+/// after the other and still 0.995x with them side by side
+/// (`bench/results/2026-12-07-h100-llama-3.1-8b-norm-tail-rows-6c88e39.md`), so two-token steps
+/// keep the norm kernels.
 pub const NORM_TAIL_MAX_TOKENS: usize = 1;
 
 /// Sizes chosen at load time.
@@ -1135,8 +1135,6 @@ impl CudaLlama {
             && self.comm.is_none()
             && self.p2p.is_none()
             && n <= NORM_TAIL_MAX_TOKENS
-            && (n == 1
-                || [lo.n_heads * c.head_dim, lo.ff].iter().all(|&k| ops::norm_tail_rows_at_once(c.hidden_size, k) >= n))
             && ops::norm_tail_fits(n, c.hidden_size, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.n_heads * c.head_dim, bf16_epi)
             && ops::gemv_fp8_fits(c.hidden_size, lo.ff, bf16_epi)
