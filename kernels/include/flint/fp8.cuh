@@ -104,22 +104,18 @@ __device__ __forceinline__ void load_norm_weights(float (&w)[C][8], const float*
 // thread of the block calls them together (they synchronise the block); scratch holds a float per
 // warp of the block.
 constexpr int kNormWarps = kNormThreads / 32;
-__device__ __forceinline__ float group_sum(float v, float* scratch, int grp) {
+template <bool MAX>
+__device__ __forceinline__ float group_reduce(float v, float* scratch, int grp) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    const auto reduce = [](float x) { return MAX ? warp_max(x) : warp_sum(x); };
+    v = reduce(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    return warp_sum(lane < kNormWarps ? scratch[grp * kNormWarps + lane] : 0.f);
+    return reduce(lane < kNormWarps ? scratch[grp * kNormWarps + lane] : (MAX ? -INFINITY : 0.f));
 }
-__device__ __forceinline__ float group_max(float v, float* scratch, int grp) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    return warp_max(lane < kNormWarps ? scratch[grp * kNormWarps + lane] : -INFINITY);
-}
+__device__ __forceinline__ float group_sum(float v, float* scratch, int grp) { return group_reduce<false>(v, scratch, grp); }
+__device__ __forceinline__ float group_max(float v, float* scratch, int grp) { return group_reduce<true>(v, scratch, grp); }
 
 // add_rms_norm_fp8_row with the row in registers, C vectors of 8 per thread (hidden <= 8 C
 // kNormThreads), for row `row`, by row group `grp` of the block (blockDim.x a multiple of
