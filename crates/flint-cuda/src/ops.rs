@@ -286,6 +286,9 @@ impl PagedKv {
 /// Most splits of one decode attention launch (mirrors `kMaxSplits` in attention.cuh).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
+/// Threads of a decode attention block (mirrors `kDecodeThreads` in attention.cuh).
+const DECODE_THREADS: u32 = 256;
+
 /// Scratch of the split-K decode attention: `part_o` holds `n_tokens * n_heads * n_splits *
 /// head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2` f32, `counters` `n_tokens * n_kv`
 /// u32, zero before the first launch (each launch leaves them zero).
@@ -372,7 +375,7 @@ pub fn attention_decode(
     if rope.is_some() {
         args.extend([arg(&bias), arg(&inv_freq), arg(&slots)]);
     }
-    gpu.launch(&name, (n_tokens as u32, kv.n_kv as u32, n_splits as u32), 128, 0, &mut args)
+    gpu.launch(&name, (n_tokens as u32, kv.n_kv as u32, n_splits as u32), DECODE_THREADS, 0, &mut args)
 }
 
 /// Flash-attention prefill over `n_tiles` tiles of up to 64 query tokens (see attention.cuh).

@@ -16,7 +16,7 @@ namespace flint {
 
 constexpr int kMaxGroup = 8;        // query heads per KV head handled by one decode block
 constexpr int kDecodeTile = 64;     // keys scored together in a decode block
-constexpr int kDecodeThreads = 128;
+constexpr int kDecodeThreads = 256;  // mirrored by DECODE_THREADS in ops.rs
 constexpr int kMaxSplits = 32;      // decode splits of one (token, KV head); one per lane at merge
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -166,14 +166,22 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     constexpr int kRowChunks = HD * (int)sizeof(Kv) / 16;  // 16-byte pieces of one cache row
     constexpr int kWarps = kDecodeThreads / 32;
     constexpr int kKeyLanes = 8;                              // lanes sharing one key row
-    constexpr int kKeysPerPass = kDecodeThreads / kKeyLanes;  // 16
+    constexpr int kKeysPerPass = kDecodeThreads / kKeyLanes;  // 32
+    constexpr int kPasses = kDecodeTile / kKeysPerPass;
     constexpr int kVecs = HD / 8 / kKeyLanes;                 // 16-byte vectors per lane per key
     constexpr int kDims = HD / 32;                            // value dims per lane
-    __shared__ __align__(16) float qs[kMaxGroup][HD];
-    __shared__ float scores[kMaxGroup][kDecodeTile];
+    // The warps' partial sums (red) are added after the last tile, when the queries, scores and
+    // values (qs, scores, vs) are no longer read: they share the bytes (under 48 KB in all).
+    constexpr size_t kQsBytes = sizeof(float) * kMaxGroup * HD;
+    constexpr size_t kScoresBytes = sizeof(float) * kMaxGroup * kDecodeTile;
+    constexpr size_t kTileBytes = kQsBytes + kScoresBytes + sizeof(Kv) * kDecodeTile * HD;
+    constexpr size_t kRedBytes = sizeof(float) * kWarps * kMaxGroup * HD;
+    __shared__ __align__(16) unsigned char smem[kTileBytes > kRedBytes ? kTileBytes : kRedBytes];
+    float(&qs)[kMaxGroup][HD] = *reinterpret_cast<float(*)[kMaxGroup][HD]>(smem);
+    float(&scores)[kMaxGroup][kDecodeTile] = *reinterpret_cast<float(*)[kMaxGroup][kDecodeTile]>(smem + kQsBytes);
+    Kv(&vs)[kDecodeTile][HD] = *reinterpret_cast<Kv(*)[kDecodeTile][HD]>(smem + kQsBytes + kScoresBytes);
+    float(&red)[kWarps][kMaxGroup][HD] = *reinterpret_cast<float(*)[kWarps][kMaxGroup][HD]>(smem);
     __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
-    __shared__ float red[kWarps][kMaxGroup][HD];
-    __shared__ __align__(16) Kv vs[kDecodeTile][HD];
     __shared__ float vscale[F8 ? kDecodeTile : 1];
 
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
@@ -243,10 +251,12 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                 vscale[j] = ROPE && tile + j == new_pos ? new_scale[1]
                                                         : v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
         // Scores.
-        KvVec kv[kDecodeTile / kKeysPerPass][kVecs];
-        float kscale[kDecodeTile / kKeysPerPass];
+        // Passes past the tile's keys (a split of fewer keys than a tile) are skipped.
+        KvVec kv[kPasses][kVecs];
+        float kscale[kPasses];
 #pragma unroll
-        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+        for (int p = 0; p < kPasses; ++p) {
+            if (p * kKeysPerPass >= n_keys) break;
             const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
             kscale[p] = 1.f;
             if (ROPE && j < n_keys && tile + j == new_pos) {
@@ -266,7 +276,8 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             }
         }
 #pragma unroll
-        for (int p = 0; p < kDecodeTile / kKeysPerPass; ++p) {
+        for (int p = 0; p < kPasses; ++p) {
+            if (p * kKeysPerPass >= n_keys) break;
             const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
             float kf[kVecs][8];
 #pragma unroll
@@ -299,7 +310,9 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         __syncthreads();
         // Online softmax, one warp per head.
         for (int g = warp; g < group; g += kWarps) {
-            const float s0 = scores[g][lane], s1 = scores[g][lane + 32];
+            // Keys past n_keys (their pass skipped, or past the tile's end) score -inf.
+            const float s0 = lane < n_keys ? scores[g][lane] : -INFINITY;
+            const float s1 = lane + 32 < n_keys ? scores[g][lane + 32] : -INFINITY;
             const float m_old = m_s[g];
             const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
             const float p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
