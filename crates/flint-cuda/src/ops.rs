@@ -313,6 +313,16 @@ pub struct DecodeRope {
     pub slots: u64,
 }
 
+/// Decode attention blocks the whole GPU holds at once (for a cache of `head_dim` and the given
+/// element type): the fused-RoPE kernel's occupancy (the larger of the two) times the SMs. A
+/// launch of more blocks runs in waves, so callers size their splits to stay within it.
+pub fn attention_decode_resident_blocks(gpu: &Gpu, head_dim: usize, fp8: bool) -> Result<usize> {
+    check_head_dim(head_dim)?;
+    let name = format!("flint_attention_decode_rope_{}{head_dim}", if fp8 { "fp8_" } else { "" });
+    let per_sm = gpu.function(&name)?.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)?;
+    Ok(per_sm.max(1) as usize * gpu.sm_count() as usize)
+}
+
 /// Split-K decode attention of `n_tokens` query tokens (one position each) into
 /// `out [n_tokens, n_heads, head_dim]`: the split of each (token, KV head) that finishes last
 /// merges them all. With `out_amax` (else 0), each token's amax of `out` is also published into
