@@ -141,8 +141,9 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
 // their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
-// every query head of the group; values: each warp takes every fourth key, each lane a slice of
-// the head dimension, and the warps' partial sums are added at the end.
+// every query head of the group; values: each warp takes every eighth key, each lane a slice of
+// the head dimension, and the warps' partial sums are added at the end (in the tile buffers'
+// bytes). Score passes past a tile's keys are skipped.
 //
 // With ROPE (decode-only steps: no other row of the step writes or reads token t's sequence),
 // q is the raw QKV row and `rope` says where the new key and value go: every block ropes its
