@@ -467,90 +467,35 @@ impl Gpu {
         smem: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        self.launch_clustered(name, grid, 1, block, smem, args)
-    }
-
-    /// [`Self::launch`] in clusters of `(1, 1, cluster_z)` blocks (1: no cluster); `grid.2` a
-    /// multiple of `cluster_z`.
-    pub(crate) fn launch_clustered(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster_z: u32,
-        block: u32,
-        smem: u32,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
         let f = self.function(name)?.cu_function();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        if cluster_z == 0 || !grid.2.is_multiple_of(cluster_z) {
-            return Err(Error::Unsupported(format!("{name}: a grid depth of {} in clusters of {cluster_z}", grid.2)));
-        }
         // SAFETY: `args` match the kernel's signature (each wrapper in `ops` is written against
-        // its kernel), and point at values alive for the call; `attrs` outlives the launch call.
+        // its kernel), and point at values alive for the call.
         unsafe {
-            if !self.pdl && cluster_z == 1 {
-                result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream.cu_stream(), args)?;
-                return Ok(());
-            }
-            let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
-            let mut n = 0;
             if self.pdl {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-                attrs[n].value.programmaticStreamSerializationAllowed = 1;
-                n += 1;
+                let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attr.value.programmaticStreamSerializationAllowed = 1;
+                let config = sys::CUlaunchConfig {
+                    gridDimX: grid.0,
+                    gridDimY: grid.1,
+                    gridDimZ: grid.2,
+                    blockDimX: block,
+                    blockDimY: 1,
+                    blockDimZ: 1,
+                    sharedMemBytes: smem,
+                    hStream: self.stream.cu_stream(),
+                    attrs: &mut attr,
+                    numAttrs: 1,
+                };
+                sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()?;
+            } else {
+                result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream.cu_stream(), args)?;
             }
-            if cluster_z > 1 {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-                attrs[n].value.clusterDim =
-                    sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z: cluster_z };
-                n += 1;
-            }
-            let config = sys::CUlaunchConfig {
-                gridDimX: grid.0,
-                gridDimY: grid.1,
-                gridDimZ: grid.2,
-                blockDimX: block,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: smem,
-                hStream: self.stream.cu_stream(),
-                attrs: attrs.as_mut_ptr(),
-                numAttrs: n as u32,
-            };
-            sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()?;
         }
         Ok(())
-    }
-
-    /// Clusters of `(1, 1, cluster_z)` blocks of `block` threads (no dynamic shared memory) of
-    /// kernel `name` the whole GPU holds at once (cuOccupancyMaxActiveClusters).
-    pub(crate) fn max_active_clusters(&self, name: &str, block: u32, cluster_z: u32) -> Result<usize> {
-        let f = self.function(name)?.cu_function();
-        self.ctx.bind_to_thread()?;
-        let mut clusters = 0;
-        // SAFETY: a valid function of this context, the config and its attribute alive for the call.
-        unsafe {
-            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z: cluster_z };
-            let config = sys::CUlaunchConfig {
-                gridDimX: 1,
-                gridDimY: 1,
-                gridDimZ: cluster_z,
-                blockDimX: block,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: 0,
-                hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
-            };
-            sys::cuOccupancyMaxActiveClusters(&mut clusters, f, &config).result()?;
-        }
-        Ok(clusters.max(0) as usize)
     }
 }
 

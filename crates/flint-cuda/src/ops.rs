@@ -286,29 +286,8 @@ impl PagedKv {
 /// Most splits of one decode attention launch (mirrors `kMaxSplits` in attention.cuh).
 pub const MAX_DECODE_SPLITS: usize = 32;
 
-/// Most splits merged in one cluster (mirrors `kMaxClusterSplits` in attention.cuh).
-pub const MAX_CLUSTER_SPLITS: usize = 8;
-
 /// Threads of a decode attention block (mirrors `kDecodeThreads` in attention.cuh).
 const DECODE_THREADS: u32 = 256;
-
-/// How [`attention_decode`] merges the splits of one (token, KV head).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecodeMerge {
-    /// The splits' blocks form one cluster and split 0 reads the others' partial results from
-    /// their shared memory (at most [`MAX_CLUSTER_SPLITS`] splits; the scratch is not used).
-    Cluster,
-    /// Each split writes its partial results into the scratch and the last one to finish reads
-    /// them back (any split count). One split alone merges nothing and never touches it.
-    Global,
-}
-
-impl DecodeMerge {
-    /// The cheaper merge for `n_splits`: a cluster where they fit one.
-    pub fn for_splits(n_splits: usize) -> Self {
-        if n_splits <= MAX_CLUSTER_SPLITS { Self::Cluster } else { Self::Global }
-    }
-}
 
 /// Scratch of the split-K decode attention: `part_o` holds `n_tokens * n_heads * n_splits *
 /// head_dim` f32, `part_ml` `n_tokens * n_heads * n_splits * 2` f32, `counters` `n_tokens * n_kv`
@@ -334,51 +313,19 @@ pub struct DecodeRope {
     pub slots: u64,
 }
 
-/// How many decode attention blocks the whole GPU holds at once (for a cache of one head
-/// dimension and element type), from the fused-RoPE kernel (the larger of the two): a launch of
-/// more runs in waves, so callers size their splits to stay within it.
-#[derive(Clone, Debug)]
-pub struct DecodeOccupancy {
-    /// Blocks per SM times the SMs.
-    blocks: usize,
-    /// `clusters[n - 1]`: clusters of `n` blocks resident at once (a cluster lives in one GPC,
-    /// so the GPCs' leftover SMs may hold fewer than `blocks / n`).
-    clusters: [usize; MAX_CLUSTER_SPLITS],
-}
-
-impl DecodeOccupancy {
-    pub fn query(gpu: &Gpu, head_dim: usize, fp8: bool) -> Result<Self> {
-        check_head_dim(head_dim)?;
-        let name = format!("flint_attention_decode_rope_{}{head_dim}", if fp8 { "fp8_" } else { "" });
-        let per_sm = gpu.function(&name)?.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)?;
-        let blocks = per_sm.max(1) as usize * gpu.sm_count() as usize;
-        let mut clusters = [0; MAX_CLUSTER_SPLITS];
-        for (i, c) in clusters.iter_mut().enumerate() {
-            *c = if i == 0 { blocks } else { gpu.max_active_clusters(&name, DECODE_THREADS, i as u32 + 1)? };
-        }
-        Ok(Self { blocks, clusters })
-    }
-
-    /// Blocks resident at once when each (token, KV head) takes `n_splits` splits merged as
-    /// [`DecodeMerge::for_splits`] merges them.
-    pub fn resident(&self, n_splits: usize) -> usize {
-        match DecodeMerge::for_splits(n_splits) {
-            DecodeMerge::Cluster => self.clusters[n_splits.max(1) - 1] * n_splits.max(1),
-            DecodeMerge::Global => self.blocks,
-        }
-    }
-
-    /// The most splits (1 ..= `max_splits`) for `rows` (token, KV head) pairs with every block
-    /// of the launch resident at once; 1 where even that needs waves. A second wave would
-    /// double the step's attention time.
-    pub fn splits_for(&self, rows: usize, max_splits: usize) -> usize {
-        (1..=max_splits.max(1)).rev().find(|&s| rows.max(1) * s <= self.resident(s)).unwrap_or(1)
-    }
+/// Decode attention blocks the whole GPU holds at once (for a cache of `head_dim` and the given
+/// element type): the fused-RoPE kernel's occupancy (the larger of the two) times the SMs. A
+/// launch of more blocks runs in waves, so callers size their splits to stay within it.
+pub fn attention_decode_resident_blocks(gpu: &Gpu, head_dim: usize, fp8: bool) -> Result<usize> {
+    check_head_dim(head_dim)?;
+    let name = format!("flint_attention_decode_rope_{}{head_dim}", if fp8 { "fp8_" } else { "" });
+    let per_sm = gpu.function(&name)?.occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)?;
+    Ok(per_sm.max(1) as usize * gpu.sm_count() as usize)
 }
 
 /// Split-K decode attention of `n_tokens` query tokens (one position each) into
-/// `out [n_tokens, n_heads, head_dim]`, the splits of each (token, KV head) merged as `merge`
-/// says (the same output bits either way). With `out_amax` (else 0), each token's amax of `out` is also published into
+/// `out [n_tokens, n_heads, head_dim]`: the split of each (token, KV head) that finishes last
+/// merges them all. With `out_amax` (else 0), each token's amax of `out` is also published into
 /// its [`AMAX_SLOTS`] there (for [`Fp8Input::Bf16`]; at most [`GEMV_FP8_MAX_M`] tokens then).
 /// With `rope`, the kernel also ropes the queries and writes the new keys and values
 /// ([`DecodeRope`]).
@@ -396,7 +343,6 @@ pub fn attention_decode(
     rope: Option<&DecodeRope>,
     n_tokens: usize,
     n_splits: usize,
-    merge: DecodeMerge,
 ) -> Result<()> {
     if out_amax != 0 && n_tokens > GEMV_FP8_MAX_M {
         return Err(shape("attention", format!("{n_tokens} tokens publishing an amax (at most {GEMV_FP8_MAX_M})")));
@@ -411,9 +357,6 @@ pub fn attention_decode(
     }
     if !(1..=MAX_DECODE_SPLITS).contains(&n_splits) {
         return Err(shape("attention", format!("{n_splits} splits (1..={MAX_DECODE_SPLITS})")));
-    }
-    if merge == DecodeMerge::Cluster && n_splits > MAX_CLUSTER_SPLITS {
-        return Err(shape("attention", format!("{n_splits} splits in one cluster (at most {MAX_CLUSTER_SPLITS})")));
     }
     let qs = q_stride as i32;
     let (maxb, h, nkv, bs) = (kv.max_blocks as i32, kv.n_heads as i32, kv.n_kv as i32, kv.block_size as i32);
@@ -442,10 +385,7 @@ pub fn attention_decode(
     if rope.is_some() {
         args.extend([arg(&bias), arg(&inv_freq), arg(&slots)]);
     }
-    let grid = (n_tokens as u32, kv.n_kv as u32, n_splits as u32);
-    // The kernel merges in a cluster exactly when its cluster holds every split.
-    let cluster = if merge == DecodeMerge::Cluster { n_splits as u32 } else { 1 };
-    gpu.launch_clustered(&name, grid, cluster, DECODE_THREADS, 0, &mut args)
+    gpu.launch(&name, (n_tokens as u32, kv.n_kv as u32, n_splits as u32), DECODE_THREADS, 0, &mut args)
 }
 
 /// Flash-attention prefill over `n_tiles` tiles of up to 64 query tokens (see attention.cuh).
@@ -1118,28 +1058,7 @@ pub fn arl_add_rms_norm(
 
 #[cfg(test)]
 mod tests {
-    use super::{DecodeOccupancy, gemv_unroll};
-
-    /// Splits keep every block of a launch resident at once, counting whole clusters where the
-    /// splits merge in one (an H100: 264 blocks, 32 clusters of 8 in its GPCs).
-    #[test]
-    fn decode_splits_fit_the_resident_blocks_and_clusters() {
-        let occ = DecodeOccupancy { blocks: 264, clusters: [264, 132, 88, 64, 48, 40, 32, 32] };
-        // Batch 1 of 8 KV heads: 8 clusters of 8 (64 blocks); with room for 32 splits, 32
-        // globally merged splits (256 blocks) beat 8.
-        assert_eq!(occ.splits_for(8, 8), 8);
-        assert_eq!(occ.splits_for(8, 32), 32);
-        // Batch 4: 32 rows; 8 splits need 32 clusters of 8, there are 32.
-        assert_eq!(occ.splits_for(32, 8), 8);
-        // Batch 5: 40 rows; 40 clusters of 8 do not fit, 40 of 6 do (240 blocks).
-        assert_eq!(occ.splits_for(40, 8), 6);
-        // Batch 8: 64 rows, 4 splits (256 blocks in 64 clusters of 4).
-        assert_eq!(occ.splits_for(64, 8), 4);
-        assert_eq!(occ.splits_for(64, 32), 4);
-        // More rows than resident blocks: one split, in waves.
-        assert_eq!(occ.splits_for(512, 8), 1);
-        assert_eq!(occ.splits_for(0, 8), 8);
-    }
+    use super::gemv_unroll;
 
     /// Every kernel name the launchers can form is in the list the modules are checked against
     /// at start-up (a compiled kernel missing there cannot be launched).

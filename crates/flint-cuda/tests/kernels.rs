@@ -436,46 +436,28 @@ fn check_attention(
     let (tsq, pos) = (g.upload(&token_seq).expect("ts"), g.upload(&positions).expect("pos"));
     // One set of counters for every launch: each launch must leave them zero for the next.
     let counters = g.zeros(4 * n * kvp.n_kv).expect("counters");
-    // Each split count merged through global memory and, where they fit one, in a cluster: the
-    // same bits both ways.
     for splits in [1, 3, 8, 32, 3] {
         let part_o = g.alloc(4 * n * heads * splits * hd).expect("po");
         let part_ml = g.alloc(4 * n * heads * splits * 2).expect("pml");
+        let out = poisoned(g, 2 * n * heads * hd);
         let scratch = ops::DecodeScratch { part_o: part_o.ptr(), part_ml: part_ml.ptr(), counters: counters.ptr() };
-        let mut global_bits: Option<(Vec<u16>, Vec<u32>)> = None;
-        for merge in [ops::DecodeMerge::Global, ops::DecodeMerge::Cluster] {
-            if merge == ops::DecodeMerge::Cluster && splits > ops::MAX_CLUSTER_SPLITS {
-                continue;
-            }
-            let what = format!("decode splits {splits} {merge:?} {what}");
-            let out = poisoned(g, 2 * n * heads * hd);
-            // Up to 8 tokens, the output's amax is published too (for the FP8 GEMV's bf16 input).
-            let amax = (n <= ops::GEMV_FP8_MAX_M).then(|| g.zeros(4 * n * ops::AMAX_SLOTS).expect("amax"));
-            let amax_ptr = amax.as_ref().map_or(0, |a| a.ptr());
-            let (q, ts, p) = (qb.ptr(), tsq.ptr(), pos.ptr());
-            ops::attention_decode(g, kvp, q, stride, ts, p, &scratch, out.ptr(), amax_ptr, None, n, splits, merge)
-                .expect("decode");
-            let got = read_bf16(g, &out, n * heads * hd);
-            check(&what, &got, &want, 1e-2);
-            let amax_bits = match &amax {
-                Some(amax) => {
-                    check_published_amax(g, amax, &got, n, &what);
-                    read_f32(g, amax, n * ops::AMAX_SLOTS).iter().map(|x| x.to_bits()).collect()
-                }
-                None => Vec::new(),
-            };
-            let bits = (read_u16(g, &out, n * heads * hd), amax_bits);
-            match &global_bits {
-                None => global_bits = Some(bits),
-                Some(global) => assert!(*global == bits, "{what}: not the bits of the global merge"),
-            }
-            let left: Vec<u32> = {
-                let mut v = vec![0u32; n * kvp.n_kv];
-                g.read(counters.ptr(), &mut v).expect("read");
-                v
-            };
-            assert!(left.iter().all(|&c| c == 0), "{what}: counters left {left:?}");
+        // Up to 8 tokens, the output's amax is published too (for the FP8 GEMV's bf16 input).
+        let amax = (n <= ops::GEMV_FP8_MAX_M).then(|| g.zeros(4 * n * ops::AMAX_SLOTS).expect("amax"));
+        let amax_ptr = amax.as_ref().map_or(0, |a| a.ptr());
+        let (q, ts, p) = (qb.ptr(), tsq.ptr(), pos.ptr());
+        ops::attention_decode(g, kvp, q, stride, ts, p, &scratch, out.ptr(), amax_ptr, None, n, splits)
+            .expect("decode");
+        let got = read_bf16(g, &out, n * heads * hd);
+        check(&format!("decode splits {splits} {what}"), &got, &want, 1e-2);
+        if let Some(amax) = &amax {
+            check_published_amax(g, amax, &got, n, &format!("decode splits {splits} {what}"));
         }
+        let left: Vec<u32> = {
+            let mut v = vec![0u32; n * kvp.n_kv];
+            g.read(counters.ptr(), &mut v).expect("read");
+            v
+        };
+        assert!(left.iter().all(|&c| c == 0), "decode splits {splits} {what}: counters left {left:?}");
     }
 }
 
@@ -645,7 +627,6 @@ fn decode_with_rope_equals_rope_then_decode() {
                         fused.then_some(&rope),
                         n,
                         splits,
-                        ops::DecodeMerge::for_splits(splits),
                     )
                     .expect("decode");
                     let cache_bytes = if fp8 { rows * hd } else { 2 * rows * hd };

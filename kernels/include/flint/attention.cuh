@@ -3,14 +3,11 @@
 // [n_blocks, block_size, n_kv]) as rope_kv_write_fp8_head writes them.
 //
 // Decode ("flash decoding"): one query token per (token, kv head, split) block; the split's keys
-// are read once for every query head of the group; the partial softmax states of all the splits
-// are merged in the same launch (no second kernel): in distributed shared memory where the
-// splits form one cluster, else by the split that finishes last. Prefill: flash-attention tiles
-// of 64 queries x 64 keys on the tensor cores (WMMA, bf16 in, f32 accumulate), online softmax,
-// one query head per block.
+// are read once for every query head of the group; the split that finishes last merges the
+// partial softmax states of all of them (no second kernel). Prefill: flash-attention tiles of 64 queries x 64 keys on the tensor
+// cores (WMMA, bf16 in, f32 accumulate), online softmax, one query head per block.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <mma.h>
 
 #include "e4m3.cuh"
@@ -21,7 +18,6 @@ constexpr int kMaxGroup = 8;        // query heads per KV head handled by one de
 constexpr int kDecodeTile = 64;     // keys scored together in a decode block
 constexpr int kDecodeThreads = 256;  // mirrored by DECODE_THREADS in ops.rs
 constexpr int kMaxSplits = 32;      // decode splits of one (token, KV head); one per lane at merge
-constexpr int kMaxClusterSplits = 8;  // splits merged in one cluster (portable cluster size)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // The cache's element: bf16, or an E4M3 code; Vec8 holds eight of them (one load).
@@ -136,66 +132,13 @@ __device__ __forceinline__ void decode_write_new_kv(const bf16* row, const Decod
     }
 }
 
-// The merge of a decode block's splits: load_ml(g, s) gives split s's softmax state (max, sum)
-// of the group's head g, load_o(g, s, d4) its unnormalised sums of dims 4 d4 .. 4 d4 + 3; the
-// normalised heads go to out (rows head0 ..), their amax to token t's slots of out_amax.
-template <int HD, class LoadMl, class LoadO>
-__device__ __forceinline__ void decode_merge(LoadMl load_ml, LoadO load_o, int n_splits, int group, int seq,
-                                             size_t head0, int t, int kvh, bf16* out, float* out_amax,
-                                             float (&weight)[kMaxGroup][kMaxSplits], float (&inv_l)[kMaxGroup]) {
-    constexpr int kWarps = kDecodeThreads / 32;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // Each split's weight per head, one warp per head (n_splits <= 32, lane s holds split s) ...
-    for (int g = warp; g < group; g += kWarps) {
-        const float2 ml = lane < n_splits ? load_ml(g, lane) : make_float2(-INFINITY, 0.f);
-        const float m = warp_max(ml.x);
-        const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - m);
-        const float l = warp_sum(ml.y * w);
-        if (lane < n_splits) weight[g][lane] = w;
-        if (lane == 0) inv_l[g] = seq < 0 || l == 0.f ? 0.f : 1.f / l;
-    }
-    __syncthreads();
-    // ... then four dims of one head per thread, every split's load in flight at once.
-    float amax = 0.f;
-    for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
-        const int g = i / (HD / 4), d4 = i % (HD / 4);
-        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-        for (int s = 0; s < n_splits; ++s) {
-            const float w = weight[g][s];
-            const float4 p = load_o(g, s, d4);
-            o.x = fmaf(w, p.x, o.x);
-            o.y = fmaf(w, p.y, o.y);
-            o.z = fmaf(w, p.z, o.z);
-            o.w = fmaf(w, p.w, o.w);
-        }
-        const float r = inv_l[g];
-        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
-        dst[0] = lo;
-        dst[1] = hi;
-        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
-        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
-    }
-    if (out_amax != nullptr) {
-        amax = warp_max(amax);
-        if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
-    }
-}
-
 // Grid (n_tokens, n_kv, n_splits), kDecodeThreads threads. Token t of sequence token_seq[t] sits
 // at position positions[t] and sees keys 0..=positions[t]; token_seq[t] < 0 marks a row to skip.
-// q row t starts at q + t * q_stride (the fused QKV output). The merged result is the group's
-// heads of out [n_tokens, n_heads, HD] (bf16); where out_amax is not null, their amax is also
-// published into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
-//
-// Merge: launched in clusters of (1, 1, n_splits) blocks (at most kMaxClusterSplits; one split
-// alone is such a cluster), each split leaves its unnormalised sums and softmax state in its
-// shared memory and split 0 reads them all through distributed shared memory (part_o, part_ml
-// and counters unused). Otherwise each split writes part_o [n_tokens, n_heads, n_splits, HD]
-// (unnormalised) and part_ml [.., n_splits, 2] and counts itself in counters[t, kvh] (zero
-// before the launch, zero again after it), and the last one to finish reads them back through
-// L2. Both merge in the same order: the same output bits.
+// q row t starts at q + t * q_stride (the fused QKV output). Each split writes part_o [n_tokens,
+// n_heads, n_splits, HD] (unnormalised) and part_ml [.., n_splits, 2] and counts itself in
+// counters[t, kvh] (zero before the launch, zero again after it); the last one writes the
+// group's heads of out [n_tokens, n_heads, HD] (bf16) and, where out_amax is not null, publishes
+// their amax into token t's slots (e4m3.cuh) for the FP8 GEMV that quantizes out.
 //
 // Scores: groups of 8 lanes read one key row with 16-byte loads and reduce its dot products with
 // every query head of the group; values: each warp takes every eighth key, each lane a slice of
@@ -258,11 +201,9 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     __shared__ __align__(16) Kv new_k[ROPE ? HD : 16], new_v[ROPE ? HD : 16];
     __shared__ float new_scale[2];
     int new_pos = -1;
-    // Only a split with keys reads its queries (in a short context the last splits have none).
-    const int q_items = begin < end ? group * HD : 0;
     if constexpr (ROPE) {
         const float pos = (float)positions[t];
-        for (int i = threadIdx.x; i < q_items / 2; i += blockDim.x) {
+        for (int i = threadIdx.x; i < group * HD / 2; i += blockDim.x) {
             const int g = i / (HD / 2), p = i % (HD / 2);
             bf16 y0, y1;
             rope_pair(qrow, rope.bias, pos, rope.inv_freq, kvh * group + g, HD, p, y0, y1);
@@ -276,7 +217,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
                                         new_scale);
         }
     } else {
-        for (int i = threadIdx.x; i < q_items; i += blockDim.x) {
+        for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
             const int g = i / HD, d = i % HD;
             qs[g][d] = __bfloat162float(qrow[(kvh * group + g) * HD + d]) * scale * kLog2e;
         }
@@ -430,9 +371,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         }
         __syncthreads();
     }
-    // Add the warps' partial sums: into red[0] for a cluster merge, else into part_o.
-    namespace cg = cooperative_groups;
-    const bool cluster_merge = cg::this_cluster().num_blocks() == (unsigned)n_splits;
+    // Add the warps' partial sums.
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
         if (g >= group) break;
@@ -445,29 +384,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         float o = 0.f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) o += red[w][g][d];
-        // Only this thread reads or writes red[.][g][d]: the sum may overwrite its first term.
-        if (cluster_merge)
-            red[0][g][d] = o;
-        else
-            part_o[(part + (size_t)g * n_splits) * HD + d] = o;
-    }
-    const size_t head0 = (size_t)t * n_heads + kvh * group;
-    __shared__ float weight[kMaxGroup][kMaxSplits];
-    __shared__ float inv_l[kMaxGroup];
-    if (cluster_merge) {
-        const cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();  // every split's sums and softmax state are in its shared memory
-        if (split == 0)
-            decode_merge<HD>(
-                [&](int g, int s) {
-                    return make_float2(*cluster.map_shared_rank(&m_s[g], s), *cluster.map_shared_rank(&l_s[g], s));
-                },
-                [&](int g, int s, int d4) {
-                    return *reinterpret_cast<const float4*>(cluster.map_shared_rank(&red[0][g][4 * d4], s));
-                },
-                n_splits, group, seq, head0, t, kvh, out, out_amax, weight, inv_l);
-        cluster.sync();  // split 0 has read the others' shared memory before they exit
-        return;
+        part_o[(part + (size_t)g * n_splits) * HD + d] = o;
     }
     if (threadIdx.x < group) {
         part_ml[(part + (size_t)threadIdx.x * n_splits) * 2] = m_s[threadIdx.x];
@@ -484,16 +401,49 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     __syncthreads();
     if (!last) return;
     __threadfence();
+    const size_t head0 = (size_t)t * n_heads + kvh * group;
     // Other blocks wrote the partials: read them through L2 (ld.cg), never a stale L1 line.
-    decode_merge<HD>(
-        [&](int g, int s) {
-            const size_t at = ((head0 + g) * n_splits + s) * 2;
-            return make_float2(__ldcg(&part_ml[at]), __ldcg(&part_ml[at + 1]));
-        },
-        [&](int g, int s, int d4) {
-            return __ldcg(reinterpret_cast<const float4*>(part_o + ((head0 + g) * n_splits + s) * HD) + d4);
-        },
-        n_splits, group, seq, head0, t, kvh, out, out_amax, weight, inv_l);
+    // Each split's weight per head, one warp per head (n_splits <= 32, lane s holds split s) ...
+    __shared__ float weight[kMaxGroup][kMaxSplits];
+    __shared__ float inv_l[kMaxGroup];
+    for (int g = warp; g < group; g += kWarps) {
+        const size_t base = (head0 + g) * n_splits;
+        const float ms = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2]) : -INFINITY;
+        const float ls = lane < n_splits ? __ldcg(&part_ml[(base + lane) * 2 + 1]) : 0.f;
+        const float m = warp_max(ms);
+        const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
+        const float l = warp_sum(ls * w);
+        if (lane < n_splits) weight[g][lane] = w;
+        if (lane == 0) inv_l[g] = seq < 0 || l == 0.f ? 0.f : 1.f / l;
+    }
+    __syncthreads();
+    // ... then four dims of one head per thread, every split's load in flight at once.
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < group * HD / 4; i += blockDim.x) {
+        const int g = i / (HD / 4), d4 = i % (HD / 4);
+        const size_t base = (head0 + g) * n_splits;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < n_splits; ++s) {
+            const float w = weight[g][s];
+            const float4 p = __ldcg(reinterpret_cast<const float4*>(part_o + (base + s) * HD) + d4);
+            o.x = fmaf(w, p.x, o.x);
+            o.y = fmaf(w, p.y, o.y);
+            o.z = fmaf(w, p.z, o.z);
+            o.w = fmaf(w, p.w, o.w);
+        }
+        const float r = inv_l[g];
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + (head0 + g) * HD + 4 * d4);
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(o.x * r, o.y * r), hi = __floats2bfloat162_rn(o.z * r, o.w * r);
+        dst[0] = lo;
+        dst[1] = hi;
+        const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+        amax = fmaxf(fmaxf(amax, fmaxf(fabsf(a.x), fabsf(a.y))), fmaxf(fabsf(b.x), fabsf(b.y)));
+    }
+    if (out_amax != nullptr) {
+        amax = warp_max(amax);
+        if (lane == 0) amax_publish(out_amax, t, kvh * kWarps + warp, amax);
+    }
     if (threadIdx.x == 0) counters[(size_t)t * n_kv + kvh] = 0;  // ready for the next launch
 }
 

@@ -397,8 +397,8 @@ pub struct CudaLlama {
     max_blocks: usize,
     max_tiles: usize,
     max_splits: usize,
-    /// Decode attention blocks the GPU holds at once, which size the splits.
-    decode_occupancy: ops::DecodeOccupancy,
+    /// Decode attention blocks the GPU holds at once (`Self::splits_for`).
+    decode_resident: usize,
     layout: MetaLayout,
     ws: Workspace,
     state: Mutex<State>,
@@ -676,10 +676,10 @@ impl CudaLlama {
         let max_blocks = options.max_seq_len.div_ceil(options.block_size);
         let max_tiles = max_tokens.div_ceil(64) + max_seqs;
         let max_splits = options.max_seq_len.div_ceil(32).clamp(1, ops::MAX_DECODE_SPLITS);
-        let decode_occupancy = ops::DecodeOccupancy::query(&gpu, c.head_dim, options.kv_fp8)?;
+        let decode_resident = ops::attention_decode_resident_blocks(&gpu, c.head_dim, options.kv_fp8)?;
         let layout = MetaLayout::new(max_tokens, max_seqs, max_tiles, max_blocks);
         let part_rows =
-            (1..=max_seqs).map(|b| b * decode_occupancy.splits_for(b * local.n_kv, max_splits)).max().unwrap_or(1);
+            (1..=max_seqs).map(|b| b * Self::splits_for(decode_resident, local.n_kv, b, max_splits)).max().unwrap_or(1);
         let ws = Workspace {
             meta: gpu.zeros(layout.bytes)?,
             residual: gpu.alloc(bf16_bytes(max_tokens * h))?,
@@ -774,7 +774,7 @@ impl CudaLlama {
             max_blocks,
             max_tiles,
             max_splits,
-            decode_occupancy,
+            decode_resident,
             layout,
             ws,
             state: Mutex::new(State { graphs: HashMap::new(), staging }),
@@ -864,6 +864,15 @@ impl CudaLlama {
         let comm = comm.lock().unwrap_or_else(|p| p.into_inner());
         comm.all_reduce(&mut DeviceSlice::new(ptr, len, CommType::Bf16), ReduceOp::Sum)?;
         Ok(())
+    }
+
+    /// Decode attention splits of each (token, KV head) for a batch: as many as keep every block
+    /// of the launch resident at once (`resident`, ops::attention_decode_resident_blocks), at
+    /// most `max_splits`. A second wave would double the step's attention time: at batch 8 of
+    /// the 8B preset, 5 splits (320 blocks of 256 threads, 264 resident) were 3% slower per
+    /// BF16 step than the 128-thread kernel.
+    fn splits_for(resident: usize, n_kv: usize, batch: usize, max_splits: usize) -> usize {
+        (resident / (batch * n_kv).max(1)).clamp(1, max_splits)
     }
 
     fn bucket_for(&self, n: usize) -> usize {
@@ -1310,10 +1319,7 @@ impl CudaLlama {
             };
             if plan.decode_rows > 0 {
                 let rows = plan.decode_rows;
-                // As many splits as keep every block of the launch resident at once: at batch 8 of
-                // the 8B preset, 5 splits (320 blocks of 256 threads, 264 resident) were 3%
-                // slower per BF16 step than the 128-thread kernel in one wave.
-                let splits = self.decode_occupancy.splits_for(rows * lo.n_kv, self.max_splits);
+                let splits = Self::splits_for(self.decode_resident, lo.n_kv, rows, self.max_splits);
                 ops::attention_decode(
                     g,
                     &kv,
@@ -1331,7 +1337,6 @@ impl CudaLlama {
                     rope_in_attention.then_some(&rope),
                     rows,
                     splits,
-                    ops::DecodeMerge::for_splits(splits),
                 )?;
             }
             if plan.n_tiles > 0 {
