@@ -43,13 +43,11 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
 /// token and 0.992x at two.
 pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
-/// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
-/// ([`CudaLlamaOptions::fuse_norm_tail`]). The kernel takes two (`ops::NORM_TAIL_MAX_M`; a
-/// 512-thread block normalises them side by side), but on one H100 (Llama-3.1-8B FP8) the fused
-/// step was 1.024x faster than the norm kernels at one token and, at two, 0.968x with the rows one
-/// after the other and still 0.995x with them side by side
-/// (`bench/results/2026-12-07-h100-llama-3.1-8b-norm-tail-rows-6c88e39.md`), so two-token steps
-/// keep the norm kernels.
+/// Most tokens of a step whose norms run inside its GEMVs ([`CudaLlamaOptions::fuse_norm_tail`]).
+/// The kernels take two (`ops::NORM_TAIL_MAX_M`), but such a step also needs the fused
+/// quantization ([`FUSED_QUANTIZATION_MAX_TOKENS`]), and the earlier norm tail was 0.995x the norm
+/// kernels at two tokens on one H100
+/// (`bench/results/2026-12-07-h100-llama-3.1-8b-norm-tail-rows-6c88e39.md`).
 pub const NORM_TAIL_MAX_TOKENS: usize = 1;
 
 /// Sizes chosen at load time.
@@ -96,11 +94,11 @@ pub struct CudaLlamaOptions {
     /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
     /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
-    /// Single-GPU FP8 steps of one token ([`NORM_TAIL_MAX_TOKENS`]): the O and down GEMVs end
-    /// with the residual add + RMSNorm + quantize of their output, run by their last block,
-    /// instead of a norm kernel after each (the same residual, codes and scales either way; two
-    /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
-    /// on an H100 (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
+    /// Single-GPU FP8 decode steps of one token ([`NORM_TAIL_MAX_TOKENS`]) with the fused
+    /// quantization: no norm kernel in the layer. The O and down GEMVs add their output into the
+    /// residual (`ops::Fp8Epilogue::AddResidual`) and the gate/up and next QKV GEMVs normalise and
+    /// quantize it in every block themselves (`ops::Fp8Input::Normed`): the same residual, codes
+    /// and scales as the norm kernels, two kernels less per layer and one less before the first.
     pub fuse_norm_tail: bool,
 }
 
@@ -1121,10 +1119,10 @@ impl CudaLlama {
         ops::Fp8Gemv { input, ..codes }
     }
 
-    /// Whether the O and down GEMVs of an FP8 step of `n` tokens run the residual add +
-    /// RMSNorm + quantize after them as their tail ([`CudaLlamaOptions::fuse_norm_tail`]): one
+    /// Whether the norms of an FP8 step of `n` tokens can run inside its GEMVs
+    /// ([`CudaLlamaOptions::fuse_norm_tail`]; the step also needs the fused quantization): one
     /// GPU (an all-reduce comes between the projection and the norm otherwise), at most
-    /// [`NORM_TAIL_MAX_TOKENS`], and both projections run as FP8 GEMVs.
+    /// [`NORM_TAIL_MAX_TOKENS`], and the projections around the norms run as FP8 GEMVs.
     fn norm_in_gemv(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let bf16_epi = ops::Fp8Epilogue::Bf16;
