@@ -1045,6 +1045,141 @@ fn fp8_gemv_of_bf16_input_equals_quantize_then_gemv() {
     g.synchronize().expect("sync");
 }
 
+/// The norm inside the GEMVs: an FP8 GEMV of the residual epilogue (adding its output into the
+/// residual) followed by a GEMV of normed input (every block normalising and quantizing the
+/// residual itself) leaves, bit for bit, the residual and output of the plain GEMV, then
+/// `add_rms_norm_fp8`, then the GEMV of its codes: for codes and bf16 inputs of the first, one and
+/// two tokens, both variants compiled with a normed input (and the shape's own), plain and SwiGLU
+/// outputs of the second, hidden sizes from 64 to 8192. Normed inputs that are too wide, have
+/// too many tokens, run a variant without the head or write their own residual are refused.
+#[test]
+fn gemv_normed_input_equals_norm_kernel() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    let eps = 1e-5;
+    // (hidden, the first GEMV's k, the second's n): SmolLM2 (O, then QKV), the 8B O then QKV,
+    // down then gate/up, a wide one and a small one.
+    for (h, k, n2) in [(576, 576, 960), (4096, 4096, 6144), (4096, 14336, 14336), (8192, 1024, 1024), (64, 128, 64)] {
+        let w1 = random_bf16(&mut r, h * k, 0.05);
+        let w1q = Fp8Matrix::quantize(&w1, h, k, Granularity::Channel, Fp8Format::E4M3);
+        let (w1b, w1s) = (g.upload(&w1q.codes).expect("up"), g.upload(&w1q.scales).expect("up"));
+        let w2 = random_bf16(&mut r, 2 * n2 * h, 0.05);
+        let w2q = Fp8Matrix::quantize(&w2, 2 * n2, h, Granularity::Channel, Fp8Format::E4M3);
+        let (w2b, w2s) = (g.upload(&w2q.codes).expect("up"), g.upload(&w2q.scales).expect("up"));
+        let norm_w: Vec<f32> = (0..h).map(|_| r.random_range(0.5f32..1.5)).collect();
+        let nw = g.upload(&norm_w).expect("up");
+        for m in 1..=ops::NORM_TAIL_MAX_M {
+            let x = random_bf16(&mut r, m * k, 2.0);
+            let residual = random_bf16(&mut r, m * h, 4.0);
+            let xb = up_bf16(&g, &x);
+            let (xq, xs) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
+            ops::quantize_rows(&g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
+            let amax = g.upload(&amax_slots(&mut r, &x, m, k)).expect("up");
+            let inputs = [
+                ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
+                ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
+            ];
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM.map(Some));
+            for config in configs {
+                for (input_name, input) in inputs {
+                    for epilogue in [ops::Fp8Epilogue::Bf16, ops::Fp8Epilogue::SwiGlu] {
+                        let label = config.map_or("default".to_string(), |c| c.label());
+                        let what = format!("normed input {label} {input_name} {epilogue:?} m={m} h={h} k={k}");
+                        // Residual and second output.
+                        let run = |inside: bool| {
+                            let res = up_bf16(&g, &residual);
+                            let (y1, y2) = (poisoned(&g, 2 * m * h), poisoned(&g, 2 * m * n2));
+                            let first = if inside {
+                                ops::Fp8Gemv {
+                                    input,
+                                    ..ops::Fp8Gemv::codes(
+                                        0,
+                                        0,
+                                        w1b.ptr(),
+                                        w1s.ptr(),
+                                        res.ptr(),
+                                        m,
+                                        h,
+                                        k,
+                                        ops::Fp8Epilogue::AddResidual,
+                                    )
+                                }
+                            } else {
+                                ops::Fp8Gemv {
+                                    input,
+                                    ..ops::Fp8Gemv::codes(
+                                        0,
+                                        0,
+                                        w1b.ptr(),
+                                        w1s.ptr(),
+                                        y1.ptr(),
+                                        m,
+                                        h,
+                                        k,
+                                        ops::Fp8Epilogue::Bf16,
+                                    )
+                                }
+                            };
+                            ops::run_gemv_fp8(&g, None, &first).expect("first gemv");
+                            let (codes, scales) = (poisoned(&g, m * h), poisoned(&g, 4 * m));
+                            let second_input = if inside {
+                                ops::Fp8Input::Normed { residual: res.ptr(), weight: nw.ptr(), eps }
+                            } else {
+                                ops::add_rms_norm_fp8(
+                                    &g,
+                                    res.ptr(),
+                                    y1.ptr(),
+                                    nw.ptr(),
+                                    codes.ptr(),
+                                    scales.ptr(),
+                                    m,
+                                    h,
+                                    eps,
+                                )
+                                .expect("norm");
+                                ops::Fp8Input::Codes { x: codes.ptr(), scales: scales.ptr() }
+                            };
+                            let second = ops::Fp8Gemv {
+                                input: second_input,
+                                ..ops::Fp8Gemv::codes(0, 0, w2b.ptr(), w2s.ptr(), y2.ptr(), m, n2, h, epilogue)
+                            };
+                            ops::run_gemv_fp8(&g, if inside { config } else { None }, &second).expect("second gemv");
+                            (read_u16(&g, &res, m * h), read_u16(&g, &y2, m * n2))
+                        };
+                        let (want, got) = (run(false), run(true));
+                        assert_eq!(got.0, want.0, "{what}: residual");
+                        let diff = got.1.iter().zip(&want.1).position(|(a, b)| a != b);
+                        assert!(diff.is_none(), "{what}: output {diff:?} differs");
+                    }
+                }
+            }
+        }
+    }
+    // Refused: three tokens, a hidden size over the limit, a variant compiled without the head,
+    // the residual as the output, no norm weights; and a norm tail with the residual epilogue.
+    let buf = g.zeros(1 << 20).expect("buf");
+    let p = buf.ptr();
+    let other = g.zeros(1 << 16).expect("buf");
+    let normed = ops::Fp8Input::Normed { residual: p, weight: p, eps };
+    let op = ops::Fp8Gemv {
+        input: normed,
+        ..ops::Fp8Gemv::codes(0, 0, p, p, other.ptr(), 1, 64, 64, ops::Fp8Epilogue::Bf16)
+    };
+    ops::run_gemv_fp8(&g, None, &op).expect("a normed input");
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { m: ops::NORM_TAIL_MAX_M + 1, ..op }).is_err());
+    let wide = ops::NORM_TAIL_MAX_HIDDEN + 64;
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { k: wide, ..op }).is_err());
+    let plain_only = ops::Fp8GemvConfig { split_k: 4, unroll: 2, prefetch: false };
+    assert!(ops::run_gemv_fp8(&g, Some(plain_only), &op).is_err());
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { y: p, ..op }).is_err());
+    let no_weight = ops::Fp8Input::Normed { residual: p, weight: 0, eps };
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { input: no_weight, ..op }).is_err());
+    let tail = ops::NormTail { residual: p, weight: p, codes: p, scales: p, counter: other.ptr(), eps };
+    let codes = ops::Fp8Gemv::codes(p, p, p, p, other.ptr(), 1, 64, 64, ops::Fp8Epilogue::AddResidual);
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { norm_tail: Some(tail), ..codes }).is_err());
+    g.synchronize().expect("sync");
+}
+
 /// Amax slots of the rows of `x` (`[m, k]`) as a producer publishes them: each row's amax in one
 /// slot, smaller values in the others.
 fn amax_slots(r: &mut impl Rng, x: &[f32], m: usize, k: usize) -> Vec<f32> {
@@ -1087,7 +1222,7 @@ fn gemv_norm_tail_equals_norm_kernel() {
                 ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
                 ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
             ];
-            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM_TAIL.map(Some));
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM.map(Some));
             for config in configs {
                 for (input_name, input) in inputs {
                     let label = config.map_or("default".to_string(), |c| c.label());
