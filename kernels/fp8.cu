@@ -31,30 +31,24 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
 
 // The FP8 GEMV per (warps per tile S, 64-element steps per chunk U, prefetch P); the launcher
 // picks one per shape (ops::Fp8GemvConfig). `flint_gemv_fp8q_*` take the bf16 activation and
-// its amax slots and quantize it themselves (Q in fp8.cuh); `flint_gemv_fp8n_*` take the bf16
-// residual and normalise and quantize it themselves (H). `*_norm_*` (T) end with the add +
-// RMSNorm + quantize of their output in the last block (norm_tail). The T and H variants are
-// compiled only for the shapes of the projections around the norms (Fp8GemvConfig::NORM), since
-// their registers and shared memory would cost the others occupancy. Each waits for the previous
-// kernel itself, after loading its first weights.
-#define FLINT_GEMV_FP8(S, U, P, Q, T, H, NAME)                                                                 \
+// its amax slots and quantize it themselves (Q in fp8.cuh). `*_norm_*` (T) end with the add +
+// RMSNorm + quantize of their output in the last block (norm_tail), compiled only for the
+// variants of the O and down projections, since the tail's registers would cost the others
+// occupancy. Each waits for the previous kernel itself, after loading its first weights.
+#define FLINT_GEMV_FP8(S, U, P, Q, T, NAME)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) NAME##_s##S##_u##U##_p##P(              \
         const void* x, const float* x_aux, const uint8_t* w, const float* w_scale, bf16* y, int m, int n, int k, \
-        int epilogue, float* amax_out, float* amax_clear, int l2_prefetch, Fp8NormTail tail, Fp8NormHead head) { \
-        gemv_fp8<S, U, P, Q, T, H>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out, \
-                                   amax_clear, l2_prefetch != 0, tail, head);                                  \
+        int epilogue, float* amax_out, float* amax_clear, int l2_prefetch, Fp8NormTail tail) {                \
+        gemv_fp8<S, U, P, Q, T>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out, \
+                                amax_clear, l2_prefetch != 0, tail);                                           \
     }
 
-#define FLINT_GEMV_FP8_P(S, U)                                                                    \
-    FLINT_GEMV_FP8(S, U, 0, false, false, false, flint_gemv_fp8)                                  \
-    FLINT_GEMV_FP8(S, U, 1, false, false, false, flint_gemv_fp8)                                  \
-    FLINT_GEMV_FP8(S, U, 0, true, false, false, flint_gemv_fp8q)                                  \
-    FLINT_GEMV_FP8(S, U, 1, true, false, false, flint_gemv_fp8q)
+#define FLINT_GEMV_FP8_P(S, U)                                                                           \
+    FLINT_GEMV_FP8(S, U, 0, false, false, flint_gemv_fp8) FLINT_GEMV_FP8(S, U, 1, false, false, flint_gemv_fp8) \
+    FLINT_GEMV_FP8(S, U, 0, true, false, flint_gemv_fp8q) FLINT_GEMV_FP8(S, U, 1, true, false, flint_gemv_fp8q)
 #define FLINT_GEMV_FP8_U(S) FLINT_GEMV_FP8_P(S, 2) FLINT_GEMV_FP8_P(S, 4)
-#define FLINT_GEMV_FP8_NORM(S, U)                                          \
-    FLINT_GEMV_FP8(S, U, 1, false, true, false, flint_gemv_fp8_norm)      \
-    FLINT_GEMV_FP8(S, U, 1, true, true, false, flint_gemv_fp8q_norm)      \
-    FLINT_GEMV_FP8(S, U, 1, false, false, true, flint_gemv_fp8n)
+#define FLINT_GEMV_FP8_NORM(S, U) \
+    FLINT_GEMV_FP8(S, U, 1, false, true, flint_gemv_fp8_norm) FLINT_GEMV_FP8(S, U, 1, true, true, flint_gemv_fp8q_norm)
 
 FLINT_GEMV_FP8_U(4)
 FLINT_GEMV_FP8_U(8)
@@ -64,8 +58,8 @@ FLINT_GEMV_FP8_P(16, 1)
 FLINT_GEMV_FP8_P(16, 2)
 FLINT_GEMV_FP8_P(32, 1)
 FLINT_GEMV_FP8_P(32, 2)
-// With the norm tail or head: the variants Fp8GemvConfig::for_shape picks for up to 320 tiles and
-// above.
+// With the norm tail: the variants Fp8GemvConfig::for_shape picks for a hidden-sized output
+// (up to 320 tiles, and above).
 FLINT_GEMV_FP8_NORM(16, 1)
 FLINT_GEMV_FP8_NORM(8, 2)
 

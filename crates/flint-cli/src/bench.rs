@@ -104,9 +104,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     rope_attention: String,
     /// With --preset and --dtype fp8: whether FP8 steps of one token on one GPU run the residual
-    /// add + RMSNorm + quantize inside the GEMVs (fused: the O and down projections add into the
-    /// residual, the projections after them normalise it) or in a norm kernel after each
-    /// (separate); both: the FP8 model measured each way in this run. The default is the model's.
+    /// add + RMSNorm + quantize after the O and down projections in those GEMVs' last block
+    /// (fused) or in a norm kernel after each (separate); both: the FP8 model measured each way
+    /// in this run. The default is the model's.
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     norm_tail: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits

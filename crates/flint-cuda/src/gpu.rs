@@ -684,8 +684,6 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_gemv_fp8_norm_s8_u2_p1",
     "flint_gemv_fp8q_norm_s16_u1_p1",
     "flint_gemv_fp8q_norm_s8_u2_p1",
-    "flint_gemv_fp8n_s16_u1_p1",
-    "flint_gemv_fp8n_s8_u2_p1",
     "flint_gemv_fp8q_s4_u2_p0",
     "flint_gemv_fp8q_s4_u2_p1",
     "flint_gemv_fp8q_s4_u4_p0",

@@ -565,10 +565,6 @@ pub enum Fp8Epilogue {
     Bf16 = 0,
     /// W is `[gate; up]` (`2n` rows); `y[m, j] = silu(gate_j) * up_j`, bf16 `[m, n]`.
     SwiGlu = 1,
-    /// `y` is the residual, bf16 `[m, n]`: `y += x . W^T`, the product rounded to bf16 and the
-    /// sum rounded again, as the residual pass of [`add_rms_norm`] adds (so a GEMV of
-    /// [`Fp8Input::Normed`] can follow with no norm kernel between).
-    AddResidual = 2,
 }
 
 /// Whether the FP8 GEMV takes an `[n, k]` weight (`n` output rows, per epilogue).
@@ -630,9 +626,9 @@ impl Fp8GemvConfig {
         Fp8GemvConfig { split_k, unroll, prefetch: true }
     }
 
-    /// The variants compiled with a [`NormTail`] and with an [`Fp8Input::Normed`] input as
-    /// well: those [`Self::for_shape`] picks for up to 320 tiles and above.
-    pub const NORM: [Fp8GemvConfig; 2] = [
+    /// The variants compiled with a [`NormTail`] as well: those [`Self::for_shape`] picks for a
+    /// plain output of up to 320 tiles and above.
+    pub const NORM_TAIL: [Fp8GemvConfig; 2] = [
         Fp8GemvConfig { split_k: 16, unroll: 1, prefetch: true },
         Fp8GemvConfig { split_k: 8, unroll: 2, prefetch: true },
     ];
@@ -642,13 +638,8 @@ impl Fp8GemvConfig {
         format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
     }
 
-    fn kernel(&self, input: Fp8Input, norm_tail: bool) -> String {
-        let q = match input {
-            Fp8Input::Codes { .. } => "",
-            Fp8Input::Bf16 { .. } => "q",
-            Fp8Input::Normed { .. } => "n",
-        };
-        let tail = if norm_tail { "_norm" } else { "" };
+    fn kernel(&self, quantizes: bool, norm_tail: bool) -> String {
+        let (q, tail) = (if quantizes { "q" } else { "" }, if norm_tail { "_norm" } else { "" });
         format!("flint_gemv_fp8{q}{tail}_{}", self.label())
     }
 }
@@ -664,7 +655,7 @@ pub const AMAX_SLOTS: usize = 32;
 pub const GEMV_FP8_QUANTIZING_MAX_M: usize = 2;
 
 /// The activation input of the FP8 GEMV.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Input {
     /// E4M3 codes `[m, k]` with an f32 scale per token.
     Codes { x: u64, scales: u64 },
@@ -672,19 +663,6 @@ pub enum Fp8Input {
     /// slots (`[m, AMAX_SLOTS]` f32): the GEMV quantizes it per token itself, to the codes
     /// [`quantize_rows`] would give.
     Bf16 { x: u64, amax: u64 },
-    /// The bf16 residual `[m, k]` (`m <= NORM_TAIL_MAX_M`, `k <= NORM_TAIL_MAX_HIDDEN`), taken
-    /// through its RMSNorm (`weight`, f32 `[k]`, and `eps`): every block of the GEMV normalises
-    /// and quantizes the rows itself, to the codes and scales [`add_rms_norm_fp8`] with no add
-    /// would give, bit for bit. Only the [`Fp8GemvConfig::NORM`] variants take it.
-    Normed { residual: u64, weight: u64, eps: f32 },
-}
-
-/// The norm of an [`Fp8Input::Normed`] GEMV as the kernel takes it (mirrors `Fp8NormHead`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct NormHead {
-    weight: u64,
-    eps: f32,
 }
 
 /// One FP8 GEMV: `y[m, n] = (x codes . W codes^T) * x_scale[m] * w_scale[n]`.
@@ -816,17 +794,13 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
                 ),
             ));
         }
-        if epilogue == Fp8Epilogue::AddResidual || matches!(input, Fp8Input::Normed { .. }) {
-            return Err(shape("gemv_fp8", "a norm tail writes the output: no residual epilogue or normed input"));
-        }
-        if !Fp8GemvConfig::NORM.contains(&config) {
+        if !Fp8GemvConfig::NORM_TAIL.contains(&config) {
             return Err(shape("gemv_fp8", format!("no compiled variant {config:?} with a norm tail")));
         }
         if tail.counter == 0 || tail.residual == 0 || tail.weight == 0 || tail.codes == 0 || tail.scales == 0 {
             return Err(shape("gemv_fp8", "a norm tail needs its residual, weight, codes, scales and counter"));
         }
     }
-    let mut head = NormHead::default();
     let (x, x_aux) = match input {
         Fp8Input::Codes { x, scales } => (x, scales),
         Fp8Input::Bf16 { x, amax } => {
@@ -835,30 +809,12 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             }
             (x, amax)
         }
-        Fp8Input::Normed { residual, weight, eps } => {
-            if m > NORM_TAIL_MAX_M || k > NORM_TAIL_MAX_HIDDEN || !k.is_multiple_of(8) {
-                return Err(shape(
-                    "gemv_fp8",
-                    format!(
-                        "a normed input needs m <= {NORM_TAIL_MAX_M} and k <= {NORM_TAIL_MAX_HIDDEN} (m = {m}, k = {k})"
-                    ),
-                ));
-            }
-            if !Fp8GemvConfig::NORM.contains(&config) {
-                return Err(shape("gemv_fp8", format!("no compiled variant {config:?} with a normed input")));
-            }
-            if residual == 0 || weight == 0 || residual == y {
-                return Err(shape("gemv_fp8", "a normed input needs its residual (not the output) and norm weights"));
-            }
-            head = NormHead { weight, eps };
-            (residual, 0)
-        }
     };
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
     let tail = norm_tail.unwrap_or_default();
     gpu.launch(
-        &config.kernel(input, norm_tail.is_some()),
+        &config.kernel(quantizes, norm_tail.is_some()),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
         32 * config.block_warps() as u32,
         0,
@@ -876,7 +832,6 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             arg(&clear_amax),
             arg(&l2),
             arg(&tail),
-            arg(&head),
         ],
     )
 }
@@ -1111,20 +1066,16 @@ mod tests {
     fn every_launchable_kernel_is_registered() {
         use super::{Fp8GemvConfig, PagedKv};
         let registered = |name: &str| crate::gpu::KERNEL_NAMES.contains(&name);
-        let codes = super::Fp8Input::Codes { x: 0, scales: 0 };
-        let bf16 = super::Fp8Input::Bf16 { x: 0, amax: 0 };
-        let normed = super::Fp8Input::Normed { residual: 0, weight: 0, eps: 0.0 };
         for c in Fp8GemvConfig::ALL {
-            for input in [codes, bf16] {
-                assert!(registered(&c.kernel(input, false)), "{} is not registered", c.kernel(input, false));
+            for q in [false, true] {
+                assert!(registered(&c.kernel(q, false)), "{} is not registered", c.kernel(q, false));
             }
         }
-        for c in Fp8GemvConfig::NORM {
+        for c in Fp8GemvConfig::NORM_TAIL {
             assert!(Fp8GemvConfig::ALL.contains(&c));
-            for input in [codes, bf16] {
-                assert!(registered(&c.kernel(input, true)), "{} is not registered", c.kernel(input, true));
+            for q in [false, true] {
+                assert!(registered(&c.kernel(q, true)), "{} is not registered", c.kernel(q, true));
             }
-            assert!(registered(&c.kernel(normed, false)), "{} is not registered", c.kernel(normed, false));
         }
         for (scales, head_dim) in [(0, 64), (0, 128), (8, 64), (8, 128)] {
             let kv = PagedKv {

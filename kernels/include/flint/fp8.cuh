@@ -308,14 +308,7 @@ __device__ __forceinline__ void mma_step(float (&c)[4], const uint4& wa, const u
 
 enum class Fp8Epilogue : int {
     Bf16 = 0,
-    SwiGlu = 1,       // W is [gate; up] (2n rows); y[m, j] = silu(gate_j) * up_j, bf16 [m, n]
-    AddResidual = 2,  // y is the residual [m, n]: y += the output, rounded to bf16 as add_rms_norm does
-};
-
-// The RMSNorm of an H GEMV's input (gemv_fp8): its weights (f32 [k]) and epsilon.
-struct Fp8NormHead {
-    const float* weight;
-    float eps;
+    SwiGlu = 1,  // W is [gate; up] (2n rows); y[m, j] = silu(gate_j) * up_j, bf16 [m, n]
 };
 
 // Loads of one chunk (U 64-element steps) of both weight rows.
@@ -374,25 +367,18 @@ __host__ __device__ constexpr int f8_qrow() { return 64 * U + (U % 2 == 0 ? 64 :
 // loads in flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0
 // (SwiGLU), m <= 8 (m <= kF8QMaxM with Q).
 //
-// Input: without Q or H, x holds E4M3 codes [m, k] and x_aux their per-token scales. With Q, x is
-// the bf16 activation [m, k] and x_aux its producer's amax slots [m, kAmaxSlots]; each warp
-// quantizes the activation of its chunks itself (codes bit-identical to quantize_row's), so no
-// quantization kernel runs between the producer and this GEMV. With H, x is the bf16 residual
-// [m, k] (m <= kNormTailMaxM, k <= kNormTailMaxHidden) and the input its RMSNorm by `head`,
-// quantized per token: every block computes the whole of it into shared memory before its first
-// multiply, with add_rms_norm_fp8_regs (no add), so the codes and scales are the norm kernel's
-// bit for bit; the residual's producer (a GEMV with the AddResidual epilogue) is followed by
-// this GEMV with no norm kernel or tail between them.
+// Input: without Q, x holds E4M3 codes [m, k] and x_aux their per-token scales. With Q, x is the
+// bf16 activation [m, k] and x_aux its producer's amax slots [m, kAmaxSlots]; each warp quantizes
+// the activation of its chunks itself (codes bit-identical to quantize_row's), so no quantization
+// kernel runs between the producer and this GEMV.
 // amax_out (SwiGLU, may be null): the output's amax per token is published there, for a Q GEMV
 // next. amax_clear (may be null): [m, kAmaxSlots] that block 0 zeroes (the other activation's
 // slots, whose reader has finished, for their producer's next use).
-template <int S, int U, bool P, bool Q, bool T, bool H>
+template <int S, int U, bool P, bool Q, bool T>
 __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const float* __restrict__ x_aux,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue, float* amax_out,
-                                         float* amax_clear, bool l2_prefetch, const Fp8NormTail& tail,
-                                         const Fp8NormHead& head) {
-    static_assert(!(Q && H), "one kind of input");
+                                         float* amax_clear, bool l2_prefetch, const Fp8NormTail& tail) {
     constexpr int W = f8_block_warps(S);
     static_assert(W % S == 0, "S divides the block's warps");
     constexpr int kTilesPerBlock = W / S;
@@ -430,9 +416,6 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
     const int full = k / kChunk;
     uint4 va[U], vb[U];
     if (P && real && part < full) load_chunk<U>(va, vb, wa, wb, part * kChunk);
-    // H: the norm weights into L1, a line per thread, for the head after the wait.
-    if constexpr (H)
-        for (int i = 32 * threadIdx.x; i < k; i += 32 * blockDim.x) prefetch_l1(head.weight + i);
     if (early) pdl_wait();
     if (amax_clear != nullptr && blockIdx.x == 0)
         for (int i = threadIdx.x; i < m * kAmaxSlots; i += blockDim.x) amax_clear[i] = 0.f;
@@ -456,23 +439,10 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
             rcp[j] = 1.f / scale[j];
         }
     }
-    // H: the normed codes of every token, [m, k], and their scales.
-    __shared__ __align__(16) uint8_t hcodes[H ? kNormTailMaxM * kNormTailMaxHidden : 16];
-    __shared__ float hscale[H ? kNormTailMaxM : 1];
-    if constexpr (H) {
-        __shared__ float hscratch[32];
-        const auto weights8 = [&](int, int i) { return head.weight + i * 8; };
-        bf16* res = const_cast<bf16*>(static_cast<const bf16*>(xv));
-        const int groups = blockDim.x / kNormThreads, grp = threadIdx.x / kNormThreads;
-        for (int r0 = 0; r0 < m; r0 += groups)
-            add_rms_norm_fp8_regs<4, false>(weights8, res, nullptr, hcodes, hscale, r0 + grp, grp, r0 + grp < m, k,
-                                            head.eps, hscratch);
-        __syncthreads();
-    }
     uint8_t* qb = qbuf[Q ? warp : 0];
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     if (real) {
-        const uint8_t* xr = (H ? hcodes : static_cast<const uint8_t*>(xv)) + (size_t)g * k + 16 * t;
+        const uint8_t* xr = static_cast<const uint8_t*>(xv) + (size_t)g * k + 16 * t;
         const bf16* xb = static_cast<const bf16*>(xv);
         const bool has_x = g < m;
         // Q: the chunk's activation pairs, loaded (with P) one chunk ahead like the weights.
@@ -558,8 +528,6 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
             const int tok = 2 * t + j;
             if constexpr (Q)
                 xs[j] = __shfl_sync(0xffffffffu, own_scale, 4 * tok);
-            else if constexpr (H)
-                xs[j] = tok < m ? hscale[tok] : 0.f;
             else
                 xs[j] = tok < m ? x_aux[tok] : 0.f;
         }
@@ -576,12 +544,6 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
                 const bf16 o = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
                 y[(size_t)tok * n + row_a] = o;
                 amax[j] = fmaxf(0.f, fabsf(__bfloat162float(o)));
-            } else if (epilogue == Fp8Epilogue::AddResidual) {
-                // As residual_add8: the output rounded to bf16, added, the sum rounded.
-                bf16* ra = y + (size_t)tok * n + row_a;
-                bf16* rb = y + (size_t)tok * n + row_b;
-                *ra = __float2bfloat16(__bfloat162float(*ra) + __bfloat162float(__float2bfloat16(va)));
-                *rb = __float2bfloat16(__bfloat162float(*rb) + __bfloat162float(__float2bfloat16(vb)));
             } else {
                 y[(size_t)tok * n + row_a] = __float2bfloat16(va);
                 y[(size_t)tok * n + row_b] = __float2bfloat16(vb);

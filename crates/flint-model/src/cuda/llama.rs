@@ -43,11 +43,13 @@ fn out_of_memory(what: String, need: usize, free: usize) -> Error {
 /// token and 0.992x at two.
 pub const FUSED_QUANTIZATION_MAX_TOKENS: usize = 1;
 
-/// Most tokens of a step whose norms run inside its GEMVs ([`CudaLlamaOptions::fuse_norm_tail`]).
-/// The kernels take two (`ops::NORM_TAIL_MAX_M`), but such a step also needs the fused
-/// quantization ([`FUSED_QUANTIZATION_MAX_TOKENS`]), and the earlier norm tail was 0.995x the norm
-/// kernels at two tokens on one H100
-/// (`bench/results/2026-12-07-h100-llama-3.1-8b-norm-tail-rows-6c88e39.md`).
+/// Most tokens of a step whose O and down GEMVs run the norm after them as their tail
+/// ([`CudaLlamaOptions::fuse_norm_tail`]). The kernel takes two (`ops::NORM_TAIL_MAX_M`; a
+/// 512-thread block normalises them side by side), but on one H100 (Llama-3.1-8B FP8) the fused
+/// step was 1.024x faster than the norm kernels at one token and, at two, 0.968x with the rows one
+/// after the other and still 0.995x with them side by side
+/// (`bench/results/2026-12-07-h100-llama-3.1-8b-norm-tail-rows-6c88e39.md`), so two-token steps
+/// keep the norm kernels.
 pub const NORM_TAIL_MAX_TOKENS: usize = 1;
 
 /// Sizes chosen at load time.
@@ -94,11 +96,11 @@ pub struct CudaLlamaOptions {
     /// the BF16 Llama-3.1-8B preset at batches 1 to 8 on an H100, 1.00x to 1.01x in FP8
     /// (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_rope_attention: bool,
-    /// Single-GPU FP8 decode steps of one token ([`NORM_TAIL_MAX_TOKENS`]) with the fused
-    /// quantization: no norm kernel in the layer. The O and down GEMVs add their output into the
-    /// residual (`ops::Fp8Epilogue::AddResidual`) and the gate/up and next QKV GEMVs normalise and
-    /// quantize it in every block themselves (`ops::Fp8Input::Normed`): the same residual, codes
-    /// and scales as the norm kernels, two kernels less per layer and one less before the first.
+    /// Single-GPU FP8 steps of one token ([`NORM_TAIL_MAX_TOKENS`]): the O and down GEMVs end
+    /// with the residual add + RMSNorm + quantize of their output, run by their last block,
+    /// instead of a norm kernel after each (the same residual, codes and scales either way; two
+    /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
+    /// on an H100 (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_norm_tail: bool,
 }
 
@@ -302,6 +304,9 @@ struct Workspace {
     candidate_parts: DeviceBuffer,
     /// Split counters of the decode attention (`[tokens, n_kv]` u32, zero between launches).
     split_counters: DeviceBuffer,
+    /// The arrival counter of an FP8 GEMV's norm tail (one u32, zero between launches; the
+    /// GEMVs with a tail run one after another).
+    norm_counter: DeviceBuffer,
     sampled: DeviceBuffer,
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
@@ -690,6 +695,7 @@ impl CudaLlama {
             part_o: gpu.alloc(4 * part_rows * local.n_heads * c.head_dim)?,
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
+            norm_counter: gpu.zeros(4)?,
             candidates: gpu.alloc(4 * max_seqs * 2 * crate::MAX_CANDIDATES)?,
             candidate_parts: gpu.alloc(if shard.is_single() {
                 0
@@ -1039,7 +1045,8 @@ impl CudaLlama {
 
     /// `y[m, rows] = x . W^T` from the FP8 activations in `xq`/`xs`: the FP8 GEMV up to 8 tokens,
     /// cuBLASLt FP8 above. `SwiGlu` (GEMV only) applies the activation to a fused gate/up weight.
-    /// `l2` as for [`Self::linear`].
+    /// `l2` as for [`Self::linear`]. With `tail` (GEMV only, see [`Self::norm_tail`]), the GEMV's
+    /// last block also does the residual add + RMSNorm + quantize of its output.
     #[allow(clippy::too_many_arguments)]
     fn linear_fp8(
         &self,
@@ -1050,17 +1057,22 @@ impl CudaLlama {
         k: usize,
         epilogue: ops::Fp8Epilogue,
         l2: bool,
+        tail: Option<ops::NormTail>,
     ) -> Result<()> {
         let (g, ws) = (&*self.gpu, &self.ws);
         if m <= ops::GEMV_FP8_MAX_M && ops::gemv_fp8_fits(n, k, epilogue) {
             let op = ops::Fp8Gemv {
                 l2_prefetch: l2,
+                norm_tail: tail,
                 ..ops::Fp8Gemv::codes(ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k, epilogue)
             };
             return Ok(ops::run_gemv_fp8(g, None, &op)?);
         }
         if epilogue == ops::Fp8Epilogue::SwiGlu {
             return Err(shape("gemv_fp8", "SwiGLU is fused only into the GEMV"));
+        }
+        if tail.is_some() {
+            return Err(shape("gemv_fp8", "the norm tail runs only in the GEMV"));
         }
         Ok(self.gemm.matmul_fp8(g, ws.xq.ptr(), ws.xs.ptr(), w.ptr(), w.scales(), y, m, n, k)?)
     }
@@ -1119,11 +1131,11 @@ impl CudaLlama {
         ops::Fp8Gemv { input, ..codes }
     }
 
-    /// Whether the norms of an FP8 step of `n` tokens can run inside its GEMVs
-    /// ([`CudaLlamaOptions::fuse_norm_tail`]; the step also needs the fused quantization): one
+    /// Whether the O and down GEMVs of an FP8 step of `n` tokens run the residual add +
+    /// RMSNorm + quantize after them as their tail ([`CudaLlamaOptions::fuse_norm_tail`]): one
     /// GPU (an all-reduce comes between the projection and the norm otherwise), at most
-    /// [`NORM_TAIL_MAX_TOKENS`], and the projections around the norms run as FP8 GEMVs.
-    fn norm_in_gemv(&self, n: usize) -> bool {
+    /// [`NORM_TAIL_MAX_TOKENS`], and both projections run as FP8 GEMVs.
+    fn norm_tail(&self, n: usize) -> bool {
         let (c, lo) = (&self.config, &self.local);
         let bf16_epi = ops::Fp8Epilogue::Bf16;
         self.options.fp8
@@ -1205,36 +1217,35 @@ impl CudaLlama {
             Some(p) => (p.input(0), p.input(1)),
             None => (ws.proj.ptr(), ws.proj.ptr()),
         };
-        // The norms inside the GEMVs: the O and down GEMVs add their output into the residual,
-        // and the GEMVs after them (gate/up, the next layer's QKV) normalise it themselves.
-        let norm_in_gemv = fused && self.norm_in_gemv(n);
-        let normed = |weight: u64| ops::Fp8Input::Normed { residual: ws.residual.ptr(), weight, eps };
-        // The residual holds the whole of this layer's input (nothing pending in `proj`): before
-        // the first layer of the first stage, and after a down GEMV that added into it.
-        let mut residual_whole = first_stage;
+        let norm_tail = self.norm_tail(n);
+        let tail = |weight: u64| ops::NormTail {
+            residual: ws.residual.ptr(),
+            weight,
+            codes: xq,
+            scales: xs,
+            counter: ws.norm_counter.ptr(),
+            eps,
+        };
+        // The previous layer's down GEMV has already normalised this layer's input.
+        let mut normed_by_tail = false;
         for (i, layer) in self.layers.iter().enumerate() {
             // The pending down projection: none before the first layer; on a later stage the
             // received (already reduced) one.
             let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
-            let qkv_normed = norm_in_gemv && residual_whole;
-            if fp8 && qkv_normed {
-                let op = ops::Fp8Gemv {
-                    l2_prefetch: true,
-                    ..self.fp8_gemv(normed(layer.attn_norm.ptr()), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)
-                };
-                ops::run_gemv_fp8(g, None, &op)?;
-            } else if fp8 {
-                match p2p {
-                    Some(p) if i > 0 => {
-                        p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
+            if fp8 {
+                if !normed_by_tail {
+                    match p2p {
+                        Some(p) if i > 0 => {
+                            p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
+                        }
+                        _ => {
+                            let (res, norm) = (ws.residual.ptr(), layer.attn_norm.ptr());
+                            ops::add_rms_norm_fp8(g, res, add, norm, xq, xs, n, h, eps)?
+                        }
                     }
-                    _ => {
-                        let (res, norm) = (ws.residual.ptr(), layer.attn_norm.ptr());
-                        ops::add_rms_norm_fp8(g, res, add, norm, xq, xs, n, h, eps)?
-                    }
+                    mark("add_rms_norm")?;
                 }
-                mark("add_rms_norm")?;
-                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true)?;
+                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true, None)?;
             } else {
                 match p2p {
                     Some(p) if i > 0 => {
@@ -1344,25 +1355,21 @@ impl CudaLlama {
             }
             mark("attention")?;
             if fp8 {
-                // Into the residual, for the next GEMV to normalise: the O projection always, the
-                // down projection where this stage has a next layer (else `proj` stays pending).
-                let (o_y, o_epi) =
-                    if norm_in_gemv { (ws.residual.ptr(), ops::Fp8Epilogue::AddResidual) } else { (o_out, bf16_epi) };
-                let down_adds = norm_in_gemv && i + 1 < self.layers.len();
-                let (down_y, down_epi) =
-                    if down_adds { (ws.residual.ptr(), ops::Fp8Epilogue::AddResidual) } else { (down_out, bf16_epi) };
+                let o_tail = norm_tail.then(|| tail(layer.mlp_norm.ptr()));
+                let down_tail = self.layers.get(i + 1).filter(|_| norm_tail).map(|next| tail(next.attn_norm.ptr()));
                 if fused {
                     let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
                     let op = ops::Fp8Gemv {
                         clear_amax: amax_act,
                         l2_prefetch: true,
-                        ..self.fp8_gemv(input, &layer.o, o_y, n, h, q_dim, o_epi)
+                        norm_tail: o_tail,
+                        ..self.fp8_gemv(input, &layer.o, o_out, n, h, q_dim, bf16_epi)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
                 } else {
                     ops::quantize_rows(g, ws.attn.ptr(), xq, xs, n, q_dim)?;
                     mark("quantize")?;
-                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true)?;
+                    self.linear_fp8(&layer.o, o_out, n, h, q_dim, bf16_epi, true, o_tail)?;
                 }
                 match p2p {
                     Some(p) => {
@@ -1370,22 +1377,19 @@ impl CudaLlama {
                         p.add_rms_norm(0, ws.residual.ptr(), layer.mlp_norm.ptr(), fp8_out, n, h, eps)?;
                         mark("add_rms_norm")?;
                     }
-                    None if norm_in_gemv => mark("o_proj")?,
                     None => {
                         self.all_reduce(ws.proj.ptr(), n * h)?;
                         mark("o_proj")?;
-                        let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
-                        ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
-                        mark("add_rms_norm")?;
+                        if o_tail.is_none() {
+                            let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
+                            ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
+                            mark("add_rms_norm")?;
+                        }
                     }
                 }
-                residual_whole = down_adds;
+                normed_by_tail = down_tail.is_some();
                 if fused {
-                    let input = if norm_in_gemv {
-                        normed(layer.mlp_norm.ptr())
-                    } else {
-                        ops::Fp8Input::Codes { x: xq, scales: xs }
-                    };
+                    let input = ops::Fp8Input::Codes { x: xq, scales: xs };
                     let swiglu = ops::Fp8Epilogue::SwiGlu;
                     let op = ops::Fp8Gemv {
                         publish_amax: amax_act,
@@ -1397,24 +1401,25 @@ impl CudaLlama {
                     let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
                     let op = ops::Fp8Gemv {
                         clear_amax: amax_attn,
-                        ..self.fp8_gemv(input, &layer.down, down_y, n, h, ff, down_epi)
+                        norm_tail: down_tail,
+                        ..self.fp8_gemv(input, &layer.down, down_out, n, h, ff, bf16_epi)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
                 } else if self.fp8_gate_up_gemv(n) {
-                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true)?;
+                    self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, true, None)?;
                     mark("gate_up_swiglu")?;
                     ops::quantize_rows(g, ws.act.ptr(), xq, xs, n, ff)?;
                     mark("quantize")?;
                 } else {
-                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi, true)?;
+                    self.linear_fp8(&layer.gate_up, ws.gate_up.ptr(), n, 2 * ff, h, bf16_epi, true, None)?;
                     mark("gate_up_swiglu")?;
                     ops::silu_mul_fp8(g, ws.gate_up.ptr(), xq, xs, n, ff)?;
                     mark("swiglu_quantize")?;
                 }
                 if !fused {
-                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true)?;
+                    self.linear_fp8(&layer.down, down_out, n, h, ff, bf16_epi, true, down_tail)?;
                 }
-                if p2p.is_none() && !down_adds {
+                if p2p.is_none() {
                     self.all_reduce(ws.proj.ptr(), n * h)?;
                 }
                 mark("down_proj")?;
@@ -1722,7 +1727,7 @@ impl CudaLlama {
                 self.linear(ws.act.ptr(), &layer.down.data, ws.proj.ptr(), n, h, ff, GemmOut::Bf16, false)?;
                 continue;
             }
-            self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false)?;
+            self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, false, None)?;
             if fused {
                 let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
                 let op = self.fp8_gemv(input, &layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi);
@@ -1734,9 +1739,9 @@ impl CudaLlama {
                 let op = self.fp8_gemv(input, &layer.down, ws.proj.ptr(), n, h, ff, bf16_epi);
                 ops::run_gemv_fp8(&self.gpu, None, &ops::Fp8Gemv { clear_amax: amax_attn, ..op })?;
             } else {
-                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false)?;
-                self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false)?;
-                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, false)?;
+                self.linear_fp8(&layer.o, ws.proj.ptr(), n, h, q_dim, bf16_epi, false, None)?;
+                self.linear_fp8(&layer.gate_up, ws.act.ptr(), n, ff, h, ops::Fp8Epilogue::SwiGlu, false, None)?;
+                self.linear_fp8(&layer.down, ws.proj.ptr(), n, h, ff, bf16_epi, false, None)?;
             }
         }
         let head = self.head().ok_or_else(|| unsupported("the model has no LM head"))?;
