@@ -24,7 +24,7 @@ using namespace flint;
         float* part_o, float* part_ml, uint32_t* counters, bf16* out, float* out_amax, int n_heads, int n_kv,  \
         int block_size, float scale, const bf16* bias, const float* inv_freq, const uint32_t* slots) {         \
         using T = typename KvElem<F8>::T;                                                                      \
-        if (flint_early_launch != 0) pdl_launch_next(); /* attention_decode waits, after its first loads */    \
+        pdl_enter();                                                                                           \
         const DecodeRope rope{bias, inv_freq, slots, k_cache, v_cache, k_scales, v_scales};                    \
         attention_decode<HD, F8, true>(qkv, q_stride, static_cast<const T*>(k_cache),                          \
                                        static_cast<const T*>(v_cache), k_scales, v_scales, block_tables,       \

@@ -185,13 +185,6 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
     __shared__ float vscale[F8 ? kDecodeTile : 1];
 
-    // ROPE with early launch (the entry point has let the next kernel launch): the block reads
-    // the step's metadata and asks for its first tile's cached keys and values before it waits
-    // for the QKV projection, since every position but the new one was written by an earlier
-    // step, which completed before this step's metadata upload and so before its first kernel.
-    // Only the new position (ctx - 1), which this kernel writes, is read after the wait.
-    const bool pre = ROPE && flint_early_launch != 0;
-    if (ROPE && !pre) pdl_wait();
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int group = n_heads / n_kv;
     const int seq = token_seq[t];
@@ -207,66 +200,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
     // The new position's key and value (ROPE), where this block's split holds it.
     __shared__ __align__(16) Kv new_k[ROPE ? HD : 16], new_v[ROPE ? HD : 16];
     __shared__ float new_scale[2];
-    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
     int new_pos = -1;
-    if constexpr (ROPE) {
-        const uint32_t slot = rope.slots[t];
-        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) new_pos = ctx - 1;  // block-uniform
-    }
-    // A tile's cached values (cp.async into vs), their FP8 scales and the lanes' key vectors
-    // (kv, kscale), all but the new position's, which patch_new fills once it is computed.
-    KvVec kv[kPasses][kVecs];
-    float kscale[kPasses];
-    const auto load_tile = [&](int tile, int n_keys) {
-        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
-            const int j = i / kRowChunks, c = i % kRowChunks;
-            if (tile + j == new_pos) continue;
-            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-            cp_async16(reinterpret_cast<char*>(&vs[j][0]) + c * 16,
-                       reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
-        }
-        if constexpr (F8)
-            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
-                if (tile + j != new_pos) vscale[j] = v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
-#pragma unroll
-        for (int p = 0; p < kPasses; ++p) {
-            if (p * kKeysPerPass >= n_keys) break;
-            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
-            kscale[p] = 1.f;
-            if (j < n_keys && tile + j != new_pos) {
-                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
-                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
-                if constexpr (F8) kscale[p] = k_scales[r];
-            } else {
-#pragma unroll
-                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
-            }
-        }
-    };
-    // The new position's key, value and scales from shared memory (new_k, new_v, new_scale),
-    // where it falls in the tile.
-    const auto patch_new = [&](int tile, int n_keys) {
-        if (new_pos < tile || new_pos >= tile + n_keys) return;  // block-uniform
-        const int jn = new_pos - tile;
-        for (int c = threadIdx.x; c < kRowChunks; c += blockDim.x)
-            *reinterpret_cast<uint4*>(reinterpret_cast<char*>(&vs[jn][0]) + c * 16) =
-                *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
-        if constexpr (F8)
-            if (threadIdx.x == 0) vscale[jn] = new_scale[1];
-#pragma unroll
-        for (int p = 0; p < kPasses; ++p) {
-            if (p * kKeysPerPass >= n_keys) break;
-            if (p * kKeysPerPass + threadIdx.x / kKeyLanes != jn) continue;
-            const KvVec* krow = reinterpret_cast<const KvVec*>(new_k);
-#pragma unroll
-            for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_shared(krow + sub + kKeyLanes * v);
-            if constexpr (F8) kscale[p] = new_scale[0];
-        }
-    };
-    if (pre && begin < end) load_tile(begin, min(kDecodeTile, end - begin));
-    if (pre) pdl_wait();
     if constexpr (ROPE) {
         const float pos = (float)positions[t];
         for (int i = threadIdx.x; i < group * HD / 2; i += blockDim.x) {
@@ -276,9 +210,12 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
             qs[g][p] = __bfloat162float(y0) * scale * kLog2e;
             qs[g][p + HD / 2] = __bfloat162float(y1) * scale * kLog2e;
         }
-        if (new_pos >= 0)
-            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)rope.slots[t] * n_kv + kvh, new_k,
-                                        new_v, new_scale);
+        const uint32_t slot = rope.slots[t];
+        if (seq >= 0 && slot != 0xffffffffu && begin <= ctx - 1 && ctx - 1 < end) {  // uniform over the block
+            new_pos = ctx - 1;
+            decode_write_new_kv<HD, F8>(qrow, rope, pos, n_heads, n_kv, kvh, (size_t)slot * n_kv + kvh, new_k, new_v,
+                                        new_scale);
+        }
     } else {
         for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
             const int g = i / HD, d = i % HD;
@@ -289,6 +226,7 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
         m_s[threadIdx.x] = -INFINITY;
         l_s[threadIdx.x] = 0.f;
     }
+    const uint32_t* table = block_tables + (size_t)max(seq, 0) * max_blocks;
     float acc[kMaxGroup][kDims];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g)
@@ -298,12 +236,46 @@ __device__ __forceinline__ void attention_decode(const bf16* __restrict__ q, int
 
     for (int tile = begin; tile < end; tile += kDecodeTile) {
         const int n_keys = min(kDecodeTile, end - tile);
-        // The tile's values stream into shared memory while the scores are computed (the first
-        // tile's were asked for before the wait with `pre`).
-        if (!(pre && tile == begin)) load_tile(tile, n_keys);
-        if constexpr (ROPE) patch_new(tile, n_keys);
+        // The tile's values stream into shared memory while the scores are computed.
+        for (int i = threadIdx.x; i < n_keys * kRowChunks; i += blockDim.x) {
+            const int j = i / kRowChunks, c = i % kRowChunks;
+            char* dst = reinterpret_cast<char*>(&vs[j][0]) + c * 16;
+            if (ROPE && tile + j == new_pos) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(new_v) + c * 16);
+                continue;
+            }
+            const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+            cp_async16(dst, reinterpret_cast<const char*>(v_cache + r * HD) + c * 16);
+        }
+        if constexpr (F8)
+            for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+                vscale[j] = ROPE && tile + j == new_pos ? new_scale[1]
+                                                        : v_scales[kv_row(table, block_size, tile + j, n_kv, kvh)];
         // Scores.
         // Passes past the tile's keys (a split of fewer keys than a tile) are skipped.
+        KvVec kv[kPasses][kVecs];
+        float kscale[kPasses];
+#pragma unroll
+        for (int p = 0; p < kPasses; ++p) {
+            if (p * kKeysPerPass >= n_keys) break;
+            const int j = p * kKeysPerPass + threadIdx.x / kKeyLanes;
+            kscale[p] = 1.f;
+            if (ROPE && j < n_keys && tile + j == new_pos) {
+                const KvVec* krow = reinterpret_cast<const KvVec*>(new_k);
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_shared(krow + sub + kKeyLanes * v);
+                if constexpr (F8) kscale[p] = new_scale[0];
+            } else if (j < n_keys) {
+                const size_t r = kv_row(table, block_size, tile + j, n_kv, kvh);
+                const KvVec* krow = reinterpret_cast<const KvVec*>(k_cache + r * HD);
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = load_kv_vec(krow + sub + kKeyLanes * v);
+                if constexpr (F8) kscale[p] = k_scales[r];
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVecs; ++v) kv[p][v] = KvVec{};
+            }
+        }
 #pragma unroll
         for (int p = 0; p < kPasses; ++p) {
             if (p * kKeysPerPass >= n_keys) break;
