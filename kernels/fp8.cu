@@ -31,24 +31,35 @@ extern "C" __global__ void flint_silu_mul_fp8(const bf16* gate_up, uint8_t* out,
 
 // The FP8 GEMV per (warps per tile S, 64-element steps per chunk U, prefetch P); the launcher
 // picks one per shape (ops::Fp8GemvConfig). `flint_gemv_fp8q_*` take the bf16 activation and
-// its amax slots and quantize it themselves (Q in fp8.cuh). `*_norm_*` (T) end with the add +
-// RMSNorm + quantize of their output in the last block (norm_tail), compiled only for the
-// variants of the O and down projections, since the tail's registers would cost the others
-// occupancy. Each waits for the previous kernel itself, after loading its first weights.
-#define FLINT_GEMV_FP8(S, U, P, Q, T, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S)) NAME##_s##S##_u##U##_p##P(              \
+// its amax slots and quantize it themselves (kInBf16 in fp8.cuh), `flint_gemv_fp8n_*` the residual
+// of a split norm (kInNormed). `*_norm_*` end with the add + RMSNorm + quantize of their output
+// in the last block (kOutNormTail), `*_split_*` with the first half of the split norm
+// (kOutSplitNorm); both are compiled only for the variants of the O and down projections, since
+// their registers would cost the others occupancy. Each waits for the previous kernel itself,
+// after loading its first weights.
+// MIN: the blocks an SM must hold (the register budget), 0 for the compiler's choice.
+#define FLINT_GEMV_FP8_MIN(S, U, P, IN, OUT, NAME, MIN)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * f8_block_warps(S), MIN) NAME##_s##S##_u##U##_p##P(           \
         const void* x, const float* x_aux, const uint8_t* w, const float* w_scale, bf16* y, int m, int n, int k, \
-        int epilogue, float* amax_out, float* amax_clear, int l2_prefetch, Fp8NormTail tail) {                \
-        gemv_fp8<S, U, P, Q, T>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue), amax_out, \
-                                amax_clear, l2_prefetch != 0, tail);                                           \
+        int epilogue, float* amax_out, float* amax_clear, int l2_prefetch, Fp8NormTail tail,                  \
+        Fp8SplitNorm split) {                                                                                  \
+        gemv_fp8<S, U, P, IN, OUT>(x, x_aux, w, w_scale, y, m, n, k, static_cast<Fp8Epilogue>(epilogue),       \
+                                   amax_out, amax_clear, l2_prefetch != 0, tail, split);                      \
     }
+#define FLINT_GEMV_FP8(S, U, P, IN, OUT, NAME) FLINT_GEMV_FP8_MIN(S, U, P, IN, OUT, NAME, 0)
 
-#define FLINT_GEMV_FP8_P(S, U)                                                                           \
-    FLINT_GEMV_FP8(S, U, 0, false, false, flint_gemv_fp8) FLINT_GEMV_FP8(S, U, 1, false, false, flint_gemv_fp8) \
-    FLINT_GEMV_FP8(S, U, 0, true, false, flint_gemv_fp8q) FLINT_GEMV_FP8(S, U, 1, true, false, flint_gemv_fp8q)
+#define FLINT_GEMV_FP8_P(S, U)                                                    \
+    FLINT_GEMV_FP8(S, U, 0, kInCodes, kOutPlain, flint_gemv_fp8)                  \
+    FLINT_GEMV_FP8(S, U, 1, kInCodes, kOutPlain, flint_gemv_fp8)                  \
+    FLINT_GEMV_FP8(S, U, 0, kInBf16, kOutPlain, flint_gemv_fp8q)                  \
+    FLINT_GEMV_FP8(S, U, 1, kInBf16, kOutPlain, flint_gemv_fp8q)
 #define FLINT_GEMV_FP8_U(S) FLINT_GEMV_FP8_P(S, 2) FLINT_GEMV_FP8_P(S, 4)
-#define FLINT_GEMV_FP8_NORM(S, U) \
-    FLINT_GEMV_FP8(S, U, 1, false, true, flint_gemv_fp8_norm) FLINT_GEMV_FP8(S, U, 1, true, true, flint_gemv_fp8q_norm)
+#define FLINT_GEMV_FP8_NORM(S, U)                                               \
+    FLINT_GEMV_FP8(S, U, 1, kInCodes, kOutNormTail, flint_gemv_fp8_norm)        \
+    FLINT_GEMV_FP8(S, U, 1, kInBf16, kOutNormTail, flint_gemv_fp8q_norm)        \
+    FLINT_GEMV_FP8_MIN(S, U, 1, kInCodes, kOutSplitNorm, flint_gemv_fp8_split, f8_min_blocks(S)) \
+    FLINT_GEMV_FP8_MIN(S, U, 1, kInBf16, kOutSplitNorm, flint_gemv_fp8q_split, f8_min_blocks(S)) \
+    FLINT_GEMV_FP8_MIN(S, U, 1, kInNormed, kOutPlain, flint_gemv_fp8n, f8_min_blocks(S))
 
 FLINT_GEMV_FP8_U(4)
 FLINT_GEMV_FP8_U(8)
@@ -58,8 +69,8 @@ FLINT_GEMV_FP8_P(16, 1)
 FLINT_GEMV_FP8_P(16, 2)
 FLINT_GEMV_FP8_P(32, 1)
 FLINT_GEMV_FP8_P(32, 2)
-// With the norm tail: the variants Fp8GemvConfig::for_shape picks for a hidden-sized output
-// (up to 320 tiles, and above).
+// With a norm after them (tail or split), and the split norm's consumers: the variants
+// Fp8GemvConfig::for_shape picks (up to 320 tiles, and above).
 FLINT_GEMV_FP8_NORM(16, 1)
 FLINT_GEMV_FP8_NORM(8, 2)
 

@@ -109,6 +109,13 @@ pub struct BenchArgs {
     /// in this run. The default is the model's.
     #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
     norm_tail: String,
+    /// With --preset and --dtype fp8: whether that norm (steps of one token) is split over the O
+    /// or down GEMV, whose blocks each add their rows into the residual and leave their sums, and
+    /// the GEMV after it, which finishes the norm and quantizes (fused), or run by the O and down
+    /// GEMVs' last block once the others are done (separate); both: the FP8 model measured each
+    /// way in this run. The default is the model's.
+    #[arg(long, default_value = "fused", requires = "preset", value_parser = ["fused", "separate", "both"])]
+    split_norm: String,
     /// With --preset on one GPU: launch tunings, comma-separated, each `off` (every kernel waits
     /// for the previous one before it reads anything) or N (early launch: the small kernels let
     /// the next one launch as they start and the GEMVs load weights before they wait, with N MiB
@@ -411,6 +418,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 fp8_quantization: crate::gpubench::Fusion::parse("fp8-quantization", &args.fp8_quantization)?,
                 rope_attention: crate::gpubench::Fusion::parse("rope-attention", &args.rope_attention)?,
                 norm_tail: crate::gpubench::Fusion::parse("norm-tail", &args.norm_tail)?,
+                split_norm: crate::gpubench::Fusion::parse("split-norm", &args.split_norm)?,
             },
             args.tp as usize,
             args.pp as usize,

@@ -127,6 +127,12 @@ pub struct Fp8Bench {
     pub fused_norm_tail: bool,
     /// With `--norm-tail both`: the same rows with the norm kernels, measured after `rows`.
     pub separate_norm_rows: Option<Vec<DecodeRow>>,
+    /// Whether that norm (one-token steps) was split over those GEMVs and the GEMV after each
+    /// rather than run by their last block.
+    pub split_norm: bool,
+    /// With `--split-norm both`: the same rows with the norm in the last block, measured after
+    /// `rows`.
+    pub norm_tail_rows: Option<Vec<DecodeRow>>,
     pub rows: Vec<DecodeRow>,
     /// As `ModelBench::tuning_rows`, for the FP8 model.
     pub tuning_rows: Vec<TuningRows>,
@@ -237,12 +243,15 @@ pub enum Fusion {
 }
 
 /// The kernel fusions a preset benchmark runs with (`flint bench --fp8-quantization,
-/// --rope-attention, --norm-tail`).
+/// --rope-attention, --norm-tail, --split-norm`).
 #[derive(Clone, Copy, Debug)]
 pub struct Fusions {
     pub fp8_quantization: Fusion,
     pub rope_attention: Fusion,
     pub norm_tail: Fusion,
+    /// Fused: the norm after the O and down GEMVs split over them and the GEMV after each;
+    /// separate: run by their last block (the norm tail).
+    pub split_norm: Fusion,
 }
 
 impl Fusion {
@@ -277,7 +286,7 @@ pub fn run_preset(
     tunings: &[LaunchTuning],
 ) -> anyhow::Result<ModelBench> {
     let start = Instant::now();
-    let Fusions { fp8_quantization, rope_attention, norm_tail } = fusions;
+    let Fusions { fp8_quantization, rope_attention, norm_tail, split_norm } = fusions;
     anyhow::ensure!(tunings.is_empty() || tp * pp == 1, "--launch-tuning compares tunings on one GPU (no --tp, --pp)");
     anyhow::ensure!(mixed.is_none() || pp == 1, "--mixed times one GPU or tensor-parallel ranks (no --pp)");
     let config = ModelConfig::preset(preset)
@@ -305,6 +314,7 @@ pub fn run_preset(
         fuse_fp8_quantization: fp8_quantization.fused(),
         fuse_rope_attention: rope_attention.fused(),
         fuse_norm_tail: norm_tail.fused(),
+        split_norm: split_norm.fused(),
         ..CudaLlamaOptions::default()
     };
     if tp * pp > 1 {
@@ -402,6 +412,11 @@ pub fn run_preset(
             CudaLlamaOptions { fuse_norm_tail: false, ..fp8_options.clone() },
             "the FP8 model with the norm kernels after the O and down GEMVs",
         )?;
+        let tail_norm8 = unfused(
+            split_norm,
+            CudaLlamaOptions { split_norm: false, ..fp8_options.clone() },
+            "the FP8 model with the norm in the O and down GEMVs' last block",
+        )?;
         let speedup = rows8
             .iter()
             .map(|r| {
@@ -420,6 +435,8 @@ pub fn run_preset(
             separate_rope_rows: separate_rope8,
             fused_norm_tail: norm_tail.fused(),
             separate_norm_rows: separate_norm8,
+            split_norm: split_norm.fused(),
+            norm_tail_rows: tail_norm8,
             rows: rows8,
             tuning_rows: tuning_rows8,
             decode_breakdown: breakdown8,
@@ -830,6 +847,9 @@ pub fn print_fp8_table(b: &ModelBench) {
     }
     if let Some(rows) = &f.separate_norm_rows {
         print_unfused("the same FP8 model with the norm kernels after the O and down GEMVs:", rows, &f.rows);
+    }
+    if let Some(rows) = &f.norm_tail_rows {
+        print_unfused("the same FP8 model with the norm in the O and down GEMVs' last block:", rows, &f.rows);
     }
 }
 

@@ -28,7 +28,7 @@ enum Command {
     /// Print a checkpoint's architecture, shapes, tensor types and memory needs.
     Inspect(inspect::InspectArgs),
     /// Load-test a running `flint serve`: throughput, time to first token, time per output token.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Convert a safetensors checkpoint to FP8 (Hugging Face `quant_method: "fp8"` layout).
     Quantize(quantize::QuantizeArgs),
     /// Accuracy of FP8 against the unquantized model: perplexity, top-1 agreement, KL divergence.
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
     };

@@ -626,8 +626,8 @@ impl Fp8GemvConfig {
         Fp8GemvConfig { split_k, unroll, prefetch: true }
     }
 
-    /// The variants compiled with a [`NormTail`] as well: those [`Self::for_shape`] picks for a
-    /// plain output of up to 320 tiles and above.
+    /// The variants compiled with a [`NormTail`] or a [`SplitNorm`] (either half) as well: those
+    /// [`Self::for_shape`] picks for a plain output of up to 320 tiles and above.
     pub const NORM_TAIL: [Fp8GemvConfig; 2] = [
         Fp8GemvConfig { split_k: 16, unroll: 1, prefetch: true },
         Fp8GemvConfig { split_k: 8, unroll: 2, prefetch: true },
@@ -638,9 +638,13 @@ impl Fp8GemvConfig {
         format!("s{}_u{}_p{}", self.split_k, self.unroll, u8::from(self.prefetch))
     }
 
-    fn kernel(&self, quantizes: bool, norm_tail: bool) -> String {
-        let (q, tail) = (if quantizes { "q" } else { "" }, if norm_tail { "_norm" } else { "" });
-        format!("flint_gemv_fp8{q}{tail}_{}", self.label())
+    fn kernel(&self, input: &Fp8Input, after: &str) -> String {
+        let q = match input {
+            Fp8Input::Codes { .. } => "",
+            Fp8Input::Bf16 { .. } => "q",
+            Fp8Input::Normed { .. } => "n",
+        };
+        format!("flint_gemv_fp8{q}{after}_{}", self.label())
     }
 }
 
@@ -655,7 +659,7 @@ pub const AMAX_SLOTS: usize = 32;
 pub const GEMV_FP8_QUANTIZING_MAX_M: usize = 2;
 
 /// The activation input of the FP8 GEMV.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fp8Input {
     /// E4M3 codes `[m, k]` with an f32 scale per token.
     Codes { x: u64, scales: u64 },
@@ -663,6 +667,35 @@ pub enum Fp8Input {
     /// slots (`[m, AMAX_SLOTS]` f32): the GEMV quantizes it per token itself, to the codes
     /// [`quantize_rows`] would give.
     Bf16 { x: u64, amax: u64 },
+    /// The residual `[m, k]` (bf16, `m <= GEMV_FP8_QUANTIZING_MAX_M`) whose RMSNorm a GEMV with
+    /// [`Fp8Gemv::split_norm`] began: the GEMV finishes it from `norm`'s partials and quantizes
+    /// the normed rows itself ([`SplitNorm`]).
+    Normed { residual: u64, norm: SplitNorm },
+}
+
+/// The add + RMSNorm + quantize between two FP8 GEMVs, split over both (mirrors
+/// `Fp8SplitNorm`), in place of a [`NormTail`] that the first one's last block runs after every
+/// other block. The first GEMV ([`Fp8Gemv::split_norm`], plain epilogue, `y` the residual) adds
+/// its output into the residual (as [`add_rms_norm_fp8`] adds) and leaves, per token and 16-row
+/// tile, the sum of squares of the new residual and its max of `|residual * weight|` in
+/// `partials` (`[m, n_parts]` pairs of f32, `n_parts` its tiles, [`split_norm_parts`]); the next
+/// GEMV ([`Fp8Input::Normed`]) sums them in a fixed order and quantizes
+/// `bf16(weight * bf16(residual * r))`, `r = 1 / sqrt(sum / k + eps)`, the values of the norm
+/// kernel, with the scale `r * max / 448`. Run to run the same bits; against the norm kernel the
+/// sum's order and so `r` can differ in the last bit, and the scale slightly (the kernel's is
+/// the max after the bf16 roundings, up to 2^-7 above: such a value saturates at 448).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SplitNorm {
+    pub weight: u64,
+    pub partials: u64,
+    pub n_parts: i32,
+    pub eps: f32,
+}
+
+/// The partials a [`SplitNorm`] of an `n`-wide output has per token (its 16-row tiles).
+pub fn split_norm_parts(n: usize) -> usize {
+    n / 16
 }
 
 /// One FP8 GEMV: `y[m, n] = (x codes . W codes^T) * x_scale[m] * w_scale[n]`.
@@ -690,6 +723,9 @@ pub struct Fp8Gemv {
     /// The add + RMSNorm + quantize of the output, run by the GEMV's last block
     /// ([`NormTail`]); `None` leaves it to [`add_rms_norm_fp8`].
     pub norm_tail: Option<NormTail>,
+    /// The first half of a [`SplitNorm`] after the output: `y` is then the residual, which the
+    /// output is added into. Not with a `norm_tail`.
+    pub split_norm: Option<SplitNorm>,
 }
 
 /// Most tokens of a GEMV with a [`NormTail`] (mirrors `kNormTailMaxM` in fp8.cuh): its last
@@ -741,6 +777,7 @@ impl Fp8Gemv {
             clear_amax: 0,
             l2_prefetch: false,
             norm_tail: None,
+            split_norm: None,
         }
     }
 }
@@ -766,7 +803,21 @@ pub fn gemv_fp8(
 /// Runs one FP8 GEMV with `config` (benchmarks compare them), or the shape's own variant
 /// ([`Fp8GemvConfig::for_shape`]).
 pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> Result<()> {
-    let Fp8Gemv { input, w, w_scale, y, m, n, k, epilogue, publish_amax, clear_amax, l2_prefetch, norm_tail } = *op;
+    let Fp8Gemv {
+        input,
+        w,
+        w_scale,
+        y,
+        m,
+        n,
+        k,
+        epilogue,
+        publish_amax,
+        clear_amax,
+        l2_prefetch,
+        norm_tail,
+        split_norm,
+    } = *op;
     let config = config.unwrap_or_else(|| Fp8GemvConfig::for_shape(n, k, epilogue));
     if m == 0 || m > GEMV_FP8_MAX_M || !gemv_fp8_fits(n, k, epilogue) {
         return Err(shape(
@@ -774,15 +825,17 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             format!("m = {m} (1..=8), n = {n} (a multiple of 16, or 8 for SwiGLU), k = {k} (a multiple of 64)"),
         ));
     }
-    let quantizes = matches!(input, Fp8Input::Bf16 { .. });
     if !Fp8GemvConfig::ALL.contains(&config) {
         return Err(shape("gemv_fp8", format!("no compiled variant {config:?}")));
     }
-    if quantizes && m > GEMV_FP8_QUANTIZING_MAX_M {
+    if !matches!(input, Fp8Input::Codes { .. }) && m > GEMV_FP8_QUANTIZING_MAX_M {
         return Err(shape("gemv_fp8", format!("m = {m} tokens of a bf16 input (at most {GEMV_FP8_QUANTIZING_MAX_M})")));
     }
     if publish_amax != 0 && epilogue != Fp8Epilogue::SwiGlu {
         return Err(shape("gemv_fp8", "only the SwiGLU epilogue publishes an amax"));
+    }
+    if norm_tail.is_some() && split_norm.is_some() {
+        return Err(shape("gemv_fp8", "a norm tail or a split norm, not both"));
     }
     if let Some(tail) = &norm_tail {
         if !norm_tail_fits(m, n, epilogue) {
@@ -801,6 +854,35 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             return Err(shape("gemv_fp8", "a norm tail needs its residual, weight, codes, scales and counter"));
         }
     }
+    if let Some(split) = &split_norm {
+        if epilogue != Fp8Epilogue::Bf16 || m > GEMV_FP8_QUANTIZING_MAX_M {
+            return Err(shape(
+                "gemv_fp8",
+                format!(
+                    "a split norm needs the plain epilogue and m <= {GEMV_FP8_QUANTIZING_MAX_M} (m = {m}, {epilogue:?})"
+                ),
+            ));
+        }
+        if split.n_parts as usize != split_norm_parts(n) {
+            return Err(shape(
+                "gemv_fp8",
+                format!("a split norm of {n} outputs has {} partials, not {}", split_norm_parts(n), split.n_parts),
+            ));
+        }
+    }
+    let normed = match input {
+        Fp8Input::Normed { residual, norm } => Some((residual, norm)),
+        _ => None,
+    };
+    for (what, split) in [("split norm", split_norm), ("normed input", normed.map(|(_, norm)| norm))] {
+        let Some(split) = split else { continue };
+        if !Fp8GemvConfig::NORM_TAIL.contains(&config) {
+            return Err(shape("gemv_fp8", format!("no compiled variant {config:?} with a {what}")));
+        }
+        if split.weight == 0 || split.partials == 0 || split.n_parts <= 0 {
+            return Err(shape("gemv_fp8", format!("a {what} needs its weight, partials and their count")));
+        }
+    }
     let (x, x_aux) = match input {
         Fp8Input::Codes { x, scales } => (x, scales),
         Fp8Input::Bf16 { x, amax } => {
@@ -809,12 +891,19 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             }
             (x, amax)
         }
+        Fp8Input::Normed { residual, .. } => (residual, 0),
     };
+    let after = match (norm_tail, split_norm) {
+        (Some(_), _) => "_norm",
+        (None, Some(_)) => "_split",
+        (None, None) => "",
+    };
+    let split = split_norm.or(normed.map(|(_, norm)| norm)).unwrap_or_default();
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
     let tail = norm_tail.unwrap_or_default();
     gpu.launch(
-        &config.kernel(quantizes, norm_tail.is_some()),
+        &config.kernel(&input, after),
         (tiles.div_ceil(config.block_warps() / config.split_k) as u32, 1, 1),
         32 * config.block_warps() as u32,
         0,
@@ -832,6 +921,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             arg(&clear_amax),
             arg(&l2),
             arg(&tail),
+            arg(&split),
         ],
     )
 }
@@ -1064,17 +1154,21 @@ mod tests {
     /// at start-up (a compiled kernel missing there cannot be launched).
     #[test]
     fn every_launchable_kernel_is_registered() {
-        use super::{Fp8GemvConfig, PagedKv};
+        use super::{Fp8GemvConfig, Fp8Input, PagedKv, SplitNorm};
         let registered = |name: &str| crate::gpu::KERNEL_NAMES.contains(&name);
+        let codes = Fp8Input::Codes { x: 0, scales: 0 };
+        let bf16 = Fp8Input::Bf16 { x: 0, amax: 0 };
+        let normed = Fp8Input::Normed { residual: 0, norm: SplitNorm::default() };
         for c in Fp8GemvConfig::ALL {
-            for q in [false, true] {
-                assert!(registered(&c.kernel(q, false)), "{} is not registered", c.kernel(q, false));
+            for input in [codes, bf16] {
+                assert!(registered(&c.kernel(&input, "")), "{} is not registered", c.kernel(&input, ""));
             }
         }
         for c in Fp8GemvConfig::NORM_TAIL {
             assert!(Fp8GemvConfig::ALL.contains(&c));
-            for q in [false, true] {
-                assert!(registered(&c.kernel(q, true)), "{} is not registered", c.kernel(q, true));
+            for (input, after) in [(codes, "_norm"), (bf16, "_norm"), (codes, "_split"), (bf16, "_split"), (normed, "")]
+            {
+                assert!(registered(&c.kernel(&input, after)), "{} is not registered", c.kernel(&input, after));
             }
         }
         for (scales, head_dim) in [(0, 64), (0, 128), (8, 64), (8, 128)] {

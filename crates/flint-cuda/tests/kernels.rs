@@ -1058,6 +1058,183 @@ fn amax_slots(r: &mut impl Rng, x: &[f32], m: usize, k: usize) -> Vec<f32> {
     slots
 }
 
+/// The add + RMSNorm + quantize split over two FP8 GEMVs (`ops::SplitNorm`) against the first
+/// one's norm tail followed by a GEMV of its codes: the same residual bit for bit; partials whose
+/// sums of squares add up to the residual's and whose max is that of |residual * weight| exactly;
+/// and outputs of the next GEMV (plain and SwiGLU) near the tail's (the scales differ in the last
+/// bits, which moves some codes a step) and no further from the exact product of the normed
+/// residual than the tail's are. For codes and bf16
+/// inputs of the first GEMV, one and two tokens, every variant compiled with the split, and
+/// hidden sizes from 64 to 8192. Splits that do not fit are refused.
+#[test]
+fn gemv_split_norm_matches_the_norm_tail() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng();
+    let eps = 1e-5;
+    // (hidden, k of the first GEMV, rows of the next): SmolLM2's O, the 8B O and down (s16), a
+    // hidden of 512 tiles (s8_u2), a small one.
+    for (n, k, n2) in [(576, 576, 960), (4096, 4096, 6144), (4096, 14336, 1024), (8192, 1024, 512), (64, 128, 64)] {
+        let w = random_bf16(&mut r, n * k, 0.05);
+        let wq = Fp8Matrix::quantize(&w, n, k, Granularity::Channel, Fp8Format::E4M3);
+        let (wb, ws) = (g.upload(&wq.codes).expect("up"), g.upload(&wq.scales).expect("up"));
+        // The next GEMV: n2 plain outputs, or n2 / 2 of SwiGLU (gate rows, then up rows).
+        let w2 = random_bf16(&mut r, n2 * n, 0.05);
+        let w2q = Fp8Matrix::quantize(&w2, n2, n, Granularity::Channel, Fp8Format::E4M3);
+        let (w2b, w2s) = (g.upload(&w2q.codes).expect("up"), g.upload(&w2q.scales).expect("up"));
+        let w2d = w2q.dequantize();
+        let norm_w: Vec<f32> = (0..n).map(|_| r.random_range(0.5f32..1.5)).collect();
+        let nw = g.upload(&norm_w).expect("up");
+        let counter = g.zeros(4).expect("counter");
+        let parts = ops::split_norm_parts(n);
+        for m in 1..=ops::GEMV_FP8_QUANTIZING_MAX_M {
+            let x = random_bf16(&mut r, m * k, 2.0);
+            let residual = random_bf16(&mut r, m * n, 4.0);
+            let xb = up_bf16(&g, &x);
+            let (xq, xs) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
+            ops::quantize_rows(&g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
+            let amax = g.upload(&amax_slots(&mut r, &x, m, k)).expect("up");
+            let inputs = [
+                ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
+                ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
+            ];
+            let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM_TAIL.map(Some));
+            for config in configs {
+                for (input_name, input) in inputs {
+                    let label = config.map_or("default".to_string(), |c| c.label());
+                    let what = format!("split norm {label} {input_name} m={m} n={n} k={k}");
+                    let first = ops::Fp8Gemv {
+                        input,
+                        ..ops::Fp8Gemv::codes(0, 0, wb.ptr(), ws.ptr(), 0, m, n, k, ops::Fp8Epilogue::Bf16)
+                    };
+                    let nexts = [(ops::Fp8Epilogue::Bf16, n2), (ops::Fp8Epilogue::SwiGlu, n2 / 2)];
+                    // The tail: residual, then the next GEMV's outputs from its codes.
+                    let res_a = up_bf16(&g, &residual);
+                    let (y, codes, scales) = (poisoned(&g, 2 * m * n), poisoned(&g, m * n), poisoned(&g, 4 * m));
+                    let tail = ops::NormTail {
+                        residual: res_a.ptr(),
+                        weight: nw.ptr(),
+                        codes: codes.ptr(),
+                        scales: scales.ptr(),
+                        counter: counter.ptr(),
+                        eps,
+                    };
+                    let op = ops::Fp8Gemv { y: y.ptr(), norm_tail: Some(tail), ..first };
+                    ops::run_gemv_fp8(&g, config, &op).expect("tail");
+                    let want: Vec<Vec<f32>> = nexts
+                        .iter()
+                        .map(|&(e, rows)| {
+                            let out = poisoned(&g, 2 * m * rows);
+                            let op = ops::Fp8Gemv::codes(
+                                codes.ptr(),
+                                scales.ptr(),
+                                w2b.ptr(),
+                                w2s.ptr(),
+                                out.ptr(),
+                                m,
+                                rows,
+                                n,
+                                e,
+                            );
+                            ops::run_gemv_fp8(&g, None, &op).expect("next of codes");
+                            read_bf16(&g, &out, m * rows)
+                        })
+                        .collect();
+                    // The split: the same residual and partials, then the next GEMV from them.
+                    let res_b = up_bf16(&g, &residual);
+                    let partials = poisoned(&g, 8 * m * parts);
+                    let split =
+                        ops::SplitNorm { weight: nw.ptr(), partials: partials.ptr(), n_parts: parts as i32, eps };
+                    let op = ops::Fp8Gemv { y: res_b.ptr(), split_norm: Some(split), ..first };
+                    ops::run_gemv_fp8(&g, config, &op).expect("split");
+                    let res = read_u16(&g, &res_a, m * n);
+                    assert_eq!(read_u16(&g, &res_b, m * n), res, "{what}: residual");
+                    let res: Vec<f32> = res.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+                    let p = read_f32(&g, &partials, 2 * m * parts);
+                    for t in 0..m {
+                        let row = &res[t * n..(t + 1) * n];
+                        let ss: f64 = row.iter().map(|&v| (v as f64).powi(2)).sum();
+                        let got_ss: f64 = (0..parts).map(|i| p[2 * (t * parts + i)] as f64).sum();
+                        assert!((got_ss - ss).abs() <= 1e-5 * ss, "{what}: token {t} sum of squares {got_ss} vs {ss}");
+                        let mx = row.iter().zip(&norm_w).map(|(v, w)| (v * w).abs()).fold(0f32, f32::max);
+                        let got_mx = (0..parts).map(|i| p[2 * (t * parts + i) + 1]).fold(0f32, f32::max);
+                        assert_eq!(got_mx.to_bits(), mx.to_bits(), "{what}: token {t} max");
+                    }
+                    // The exact normed residual.
+                    let normed: Vec<f32> = (0..m)
+                        .flat_map(|t| {
+                            let row = &res[t * n..(t + 1) * n];
+                            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n as f64;
+                            let rr = 1.0 / (ms + eps as f64).sqrt();
+                            row.iter().zip(&norm_w).map(move |(&v, &w)| (v as f64 * rr * w as f64) as f32)
+                        })
+                        .collect();
+                    for (&(e, rows), want) in nexts.iter().zip(&want) {
+                        let out = poisoned(&g, 2 * m * rows);
+                        let input = ops::Fp8Input::Normed { residual: res_b.ptr(), norm: split };
+                        let op = ops::Fp8Gemv {
+                            input,
+                            ..ops::Fp8Gemv::codes(0, 0, w2b.ptr(), w2s.ptr(), out.ptr(), m, rows, n, e)
+                        };
+                        ops::run_gemv_fp8(&g, None, &op).expect("next of the split");
+                        let got = read_bf16(&g, &out, m * rows);
+                        let mut exact = Vec::with_capacity(m * rows);
+                        for t in 0..m {
+                            let xrow = &normed[t * n..(t + 1) * n];
+                            let dot = |j: usize| -> f32 {
+                                w2d[j * n..(j + 1) * n].iter().zip(xrow).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                                    as f32
+                            };
+                            for j in 0..rows {
+                                exact.push(match e {
+                                    ops::Fp8Epilogue::Bf16 => dot(j),
+                                    ops::Fp8Epilogue::SwiGlu => {
+                                        let (gate, up) = (dot(j), dot(rows + j));
+                                        gate / (1.0 + (-gate).exp()) * up
+                                    }
+                                });
+                            }
+                        }
+                        let (vs_tail, err, tail_err) =
+                            (rel_err(&got, want), rel_err(&got, &exact), rel_err(want, &exact));
+                        assert!(vs_tail <= 5e-2, "{what} next {e:?}: rel err {vs_tail:.2e} against the tail's output");
+                        assert!(
+                            err <= 1.5 * tail_err + 1e-3,
+                            "{what} next {e:?}: rel err {err:.2e} to the exact product, the tail's {tail_err:.2e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Refused: with a tail too, a SwiGLU epilogue, three tokens, the wrong number of partials, a
+    // variant compiled without the split; a normed input of three tokens or without partials.
+    let buf = g.zeros(1 << 16).expect("buf");
+    let p = buf.ptr();
+    let split = ops::SplitNorm { weight: p, partials: p, n_parts: 4, eps };
+    let tail = ops::NormTail { residual: p, weight: p, codes: p, scales: p, counter: p, eps };
+    let op = ops::Fp8Gemv {
+        split_norm: Some(split),
+        ..ops::Fp8Gemv::codes(p, p, p, p, p, 1, 64, 64, ops::Fp8Epilogue::Bf16)
+    };
+    ops::run_gemv_fp8(&g, None, &op).expect("a split that fits");
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { norm_tail: Some(tail), ..op }).is_err());
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { epilogue: ops::Fp8Epilogue::SwiGlu, ..op }).is_err());
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { m: ops::GEMV_FP8_QUANTIZING_MAX_M + 1, ..op }).is_err());
+    let wrong_parts = ops::SplitNorm { n_parts: 3, ..split };
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { split_norm: Some(wrong_parts), ..op }).is_err());
+    let plain_only = ops::Fp8GemvConfig { split_k: 4, unroll: 2, prefetch: false };
+    assert!(ops::run_gemv_fp8(&g, Some(plain_only), &op).is_err());
+    let normed = ops::Fp8Gemv {
+        input: ops::Fp8Input::Normed { residual: p, norm: split },
+        ..ops::Fp8Gemv::codes(p, p, p, p, p, 1, 64, 64, ops::Fp8Epilogue::Bf16)
+    };
+    ops::run_gemv_fp8(&g, None, &normed).expect("a normed input that fits");
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { m: ops::GEMV_FP8_QUANTIZING_MAX_M + 1, ..normed }).is_err());
+    let no_partials = ops::Fp8Input::Normed { residual: p, norm: ops::SplitNorm { partials: 0, ..split } };
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { input: no_partials, ..normed }).is_err());
+    g.synchronize().expect("sync");
+}
+
 /// An FP8 GEMV that runs the residual add + RMSNorm + quantize of its output in its last block
 /// leaves, bit for bit, the output, residual, codes and scales of the GEMV followed by
 /// `add_rms_norm_fp8`: for codes and bf16 inputs, one and two tokens, every variant compiled

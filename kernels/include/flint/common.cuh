@@ -40,6 +40,9 @@ __device__ __forceinline__ Bf16x8 pack(const float (&in)[8]) {
     return v;
 }
 
+// v rounded to the nearest bf16 (ties to even), as a float.
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
 // Loads that bypass L1 allocation: weights are read once per step.
 __device__ __forceinline__ Bf16x8 load_stream(const bf16* p) {
     int4 r;

@@ -236,6 +236,31 @@ __device__ __forceinline__ void norm_tail(const Fp8NormTail& tail, const bf16* y
     if (threadIdx.x == 0) *tail.counter = 0;  // ready for the next launch
 }
 
+// The add + RMSNorm + quantize between two FP8 GEMVs of the decode chain, split over both
+// instead of run by the first one's last block (norm_tail): no block waits for another.
+// The producer (output kOutSplitNorm, a plain-epilogue GEMV) adds its output into y, the
+// residual (y += bf16(x W^T), as add_rms_norm_fp8 adds), and the part-0 warp of each tile leaves,
+// per token, the tile's sum of squares of the new residual and its max of |residual * weight| in
+// partials[token * n_parts + tile] (n_parts: its tiles). The consumer (input kInNormed) reads the
+// residual as its bf16 input: each block sums the partials in a fixed order (the same bits every
+// run), r = rsqrt(sum / k + eps), and its warps quantize bf16(weight * bf16(residual * r)), the
+// bf16 model's normed value, with the scale fp8_scale(r * max). That scale is not the norm
+// kernel's: the sum's order differs, and the bf16 roundings can put a normed value up to 2^-7
+// above r * max, where it saturates at 448, an error below E4M3's step of 32 there.
+struct Fp8SplitNorm {
+    const float* weight;  // the norm's weights [hidden]
+    float2* partials;     // [m, n_parts]: sum of squares, max |residual * weight|
+    int n_parts;
+    float eps;
+};
+
+// The input of an FP8 GEMV: E4M3 codes with a scale per token; a bf16 activation with its
+// producer's amax slots (e4m3.cuh); the residual whose RMSNorm a kOutSplitNorm GEMV began.
+constexpr int kInCodes = 0, kInBf16 = 1, kInNormed = 2;
+// What an FP8 GEMV of plain epilogue does after its output: nothing more; the norm tail in its
+// last block; the split norm's first half.
+constexpr int kOutPlain = 0, kOutNormTail = 1, kOutSplitNorm = 2;
+
 // SwiGLU on a fused gate/up row ([2 ff]: gate then up), quantized: out[t] = codes of
 // bf16(silu(gate) * up) / scale[t]. One block per token.
 __device__ __forceinline__ void silu_mul_fp8_row(const bf16* gate_up, uint8_t* out, float* scales, int ff) {
@@ -282,6 +307,10 @@ constexpr int kF8MaxM = 8;   // tokens: the MMA's N
 
 // Warps per block of the variant with S warps per tile: 8 (several tiles per block) or S (one).
 __host__ __device__ constexpr int f8_block_warps(int s) { return s > kF8Warps ? s : kF8Warps; }
+// Blocks an SM should hold (the register budget of __launch_bounds__): three of 8 warps, two of 16
+// (so that a grid of 256 one-tile blocks, the O and down projections, is resident at once), one
+// of 32.
+__host__ __device__ constexpr int f8_min_blocks(int s) { return f8_block_warps(s) >= 32 ? 1 : f8_block_warps(s) >= 16 ? 2 : 3; }
 
 __device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
     uint4 r;
@@ -339,17 +368,30 @@ __device__ __forceinline__ void load_x_pairs(uint32_t (&pair)[kF8QMaxM][V], cons
             pair[j][v] = j < m ? *reinterpret_cast<const uint32_t*>(x + (size_t)j * k + base + 64 * v + 2 * lane) : 0u;
 }
 
+// kInNormed: the norm weights of those pairs.
+template <int V>
+__device__ __forceinline__ void load_w_pairs(float2 (&w)[V], const float* __restrict__ weight, int base, int lane) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) w[v] = __ldg(reinterpret_cast<const float2*>(weight + base + 64 * v + 2 * lane));
+}
+
 // Q: those pairs as codes of value / scale (rcp[j] = 1 / scale[j]) into the warp's shared buffer,
-// a row of ROW bytes per token.
-template <int V, int ROW>
+// a row of ROW bytes per token. N (kInNormed): the value is first normalised as the bf16 model
+// has it, bf16(weight * bf16(value * r[j])), with w[v] the weights of pair v.
+template <int V, int ROW, bool N>
 __device__ __forceinline__ void store_x_codes(uint8_t* buf, const uint32_t (&pair)[kF8QMaxM][V], int m, int lane,
-                                              const float (&scale)[kF8QMaxM], const float (&rcp)[kF8QMaxM]) {
+                                              const float (&scale)[kF8QMaxM], const float (&rcp)[kF8QMaxM],
+                                              const float (&r)[kF8QMaxM], const float2* w) {
 #pragma unroll
     for (int j = 0; j < kF8QMaxM; ++j) {
         if (j >= m) break;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-            const float a = __uint_as_float(pair[j][v] << 16), b = __uint_as_float(pair[j][v] & 0xffff0000u);
+            float a = __uint_as_float(pair[j][v] << 16), b = __uint_as_float(pair[j][v] & 0xffff0000u);
+            if constexpr (N) {
+                a = round_bf16(w[v].x * round_bf16(a * r[j]));
+                b = round_bf16(w[v].y * round_bf16(b * r[j]));
+            }
             *reinterpret_cast<uint16_t*>(buf + j * ROW + 64 * v + 2 * lane) =
                 to_e4m3x2(div_by_scale(a, scale[j], rcp[j]), div_by_scale(b, scale[j], rcp[j]));
         }
@@ -365,22 +407,29 @@ __host__ __device__ constexpr int f8_qrow() { return 64 * U + (U % 2 == 0 ? 64 :
 // (plain) or n / 8 (SwiGLU). S warps share a tile, each taking every S-th chunk of U 64-element
 // steps of K; with P, a warp loads its next chunk before it multiplies the current one (twice the
 // loads in flight for twice the registers). k % 64 == 0, n % 16 == 0 (plain) or n % 8 == 0
-// (SwiGLU), m <= 8 (m <= kF8QMaxM with Q).
+// (SwiGLU), m <= 8 (m <= kF8QMaxM unless IN is kInCodes).
 //
-// Input: without Q, x holds E4M3 codes [m, k] and x_aux their per-token scales. With Q, x is the
-// bf16 activation [m, k] and x_aux its producer's amax slots [m, kAmaxSlots]; each warp quantizes
-// the activation of its chunks itself (codes bit-identical to quantize_row's), so no quantization
-// kernel runs between the producer and this GEMV.
+// Input (IN): kInCodes: x holds E4M3 codes [m, k] and x_aux their per-token scales. kInBf16: x is
+// the bf16 activation [m, k] and x_aux its producer's amax slots [m, kAmaxSlots]; each warp
+// quantizes the activation of its chunks itself (codes bit-identical to quantize_row's), so no
+// quantization kernel runs between the producer and this GEMV. kInNormed: x is the residual
+// [m, k] whose norm `split` describes (Fp8SplitNorm), normalised and quantized the same way.
 // amax_out (SwiGLU, may be null): the output's amax per token is published there, for a Q GEMV
 // next. amax_clear (may be null): [m, kAmaxSlots] that block 0 zeroes (the other activation's
 // slots, whose reader has finished, for their producer's next use).
-template <int S, int U, bool P, bool Q, bool T>
+// OUT (plain epilogue): kOutNormTail runs `tail` after the output; kOutSplitNorm adds the output
+// into y (the residual) and leaves the norm's partials of `split`.
+template <int S, int U, bool P, int IN, int OUT>
 __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const float* __restrict__ x_aux,
                                          const uint8_t* __restrict__ w, const float* __restrict__ w_scale, bf16* y,
                                          int m, int n, int k, Fp8Epilogue epilogue, float* amax_out,
-                                         float* amax_clear, bool l2_prefetch, const Fp8NormTail& tail) {
+                                         float* amax_clear, bool l2_prefetch, const Fp8NormTail& tail,
+                                         const Fp8SplitNorm& split) {
+    constexpr bool Q = IN != kInCodes;  // the warps quantize a bf16 input
+    constexpr bool N = IN == kInNormed;
     constexpr int W = f8_block_warps(S);
     static_assert(W % S == 0, "S divides the block's warps");
+    static_assert(W >= kF8QMaxM, "a warp per token sums the split norm's partials");
     constexpr int kTilesPerBlock = W / S;
     constexpr int kRow = f8_qrow<U>();
     __shared__ float partial[W][32][4];
@@ -416,14 +465,37 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
     const int full = k / kChunk;
     uint4 va[U], vb[U];
     if (P && real && part < full) load_chunk<U>(va, vb, wa, wb, part * kChunk);
+    // kInNormed: the norm weights of the first chunk (constant over the step).
+    float2 wp[N ? U : 1];
+    if constexpr (N && P)
+        if (real && part < full) load_w_pairs<U>(wp, split.weight, part * kChunk, lane);
     if (early) pdl_wait();
     if (amax_clear != nullptr && blockIdx.x == 0)
         for (int i = threadIdx.x; i < m * kAmaxSlots; i += blockDim.x) amax_clear[i] = 0.f;
-    // Q: token g's scale in lane (g, t), from its eight slots 8t..8t+7 and the three other lanes';
-    // then every token's in every lane, for the conversion.
+    // kOutSplitNorm: the residual and norm weights of the rows this lane finishes (tokens 2t,
+    // 2t + 1), read now so that the epilogue does not wait for them.
+    // Kept in shared memory (registers would cost the variant occupancy): per tile of the block
+    // and lane, the residual of rows A and B for both tokens, then their two norm weights.
+    __shared__ float split_in[OUT == kOutSplitNorm ? kTilesPerBlock : 1][32][6];
+    if constexpr (OUT == kOutSplitNorm) {
+        if (part == 0 && real) {
+            float* in = split_in[warp / S][lane];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const bool has = 2 * t + j < m;
+                in[j] = has ? __bfloat162float(y[(size_t)(2 * t + j) * n + row_a]) : 0.f;
+                in[2 + j] = has ? __bfloat162float(y[(size_t)(2 * t + j) * n + row_b]) : 0.f;
+            }
+            in[4] = split.weight[row_a];
+            in[5] = split.weight[row_b];
+        }
+    }
+    // Q: token g's scale in lane (g, t) (own_scale), and every token's in every lane (scale, its
+    // reciprocal rcp and, N, the norm's r), for the conversion.
     float own_scale = 1.f;
-    float scale[kF8QMaxM], rcp[kF8QMaxM];
-    if constexpr (Q) {
+    float scale[kF8QMaxM], rcp[kF8QMaxM], norm_r[kF8QMaxM];
+    if constexpr (IN == kInBf16) {
+        // From token g's eight slots 8t..8t+7 and the three other lanes'.
         float a = 0.f;
         if (g < m) {
             const float4* s = reinterpret_cast<const float4*>(x_aux + g * kAmaxSlots + 8 * t);
@@ -437,7 +509,35 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
         for (int j = 0; j < kF8QMaxM; ++j) {
             scale[j] = __shfl_sync(0xffffffffu, own_scale, 4 * j);
             rcp[j] = 1.f / scale[j];
+            norm_r[j] = 1.f;
         }
+    } else if constexpr (N) {
+        // Warp j sums token j's partials (lane-strided, then the butterfly: a fixed order).
+        __shared__ float s_r[kF8QMaxM], s_scale[kF8QMaxM];
+        if (warp < m) {
+            const float2* p = split.partials + (size_t)warp * split.n_parts;
+            float ss = 0.f, mx = 0.f;
+            for (int i = lane; i < split.n_parts; i += 32) {
+                const float2 v = __ldcg(p + i);
+                ss += v.x;
+                mx = fmaxf(mx, v.y);
+            }
+            ss = warp_sum(ss);
+            mx = warp_max(mx);
+            if (lane == 0) {
+                const float r = rsqrtf(ss / k + split.eps);
+                s_r[warp] = r;
+                s_scale[warp] = fp8_scale(mx * r);
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < kF8QMaxM; ++j) {
+            scale[j] = j < m ? s_scale[j] : 1.f;
+            rcp[j] = 1.f / scale[j];
+            norm_r[j] = j < m ? s_r[j] : 1.f;
+        }
+        own_scale = g < m ? s_scale[g] : 1.f;
     }
     uint8_t* qb = qbuf[Q ? warp : 0];
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -453,18 +553,21 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
             const int base = ch * kChunk;
             uint4 na[U], nb[U];
             uint32_t np[Q ? kF8QMaxM : 1][Q ? U : 1];
+            float2 nwp[N ? U : 1];
             if (P) {
                 if (ch + S < full) {
                     load_chunk<U>(na, nb, wa, wb, base + S * kChunk);
                     if constexpr (Q) load_x_pairs<U>(np, xb, k, m, base + S * kChunk, lane);
+                    if constexpr (N) load_w_pairs<U>(nwp, split.weight, base + S * kChunk, lane);
                 }
             } else {
                 load_chunk<U>(va, vb, wa, wb, base);
                 if constexpr (Q) load_x_pairs<U>(xp, xb, k, m, base, lane);
+                if constexpr (N) load_w_pairs<U>(wp, split.weight, base, lane);
             }
             uint4 vx[U];
             if constexpr (Q) {
-                store_x_codes<U, kRow>(qb, xp, m, lane, scale, rcp);
+                store_x_codes<U, kRow, N>(qb, xp, m, lane, scale, rcp, norm_r, wp);
                 __syncwarp();
 #pragma unroll
                 for (int u = 0; u < U; ++u)
@@ -489,6 +592,9 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
                     for (int j = 0; j < kF8QMaxM; ++j)
 #pragma unroll
                         for (int u = 0; u < U; ++u) xp[j][u] = np[j][u];
+                if constexpr (N)
+#pragma unroll
+                    for (int u = 0; u < U; ++u) wp[u] = nwp[u];
             }
         }
         // 64-element steps past the last full chunk.
@@ -497,8 +603,10 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
             uint4 xq;
             if constexpr (Q) {
                 uint32_t tp[kF8QMaxM][1];
+                float2 tw[1];
                 load_x_pairs<1>(tp, xb, k, m, off, lane);
-                store_x_codes<1, kRow>(qb, tp, m, lane, scale, rcp);
+                if constexpr (N) load_w_pairs<1>(tw, split.weight, off, lane);
+                store_x_codes<1, kRow, N>(qb, tp, m, lane, scale, rcp, norm_r, tw);
                 __syncwarp();
                 xq = has_x ? *reinterpret_cast<const uint4*>(qb + g * kRow + 16 * t) : make_uint4(0, 0, 0, 0);
                 __syncwarp();
@@ -533,6 +641,7 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
         }
         const float sa = w_scale[row_a], sb = w_scale[row_b];
         float amax[2] = {0.f, 0.f};
+        float ss[2] = {0.f, 0.f};  // kOutSplitNorm: this lane's squares and max |residual * weight|
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int tok = 2 * t + j;
@@ -544,6 +653,15 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
                 const bf16 o = __float2bfloat16(gb / (1.f + __expf(-gb)) * ub);
                 y[(size_t)tok * n + row_a] = o;
                 amax[j] = fmaxf(0.f, fabsf(__bfloat162float(o)));
+            } else if constexpr (OUT == kOutSplitNorm) {
+                // residual += bf16(y), rounded to bf16 (residual_add8).
+                const float* in = split_in[warp / S][lane];
+                const float ha = round_bf16(in[j] + round_bf16(va));
+                const float hb = round_bf16(in[2 + j] + round_bf16(vb));
+                y[(size_t)tok * n + row_a] = __float2bfloat16(ha);
+                y[(size_t)tok * n + row_b] = __float2bfloat16(hb);
+                ss[j] = ha * ha + hb * hb;
+                amax[j] = fmaxf(fabsf(ha * in[4]), fabsf(hb * in[5]));
             } else {
                 y[(size_t)tok * n + row_a] = __float2bfloat16(va);
                 y[(size_t)tok * n + row_b] = __float2bfloat16(vb);
@@ -560,8 +678,22 @@ __device__ __forceinline__ void gemv_fp8(const void* __restrict__ xv, const floa
                 for (int j = 0; j < 2; ++j)
                     if (2 * t + j < m) amax_publish(amax_out, 2 * t + j, tile, amax[j]);
         }
+        if constexpr (OUT == kOutSplitNorm) {
+            // The tile's partials: over the warp's sixteen rows (lanes of one t), a fixed order.
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) {
+                    ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], o);
+                    amax[j] = fmaxf(amax[j], __shfl_xor_sync(0xffffffffu, amax[j], o));
+                }
+            if (g == 0)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if (2 * t + j < m) split.partials[(size_t)(2 * t + j) * split.n_parts + tile] = make_float2(ss[j], amax[j]);
+        }
     }
-    if constexpr (T) norm_tail(tail, y, m, n);
+    if constexpr (OUT == kOutNormTail) norm_tail(tail, y, m, n);
 }
 
 }  // namespace flint

@@ -102,6 +102,14 @@ pub struct CudaLlamaOptions {
     /// kernels less per layer). On by default: 1.024x on the FP8 Llama-3.1-8B preset at batch 1
     /// on an H100 (`bench/results/2026-12-07-h100-llama-3.1-8b-decode-fusion-2880a1e.md`).
     pub fuse_norm_tail: bool,
+    /// With [`Self::fuse_norm_tail`] and [`Self::fuse_fp8_quantization`] on a one-token step:
+    /// that norm split over the O or down GEMV and the GEMV after it (`ops::SplitNorm`) instead of
+    /// the first one's last block running it after every other block. Each block adds its rows
+    /// into the residual and leaves their sum of squares and max; the next GEMV finishes the
+    /// norm and quantizes the normed residual itself, so no block waits for another. The same
+    /// residual; codes of an RMS and scale that can differ from the norm kernel's in the last
+    /// bits (their sums run in another order), the same bits from run to run.
+    pub split_norm: bool,
 }
 
 impl Default for CudaLlamaOptions {
@@ -122,6 +130,7 @@ impl Default for CudaLlamaOptions {
             fuse_fp8_quantization: true,
             fuse_rope_attention: true,
             fuse_norm_tail: true,
+            split_norm: true,
         }
     }
 }
@@ -307,6 +316,9 @@ struct Workspace {
     /// The arrival counter of an FP8 GEMV's norm tail (one u32, zero between launches; the
     /// GEMVs with a tail run one after another).
     norm_counter: DeviceBuffer,
+    /// The partials of a split norm (`[GEMV_FP8_QUANTIZING_MAX_M, hidden / 16]` pairs of f32;
+    /// written by the O or down GEMV, read by the GEMV after it).
+    norm_partials: DeviceBuffer,
     sampled: DeviceBuffer,
     /// FP8 activations of the next linear layer and their per-token scales (FP8 models).
     xq: DeviceBuffer,
@@ -696,6 +708,7 @@ impl CudaLlama {
             part_ml: gpu.alloc(4 * part_rows * local.n_heads * 2)?,
             split_counters: gpu.zeros(4 * max_tokens * local.n_kv)?,
             norm_counter: gpu.zeros(4)?,
+            norm_partials: gpu.zeros(8 * ops::GEMV_FP8_QUANTIZING_MAX_M * ops::split_norm_parts(h))?,
             candidates: gpu.alloc(4 * max_seqs * 2 * crate::MAX_CANDIDATES)?,
             candidate_parts: gpu.alloc(if shard.is_single() {
                 0
@@ -1226,14 +1239,26 @@ impl CudaLlama {
             counter: ws.norm_counter.ptr(),
             eps,
         };
-        // The previous layer's down GEMV has already normalised this layer's input.
+        // The split norm (one-token fused steps): the O and down GEMVs add into the residual and
+        // leave the partials of the norm that the next GEMV (gate/up, the next QKV) finishes.
+        let split_norm = norm_tail && fused && self.options.split_norm;
+        let split = |weight: u64| ops::SplitNorm {
+            weight,
+            partials: ws.norm_partials.ptr(),
+            n_parts: ops::split_norm_parts(h) as i32,
+            eps,
+        };
+        let normed = |weight: u64| ops::Fp8Input::Normed { residual: ws.residual.ptr(), norm: split(weight) };
+        // The previous layer's down GEMV has already normalised this layer's input (its tail),
+        // or begun to (a split norm).
         let mut normed_by_tail = false;
+        let mut normed_by_split = false;
         for (i, layer) in self.layers.iter().enumerate() {
             // The pending down projection: none before the first layer; on a later stage the
             // received (already reduced) one.
             let add = if i == 0 && first_stage { 0 } else { ws.proj.ptr() };
             if fp8 {
-                if !normed_by_tail {
+                if !normed_by_tail && !normed_by_split {
                     match p2p {
                         Some(p) if i > 0 => {
                             p.add_rms_norm(1, ws.residual.ptr(), layer.attn_norm.ptr(), fp8_out, n, h, eps)?
@@ -1245,7 +1270,15 @@ impl CudaLlama {
                     }
                     mark("add_rms_norm")?;
                 }
-                self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true, None)?;
+                if normed_by_split {
+                    let op = ops::Fp8Gemv {
+                        l2_prefetch: true,
+                        ..self.fp8_gemv(normed(layer.attn_norm.ptr()), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)
+                    };
+                    ops::run_gemv_fp8(g, None, &op)?;
+                } else {
+                    self.linear_fp8(&layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi, true, None)?;
+                }
             } else {
                 match p2p {
                     Some(p) if i > 0 => {
@@ -1355,15 +1388,20 @@ impl CudaLlama {
             }
             mark("attention")?;
             if fp8 {
-                let o_tail = norm_tail.then(|| tail(layer.mlp_norm.ptr()));
-                let down_tail = self.layers.get(i + 1).filter(|_| norm_tail).map(|next| tail(next.attn_norm.ptr()));
+                let next = self.layers.get(i + 1);
+                let o_tail = (norm_tail && !split_norm).then(|| tail(layer.mlp_norm.ptr()));
+                let down_tail = next.filter(|_| norm_tail && !split_norm).map(|next| tail(next.attn_norm.ptr()));
+                let down_split = next.filter(|_| split_norm).map(|next| split(next.attn_norm.ptr()));
                 if fused {
                     let input = ops::Fp8Input::Bf16 { x: ws.attn.ptr(), amax: amax_attn };
+                    // A split norm adds the output into the residual itself.
+                    let y = if split_norm { ws.residual.ptr() } else { o_out };
                     let op = ops::Fp8Gemv {
                         clear_amax: amax_act,
                         l2_prefetch: true,
                         norm_tail: o_tail,
-                        ..self.fp8_gemv(input, &layer.o, o_out, n, h, q_dim, bf16_epi)
+                        split_norm: split_norm.then(|| split(layer.mlp_norm.ptr())),
+                        ..self.fp8_gemv(input, &layer.o, y, n, h, q_dim, bf16_epi)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
                 } else {
@@ -1380,7 +1418,7 @@ impl CudaLlama {
                     None => {
                         self.all_reduce(ws.proj.ptr(), n * h)?;
                         mark("o_proj")?;
-                        if o_tail.is_none() {
+                        if o_tail.is_none() && !split_norm {
                             let (res, proj, norm) = (ws.residual.ptr(), ws.proj.ptr(), layer.mlp_norm.ptr());
                             ops::add_rms_norm_fp8(g, res, proj, norm, xq, xs, n, h, eps)?;
                             mark("add_rms_norm")?;
@@ -1388,8 +1426,13 @@ impl CudaLlama {
                     }
                 }
                 normed_by_tail = down_tail.is_some();
+                normed_by_split = down_split.is_some();
                 if fused {
-                    let input = ops::Fp8Input::Codes { x: xq, scales: xs };
+                    let input = if split_norm {
+                        normed(layer.mlp_norm.ptr())
+                    } else {
+                        ops::Fp8Input::Codes { x: xq, scales: xs }
+                    };
                     let swiglu = ops::Fp8Epilogue::SwiGlu;
                     let op = ops::Fp8Gemv {
                         publish_amax: amax_act,
@@ -1399,10 +1442,12 @@ impl CudaLlama {
                     ops::run_gemv_fp8(g, None, &op)?;
                     mark("gate_up_swiglu")?;
                     let input = ops::Fp8Input::Bf16 { x: ws.act.ptr(), amax: amax_act };
+                    let y = if down_split.is_some() { ws.residual.ptr() } else { down_out };
                     let op = ops::Fp8Gemv {
                         clear_amax: amax_attn,
                         norm_tail: down_tail,
-                        ..self.fp8_gemv(input, &layer.down, down_out, n, h, ff, bf16_epi)
+                        split_norm: down_split,
+                        ..self.fp8_gemv(input, &layer.down, y, n, h, ff, bf16_epi)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
                 } else if self.fp8_gate_up_gemv(n) {
