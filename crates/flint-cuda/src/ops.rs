@@ -874,6 +874,14 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
         Fp8Input::Normed { residual, norm } => Some((residual, norm)),
         _ => None,
     };
+    if let Some((_, norm)) = normed
+        && norm.n_parts as usize != split_norm_parts(k)
+    {
+        return Err(shape(
+            "gemv_fp8",
+            format!("a normed input of {k} values has {} partials, not {}", split_norm_parts(k), norm.n_parts),
+        ));
+    }
     for (what, split) in [("split norm", split_norm), ("normed input", normed.map(|(_, norm)| norm))] {
         let Some(split) = split else { continue };
         if !Fp8GemvConfig::NORM_TAIL.contains(&config) {

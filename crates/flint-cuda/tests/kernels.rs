@@ -1207,7 +1207,8 @@ fn gemv_split_norm_matches_the_norm_tail() {
         }
     }
     // Refused: with a tail too, a SwiGLU epilogue, three tokens, the wrong number of partials, a
-    // variant compiled without the split; a normed input of three tokens or without partials.
+    // variant compiled without the split; a normed input of three tokens, the wrong number of
+    // partials or none.
     let buf = g.zeros(1 << 16).expect("buf");
     let p = buf.ptr();
     let split = ops::SplitNorm { weight: p, partials: p, n_parts: 4, eps };
@@ -1230,6 +1231,8 @@ fn gemv_split_norm_matches_the_norm_tail() {
     };
     ops::run_gemv_fp8(&g, None, &normed).expect("a normed input that fits");
     assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { m: ops::GEMV_FP8_QUANTIZING_MAX_M + 1, ..normed }).is_err());
+    let wrong_parts = ops::Fp8Input::Normed { residual: p, norm: ops::SplitNorm { n_parts: 8, ..split } };
+    assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { input: wrong_parts, ..normed }).is_err());
     let no_partials = ops::Fp8Input::Normed { residual: p, norm: ops::SplitNorm { partials: 0, ..split } };
     assert!(ops::run_gemv_fp8(&g, None, &ops::Fp8Gemv { input: no_partials, ..normed }).is_err());
     g.synchronize().expect("sync");
