@@ -1272,7 +1272,7 @@ impl CudaLlama {
                 }
                 if normed_by_split {
                     let op = ops::Fp8Gemv {
-                        l2_prefetch: false,
+                        l2_prefetch: true,
                         ..self.fp8_gemv(normed(layer.attn_norm.ptr()), &layer.qkv, ws.qkv.ptr(), n, qkv_w, h, bf16_epi)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
@@ -1436,7 +1436,7 @@ impl CudaLlama {
                     let swiglu = ops::Fp8Epilogue::SwiGlu;
                     let op = ops::Fp8Gemv {
                         publish_amax: amax_act,
-                        l2_prefetch: !split_norm,
+                        l2_prefetch: true,
                         ..self.fp8_gemv(input, &layer.gate_up, ws.act.ptr(), n, ff, h, swiglu)
                     };
                     ops::run_gemv_fp8(g, None, &op)?;
