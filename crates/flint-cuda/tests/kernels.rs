@@ -1058,6 +1058,27 @@ fn amax_slots(r: &mut impl Rng, x: &[f32], m: usize, k: usize) -> Vec<f32> {
     slots
 }
 
+/// A random activation `[m, k]` as the two inputs of an FP8 GEMV: its codes and scales (as
+/// `quantize_rows` writes them) and the bf16 rows with their amax slots; and the buffers behind
+/// them, to keep alive while the inputs are used.
+fn fp8_inputs(
+    g: &Gpu,
+    r: &mut impl Rng,
+    m: usize,
+    k: usize,
+) -> (Vec<DeviceBuffer>, [(&'static str, ops::Fp8Input); 2]) {
+    let x = random_bf16(r, m * k, 2.0);
+    let xb = up_bf16(g, &x);
+    let (xq, xs) = (poisoned(g, m * k), poisoned(g, 4 * m));
+    ops::quantize_rows(g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
+    let amax = g.upload(&amax_slots(r, &x, m, k)).expect("up");
+    let inputs = [
+        ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
+        ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
+    ];
+    (vec![xb, xq, xs, amax], inputs)
+}
+
 /// The add + RMSNorm + quantize split over two FP8 GEMVs (`ops::SplitNorm`) against the first
 /// one's norm tail followed by a GEMV of its codes: the same residual bit for bit; partials whose
 /// sums of squares add up to the residual's and whose max is that of |residual * weight| exactly;
@@ -1087,16 +1108,8 @@ fn gemv_split_norm_matches_the_norm_tail() {
         let counter = g.zeros(4).expect("counter");
         let parts = ops::split_norm_parts(n);
         for m in 1..=ops::GEMV_FP8_QUANTIZING_MAX_M {
-            let x = random_bf16(&mut r, m * k, 2.0);
             let residual = random_bf16(&mut r, m * n, 4.0);
-            let xb = up_bf16(&g, &x);
-            let (xq, xs) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
-            ops::quantize_rows(&g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
-            let amax = g.upload(&amax_slots(&mut r, &x, m, k)).expect("up");
-            let inputs = [
-                ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
-                ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
-            ];
+            let (_buffers, inputs) = fp8_inputs(&g, &mut r, m, k);
             let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM_TAIL.map(Some));
             for config in configs {
                 for (input_name, input) in inputs {
@@ -1257,16 +1270,8 @@ fn gemv_norm_tail_equals_norm_kernel() {
         let nw = g.upload(&norm_w).expect("up");
         let counter = g.zeros(4).expect("counter");
         for m in 1..=ops::NORM_TAIL_MAX_M {
-            let x = random_bf16(&mut r, m * k, 2.0);
             let residual = random_bf16(&mut r, m * n, 4.0);
-            let xb = up_bf16(&g, &x);
-            let (xq, xs) = (poisoned(&g, m * k), poisoned(&g, 4 * m));
-            ops::quantize_rows(&g, xb.ptr(), xq.ptr(), xs.ptr(), m, k).expect("quantize");
-            let amax = g.upload(&amax_slots(&mut r, &x, m, k)).expect("up");
-            let inputs = [
-                ("codes", ops::Fp8Input::Codes { x: xq.ptr(), scales: xs.ptr() }),
-                ("bf16", ops::Fp8Input::Bf16 { x: xb.ptr(), amax: amax.ptr() }),
-            ];
+            let (_buffers, inputs) = fp8_inputs(&g, &mut r, m, k);
             let configs = std::iter::once(None).chain(ops::Fp8GemvConfig::NORM_TAIL.map(Some));
             for config in configs {
                 for (input_name, input) in inputs {
