@@ -870,11 +870,12 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             ));
         }
     }
+    // A normed input's split norm (the second half).
     let normed = match input {
-        Fp8Input::Normed { residual, norm } => Some((residual, norm)),
+        Fp8Input::Normed { norm, .. } => Some(norm),
         _ => None,
     };
-    if let Some((_, norm)) = normed
+    if let Some(norm) = normed
         && norm.n_parts as usize != split_norm_parts(k)
     {
         return Err(shape(
@@ -882,7 +883,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
             format!("a normed input of {k} values has {} partials, not {}", split_norm_parts(k), norm.n_parts),
         ));
     }
-    for (what, split) in [("split norm", split_norm), ("normed input", normed.map(|(_, norm)| norm))] {
+    for (what, split) in [("split norm", split_norm), ("normed input", normed)] {
         let Some(split) = split else { continue };
         if !Fp8GemvConfig::NORM_TAIL.contains(&config) {
             return Err(shape("gemv_fp8", format!("no compiled variant {config:?} with a {what}")));
@@ -906,7 +907,7 @@ pub fn run_gemv_fp8(gpu: &Gpu, config: Option<Fp8GemvConfig>, op: &Fp8Gemv) -> R
         (None, Some(_)) => "_split",
         (None, None) => "",
     };
-    let split = split_norm.or(normed.map(|(_, norm)| norm)).unwrap_or_default();
+    let split = split_norm.or(normed).unwrap_or_default();
     let tiles = if epilogue == Fp8Epilogue::SwiGlu { n / 8 } else { n / 16 };
     let (mi, ni, ki, e, l2) = (m as i32, n as i32, k as i32, epilogue as i32, i32::from(l2_prefetch));
     let tail = norm_tail.unwrap_or_default();
