@@ -65,7 +65,7 @@ pub fn embedding_split(
     vocab: usize,
     norm: &SplitNorm,
 ) -> Result<()> {
-    if !hidden.is_multiple_of(16) || norm.n_parts as usize != split_norm_parts(hidden) {
+    if hidden % 16 != 0 || norm.n_parts as usize != split_norm_parts(hidden) {
         return Err(shape(
             "embedding_split",
             format!("hidden {hidden} (a multiple of 16) with {} partials per token", norm.n_parts),
