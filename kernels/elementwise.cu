@@ -9,12 +9,6 @@ extern "C" __global__ void flint_embedding(const uint32_t* tokens, const bf16* t
     embedding_row(tokens, table, out, hidden, vocab, first);
 }
 
-extern "C" __global__ void flint_embedding_split(const uint32_t* tokens, const bf16* table, bf16* out, int hidden,
-                                                 int vocab, int first, const float* weight, float2* partials) {
-    pdl_enter();
-    embedding_split_row(tokens, table, out, hidden, vocab, first, weight, partials);
-}
-
 extern "C" __global__ void flint_unshard_rows(const float* in, float* out, int rows, int part, int vocab) {
     pdl_wait();
     unshard_rows_all(in, out, rows, part, vocab);

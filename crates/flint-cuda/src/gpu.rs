@@ -617,7 +617,6 @@ pub fn gib(bytes: usize) -> f64 {
 /// Every kernel entry point of `kernels/*.cu`.
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flint_embedding",
-    "flint_embedding_split",
     "flint_unshard_rows",
     "flint_add_rms_norm",
     "flint_rope_kv_write",

@@ -51,45 +51,6 @@ pub fn embedding_shard(
     )
 }
 
-/// [`embedding_shard`] on one GPU that also begins the split norm of the first layer's input
-/// (`norm`, as [`SplitNorm`] describes it, for an [`Fp8Input::Normed`] QKV GEMV next): per token
-/// and 16-value tile of the row, its sum of squares and max |value * weight| into the partials.
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_split(
-    gpu: &Gpu,
-    tokens: u64,
-    table: u64,
-    out: u64,
-    n: usize,
-    hidden: usize,
-    vocab: usize,
-    norm: &SplitNorm,
-) -> Result<()> {
-    if hidden % 16 != 0 || norm.n_parts as usize != split_norm_parts(hidden) {
-        return Err(shape(
-            "embedding_split",
-            format!("hidden {hidden} (a multiple of 16) with {} partials per token", norm.n_parts),
-        ));
-    }
-    let (hidden, vocab, first) = (hidden as i32, vocab as i32, 0i32);
-    gpu.launch(
-        "flint_embedding_split",
-        (n as u32, 1, 1),
-        128,
-        0,
-        &mut [
-            arg(&tokens),
-            arg(&table),
-            arg(&out),
-            arg(&hidden),
-            arg(&vocab),
-            arg(&first),
-            arg(&norm.weight),
-            arg(&norm.partials),
-        ],
-    )
-}
-
 /// `out[r, v] = in[v / part, r, v % part]` for `v < vocab`: logits `[rows, part]` gathered from
 /// every rank (`[world, rows, part]`) back into `[rows, vocab]` rows (f32).
 pub fn unshard_rows(gpu: &Gpu, input: u64, out: u64, rows: usize, part: usize, vocab: usize) -> Result<()> {

@@ -80,44 +80,6 @@ fn embedding_gathers_rows() {
 }
 
 #[test]
-fn embedding_split_gathers_rows_and_leaves_the_norm_partials() {
-    let Some(g) = gpu() else { return };
-    let mut r = rng();
-    let cpu = CpuBackend::new();
-    for (vocab, hidden, n) in [(1000, 64, 1), (49152, 576, 2), (3, 4096, 1), (300, 8192, 2)] {
-        let table = random_bf16(&mut r, vocab * hidden, 1.0);
-        let norm_w: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
-        let ids: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
-        let (t, i, o) = (up_bf16(&g, &table), g.upload(&ids).expect("ids"), poisoned(&g, 2 * n * hidden));
-        let (nw, parts) = (g.upload(&norm_w).expect("w"), ops::split_norm_parts(hidden));
-        let partials = poisoned(&g, 8 * n * parts);
-        let norm = ops::SplitNorm { weight: nw.ptr(), partials: partials.ptr(), n_parts: parts as i32, eps: 1e-5 };
-        ops::embedding_split(&g, i.ptr(), t.ptr(), o.ptr(), n, hidden, vocab, &norm).expect("launch");
-        let what = format!("vocab {vocab} hidden {hidden}");
-        let want = cpu.embedding(&cpu_tensor(&cpu, &table, &[vocab, hidden]), &ids).expect("cpu");
-        let rows = cpu.to_f32_vec(&want).expect("cpu");
-        assert_eq!(read_bf16(&g, &o, n * hidden), rows, "{what}");
-        let got = read_f32(&g, &partials, 2 * n * parts);
-        for tok in 0..n {
-            for j in 0..parts {
-                let tile = &rows[tok * hidden + 16 * j..tok * hidden + 16 * (j + 1)];
-                let ss: f64 = tile.iter().map(|&v| (v as f64) * (v as f64)).sum();
-                let mx = tile.iter().zip(&norm_w[16 * j..]).map(|(&v, &w)| (v * w).abs()).fold(0.0f32, f32::max);
-                let (gs, gm) = (got[2 * (tok * parts + j)], got[2 * (tok * parts + j) + 1]);
-                assert!(
-                    (gs as f64 - ss).abs() <= 1e-5 * ss.max(1e-30),
-                    "{what} token {tok} tile {j}: squares {gs} vs {ss}"
-                );
-                assert_eq!(gm, mx, "{what} token {tok} tile {j}: max");
-            }
-        }
-        // Refused: partials that do not match the row's tiles.
-        let bad = ops::SplitNorm { n_parts: parts as i32 + 1, ..norm };
-        assert!(ops::embedding_split(&g, i.ptr(), t.ptr(), o.ptr(), n, hidden, vocab, &bad).is_err(), "{what}");
-    }
-}
-
-#[test]
 fn add_rms_norm_matches_cpu() {
     let Some(g) = gpu() else { return };
     let mut r = rng();

@@ -23,34 +23,6 @@ __device__ __forceinline__ void embedding_row(const uint32_t* tokens, const bf16
     for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = src[i];
 }
 
-// embedding_row that also begins the split norm of the first layer's input (Fp8SplitNorm in
-// fp8.cuh, as a kOutSplitNorm GEMV does): per 16-value tile j of row t, the sum of squares and
-// the max |value * weight| go to partials[t * (hidden / 16) + j]. hidden % 16 == 0.
-__device__ __forceinline__ void embedding_split_row(const uint32_t* tokens, const bf16* table, bf16* out, int hidden,
-                                                    int vocab, int first, const float* weight, float2* partials) {
-    const int t = blockIdx.x, n_parts = hidden / 16;
-    const uint32_t id = tokens[t] - (uint32_t)first;
-    const bool real = id < (uint32_t)vocab;
-    Bf16x8* dst = reinterpret_cast<Bf16x8*>(out + (size_t)t * hidden);
-    const Bf16x8* src = reinterpret_cast<const Bf16x8*>(table + (size_t)(real ? id : 0) * hidden);
-    for (int j = threadIdx.x; j < n_parts; j += blockDim.x) {
-        float ss = 0.f, mx = 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const Bf16x8 v8 = real ? src[2 * j + h] : Bf16x8{};
-            dst[2 * j + h] = v8;
-            float v[8];
-            unpack(v8, v);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                ss += v[e] * v[e];
-                mx = fmaxf(mx, fabsf(v[e] * weight[16 * j + 8 * h + e]));
-            }
-        }
-        partials[(size_t)t * n_parts + j] = make_float2(ss, mx);
-    }
-}
-
 // out[r, v] = in[v / part, r, v % part] for v < vocab: logits all-gathered from `world` ranks
 // (each `rows x part`, the last rank's tail padding) back to rows of the whole vocabulary.
 __device__ __forceinline__ void unshard_rows_all(const float* in, float* out, int rows, int part, int vocab) {

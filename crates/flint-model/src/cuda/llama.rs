@@ -1202,33 +1202,10 @@ impl CudaLlama {
         // never read by peers, so it takes the embedding too.
         let p2p = self.p2p.as_ref().filter(|p| 2 * n * h <= p.capacity());
         let first_stage = Stage::first(&self.stage);
-        let fp8 = self.options.fp8;
-        let fused = self.fused_quantization(plan);
-        let norm_tail = self.norm_tail(n);
-        // The split norm (one-token fused steps): the O and down GEMVs add into the residual and
-        // leave the partials of the norm that the next GEMV (gate/up, the next QKV) finishes; the
-        // embedding leaves those of the first layer's.
-        let split_norm = norm_tail && fused && self.options.split_norm;
-        let split = |weight: u64| ops::SplitNorm {
-            weight,
-            partials: ws.norm_partials.ptr(),
-            n_parts: ops::split_norm_parts(h) as i32,
-            eps,
-        };
-        // The previous layer's down GEMV has already normalised this layer's input (its tail),
-        // or begun to (a split norm, or for the first layer the embedding).
-        let mut normed_by_tail = false;
-        let mut normed_by_split = false;
         if first_stage {
             let (first, rows) = (lo.vocab.start, lo.vocab.len());
             let embed = self.embed.as_ref().map_or(0, DeviceBuffer::ptr);
             match p2p.filter(|p| p.link() == P2pLink::Lamport) {
-                _ if split_norm && first == 0 && rows == c.vocab_size => {
-                    // One GPU (the split norm's condition): the whole table, nothing to reduce.
-                    let norm = split(self.layers[0].attn_norm.ptr());
-                    ops::embedding_split(g, meta(l.tokens), embed, ws.residual.ptr(), n, h, rows, &norm)?;
-                    normed_by_split = true;
-                }
                 Some(p) => {
                     ops::embedding_shard(g, meta(l.tokens), embed, p.input(0), n, h, rows, first)?;
                     p.sum(0, ws.residual.ptr(), n * h)?;
@@ -1243,6 +1220,8 @@ impl CudaLlama {
             self.stage_transfer(false, n)?;
             mark("stage_recv")?;
         }
+        let fp8 = self.options.fp8;
+        let fused = self.fused_quantization(plan);
         let rope_in_attention = self.rope_in_attention(plan);
         let slots = ops::GEMV_FP8_MAX_M * ops::AMAX_SLOTS;
         let (amax_attn, amax_act) = (ws.amax.ptr(), ws.amax.at(4 * slots));
@@ -1253,6 +1232,7 @@ impl CudaLlama {
             Some(p) => (p.input(0), p.input(1)),
             None => (ws.proj.ptr(), ws.proj.ptr()),
         };
+        let norm_tail = self.norm_tail(n);
         let tail = |weight: u64| ops::NormTail {
             residual: ws.residual.ptr(),
             weight,
@@ -1261,7 +1241,20 @@ impl CudaLlama {
             counter: ws.norm_counter.ptr(),
             eps,
         };
+        // The split norm (one-token fused steps): the O and down GEMVs add into the residual and
+        // leave the partials of the norm that the next GEMV (gate/up, the next QKV) finishes.
+        let split_norm = norm_tail && fused && self.options.split_norm;
+        let split = |weight: u64| ops::SplitNorm {
+            weight,
+            partials: ws.norm_partials.ptr(),
+            n_parts: ops::split_norm_parts(h) as i32,
+            eps,
+        };
         let normed = |weight: u64| ops::Fp8Input::Normed { residual: ws.residual.ptr(), norm: split(weight) };
+        // The previous layer's down GEMV has already normalised this layer's input (its tail),
+        // or begun to (a split norm).
+        let mut normed_by_tail = false;
+        let mut normed_by_split = false;
         for (i, layer) in self.layers.iter().enumerate() {
             // The pending down projection: none before the first layer; on a later stage the
             // received (already reduced) one.
