@@ -459,13 +459,10 @@ impl DeviceSampling {
 
 /// Dynamic shared memory of `flint_sample` (mirrors `kSampleSmemBytes` in sampling.cuh).
 const SAMPLE_SMEM_BYTES: u32 = 32 * 256 * 8;
-/// Blocks of `flint_sample` per row, one cluster (mirrors `kSampleCluster` in sampling.cuh).
-pub const SAMPLE_CLUSTER: usize = 8;
 
 /// Samples one token per row of `logits [n_rows, vocab]` (f32) into `out` (u32), with
-/// `params [n_rows]` ([`DeviceSampling`]). Launch: a cluster of [`SAMPLE_CLUSTER`] blocks of 1024
-/// threads per row, 64 KB of dynamic shared memory each; a greedy row's argmax is split over the
-/// cluster, a row with a temperature runs in its first block. `vocab` below 2^31.
+/// `params [n_rows]` ([`DeviceSampling`]). Launch: one block of 1024 threads per row, 64 KB of
+/// dynamic shared memory; `vocab` below 2^31.
 pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, out: u64, n_rows: usize) -> Result<()> {
     if vocab == 0 || vocab > i32::MAX as usize {
         return Err(crate::Error::Unsupported(format!("sampling over a vocabulary of {vocab}")));
@@ -474,7 +471,7 @@ pub fn sample(gpu: &Gpu, logits: u64, vocab: usize, params: u64, out: u64, n_row
     gpu.set_max_dynamic_smem("flint_sample", SAMPLE_SMEM_BYTES)?;
     gpu.launch(
         "flint_sample",
-        ((n_rows * SAMPLE_CLUSTER) as u32, 1, 1),
+        (n_rows as u32, 1, 1),
         1024,
         SAMPLE_SMEM_BYTES,
         &mut [arg(&logits), arg(&v), arg(&params), arg(&out)],

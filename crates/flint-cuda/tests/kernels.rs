@@ -666,65 +666,6 @@ fn decode_with_rope_equals_rope_then_decode() {
 }
 
 #[test]
-fn greedy_sampling_takes_the_first_largest_logit_across_the_cluster() {
-    let Some(g) = gpu() else { return };
-    let mut r = rng();
-    // The host's argmax: the first entry above all before it (NaN never; 0 for a row of NaN).
-    let argmax = |x: &[f32]| {
-        let (mut best, mut at) = (f32::NEG_INFINITY, 0u32);
-        for (i, &v) in x.iter().enumerate() {
-            if v > best {
-                (best, at) = (v, i as u32);
-            }
-        }
-        at
-    };
-    // Vocabularies below, at and above the cluster's slices and passes (8 blocks, 16 K a pass).
-    for &vocab in &[1usize, 7, 37, 1000, 8191, 16_385, 49_152, 128_256, 300_007] {
-        let random = |r: &mut dyn rand::RngCore| (0..vocab).map(|_| r.random_range(-5.0f32..5.0)).collect::<Vec<f32>>();
-        let mut rows: Vec<(Vec<f32>, &str)> = vec![(random(&mut r), "random")];
-        // The largest logit at several ids, in different slices: the lowest id wins.
-        let mut tied = random(&mut r);
-        for at in [vocab - 1, vocab / 2, (vocab / 8 + 1).min(vocab - 1)] {
-            tied[at] = 9.0;
-        }
-        rows.push((tied, "tied maxima"));
-        // NaN everywhere a slice's maximum might be, and sprinkled.
-        let mut nans = random(&mut r);
-        for (i, v) in nans.iter_mut().enumerate() {
-            if i % 97 == 3 || r.random_range(0.0..1.0) < 0.02 {
-                *v = f32::NAN;
-            }
-        }
-        rows.push((nans, "NaNs"));
-        let mut inf = random(&mut r);
-        inf[vocab * 3 / 4] = f32::INFINITY;
-        inf[vocab - 1] = f32::INFINITY;
-        rows.push((inf, "two infinities"));
-        rows.push((vec![f32::NEG_INFINITY; vocab], "all -inf"));
-        rows.push((vec![f32::NAN; vocab], "all NaN"));
-        let n = rows.len();
-        let flat: Vec<f32> = rows.iter().flat_map(|(x, _)| x.iter().copied()).collect();
-        let lb = g.upload(&flat).expect("logits");
-        // Greedy by temperature 0 and by top-k 1, in turn by row.
-        let top1 = DeviceSampling { temperature: 0.8, top_k: 1, top_p: 1.0, min_p: 0.0, u: 0.5 };
-        let params: Vec<DeviceSampling> =
-            (0..n).map(|i| if i % 2 == 0 { DeviceSampling::GREEDY } else { top1 }).collect();
-        let pb = g.upload(&params).expect("params");
-        let out = g.alloc(4 * n).expect("out");
-        ops::sample(&g, lb.ptr(), vocab, pb.ptr(), out.ptr(), n).expect("sample");
-        let mut got = vec![0u32; n];
-        g.read(out.ptr(), &mut got).expect("read");
-        for (i, (x, what)) in rows.iter().enumerate() {
-            assert_eq!(got[i], argmax(x), "vocab {vocab}, {what} ({:?})", params[i]);
-        }
-        if vocab > 8 {
-            assert_eq!(got[1], (vocab / 8 + 1) as u32, "vocab {vocab}: the lowest of the tied ids");
-        }
-    }
-}
-
-#[test]
 fn sampling_is_greedy_exact_and_respects_top_k_top_p_and_min_p() {
     let Some(g) = gpu() else { return };
     let mut r = rng();

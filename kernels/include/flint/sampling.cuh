@@ -10,8 +10,6 @@
 // order (per-warp histograms, lanes in order), so a row's token is deterministic.
 #pragma once
 
-#include <cooperative_groups.h>
-
 #include "common.cuh"
 
 namespace flint {
@@ -25,12 +23,6 @@ struct SamplingParams {
 };
 
 constexpr int kSampleThreads = 1024;
-// Blocks per row (one cluster): a greedy row's argmax is split over them, each taking a slice of
-// the row with all its loads in flight at once; a row sampled with a temperature runs in the
-// first block alone.
-constexpr int kSampleCluster = 8;
-// Logits per thread and pass of a greedy slice (a slice of 128k logits is one pass).
-constexpr int kArgmaxUnroll = 16;
 constexpr int kSampleWarps = kSampleThreads / 32;
 // Dynamic shared memory of flint_sample: one 256-bucket f64 histogram per warp.
 constexpr int kSampleSmemBytes = kSampleWarps * 256 * 8;
@@ -291,77 +283,41 @@ struct SampleRow {
     __device__ Prefix select_count(int k) const { return select_by_count(x, n, k); }
 };
 
-// A greedy row's argmax (nothing but NaN gives 0, as the host's argmax), by the kSampleCluster
-// blocks of a cluster: block c takes the c-th slice of the row, each thread loading up to
-// kArgmaxUnroll logits at once, and leaves its (logit, id) in the first block's shared memory,
-// which reduces them after the cluster's barrier. The pick is order-independent (the largest
-// logit, the lowest id on ties), so it is the one-block kernel's.
-__device__ __forceinline__ void argmax_row_cluster(const float* x, int vocab, uint32_t* out) {
-    namespace cg = cooperative_groups;
-    __shared__ float red_v[32];
-    __shared__ int red_i[32];
-    __shared__ float slice_v[kSampleCluster];
-    __shared__ int slice_i[kSampleCluster];
-    cg::cluster_group cluster = cg::this_cluster();
-    const int rank = (int)cluster.block_rank();
-    // Every block of the cluster must have started before one writes another's shared memory:
-    // the barrier's arrival now, its wait before the write, so the loads do not wait for it.
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int per = (vocab + kSampleCluster - 1) / kSampleCluster;
-    const int lo = min(vocab, rank * per), hi = min(vocab, lo + per);
-    float best = -INFINITY;
-    int best_i = 0x7fffffff;
-    for (int i0 = lo + tid; i0 < hi; i0 += kArgmaxUnroll * blockDim.x) {
-        float v[kArgmaxUnroll];
-#pragma unroll
-        for (int j = 0; j < kArgmaxUnroll; ++j) {
-            const int i = i0 + j * blockDim.x;
-            v[j] = i < hi ? x[i] : __int_as_float(0x7fc00000);  // NaN is never taken
-        }
-#pragma unroll
-        for (int j = 0; j < kArgmaxUnroll; ++j) argmax_pair(best, best_i, v[j], i0 + j * blockDim.x);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, best_i, o));
-    if (lane == 0) {
-        red_v[warp] = best;
-        red_i[warp] = best_i;
-    }
-    __syncthreads();
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-    if (warp == 0) {
-        best = lane < (int)(blockDim.x >> 5) ? red_v[lane] : -INFINITY;
-        best_i = lane < (int)(blockDim.x >> 5) ? red_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o),
-                        __shfl_xor_sync(0xffffffffu, best_i, o));
-        if (lane == 0) {
-            *cluster.map_shared_rank(&slice_v[rank], 0) = best;
-            *cluster.map_shared_rank(&slice_i[rank], 0) = best_i;
-        }
-    }
-    // Releases the slices' writes to the first block, which alone reads them (the others may exit).
-    cluster.sync();
-    if (rank == 0 && tid == 0) {
-        best = slice_v[0];
-        best_i = slice_i[0];
-        for (int c = 1; c < kSampleCluster; ++c) argmax_pair(best, best_i, slice_v[c], slice_i[c]);
-        *out = best_i == 0x7fffffff ? 0u : (uint32_t)best_i;
-    }
-}
-
-// A row sampled with a temperature, by one block of kSampleThreads threads with
-// kSampleSmemBytes of dynamic shared memory. x: the row's logits; out: its token.
-__device__ __forceinline__ void sample_row(const float* x, int vocab, const SamplingParams& p, uint32_t* out) {
+// Grid n_rows, kSampleThreads threads, kSampleSmemBytes dynamic shared memory.
+// logits [n_rows, vocab] f32; out_tokens [n_rows].
+__device__ __forceinline__ void sample_row(const float* logits, int vocab, const SamplingParams* params,
+                                           uint32_t* out_tokens) {
     extern __shared__ double warp_hist[];
     __shared__ double merged[256];
     __shared__ double dscratch[33];
     __shared__ int iscratch[32];
     __shared__ uint32_t uscratch[32];
-    const int tid = threadIdx.x;
+    __shared__ float red_v[32];
+    __shared__ int red_i[32];
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* x = logits + (size_t)row * vocab;
+    const SamplingParams p = params[row];
+
+    if (!(p.temperature > 0.f) || p.top_k == 1) {
+        // Argmax; nothing but NaN gives 0, as the host's argmax.
+        float best = -INFINITY;
+        int best_i = 0x7fffffff;
+        for (int i = tid; i < vocab; i += blockDim.x) argmax_pair(best, best_i, x[i], i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            argmax_pair(best, best_i, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, best_i, o));
+        if (lane == 0) {
+            red_v[warp] = best;
+            red_i[warp] = best_i;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) argmax_pair(best, best_i, red_v[w], red_i[w]);
+            out_tokens[row] = best_i == 0x7fffffff ? 0u : (uint32_t)best_i;
+        }
+        return;
+    }
+
     int valid = 0;
     uint32_t top = 0u;
     for (int i = tid; i < vocab; i += blockDim.x) {
@@ -372,7 +328,7 @@ __device__ __forceinline__ void sample_row(const float* x, int vocab, const Samp
     const int n_valid = block_sum_int(valid, iscratch);
     top = block_extreme_u32(top, false, uscratch);
     if (n_valid == 0) {
-        if (tid == 0) *out = 0u;
+        if (tid == 0) out_tokens[row] = 0u;
         return;
     }
     SampleRow r{x, vocab, (double)key_value(top), 1.0 / (double)p.temperature, warp_hist, merged, dscratch,
@@ -380,7 +336,7 @@ __device__ __forceinline__ void sample_row(const float* x, int vocab, const Samp
     if (!isfinite(r.max_logit)) {
         // An infinite logit holds all the mass: the first entry in sampling order.
         const int id = r.nth_with_key(top, 1);
-        if (tid == 0) *out = (uint32_t)id;
+        if (tid == 0) out_tokens[row] = (uint32_t)id;
         return;
     }
     // Top-k, then top-p and min-p over it, as the host cuts its sorted candidates.
@@ -427,7 +383,7 @@ __device__ __forceinline__ void sample_row(const float* x, int vocab, const Samp
         }
     }
     const int id = r.nth_with_key(pick.key, pick.ties);
-    if (tid == 0) *out = (uint32_t)id;
+    if (tid == 0) out_tokens[row] = (uint32_t)id;
 }
 
 // ---- Top-k candidates ------------------------------------------------------------------------
