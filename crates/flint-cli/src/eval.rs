@@ -55,6 +55,9 @@ struct Row {
     kv_cache: String,
     #[serde(flatten)]
     comparison: ComparisonJson,
+    /// Perplexity relative to the BF16 row's, where the report has one (the CPU's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ppl_change_vs_bf16: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,14 +140,21 @@ fn print_table(report: &Report) {
         report.rows.first().map_or(0.0, |r| r.comparison.reference_ppl)
     );
     println!();
+    let vs_bf16 = report.rows.iter().any(|r| r.ppl_change_vs_bf16.is_some());
     println!(
-        "| variant | weights | activations | KV cache | perplexity | vs reference | top-1 agreement | mean KL (nats) |"
+        "| variant | weights | activations | KV cache | perplexity | vs reference |{} top-1 agreement | mean KL (nats) |",
+        if vs_bf16 { " vs bf16 |" } else { "" }
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- |{} --- | --- |", if vs_bf16 { " --- |" } else { "" });
     for r in &report.rows {
         let c = &r.comparison;
+        let bf16 = match r.ppl_change_vs_bf16 {
+            Some(change) => format!(" {:+.2}% |", 100.0 * change),
+            None if vs_bf16 => " |".to_string(),
+            None => String::new(),
+        };
         println!(
-            "| {} | {} | {} | {} | {:.4} | {:+.2}% | {:.4} | {:.5} |",
+            "| {} | {} | {} | {} | {:.4} | {:+.2}% |{bf16} {:.4} | {:.5} |",
             r.variant,
             r.weights,
             r.activations,
@@ -186,9 +196,10 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
     let tokenizer = Tokenizer::for_source(&source, &config)?;
     let (text, prompts) = read_inputs(args, &tokenizer)?;
     let backend = CpuBackend::new();
-    let load = || -> anyhow::Result<Llama> {
-        Ok(Llama::load(&source, config.clone(), &backend as &dyn Backend, DType::F32, &mut |_| {})?)
+    let load_as = |dtype: DType| -> anyhow::Result<Llama> {
+        Ok(Llama::load(&source, config.clone(), &backend as &dyn Backend, dtype, &mut |_| {})?)
     };
+    let load = || load_as(DType::F32);
     let reference = load()?;
     let chunk = 512;
     let ref_scorer = BackendScorer { model: &reference, backend: &backend, chunk };
@@ -200,7 +211,9 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         ("fp8-w-a", Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false }),
         ("fp8-w-kv", Fp8Spec { weights: Some(Granularity::Channel), activations: false, kv_cache: true }),
     ];
-    let mut models = Vec::new();
+    // The weights a BF16 deployment holds (rounded to bf16, computed in f32): the FP8 rows are
+    // also given relative to it, as the GPU's table compares FP8 kernels with BF16 ones.
+    let mut models = vec![load_as(DType::BF16)?];
     for (_, spec) in &variants {
         let mut model = load()?;
         model.quantize_fp8(&backend, *spec)?;
@@ -212,13 +225,27 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
     let comparisons =
         compare_many(&ref_scorer, &dyn_scorers, &text, args.window as usize, &prompts, &mut progress_line("scoring"))?;
     eprintln!();
-    let rows = variants
-        .iter()
-        .zip(&comparisons)
-        .map(|((name, spec), c)| {
+    let bf16_ppl = comparisons[0].ppl;
+    let bf16_row = Row {
+        variant: "bf16".into(),
+        weights: "bf16".into(),
+        activations: "unquantized".into(),
+        kv_cache: "unquantized".into(),
+        comparison: (&comparisons[0]).into(),
+        ppl_change_vs_bf16: None,
+    };
+    let rows = std::iter::once(bf16_row)
+        .chain(variants.iter().zip(&comparisons[1..]).map(|((name, spec), c)| {
             let (weights, activations, kv_cache) = describe(spec);
-            Row { variant: (*name).into(), weights, activations, kv_cache, comparison: c.into() }
-        })
+            Row {
+                variant: (*name).into(),
+                weights,
+                activations,
+                kv_cache,
+                comparison: c.into(),
+                ppl_change_vs_bf16: Some(c.ppl / bf16_ppl - 1.0),
+            }
+        }))
         .collect();
     Ok(Report {
         model: display_name(&path),
@@ -284,6 +311,13 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
         text_tokens: text.len(),
         window,
         prompts: prompts.len(),
-        rows: vec![Row { variant: "fp8".into(), weights, activations, kv_cache, comparison: (&c[0]).into() }],
+        rows: vec![Row {
+            variant: "fp8".into(),
+            weights,
+            activations,
+            kv_cache,
+            comparison: (&c[0]).into(),
+            ppl_change_vs_bf16: None,
+        }],
     })
 }

@@ -37,6 +37,70 @@ fn mismatch(op: &'static str, detail: String) -> Error {
     Error::ShapeMismatch { op, detail }
 }
 
+/// From this many tokens a linear layer runs as a blocked GEMM; below, as one dot product per
+/// output (a GEMM would repack the whole weight for a handful of rows).
+const GEMM_MIN_TOKENS: usize = 8;
+
+/// `out`'s start, shared by the threads of one product, each of which writes columns no other
+/// writes.
+#[derive(Clone, Copy)]
+struct DisjointOut(*mut f32);
+
+// SAFETY: the pointer is only written through by parts that own disjoint columns of a buffer
+// that outlives them (see `linear`).
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// From this many new tokens of a sequence, its attention runs as two GEMMs per head.
+const ATTENTION_GEMM_MIN_TOKENS: usize = 8;
+
+/// `out[m, n] = alpha * a[m, k] * b[k, n]`, `out` row-major; `a` and `b` given as (values, row
+/// stride, column stride), so a transposed or strided operand needs no copy.
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    out: &mut [f32],
+) {
+    let last = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
+    };
+    assert!(last(m, k, a) && last(k, n, b) && out.len() == m * n, "gemm: operands too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: every element sgemm reads, a[i * rs + l * cs] for i < m, l < k and b's likewise,
+    // is within its slice (checked above), and out[i * n + j] is within `out`, which is borrowed
+    // mutably and so aliases neither input.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.0.as_ptr(),
+            a.1 as isize,
+            a.2 as isize,
+            b.0.as_ptr(),
+            b.1 as isize,
+            b.2 as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
 /// Rounds `x` to the nearest value representable in `dtype` (round-to-nearest-even).
 fn round_to(dtype: DType, x: f32) -> f32 {
     match dtype {
@@ -169,26 +233,73 @@ impl Backend for CpuBackend {
         let xs = storage("linear", x)?.read();
         let w = storage("linear", weight)?.read();
         let bias_data = bias.map(|b| storage("linear", b).map(|s| s.read())).transpose()?;
-        // Output laid out [n_tokens, out_features]; work is split over output features so each
-        // weight row is read once and reused for every token.
-        let mut out_t = vec![0.0f32; out_features * n_tokens];
-        let compute = |(o, w_row): (&mut [f32], &[f32])| {
-            for (t, slot) in o.iter_mut().enumerate() {
-                *slot = dot(&xs[t * in_features..(t + 1) * in_features], w_row);
+        let parallel = n_tokens * in_features * out_features >= PARALLEL_MIN_WORK;
+        let mut out = vec![0.0f32; n_tokens * out_features];
+        if n_tokens >= GEMM_MIN_TOKENS && in_features > 0 {
+            // A blocked f32 GEMM (runtime-detected SIMD), split over output features: each part
+            // writes its own columns of `out`. Every output is the same sum over in_features
+            // whatever the split, so the result does not depend on the thread count.
+            let rows = if parallel {
+                out_features.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(16)
+            } else {
+                out_features
+            };
+            let dst = DisjointOut(out.as_mut_ptr());
+            let (k, n) = (in_features as isize, out_features as isize);
+            let part = |p: usize| {
+                let f0 = p * rows;
+                let m = rows.min(out_features - f0);
+                // SAFETY: sgemm reads w[(f0 + i) * k + l] (i < m <= out_features - f0, l < k)
+                // and xs[t * k + l] (t < n_tokens), within both slices (shapes checked above), and
+                // writes out[t * n + f0 + i]: inside `out` (n_tokens * out_features values), and
+                // only the columns f0..f0 + m, which no other part touches.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        in_features,
+                        n_tokens,
+                        1.0,
+                        w[f0 * in_features..].as_ptr(),
+                        k,
+                        1,
+                        xs.as_ptr(),
+                        1,
+                        k,
+                        0.0,
+                        dst.at(f0),
+                        1,
+                        n,
+                    );
+                }
+            };
+            if parallel {
+                (0..out_features.div_ceil(rows)).into_par_iter().for_each(part);
+            } else {
+                (0..out_features.div_ceil(rows)).for_each(part);
             }
-        };
-        if n_tokens > 0 && in_features > 0 {
-            if n_tokens * in_features * out_features >= PARALLEL_MIN_WORK {
+        } else if n_tokens > 0 && in_features > 0 {
+            // One dot product per output, laid out [out_features, n_tokens] so that each weight
+            // row is read once for every token, then transposed.
+            let mut out_t = vec![0.0f32; out_features * n_tokens];
+            let compute = |(o, w_row): (&mut [f32], &[f32])| {
+                for (t, slot) in o.iter_mut().enumerate() {
+                    *slot = dot(&xs[t * in_features..(t + 1) * in_features], w_row);
+                }
+            };
+            if parallel {
                 out_t.par_chunks_mut(n_tokens).zip(w.par_chunks(in_features)).with_min_len(16).for_each(compute);
             } else {
                 out_t.chunks_mut(n_tokens).zip(w.chunks(in_features)).for_each(compute);
             }
+            for (f, col) in out_t.chunks(n_tokens).enumerate() {
+                for (t, &v) in col.iter().enumerate() {
+                    out[t * out_features + f] = v;
+                }
+            }
         }
-        let mut out = vec![0.0f32; n_tokens * out_features];
-        for f in 0..out_features {
-            let b = bias_data.as_ref().map_or(0.0, |b| b[f]);
-            for t in 0..n_tokens {
-                out[t * out_features + f] = out_t[f * n_tokens + t] + b;
+        if let Some(b) = &bias_data {
+            for row in out.chunks_mut(out_features) {
+                row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
             }
         }
         let mut dims = x.dims().to_vec();
@@ -342,12 +453,17 @@ impl Backend for CpuBackend {
         let ks = storage("attention", k_cache)?.read();
         let vs = storage("attention", v_cache)?.read();
         let kv_row = n_kv_heads * head_dim;
+        let seq_rows = |seq: usize| batch.query_starts[seq + 1] as usize - batch.query_starts[seq] as usize;
         let mut out = vec![0.0f32; qs.len()];
+        // Tokens of sequences with few new tokens (decode rows): one query at a time.
         out.par_chunks_mut(head_dim).enumerate().for_each(|(idx, o)| {
             let t = idx / n_heads;
             let h = idx % n_heads;
             let kv_h = h / group;
             let (seq, pos) = token_seq[t];
+            if seq_rows(seq) >= ATTENTION_GEMM_MIN_TOKENS {
+                return;
+            }
             let blocks = batch.blocks_of(seq);
             let row_of =
                 |p: usize| (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row + kv_h * head_dim;
@@ -368,6 +484,62 @@ impl Backend for CpuBackend {
                 }
             }
         });
+        // Sequences with many new tokens (prefill chunks): per query head, scores for all of
+        // the sequence's queries as one product with its gathered keys, a causal softmax per
+        // row, then one product with its values.
+        let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())
+            .filter(|&seq| seq_rows(seq) >= ATTENTION_GEMM_MIN_TOKENS)
+            .flat_map(|seq| (0..n_heads).map(move |h| (seq, h)))
+            .collect();
+        let blocks_out: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(seq, h)| {
+                let (start, rows) = (batch.query_starts[seq] as usize, seq_rows(seq));
+                let ctx = batch.context_lens[seq] as usize;
+                let first_pos = ctx - rows;
+                let blocks = batch.blocks_of(seq);
+                let kv_off = (h / group) * head_dim;
+                let (mut k, mut v) = (Vec::with_capacity(ctx * head_dim), Vec::with_capacity(ctx * head_dim));
+                for p in 0..ctx {
+                    let r = (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row + kv_off;
+                    k.extend_from_slice(&ks[r..r + head_dim]);
+                    v.extend_from_slice(&vs[r..r + head_dim]);
+                }
+                // Query i of this head: qs[((start + i) * n_heads + h) * head_dim ..][..head_dim].
+                let q_part = &qs[(start * n_heads + h) * head_dim..];
+                let mut scores = vec![0.0f32; rows * ctx];
+                gemm(
+                    rows,
+                    head_dim,
+                    ctx,
+                    softmax_scale,
+                    (q_part, n_heads * head_dim, 1),
+                    (&k, 1, head_dim),
+                    &mut scores,
+                );
+                for (i, row) in scores.chunks_mut(ctx).enumerate() {
+                    let (live, masked) = row.split_at_mut(first_pos + i + 1);
+                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut denom = 0.0f32;
+                    for s in live.iter_mut() {
+                        *s = (*s - max).exp();
+                        denom += *s;
+                    }
+                    live.iter_mut().for_each(|s| *s /= denom);
+                    masked.fill(0.0);
+                }
+                let mut o = vec![0.0f32; rows * head_dim];
+                gemm(rows, ctx, head_dim, 1.0, (&scores, ctx, 1), (&v, head_dim, 1), &mut o);
+                o
+            })
+            .collect();
+        for (&(seq, h), o) in tasks.iter().zip(&blocks_out) {
+            let start = batch.query_starts[seq] as usize;
+            for (i, row) in o.chunks(head_dim).enumerate() {
+                let at = ((start + i) * n_heads + h) * head_dim;
+                out[at..at + head_dim].copy_from_slice(row);
+            }
+        }
         Ok(new_tensor(q.shape().clone(), out))
     }
 }
@@ -410,6 +582,83 @@ mod tests {
             context_lens: vec![context],
             max_blocks_per_seq: blocks.len(),
             block_tables: blocks,
+        }
+    }
+
+    /// A batch of a prefill chunk past a prefix (13 new of 29), a decode row, a chunk from the
+    /// start (9 of 9) and a 7-token chunk, over shuffled blocks: the per-query path (decode rows,
+    /// short chunks) and the two-GEMM path (longer chunks) against causal attention in f64.
+    #[test]
+    fn attention_matches_f64_on_both_paths() {
+        let b = CpuBackend::new();
+        let (n_heads, n_kv, d, bs) = (6, 2, 16, 4);
+        let seqs: [(u32, u32); 4] = [(13, 29), (1, 20), (9, 9), (7, 11)];
+        let max_blocks = 8;
+        let n_blocks = seqs.len() * max_blocks;
+        let mut order: Vec<u32> = (0..n_blocks as u32).collect();
+        order.reverse();
+        order.rotate_left(5);
+        let mut query_starts = vec![0u32];
+        for (n_new, _) in seqs {
+            query_starts.push(query_starts.last().unwrap() + n_new);
+        }
+        let batch = AttentionBatch {
+            block_size: bs,
+            query_starts,
+            context_lens: seqs.iter().map(|s| s.1).collect(),
+            block_tables: order.clone(),
+            max_blocks_per_seq: max_blocks,
+        };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let n_tokens = batch.n_tokens();
+        let qv: Vec<f32> = (0..n_tokens * n_heads * d).map(|_| 2.0 * next()).collect();
+        let cache_len = n_blocks * bs * n_kv * d;
+        let kv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
+        let vv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
+        let dims = [n_blocks, bs, n_kv, d];
+        let scale = 0.25;
+        let got = b
+            .to_f32_vec(
+                &b.attention(
+                    &t(&b, &qv, &[n_tokens, n_heads, d]),
+                    &t(&b, &kv, &dims),
+                    &t(&b, &vv, &dims),
+                    &batch,
+                    scale,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        for (seq, &(n_new, ctx)) in seqs.iter().enumerate() {
+            let blocks = batch.blocks_of(seq);
+            let row = |p: usize, kvh: usize| ((blocks[p / bs] as usize * bs + p % bs) * n_kv + kvh) * d;
+            for i in 0..n_new as usize {
+                let tok = batch.query_starts[seq] as usize + i;
+                let pos = (ctx - n_new) as usize + i;
+                for h in 0..n_heads {
+                    let qrow = &qv[(tok * n_heads + h) * d..][..d];
+                    let kvh = h / (n_heads / n_kv);
+                    let logits: Vec<f64> = (0..=pos)
+                        .map(|p| {
+                            scale as f64 * (0..d).map(|c| qrow[c] as f64 * kv[row(p, kvh) + c] as f64).sum::<f64>()
+                        })
+                        .collect();
+                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..=pos).map(|p| w[p] / sum * vv[row(p, kvh) + c] as f64).sum();
+                        let g = got[(tok * n_heads + h) * d + c] as f64;
+                        assert!((g - want).abs() < 1e-5, "seq {seq} token {i} head {h} dim {c}: {g} against {want}");
+                    }
+                }
+            }
         }
     }
 
@@ -475,6 +724,51 @@ mod tests {
             let w: Vec<f32> = v.iter().map(|x| x * 0.5 - 1.0).collect();
             let naive: f64 = v.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
             prop_assert!((dot(&v, &w) as f64 - naive).abs() < 1e-3);
+        }
+
+        /// Both paths of `linear` (one dot per output below GEMM_MIN_TOKENS tokens, the blocked
+        /// GEMM from it), serial and split over threads, against an f64 sum; and every row of a
+        /// batch close to that token computed alone.
+        #[test]
+        fn linear_matches_an_f64_product_on_both_paths(
+            n_tokens in 1usize..40,
+            in_features in 1usize..70,
+            out_features in 1usize..300,
+            seed in 0u64..1000,
+        ) {
+            let b = CpuBackend::new();
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            };
+            let xs: Vec<f32> = (0..n_tokens * in_features).map(|_| next()).collect();
+            let ws: Vec<f32> = (0..out_features * in_features).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..out_features).map(|_| next()).collect();
+            let y = b
+                .to_f32_vec(&b.linear(&t(&b, &xs, &[n_tokens, in_features]), &t(&b, &ws, &[out_features, in_features]),
+                    Some(&t(&b, &bias, &[out_features])))
+                .unwrap())
+                .unwrap();
+            for tok in 0..n_tokens {
+                let row = &xs[tok * in_features..(tok + 1) * in_features];
+                let alone = b
+                    .to_f32_vec(&b.linear(&t(&b, row, &[1, in_features]), &t(&b, &ws, &[out_features, in_features]),
+                        Some(&t(&b, &bias, &[out_features])))
+                    .unwrap())
+                    .unwrap();
+                for f in 0..out_features {
+                    let w_row = &ws[f * in_features..(f + 1) * in_features];
+                    let exact: f64 =
+                        bias[f] as f64 + row.iter().zip(w_row).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>();
+                    let got = y[tok * out_features + f];
+                    prop_assert!((got as f64 - exact).abs() < 1e-4 * (1.0 + in_features as f64).sqrt(),
+                        "token {tok} output {f}: {got} against {exact}");
+                    prop_assert!((got - alone[f]).abs() < 1e-4 * (1.0 + in_features as f32).sqrt());
+                }
+            }
         }
 
         #[test]

@@ -3,6 +3,8 @@
 //! f32 that round to nearest, ties to even, as PyTorch's casts do; and the scales FP8 weights and
 //! activations carry (per tensor, per output channel, per 128x128 block, per token).
 
+use rayon::prelude::*;
+
 /// An FP8 encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Fp8Format {
@@ -60,44 +62,35 @@ impl Fp8Format {
 
     /// The code nearest to `x` (ties to even). E4M3 saturates finite values past its range to
     /// +-448; E5M2 overflows to infinity (as PyTorch's casts do). NaN stays NaN.
+    ///
+    /// Integer arithmetic on the f32's bits: in the FP8 format's normal range the mantissa is
+    /// rounded to nearest-even in place (a carry moves into the exponent, as it should); below
+    /// it the value is scaled, exactly, to a count of the subnormal spacing and rounded.
     pub fn encode(self, x: f32) -> u8 {
-        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
-        let m_bits = self.man_bits();
-        if x.is_nan() {
+        let bits = x.to_bits();
+        let sign = ((bits >> 24) & 0x80) as u8;
+        let abs = bits & 0x7fff_ffff;
+        if abs > 0x7f80_0000 {
             // S.1111.111 is NaN in both formats.
             return sign | 0x7f;
         }
-        let a = (x as f64).abs();
-        let max = self.max() as f64;
-        let overflow = |sign: u8| match self {
-            Fp8Format::E4M3 => sign | 0x7e,
-            Fp8Format::E5M2 => sign | 0x7c,
-        };
-        if a.is_infinite() {
-            return overflow(sign);
-        }
-        if a == 0.0 {
-            return sign;
-        }
+        let m_bits = self.man_bits();
         let emin = 1 - self.bias();
-        // Exponent of the binade of `a`, and the spacing of representable values there.
-        let e = (a.log2().floor() as i32).max(emin);
-        let quantum = 2f64.powi(e - m_bits as i32);
-        let q = (a / quantum).round_ties_even();
-        let r = q * quantum;
-        if r > max {
-            return overflow(sign);
-        }
-        if r == 0.0 {
-            return sign;
-        }
-        let e_r = (r.log2().floor() as i32).max(emin);
-        let (exp_field, man) = if r < 2f64.powi(emin) {
-            (0u8, (r / 2f64.powi(emin - m_bits as i32)) as u8)
-        } else {
-            ((e_r + self.bias()) as u8, (r / 2f64.powi(e_r - m_bits as i32)) as u8 - (1 << m_bits))
+        let (largest, overflow) = match self {
+            Fp8Format::E4M3 => (0x7e, 0x7e),
+            Fp8Format::E5M2 => (0x7b, 0x7c),
         };
-        sign | (exp_field << m_bits) | man
+        if (abs >> 23) as i32 >= 127 + emin {
+            let shift = 23 - m_bits;
+            let rounded = (abs + ((1 << (shift - 1)) - 1) + ((abs >> shift) & 1)) >> shift;
+            let code = rounded - (((127 - self.bias()) as u32) << m_bits);
+            sign | if code > largest { overflow } else { code as u8 }
+        } else {
+            // |x| < 2^emin: multiples of 2^(emin - m_bits). Scaling by a power of two is exact;
+            // a count of 2^m_bits is the smallest normal, whose code is that count too.
+            let units = f32::from_bits(abs) * 2f32.powi(m_bits as i32 - emin);
+            sign | units.round_ties_even() as u8
+        }
     }
 
     /// The code nearest to `x`, clamped to the finite range first (what quantizers store).
@@ -208,7 +201,15 @@ impl Fp8Matrix {
             Granularity::Block(b) => scales_per_block(values, rows, cols, b, format),
         };
         let mut m = Fp8Matrix { rows, cols, format, granularity, codes: Vec::new(), scales };
-        m.codes = values.iter().enumerate().map(|(i, &v)| format.encode_saturating(v / m.scale_at(i))).collect();
+        let mut codes = vec![0u8; values.len()];
+        codes.par_chunks_mut(cols.max(1)).zip(values.par_chunks(cols.max(1))).enumerate().for_each(
+            |(r, (out, row))| {
+                for (c, (code, &v)) in out.iter_mut().zip(row).enumerate() {
+                    *code = format.encode_saturating(v / m.scale_at(r * cols + c));
+                }
+            },
+        );
+        m.codes = codes;
         m
     }
 
@@ -244,10 +245,10 @@ pub fn decode_table(format: Fp8Format) -> [f32; 256] {
 /// (per-token activation quantization, emulated in f32): returns the values the FP8 codes stand for.
 pub fn fake_quantize_rows(values: &mut [f32], cols: usize, format: Fp8Format) {
     let table = decode_table(format);
-    for row in values.chunks_mut(cols.max(1)) {
+    values.par_chunks_mut(cols.max(1)).with_min_len(8).for_each(|row| {
         let scale = scale_for(amax(row), format);
         for v in row.iter_mut() {
             *v = table[format.encode_saturating(*v / scale) as usize] * scale;
         }
-    }
+    });
 }

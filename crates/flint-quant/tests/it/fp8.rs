@@ -73,6 +73,72 @@ fn special_values() {
     assert_eq!(Fp8Format::E4M3.decode(Fp8Format::E4M3.encode(f32::INFINITY)), 448.0);
 }
 
+/// FP8 rounding written as arithmetic on the value (binade, spacing, round half to even, in f64):
+/// slow and plainly right, the oracle for `Fp8Format::encode`'s integer version.
+fn encode_by_arithmetic(f: Fp8Format, x: f32) -> u8 {
+    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+    let (m_bits, bias) = match f {
+        Fp8Format::E4M3 => (3, 7),
+        Fp8Format::E5M2 => (2, 15),
+    };
+    if x.is_nan() {
+        return sign | 0x7f;
+    }
+    let overflow = sign | if f == Fp8Format::E4M3 { 0x7e } else { 0x7c };
+    let a = (x as f64).abs();
+    if a.is_infinite() {
+        return overflow;
+    }
+    if a == 0.0 {
+        return sign;
+    }
+    let emin = 1 - bias;
+    let e = (a.log2().floor() as i32).max(emin);
+    let quantum = 2f64.powi(e - m_bits);
+    let r = (a / quantum).round_ties_even() * quantum;
+    if r > f.max() as f64 {
+        return overflow;
+    }
+    if r == 0.0 {
+        return sign;
+    }
+    let e_r = (r.log2().floor() as i32).max(emin);
+    let (exp_field, man) = if r < 2f64.powi(emin) {
+        (0u8, (r / 2f64.powi(emin - m_bits)) as u8)
+    } else {
+        ((e_r + bias) as u8, (r / 2f64.powi(e_r - m_bits)) as u8 - (1 << m_bits))
+    };
+    sign | (exp_field << m_bits) | man
+}
+
+/// Every rounding boundary: each finite code's value, the midpoints between neighbours (ties),
+/// the f32 values either side of each, past the largest value, and f32 subnormals.
+#[test]
+fn encode_agrees_with_the_arithmetic_at_every_boundary() {
+    for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        let mut values: Vec<f32> = (0..=0x7fu8).map(|c| f.decode(c)).filter(|v| v.is_finite()).collect();
+        values.sort_by(f32::total_cmp);
+        let step = values[values.len() - 1] - values[values.len() - 2];
+        let mut probes = Vec::new();
+        for w in values.windows(2) {
+            probes.push(w[0]);
+            probes.push(((w[0] as f64 + w[1] as f64) / 2.0) as f32);
+        }
+        let top = f.max();
+        probes.extend([top, top + step / 2.0, top + step, 2.0 * top, f32::MAX, f32::INFINITY]);
+        probes.extend([f32::from_bits(1), f32::from_bits(0x007f_ffff), f32::MIN_POSITIVE]);
+        for p in probes {
+            for x in [p, f32::from_bits(p.to_bits().saturating_sub(1)), f32::from_bits(p.to_bits() + 1)] {
+                for x in [x, -x] {
+                    assert_eq!(f.encode(x), encode_by_arithmetic(f, x), "{f:?} encode({x:e}) ({:#010x})", x.to_bits());
+                    let s = f.encode_saturating(x);
+                    assert_eq!(s, encode_by_arithmetic(f, x.clamp(-top, top)), "{f:?} saturating {x:e}");
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn every_code_round_trips(code in 0u8..=255) {
@@ -81,6 +147,14 @@ proptest! {
             if !v.is_nan() {
                 prop_assert_eq!(f.decode(f.encode(v)).to_bits(), v.to_bits());
             }
+        }
+    }
+
+    #[test]
+    fn encode_agrees_with_the_arithmetic_on_any_bits(bits in any::<u32>()) {
+        let x = f32::from_bits(bits);
+        for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            prop_assert_eq!(f.encode(x), encode_by_arithmetic(f, x), "{:?} encode({:e})", f, x);
         }
     }
 
