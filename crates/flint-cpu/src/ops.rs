@@ -10,13 +10,27 @@ use crate::CpuStorage;
 /// Below this many multiply-adds a matrix product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// The CPU backend. Stateless: it owns no memory beyond the tensors it hands out.
+/// The CPU backend. It owns no memory beyond the tensors it hands out.
+///
+/// [`CpuBackend::new`] computes every row of every op on its own, one dot product per output,
+/// so a sequence's logits are bit for bit the same whatever else is in its batch.
+/// [`CpuBackend::blocked`] runs products of 8 or more rows (linear layers, and the attention of
+/// sequences with 8 or more new tokens) as blocked GEMMs, several times faster for prompts and
+/// whole-text scoring; their sums are added in another order, so a row may then differ in the
+/// last bits with the size of its batch.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    blocked: bool,
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { blocked: false }
+    }
+
+    /// The same math with blocked GEMMs for products of many rows (see the type's notes).
+    pub fn blocked() -> Self {
+        CpuBackend { blocked: true }
     }
 }
 
@@ -37,8 +51,8 @@ fn mismatch(op: &'static str, detail: String) -> Error {
     Error::ShapeMismatch { op, detail }
 }
 
-/// From this many tokens a linear layer runs as a blocked GEMM; below, as one dot product per
-/// output (a GEMM would repack the whole weight for a handful of rows).
+/// With [`CpuBackend::blocked`], from this many tokens a linear layer runs as a blocked GEMM;
+/// below, as one dot product per output (a GEMM would repack the whole weight for a few rows).
 const GEMM_MIN_TOKENS: usize = 8;
 
 /// `out`'s start, shared by the threads of one product, each of which writes columns no other
@@ -57,7 +71,8 @@ impl DisjointOut {
     }
 }
 
-/// From this many new tokens of a sequence, its attention runs as two GEMMs per head.
+/// With [`CpuBackend::blocked`], from this many new tokens of a sequence its attention runs as
+/// two GEMMs per head.
 const ATTENTION_GEMM_MIN_TOKENS: usize = 8;
 
 /// `out[m, n] = alpha * a[m, k] * b[k, n]`, `out` row-major; `a` and `b` given as (values, row
@@ -235,7 +250,7 @@ impl Backend for CpuBackend {
         let bias_data = bias.map(|b| storage("linear", b).map(|s| s.read())).transpose()?;
         let parallel = n_tokens * in_features * out_features >= PARALLEL_MIN_WORK;
         let mut out = vec![0.0f32; n_tokens * out_features];
-        if n_tokens >= GEMM_MIN_TOKENS && in_features > 0 {
+        if self.blocked && n_tokens >= GEMM_MIN_TOKENS && in_features > 0 {
             // A blocked f32 GEMM (runtime-detected SIMD), split over output features: each part
             // writes its own columns of `out`. Every output is the same sum over in_features
             // whatever the split, so the result does not depend on the thread count.
@@ -454,14 +469,16 @@ impl Backend for CpuBackend {
         let vs = storage("attention", v_cache)?.read();
         let kv_row = n_kv_heads * head_dim;
         let seq_rows = |seq: usize| batch.query_starts[seq + 1] as usize - batch.query_starts[seq] as usize;
+        let blocked = |seq: usize| self.blocked && seq_rows(seq) >= ATTENTION_GEMM_MIN_TOKENS;
         let mut out = vec![0.0f32; qs.len()];
-        // Tokens of sequences with few new tokens (decode rows): one query at a time.
+        // One query at a time (every token, or with `blocked` those of sequences with few new
+        // tokens: decode rows).
         out.par_chunks_mut(head_dim).enumerate().for_each(|(idx, o)| {
             let t = idx / n_heads;
             let h = idx % n_heads;
             let kv_h = h / group;
             let (seq, pos) = token_seq[t];
-            if seq_rows(seq) >= ATTENTION_GEMM_MIN_TOKENS {
+            if blocked(seq) {
                 return;
             }
             let blocks = batch.blocks_of(seq);
@@ -484,11 +501,11 @@ impl Backend for CpuBackend {
                 }
             }
         });
-        // Sequences with many new tokens (prefill chunks): per query head, scores for all of
+        // With `blocked`, sequences with many new tokens (prefill chunks): per query head, scores for all of
         // the sequence's queries as one product with its gathered keys, a causal softmax per
         // row, then one product with its values.
         let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())
-            .filter(|&seq| seq_rows(seq) >= ATTENTION_GEMM_MIN_TOKENS)
+            .filter(|&seq| blocked(seq))
             .flat_map(|seq| (0..n_heads).map(move |h| (seq, h)))
             .collect();
         let blocks_out: Vec<Vec<f32>> = tasks
@@ -586,76 +603,81 @@ mod tests {
     }
 
     /// A batch of a prefill chunk past a prefix (13 new of 29), a decode row, a chunk from the
-    /// start (9 of 9) and a 7-token chunk, over shuffled blocks: the per-query path (decode rows,
-    /// short chunks) and the two-GEMM path (longer chunks) against causal attention in f64.
+    /// start (9 of 9) and a 7-token chunk, over shuffled blocks, against causal attention in f64:
+    /// the per-query path for all of them, and with `blocked` the two-GEMM path for the longer
+    /// chunks.
     #[test]
     fn attention_matches_f64_on_both_paths() {
-        let b = CpuBackend::new();
-        let (n_heads, n_kv, d, bs) = (6, 2, 16, 4);
-        let seqs: [(u32, u32); 4] = [(13, 29), (1, 20), (9, 9), (7, 11)];
-        let max_blocks = 8;
-        let n_blocks = seqs.len() * max_blocks;
-        let mut order: Vec<u32> = (0..n_blocks as u32).collect();
-        order.reverse();
-        order.rotate_left(5);
-        let mut query_starts = vec![0u32];
-        for (n_new, _) in seqs {
-            query_starts.push(query_starts.last().unwrap() + n_new);
-        }
-        let batch = AttentionBatch {
-            block_size: bs,
-            query_starts,
-            context_lens: seqs.iter().map(|s| s.1).collect(),
-            block_tables: order.clone(),
-            max_blocks_per_seq: max_blocks,
-        };
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
-        let n_tokens = batch.n_tokens();
-        let qv: Vec<f32> = (0..n_tokens * n_heads * d).map(|_| 2.0 * next()).collect();
-        let cache_len = n_blocks * bs * n_kv * d;
-        let kv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
-        let vv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
-        let dims = [n_blocks, bs, n_kv, d];
-        let scale = 0.25;
-        let got = b
-            .to_f32_vec(
-                &b.attention(
-                    &t(&b, &qv, &[n_tokens, n_heads, d]),
-                    &t(&b, &kv, &dims),
-                    &t(&b, &vv, &dims),
-                    &batch,
-                    scale,
+        for b in [CpuBackend::new(), CpuBackend::blocked()] {
+            let (n_heads, n_kv, d, bs) = (6, 2, 16, 4);
+            let seqs: [(u32, u32); 4] = [(13, 29), (1, 20), (9, 9), (7, 11)];
+            let max_blocks = 8;
+            let n_blocks = seqs.len() * max_blocks;
+            let mut order: Vec<u32> = (0..n_blocks as u32).collect();
+            order.reverse();
+            order.rotate_left(5);
+            let mut query_starts = vec![0u32];
+            for (n_new, _) in seqs {
+                query_starts.push(query_starts.last().unwrap() + n_new);
+            }
+            let batch = AttentionBatch {
+                block_size: bs,
+                query_starts,
+                context_lens: seqs.iter().map(|s| s.1).collect(),
+                block_tables: order.clone(),
+                max_blocks_per_seq: max_blocks,
+            };
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            };
+            let n_tokens = batch.n_tokens();
+            let qv: Vec<f32> = (0..n_tokens * n_heads * d).map(|_| 2.0 * next()).collect();
+            let cache_len = n_blocks * bs * n_kv * d;
+            let kv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
+            let vv: Vec<f32> = (0..cache_len).map(|_| next()).collect();
+            let dims = [n_blocks, bs, n_kv, d];
+            let scale = 0.25;
+            let got = b
+                .to_f32_vec(
+                    &b.attention(
+                        &t(&b, &qv, &[n_tokens, n_heads, d]),
+                        &t(&b, &kv, &dims),
+                        &t(&b, &vv, &dims),
+                        &batch,
+                        scale,
+                    )
+                    .unwrap(),
                 )
-                .unwrap(),
-            )
-            .unwrap();
-        for (seq, &(n_new, ctx)) in seqs.iter().enumerate() {
-            let blocks = batch.blocks_of(seq);
-            let row = |p: usize, kvh: usize| ((blocks[p / bs] as usize * bs + p % bs) * n_kv + kvh) * d;
-            for i in 0..n_new as usize {
-                let tok = batch.query_starts[seq] as usize + i;
-                let pos = (ctx - n_new) as usize + i;
-                for h in 0..n_heads {
-                    let qrow = &qv[(tok * n_heads + h) * d..][..d];
-                    let kvh = h / (n_heads / n_kv);
-                    let logits: Vec<f64> = (0..=pos)
-                        .map(|p| {
-                            scale as f64 * (0..d).map(|c| qrow[c] as f64 * kv[row(p, kvh) + c] as f64).sum::<f64>()
-                        })
-                        .collect();
-                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                    let sum: f64 = w.iter().sum();
-                    for c in 0..d {
-                        let want: f64 = (0..=pos).map(|p| w[p] / sum * vv[row(p, kvh) + c] as f64).sum();
-                        let g = got[(tok * n_heads + h) * d + c] as f64;
-                        assert!((g - want).abs() < 1e-5, "seq {seq} token {i} head {h} dim {c}: {g} against {want}");
+                .unwrap();
+            for (seq, &(n_new, ctx)) in seqs.iter().enumerate() {
+                let blocks = batch.blocks_of(seq);
+                let row = |p: usize, kvh: usize| ((blocks[p / bs] as usize * bs + p % bs) * n_kv + kvh) * d;
+                for i in 0..n_new as usize {
+                    let tok = batch.query_starts[seq] as usize + i;
+                    let pos = (ctx - n_new) as usize + i;
+                    for h in 0..n_heads {
+                        let qrow = &qv[(tok * n_heads + h) * d..][..d];
+                        let kvh = h / (n_heads / n_kv);
+                        let logits: Vec<f64> = (0..=pos)
+                            .map(|p| {
+                                scale as f64 * (0..d).map(|c| qrow[c] as f64 * kv[row(p, kvh) + c] as f64).sum::<f64>()
+                            })
+                            .collect();
+                        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                        let sum: f64 = w.iter().sum();
+                        for c in 0..d {
+                            let want: f64 = (0..=pos).map(|p| w[p] / sum * vv[row(p, kvh) + c] as f64).sum();
+                            let g = got[(tok * n_heads + h) * d + c] as f64;
+                            assert!(
+                                (g - want).abs() < 1e-5,
+                                "seq {seq} token {i} head {h} dim {c}: {g} against {want}"
+                            );
+                        }
                     }
                 }
             }
@@ -726,9 +748,9 @@ mod tests {
             prop_assert!((dot(&v, &w) as f64 - naive).abs() < 1e-3);
         }
 
-        /// Both paths of `linear` (one dot per output below GEMM_MIN_TOKENS tokens, the blocked
-        /// GEMM from it), serial and split over threads, against an f64 sum; and every row of a
-        /// batch close to that token computed alone.
+        /// Both backends' `linear` (one dot per output; with `blocked`, the GEMM from
+        /// GEMM_MIN_TOKENS tokens), serial and split over threads, against an f64 sum; every row
+        /// of a batch bit for bit that token computed alone, or close to it with `blocked`.
         #[test]
         fn linear_matches_an_f64_product_on_both_paths(
             n_tokens in 1usize..40,
@@ -736,7 +758,7 @@ mod tests {
             out_features in 1usize..300,
             seed in 0u64..1000,
         ) {
-            let b = CpuBackend::new();
+          for b in [CpuBackend::new(), CpuBackend::blocked()] {
             let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             let mut next = move || {
                 state ^= state << 13;
@@ -766,9 +788,14 @@ mod tests {
                     let got = y[tok * out_features + f];
                     prop_assert!((got as f64 - exact).abs() < 1e-4 * (1.0 + in_features as f64).sqrt(),
                         "token {tok} output {f}: {got} against {exact}");
-                    prop_assert!((got - alone[f]).abs() < 1e-4 * (1.0 + in_features as f32).sqrt());
+                    if b.blocked {
+                        prop_assert!((got - alone[f]).abs() < 1e-4 * (1.0 + in_features as f32).sqrt());
+                    } else {
+                        prop_assert_eq!(got.to_bits(), alone[f].to_bits(), "token {} output {}", tok, f);
+                    }
                 }
             }
+          }
         }
 
         #[test]
