@@ -55,13 +55,13 @@ fn mismatch(op: &'static str, detail: String) -> Error {
 /// below, as one dot product per output (a GEMM would repack the whole weight for a few rows).
 const GEMM_MIN_TOKENS: usize = 8;
 
-/// `out`'s start, shared by the threads of one product, each of which writes columns no other
-/// writes.
+/// An output buffer's start, shared by the threads of one op, each of which writes elements no
+/// other writes.
 #[derive(Clone, Copy)]
 struct DisjointOut(*mut f32);
 
-// SAFETY: the pointer is only written through by parts that own disjoint columns of a buffer
-// that outlives them (see `linear`).
+// SAFETY: the pointer is only written through by parts that own disjoint elements of a buffer
+// that outlives them (see `linear` and `attention`).
 unsafe impl Send for DisjointOut {}
 unsafe impl Sync for DisjointOut {}
 
@@ -75,27 +75,32 @@ impl DisjointOut {
 /// two GEMMs per head.
 const ATTENTION_GEMM_MIN_TOKENS: usize = 8;
 
-/// `out[m, n] = alpha * a[m, k] * b[k, n]`, `out` row-major; `a` and `b` given as (values, row
-/// stride, column stride), so a transposed or strided operand needs no copy.
-fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
+/// An operand of [`gemm`]: its values, row stride and column stride, so a transposed or strided
+/// matrix needs no copy.
+type Operand<'a> = (&'a [f32], usize, usize);
+
+/// `c[i * rsc + j * csc] = alpha * (a * b)[i, j]` for an `[m, k]` `a` and a `[k, n]` `b` (`c` given
+/// as (start, row stride, column stride)); `a`'s and `b`'s bounds are checked here.
+///
+/// # Safety
+/// `c` must be valid for writes at every `i * rsc + j * csc` (i < m, j < n), and nothing else may
+/// read or write those elements during the call.
+unsafe fn gemm_to(
+    [m, k, n]: [usize; 3],
     alpha: f32,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    out: &mut [f32],
+    a: Operand<'_>,
+    b: Operand<'_>,
+    (c, rsc, csc): (*mut f32, usize, usize),
 ) {
-    let last = |rows: usize, cols: usize, (v, rs, cs): (&[f32], usize, usize)| {
+    let within = |rows: usize, cols: usize, (v, rs, cs): Operand<'_>| {
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
     };
-    assert!(last(m, k, a) && last(k, n, b) && out.len() == m * n, "gemm: operands too short");
+    assert!(within(m, k, a) && within(k, n, b), "gemm: operands too short");
     if m == 0 || n == 0 {
         return;
     }
     // SAFETY: every element sgemm reads, a[i * rs + l * cs] for i < m, l < k and b's likewise,
-    // is within its slice (checked above), and out[i * n + j] is within `out`, which is borrowed
-    // mutably and so aliases neither input.
+    // is within its slice (checked above); the caller vouches for the writes.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -109,11 +114,19 @@ fn gemm(
             b.1 as isize,
             b.2 as isize,
             0.0,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
+            c,
+            rsc as isize,
+            csc as isize,
         );
     }
+}
+
+/// `out[m, n] = alpha * a[m, k] * b[k, n]`, `out` row-major.
+fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: Operand<'_>, b: Operand<'_>, out: &mut [f32]) {
+    assert_eq!(out.len(), m * n, "gemm: output of {m} x {n}");
+    // SAFETY: out[i * n + j] is within `out`, which is borrowed mutably and so aliases neither
+    // input.
+    unsafe { gemm_to([m, k, n], alpha, a, b, (out.as_mut_ptr(), n, 1)) }
 }
 
 /// Rounds `x` to the nearest value representable in `dtype` (round-to-nearest-even).
@@ -260,30 +273,19 @@ impl Backend for CpuBackend {
                 out_features
             };
             let dst = DisjointOut(out.as_mut_ptr());
-            let (k, n) = (in_features as isize, out_features as isize);
             let part = |p: usize| {
                 let f0 = p * rows;
                 let m = rows.min(out_features - f0);
-                // SAFETY: sgemm reads w[(f0 + i) * k + l] (i < m <= out_features - f0, l < k)
-                // and xs[t * k + l] (t < n_tokens), within both slices (shapes checked above), and
-                // writes out[t * n + f0 + i]: inside `out` (n_tokens * out_features values), and
-                // only the columns f0..f0 + m, which no other part touches.
+                // SAFETY: gemm_to writes out[t * out_features + f0 + i] (t < n_tokens, i < m):
+                // inside `out` (n_tokens * out_features values), and only the columns f0..f0 + m,
+                // which no other part touches.
                 unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        in_features,
-                        n_tokens,
+                    gemm_to(
+                        [m, in_features, n_tokens],
                         1.0,
-                        w[f0 * in_features..].as_ptr(),
-                        k,
-                        1,
-                        xs.as_ptr(),
-                        1,
-                        k,
-                        0.0,
-                        dst.at(f0),
-                        1,
-                        n,
+                        (&w[f0 * in_features..], in_features, 1),
+                        (&xs, 1, in_features),
+                        (dst.at(f0), 1, out_features),
                     );
                 }
             };
@@ -504,59 +506,53 @@ impl Backend for CpuBackend {
         // With `blocked`, sequences with many new tokens (prefill chunks): per query head, scores for all of
         // the sequence's queries as one product with its gathered keys, a causal softmax per
         // row, then one product with its values.
-        let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())
-            .filter(|&seq| blocked(seq))
-            .flat_map(|seq| (0..n_heads).map(move |h| (seq, h)))
-            .collect();
-        let blocks_out: Vec<Vec<f32>> = tasks
+        let long: Vec<usize> = (0..batch.n_seqs()).filter(|&seq| blocked(seq)).collect();
+        // Each long sequence's keys and values, per KV head, gathered once out of the blocks.
+        let gathered: Vec<(Vec<f32>, Vec<f32>)> = long
             .par_iter()
-            .map(|&(seq, h)| {
-                let (start, rows) = (batch.query_starts[seq] as usize, seq_rows(seq));
-                let ctx = batch.context_lens[seq] as usize;
-                let first_pos = ctx - rows;
-                let blocks = batch.blocks_of(seq);
-                let kv_off = (h / group) * head_dim;
+            .flat_map_iter(|&seq| (0..n_kv_heads).map(move |kv_h| (seq, kv_h)))
+            .map(|(seq, kv_h)| {
+                let (ctx, blocks) = (batch.context_lens[seq] as usize, batch.blocks_of(seq));
                 let (mut k, mut v) = (Vec::with_capacity(ctx * head_dim), Vec::with_capacity(ctx * head_dim));
                 for p in 0..ctx {
-                    let r = (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row + kv_off;
+                    let r = (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row + kv_h * head_dim;
                     k.extend_from_slice(&ks[r..r + head_dim]);
                     v.extend_from_slice(&vs[r..r + head_dim]);
                 }
-                // Query i of this head: qs[((start + i) * n_heads + h) * head_dim ..][..head_dim].
-                let q_part = &qs[(start * n_heads + h) * head_dim..];
-                let mut scores = vec![0.0f32; rows * ctx];
-                gemm(
-                    rows,
-                    head_dim,
-                    ctx,
-                    softmax_scale,
-                    (q_part, n_heads * head_dim, 1),
-                    (&k, 1, head_dim),
-                    &mut scores,
-                );
-                for (i, row) in scores.chunks_mut(ctx).enumerate() {
-                    let (live, masked) = row.split_at_mut(first_pos + i + 1);
-                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut denom = 0.0f32;
-                    for s in live.iter_mut() {
-                        *s = (*s - max).exp();
-                        denom += *s;
-                    }
-                    live.iter_mut().for_each(|s| *s /= denom);
-                    masked.fill(0.0);
-                }
-                let mut o = vec![0.0f32; rows * head_dim];
-                gemm(rows, ctx, head_dim, 1.0, (&scores, ctx, 1), (&v, head_dim, 1), &mut o);
-                o
+                (k, v)
             })
             .collect();
-        for (&(seq, h), o) in tasks.iter().zip(&blocks_out) {
-            let start = batch.query_starts[seq] as usize;
-            for (i, row) in o.chunks(head_dim).enumerate() {
-                let at = ((start + i) * n_heads + h) * head_dim;
-                out[at..at + head_dim].copy_from_slice(row);
+        let dst = DisjointOut(out.as_mut_ptr());
+        let row_stride = n_heads * head_dim;
+        (0..long.len() * n_heads).into_par_iter().for_each(|task| {
+            let (i_seq, h) = (task / n_heads, task % n_heads);
+            let seq = long[i_seq];
+            let (k, v) = &gathered[i_seq * n_kv_heads + h / group];
+            let (start, rows) = (batch.query_starts[seq] as usize, seq_rows(seq));
+            let ctx = batch.context_lens[seq] as usize;
+            let first_pos = ctx - rows;
+            // Query i of this head: qs[((start + i) * n_heads + h) * head_dim ..][..head_dim].
+            let at = (start * n_heads + h) * head_dim;
+            let mut scores = vec![0.0f32; rows * ctx];
+            gemm(rows, head_dim, ctx, softmax_scale, (&qs[at..], row_stride, 1), (k, 1, head_dim), &mut scores);
+            for (i, row) in scores.chunks_mut(ctx).enumerate() {
+                let (live, masked) = row.split_at_mut(first_pos + i + 1);
+                let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut denom = 0.0f32;
+                for s in live.iter_mut() {
+                    *s = (*s - max).exp();
+                    denom += *s;
+                }
+                live.iter_mut().for_each(|s| *s /= denom);
+                masked.fill(0.0);
             }
-        }
+            // SAFETY: gemm_to writes out[at + i * row_stride + c] (i < rows, c < head_dim): this
+            // sequence's rows, this head's values, inside `out` (q's length), which no other
+            // task writes and nothing reads until every task is done.
+            unsafe {
+                gemm_to([rows, ctx, head_dim], 1.0, (&scores, ctx, 1), (v, head_dim, 1), (dst.at(at), row_stride, 1));
+            }
+        });
         Ok(new_tensor(q.shape().clone(), out))
     }
 }
