@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use flint_cpu::CpuBackend;
 use flint_engine::Tokenizer;
-use flint_engine::accuracy::{BackendScorer, Comparison, CudaScorer, Scorer, compare_many};
+use flint_engine::accuracy::{BackendScorer, Comparison, CudaScorer, Scorer, compare_many, ppl_change_interval};
 use flint_model::{Fp8Spec, Llama, ModelSource};
 use flint_quant::Granularity;
 use flint_tensor::{Backend, DType};
@@ -58,6 +58,9 @@ struct Row {
     /// Perplexity relative to the BF16 row's, where the report has one (the CPU's).
     #[serde(skip_serializing_if = "Option::is_none")]
     ppl_change_vs_bf16: Option<f64>,
+    /// Its 95% interval, from the paired per-token differences between the two models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ppl_change_vs_bf16_ci95: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +68,9 @@ struct ComparisonJson {
     reference_ppl: f64,
     ppl: f64,
     ppl_change: f64,
+    /// A 95% interval of `ppl_change` over texts like this one (paired per-token differences,
+    /// batch means of `flint_engine::accuracy::INTERVAL_BATCH` tokens); absent on short texts.
+    ppl_change_ci95: Option<(f64, f64)>,
     top1_agreement: f64,
     mean_kl: f64,
     text_positions: usize,
@@ -77,6 +83,7 @@ impl From<&Comparison> for ComparisonJson {
             reference_ppl: c.reference_ppl,
             ppl: c.ppl,
             ppl_change: c.ppl_change(),
+            ppl_change_ci95: c.ppl_change_interval(),
             top1_agreement: c.top1_agreement,
             mean_kl: c.mean_kl,
             text_positions: c.text_positions,
@@ -129,6 +136,14 @@ fn describe(spec: &Fp8Spec) -> (String, String, String) {
     (w, a.into(), kv.into())
 }
 
+/// A perplexity change and its interval, in percent: `+3.41% [+2.95, +3.88]`.
+fn change(change: f64, interval: Option<(f64, f64)>) -> String {
+    match interval {
+        Some((lo, hi)) => format!("{:+.2}% [{:+.2}, {:+.2}]", 100.0 * change, 100.0 * lo, 100.0 * hi),
+        None => format!("{:+.2}%", 100.0 * change),
+    }
+}
+
 fn print_table(report: &Report) {
     println!(
         "{} on {}: perplexity over {} tokens of {} (windows of {}), next-token agreement and KL over those and {} prompts",
@@ -149,18 +164,18 @@ fn print_table(report: &Report) {
     for r in &report.rows {
         let c = &r.comparison;
         let bf16 = match r.ppl_change_vs_bf16 {
-            Some(change) => format!(" {:+.2}% |", 100.0 * change),
+            Some(c) => format!(" {} |", change(c, r.ppl_change_vs_bf16_ci95)),
             None if vs_bf16 => " |".to_string(),
             None => String::new(),
         };
         println!(
-            "| {} | {} | {} | {} | {:.4} | {:+.2}% |{bf16} {:.4} | {:.5} |",
+            "| {} | {} | {} | {} | {:.4} | {} |{bf16} {:.4} | {:.5} |",
             r.variant,
             r.weights,
             r.activations,
             r.kv_cache,
             c.ppl,
-            100.0 * c.ppl_change,
+            change(c.ppl_change, c.ppl_change_ci95),
             c.top1_agreement,
             c.mean_kl
         );
@@ -235,7 +250,9 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         kv_cache: "unquantized".into(),
         comparison: (&comparisons[0]).into(),
         ppl_change_vs_bf16: None,
+        ppl_change_vs_bf16_ci95: None,
     };
+    let bf16_diffs = &comparisons[0].nll_diffs;
     let rows = std::iter::once(bf16_row)
         .chain(variants.iter().zip(&comparisons[1..]).map(|((name, spec), c)| {
             let (weights, activations, kv_cache) = describe(spec);
@@ -246,6 +263,10 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
                 kv_cache,
                 comparison: c.into(),
                 ppl_change_vs_bf16: Some(c.ppl / bf16_ppl - 1.0),
+                // The two models' differences from the reference, position by position.
+                ppl_change_vs_bf16_ci95: ppl_change_interval(
+                    &c.nll_diffs.iter().zip(bf16_diffs).map(|(q, b)| q - b).collect::<Vec<_>>(),
+                ),
             }
         }))
         .collect();
@@ -320,6 +341,7 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
             kv_cache,
             comparison: (&c[0]).into(),
             ppl_change_vs_bf16: None,
+            ppl_change_vs_bf16_ci95: None,
         }],
     })
 }

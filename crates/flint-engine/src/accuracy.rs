@@ -85,6 +85,9 @@ pub struct Comparison {
     pub top1_agreement: f64,
     pub mean_kl: f64,
     pub positions: usize,
+    /// For each scored position of the text, in order: the model's negative log-likelihood of the
+    /// next token minus the reference's (nats). Their mean is the log of `ppl / reference_ppl`.
+    pub nll_diffs: Vec<f64>,
 }
 
 impl Comparison {
@@ -92,6 +95,46 @@ impl Comparison {
     pub fn ppl_change(&self) -> f64 {
         self.ppl / self.reference_ppl - 1.0
     }
+
+    /// A 95% interval of [`Comparison::ppl_change`] over texts like this one (see
+    /// [`ppl_change_interval`]).
+    pub fn ppl_change_interval(&self) -> Option<(f64, f64)> {
+        ppl_change_interval(&self.nll_diffs)
+    }
+}
+
+/// Tokens per batch of [`ppl_change_interval`]'s batch means.
+pub const INTERVAL_BATCH: usize = 32;
+
+/// A 95% interval of `exp(mean(diffs)) - 1`, the perplexity change that paired per-token
+/// log-likelihood differences `diffs` (one model's minus another's, in text order) give.
+///
+/// Neighbouring tokens' differences are correlated, so the standard error is that of the means of
+/// consecutive batches of [`INTERVAL_BATCH`] tokens (the method of batch means), with Student's t
+/// for their number. None with fewer than 8 batches.
+pub fn ppl_change_interval(diffs: &[f64]) -> Option<(f64, f64)> {
+    let means: Vec<f64> =
+        diffs.chunks_exact(INTERVAL_BATCH).map(|b| b.iter().sum::<f64>() / INTERVAL_BATCH as f64).collect();
+    let k = means.len();
+    if k < 8 {
+        return None;
+    }
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let batch_mean = means.iter().sum::<f64>() / k as f64;
+    let var = means.iter().map(|m| (m - batch_mean).powi(2)).sum::<f64>() / (k - 1) as f64;
+    let half = student_t_975(k - 1) * (var / k as f64).sqrt();
+    Some(((mean - half).exp() - 1.0, (mean + half).exp() - 1.0))
+}
+
+/// The 97.5% quantile of Student's t with `dof` degrees of freedom (7 or more): the normal
+/// quantile with the first three terms of its expansion in 1 / dof (Abramowitz and Stegun
+/// 26.7.5), within 1e-3 of the table.
+fn student_t_975(dof: usize) -> f64 {
+    let (z, v) = (1.959_963_984_540_054_f64, dof as f64);
+    let g1 = (z.powi(3) + z) / 4.0;
+    let g2 = (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / 96.0;
+    let g3 = (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / 384.0;
+    z + g1 / v + g2 / (v * v) + g3 / (v * v * v)
 }
 
 /// `log_softmax(logits)` in f64.
@@ -120,6 +163,7 @@ struct Totals {
     agree: usize,
     kl: f64,
     count: usize,
+    nll_diffs: Vec<f64>,
 }
 
 impl Totals {
@@ -133,8 +177,10 @@ impl Totals {
             self.agree += (argmax(r) == argmax(m)) as usize;
             self.count += 1;
             if with_nll && let Some(&next) = tokens.get(i + 1) {
-                self.ref_nll -= lr[next as usize];
-                self.nll -= lm[next as usize];
+                let (r, m) = (-lr[next as usize], -lm[next as usize]);
+                self.ref_nll += r;
+                self.nll += m;
+                self.nll_diffs.push(m - r);
                 self.nll_count += 1;
             }
         }
@@ -182,7 +228,7 @@ pub fn compare_many(
         progress(i + 1, sequences.len());
     }
     Ok(totals
-        .iter()
+        .into_iter()
         .map(|t| {
             let n = t.nll_count.max(1) as f64;
             Comparison {
@@ -192,6 +238,7 @@ pub fn compare_many(
                 top1_agreement: t.agree as f64 / t.count.max(1) as f64,
                 mean_kl: t.kl / t.count.max(1) as f64,
                 positions: t.count,
+                nll_diffs: t.nll_diffs,
             }
         })
         .collect())
@@ -225,6 +272,61 @@ mod tests {
         assert!((c.ppl - 1.0 / p1).abs() < 1e-9, "{}", c.ppl);
         assert_eq!(c.text_positions, 3);
         assert_eq!(c.positions, 6);
+    }
+
+    #[test]
+    fn student_t_quantiles_match_the_table() {
+        for (dof, want) in [(7, 2.364_624), (10, 2.228_139), (30, 2.042_272), (100, 1.983_972), (1000, 1.962_339)] {
+            let got = student_t_975(dof);
+            assert!((got - want).abs() < 1e-3, "t(0.975, {dof}) = {got}, table {want}");
+        }
+    }
+
+    #[test]
+    fn the_interval_of_a_constant_difference_is_that_change() {
+        let c = (1.03f64).ln();
+        let (lo, hi) = ppl_change_interval(&vec![c; 8 * INTERVAL_BATCH]).expect("eight batches");
+        assert!((lo - 0.03).abs() < 1e-12 && (hi - 0.03).abs() < 1e-12, "{lo} {hi}");
+        assert_eq!(ppl_change_interval(&vec![c; 8 * INTERVAL_BATCH - 1]), None);
+    }
+
+    #[test]
+    fn the_interval_covers_the_true_change_about_95_times_in_100() {
+        // Differences of mean mu with noise correlated over 4 tokens (a moving sum), which an
+        // interval from independent tokens would understate by about 2x.
+        let mu = 0.02;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let trials = 400;
+        let mut covered = 0;
+        for _ in 0..trials {
+            let noise: Vec<f64> = (0..2048 + 3).map(|_| uniform()).collect();
+            let diffs: Vec<f64> = noise.windows(4).map(|w| mu + w.iter().sum::<f64>()).collect();
+            let (lo, hi) = ppl_change_interval(&diffs).expect("64 batches");
+            let truth = mu.exp() - 1.0;
+            covered += (lo <= truth && truth <= hi) as usize;
+        }
+        let rate = covered as f64 / trials as f64;
+        assert!((0.91..=0.99).contains(&rate), "coverage {rate}");
+    }
+
+    #[test]
+    fn comparisons_keep_each_positions_difference() {
+        let a = Fixed(vec![0.0, 1.0], 2);
+        let b = Fixed(vec![1.0, 0.0], 2);
+        let c = compare(&a, &b, &[0, 1, 1, 0, 1], 3, &[vec![1, 1]], &mut |_, _| {}).expect("compares");
+        // Windows [0 1 1] and [0 1]: three scored positions, the prompt none.
+        assert_eq!(c.nll_diffs.len(), c.text_positions);
+        assert_eq!(c.text_positions, 3);
+        let mean = c.nll_diffs.iter().sum::<f64>() / 3.0;
+        assert!((mean.exp() - c.ppl / c.reference_ppl).abs() < 1e-12);
+        // Next tokens 1, 1, 1: a gives each ln(1 + e) - 1 nats, b ln(1 + e), 1 nat more.
+        assert!(c.nll_diffs.iter().all(|d| (d - 1.0).abs() < 1e-12), "{:?}", c.nll_diffs);
     }
 
     #[test]
