@@ -102,6 +102,25 @@ struct Report {
     window: usize,
     prompts: usize,
     rows: Vec<Row>,
+    /// Rows against each other (the CPU's FP8 variants), with paired intervals.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pairs: Vec<Pair>,
+}
+
+/// One row's perplexity relative to another's, and its 95% interval from the two models' paired
+/// per-token differences.
+#[derive(Debug, Serialize)]
+struct Pair {
+    variant: String,
+    against: String,
+    ppl_change: f64,
+    ppl_change_ci95: Option<(f64, f64)>,
+}
+
+/// `a`'s perplexity relative to `b`'s (both scored against the same reference on the same text).
+fn paired(a: &Comparison, b: &Comparison) -> (f64, Option<(f64, f64)>) {
+    let diffs: Vec<f64> = a.nll_diffs.iter().zip(&b.nll_diffs).map(|(x, y)| x - y).collect();
+    (a.ppl / b.ppl - 1.0, ppl_change_interval(&diffs))
 }
 
 fn read_inputs(args: &EvalArgs, tokenizer: &Tokenizer) -> anyhow::Result<(Vec<u32>, Vec<Vec<u32>>)> {
@@ -180,6 +199,14 @@ fn print_table(report: &Report) {
             c.mean_kl
         );
     }
+    if !report.pairs.is_empty() {
+        println!();
+        println!("| variant | against | perplexity change |");
+        println!("| --- | --- | --- |");
+        for p in &report.pairs {
+            println!("| {} | {} | {} |", p.variant, p.against, change(p.ppl_change, p.ppl_change_ci95));
+        }
+    }
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -242,7 +269,6 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
     let comparisons =
         compare_many(&ref_scorer, &dyn_scorers, &text, args.window as usize, &prompts, &mut progress_line("scoring"))?;
     eprintln!();
-    let bf16_ppl = comparisons[0].ppl;
     let bf16_row = Row {
         variant: "bf16".into(),
         weights: "bf16".into(),
@@ -252,23 +278,30 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         ppl_change_vs_bf16: None,
         ppl_change_vs_bf16_ci95: None,
     };
-    let bf16_diffs = &comparisons[0].nll_diffs;
     let rows = std::iter::once(bf16_row)
         .chain(variants.iter().zip(&comparisons[1..]).map(|((name, spec), c)| {
             let (weights, activations, kv_cache) = describe(spec);
+            let (change, interval) = paired(c, &comparisons[0]);
             Row {
                 variant: (*name).into(),
                 weights,
                 activations,
                 kv_cache,
                 comparison: c.into(),
-                ppl_change_vs_bf16: Some(c.ppl / bf16_ppl - 1.0),
-                // The two models' differences from the reference, position by position.
-                ppl_change_vs_bf16_ci95: ppl_change_interval(
-                    &c.nll_diffs.iter().zip(bf16_diffs).map(|(q, b)| q - b).collect::<Vec<_>>(),
-                ),
+                ppl_change_vs_bf16: Some(change),
+                ppl_change_vs_bf16_ci95: interval,
             }
         }))
+        .collect();
+    // The other weight granularities against per-channel, and what quantizing the KV cache and
+    // the activations each adds to the serving row.
+    let index = |name: &str| 1 + variants.iter().position(|(n, _)| *n == name).expect("a listed variant");
+    let pairs = [("fp8-tensor", "fp8"), ("fp8-block", "fp8"), ("fp8", "fp8-w-a"), ("fp8", "fp8-w-kv")]
+        .into_iter()
+        .map(|(a, b)| {
+            let (ppl_change, ppl_change_ci95) = paired(&comparisons[index(a)], &comparisons[index(b)]);
+            Pair { variant: a.into(), against: b.into(), ppl_change, ppl_change_ci95 }
+        })
         .collect();
     Ok(Report {
         model: display_name(&path),
@@ -279,6 +312,7 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         window: args.window as usize,
         prompts: prompts.len(),
         rows,
+        pairs,
     })
 }
 
@@ -343,5 +377,6 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
             ppl_change_vs_bf16: None,
             ppl_change_vs_bf16_ci95: None,
         }],
+        pairs: Vec::new(),
     })
 }
