@@ -294,14 +294,10 @@ mod tests {
     fn the_interval_covers_the_true_change_about_95_times_in_100() {
         // Differences of mean mu with noise correlated over 4 tokens (a moving sum), which an
         // interval from independent tokens would understate by about 2x.
+        use rand::Rng;
         let mu = 0.02;
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut uniform = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut rng = flint_testkit::rng();
+        let mut uniform = move || rng.random::<f64>() - 0.5;
         let trials = 400;
         let mut covered = 0;
         for _ in 0..trials {
@@ -312,7 +308,8 @@ mod tests {
             covered += (lo <= truth && truth <= hi) as usize;
         }
         let rate = covered as f64 / trials as f64;
-        assert!((0.91..=0.99).contains(&rate), "coverage {rate}");
+        // 400 trials at 0.95 have a standard deviation of 0.011: the bounds are 4 of them away.
+        assert!((0.90..=0.995).contains(&rate), "coverage {rate}");
     }
 
     #[test]
