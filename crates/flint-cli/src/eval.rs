@@ -155,8 +155,8 @@ fn describe(spec: &Fp8Spec) -> (String, String, String) {
     (w, a.into(), kv.into())
 }
 
-/// A perplexity change and its interval, in percent: `+3.41% [+2.95, +3.88]`.
-fn change(change: f64, interval: Option<(f64, f64)>) -> String {
+/// A perplexity change and its interval, in percent: `+3.41% [+2.46, +4.36]`.
+fn format_change(change: f64, interval: Option<(f64, f64)>) -> String {
     match interval {
         Some((lo, hi)) => format!("{:+.2}% [{:+.2}, {:+.2}]", 100.0 * change, 100.0 * lo, 100.0 * hi),
         None => format!("{:+.2}%", 100.0 * change),
@@ -183,7 +183,7 @@ fn print_table(report: &Report) {
     for r in &report.rows {
         let c = &r.comparison;
         let bf16 = match r.ppl_change_vs_bf16 {
-            Some(c) => format!(" {} |", change(c, r.ppl_change_vs_bf16_ci95)),
+            Some(c) => format!(" {} |", format_change(c, r.ppl_change_vs_bf16_ci95)),
             None if vs_bf16 => " |".to_string(),
             None => String::new(),
         };
@@ -194,7 +194,7 @@ fn print_table(report: &Report) {
             r.activations,
             r.kv_cache,
             c.ppl,
-            change(c.ppl_change, c.ppl_change_ci95),
+            format_change(c.ppl_change, c.ppl_change_ci95),
             c.top1_agreement,
             c.mean_kl
         );
@@ -204,7 +204,7 @@ fn print_table(report: &Report) {
         println!("| variant | against | perplexity change |");
         println!("| --- | --- | --- |");
         for p in &report.pairs {
-            println!("| {} | {} | {} |", p.variant, p.against, change(p.ppl_change, p.ppl_change_ci95));
+            println!("| {} | {} | {} |", p.variant, p.against, format_change(p.ppl_change, p.ppl_change_ci95));
         }
     }
 }
