@@ -13,7 +13,7 @@ use flint_cpu::CpuBackend;
 use flint_engine::Tokenizer;
 use flint_engine::accuracy::{BackendScorer, Comparison, CudaScorer, Scorer, compare_many, ppl_change_interval};
 use flint_model::{Fp8Spec, Llama, ModelSource};
-use flint_quant::Granularity;
+use flint_quant::{Granularity, ScaleRule};
 use flint_tensor::{Backend, DType};
 use serde::Serialize;
 
@@ -45,6 +45,12 @@ pub struct EvalArgs {
     /// Write the table as JSON here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Also score the serving scheme with its weight scales times 2^(k / (N + 1)) for k in 1..=N
+    /// (CPU): the same scheme and error distribution with the FP8 grid elsewhere against the
+    /// weights, so the spread of those rows is how much a perplexity change owes to where the
+    /// rounding happened to fall.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    rounding_spread: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +111,42 @@ struct Report {
     /// Rows against each other (the CPU's FP8 variants), with paired intervals.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pairs: Vec<Pair>,
+    /// The serving row and its `--rounding-spread` rows against bf16.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rounding_spread: Option<Spread>,
+}
+
+/// How a perplexity change moves when only the placement of the FP8 grid against the weights
+/// changes.
+#[derive(Debug, Serialize)]
+struct Spread {
+    variants: Vec<String>,
+    ppl_change_vs_bf16: Vec<f64>,
+    mean: f64,
+    /// Sample standard deviation over the placements.
+    sd: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn new(rows: &[&Row]) -> Option<Self> {
+        let changes: Vec<f64> = rows.iter().filter_map(|r| r.ppl_change_vs_bf16).collect();
+        if changes.len() < 2 {
+            return None;
+        }
+        let n = changes.len() as f64;
+        let mean = changes.iter().sum::<f64>() / n;
+        let sd = (changes.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        Some(Spread {
+            variants: rows.iter().map(|r| r.variant.clone()).collect(),
+            mean,
+            sd,
+            min: changes.iter().copied().fold(f64::INFINITY, f64::min),
+            max: changes.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ppl_change_vs_bf16: changes,
+        })
+    }
 }
 
 /// One row's perplexity relative to another's, and its 95% interval from the two models' paired
@@ -149,6 +191,11 @@ fn describe(spec: &Fp8Spec) -> (String, String, String) {
         Some(Granularity::Tensor) => "fp8 per tensor".into(),
         Some(Granularity::Channel) => "fp8 per channel".into(),
         Some(Granularity::Block(b)) => format!("fp8 {b}x{b} blocks"),
+    };
+    let w = match (spec.weights, spec.weight_scales) {
+        (None, _) | (_, ScaleRule::Max) => w,
+        (_, ScaleRule::Mse) => format!("{w}, mse scales"),
+        (_, ScaleRule::Headroom(f)) => format!("{w}, scales x{f:.3}"),
     };
     let a = if spec.activations { "fp8 per token" } else { "unquantized" };
     let kv = if spec.kv_cache { "fp8 per token and head" } else { "unquantized" };
@@ -207,6 +254,17 @@ fn print_table(report: &Report) {
             println!("| {} | {} | {} |", p.variant, p.against, format_change(p.ppl_change, p.ppl_change_ci95));
         }
     }
+    if let Some(s) = &report.rounding_spread {
+        println!();
+        println!(
+            "rounding spread of the serving scheme vs bf16 over {} placements of the FP8 grid: mean {:+.2}%, sd {:.2} points, {:+.2}% to {:+.2}%",
+            s.variants.len(),
+            100.0 * s.mean,
+            100.0 * s.sd,
+            100.0 * s.min,
+            100.0 * s.max
+        );
+    }
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -217,6 +275,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     if args.random_weights.is_some() && !use_cuda {
         bail!("--random-weights runs on the GPU: add --device cuda");
+    }
+    if args.rounding_spread > 0 && use_cuda {
+        bail!(
+            "--rounding-spread runs on the CPU (the GPU quantizes weights with their largest magnitude): use --device cpu"
+        );
     }
     let report = if use_cuda { run_cuda(&args)? } else { run_cpu(&args)? };
     print_table(&report);
@@ -247,14 +310,23 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
     let reference = load()?;
     let chunk = 512;
     let ref_scorer = BackendScorer { model: &reference, backend: &backend, chunk };
-    let variants = [
-        ("fp8", Fp8Spec::SERVING),
-        ("fp8-tensor", Fp8Spec { weights: Some(Granularity::Tensor), ..Fp8Spec::SERVING }),
-        ("fp8-block", Fp8Spec { weights: Some(Granularity::Block(128)), ..Fp8Spec::SERVING }),
-        ("fp8-weights", Fp8Spec { weights: Some(Granularity::Channel), activations: false, kv_cache: false }),
-        ("fp8-w-a", Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false }),
-        ("fp8-w-kv", Fp8Spec { weights: Some(Granularity::Channel), activations: false, kv_cache: true }),
+    let serving = Fp8Spec::SERVING;
+    let mut variants = vec![
+        ("fp8".to_string(), serving),
+        ("fp8-tensor".into(), Fp8Spec { weights: Some(Granularity::Tensor), ..serving }),
+        ("fp8-block".into(), Fp8Spec { weights: Some(Granularity::Block(128)), ..serving }),
+        ("fp8-mse".into(), Fp8Spec { weight_scales: ScaleRule::Mse, ..serving }),
+        ("fp8-weights".into(), Fp8Spec { activations: false, kv_cache: false, ..serving }),
+        ("fp8-w-a".into(), Fp8Spec { kv_cache: false, ..serving }),
+        ("fp8-w-kv".into(), Fp8Spec { activations: false, ..serving }),
     ];
+    let n = args.rounding_spread;
+    let spread_names: Vec<String> =
+        std::iter::once("fp8".to_string()).chain((1..=n).map(|k| format!("fp8-grid-{k}"))).collect();
+    for (k, name) in spread_names.iter().enumerate().skip(1) {
+        let factor = (k as f32 / (n + 1) as f32).exp2();
+        variants.push((name.clone(), Fp8Spec { weight_scales: ScaleRule::Headroom(factor), ..serving }));
+    }
     // The weights a BF16 deployment holds (rounded to bf16, computed in f32): the FP8 rows are
     // also given relative to it, as the GPU's table compares FP8 kernels with BF16 ones.
     let mut models = vec![load_as(DType::BF16)?];
@@ -278,12 +350,12 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         ppl_change_vs_bf16: None,
         ppl_change_vs_bf16_ci95: None,
     };
-    let rows = std::iter::once(bf16_row)
+    let rows: Vec<Row> = std::iter::once(bf16_row)
         .chain(variants.iter().zip(&comparisons[1..]).map(|((name, spec), c)| {
             let (weights, activations, kv_cache) = describe(spec);
             let (change, interval) = paired(c, &comparisons[0]);
             Row {
-                variant: (*name).into(),
+                variant: name.clone(),
                 weights,
                 activations,
                 kv_cache,
@@ -295,14 +367,15 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         .collect();
     // The other weight granularities against per-channel, and what quantizing the KV cache and
     // the activations each adds to the serving row.
-    let index = |name: &str| 1 + variants.iter().position(|(n, _)| *n == name).expect("a listed variant");
-    let pairs = [("fp8-tensor", "fp8"), ("fp8-block", "fp8"), ("fp8", "fp8-w-a"), ("fp8", "fp8-w-kv")]
-        .into_iter()
-        .map(|(a, b)| {
-            let (ppl_change, ppl_change_ci95) = paired(&comparisons[index(a)], &comparisons[index(b)]);
-            Pair { variant: a.into(), against: b.into(), ppl_change, ppl_change_ci95 }
-        })
-        .collect();
+    let index = |name: &str| 1 + variants.iter().position(|(n, _)| n == name).expect("a listed variant");
+    let pairs =
+        [("fp8-tensor", "fp8"), ("fp8-block", "fp8"), ("fp8-mse", "fp8"), ("fp8", "fp8-w-a"), ("fp8", "fp8-w-kv")]
+            .into_iter()
+            .map(|(a, b)| {
+                let (ppl_change, ppl_change_ci95) = paired(&comparisons[index(a)], &comparisons[index(b)]);
+                Pair { variant: a.into(), against: b.into(), ppl_change, ppl_change_ci95 }
+            })
+            .collect();
     Ok(Report {
         model: display_name(&path),
         device: "cpu (FP8 emulated: quantize-dequantize in f32)".into(),
@@ -311,6 +384,9 @@ fn run_cpu(args: &EvalArgs) -> anyhow::Result<Report> {
         text_tokens: text.len(),
         window: args.window as usize,
         prompts: prompts.len(),
+        rounding_spread: Spread::new(
+            &spread_names.iter().filter_map(|name| rows.iter().find(|r| &r.variant == name)).collect::<Vec<_>>(),
+        ),
         rows,
         pairs,
     })
@@ -378,5 +454,6 @@ fn run_cuda(args: &EvalArgs) -> anyhow::Result<Report> {
             ppl_change_vs_bf16_ci95: None,
         }],
         pairs: Vec::new(),
+        rounding_spread: None,
     })
 }

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
+use flint_quant::{Fp8Format, Fp8Matrix, Granularity, ScaleRule};
 use rayon::prelude::*;
 use safetensors::{Dtype, View};
 use serde_json::{Value, json};
@@ -109,11 +109,13 @@ pub fn quantization_config(granularity: Granularity) -> Value {
 }
 
 /// Converts the safetensors checkpoint in `input` into an FP8 checkpoint in `output` (created;
-/// it must not hold a checkpoint already).
+/// it must not hold a checkpoint already), each weight group's scale chosen by `rule` (any rule
+/// writes the same layout: a reader takes the scales as stored).
 pub fn quantize_checkpoint(
     input: &Path,
     output: &Path,
     granularity: Granularity,
+    rule: ScaleRule,
     progress: &mut dyn FnMut(QuantizeProgress),
 ) -> Result<QuantizeReport> {
     let src = SafetensorsDir::open(input)?;
@@ -174,7 +176,7 @@ pub fn quantize_checkpoint(
                 .tensor_f32(name)?
                 .ok_or_else(|| Error::WeightFormat { name: name.clone(), message: "vanished".into() })?;
             let (rows, cols) = (dims[0], dims[1]);
-            let m = quantize_parallel(&values.data, rows, cols, granularity);
+            let m = quantize_parallel(&values.data, rows, cols, granularity, rule);
             let scale_dims = granularity.scale_dims(rows, cols).to_vec();
             let module = name.strip_suffix(".weight").unwrap_or(name);
             views.push((name.clone(), OwnedView { dtype: Dtype::F8_E4M3, shape: dims.clone(), data: m.codes }));
@@ -241,14 +243,14 @@ pub fn quantize_checkpoint(
     Ok(report)
 }
 
-/// [`Fp8Matrix::quantize`] with the rows spread over threads (scales first, then codes).
-fn quantize_parallel(values: &[f32], rows: usize, cols: usize, granularity: Granularity) -> Fp8Matrix {
+/// [`Fp8Matrix::quantize_with`] with the rows spread over threads (scales first, then codes).
+fn quantize_parallel(values: &[f32], rows: usize, cols: usize, granularity: Granularity, rule: ScaleRule) -> Fp8Matrix {
     let format = Fp8Format::E4M3;
     if let Granularity::Channel = granularity {
         let parts: Vec<(Vec<u8>, f32)> = values
             .par_chunks(cols)
             .map(|row| {
-                let m = Fp8Matrix::quantize(row, 1, cols, Granularity::Tensor, format);
+                let m = Fp8Matrix::quantize_with(row, 1, cols, Granularity::Tensor, format, rule);
                 (m.codes, m.scales[0])
             })
             .collect();
@@ -260,5 +262,5 @@ fn quantize_parallel(values: &[f32], rows: usize, cols: usize, granularity: Gran
         }
         return Fp8Matrix { rows, cols, format, granularity, codes, scales };
     }
-    Fp8Matrix::quantize(values, rows, cols, granularity, format)
+    Fp8Matrix::quantize_with(values, rows, cols, granularity, format, rule)
 }

@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use flint_comm::{Communicator, ReduceOp};
-use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
+use flint_quant::{Fp8Format, Fp8Matrix, Granularity, ScaleRule};
 use flint_tensor::{AttentionBatch, Backend, DType, Shape, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
@@ -39,7 +39,7 @@ struct Layer {
 /// FP8 emulation of a model on a backend that computes in f32/bf16: weights, activations and the
 /// KV cache rounded to E4M3 values with the scales an FP8 engine would use, so the accuracy of
 /// FP8 serving can be measured (and GPU FP8 kernels checked) on the CPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Fp8Spec {
     /// Quantize the decoder blocks' linear weights at this granularity (`None`: leave them, e.g.
     /// when they come from an FP8 checkpoint and already are FP8 values).
@@ -48,11 +48,19 @@ pub struct Fp8Spec {
     pub activations: bool,
     /// Store keys and values as E4M3 with a scale per token and KV head.
     pub kv_cache: bool,
+    /// How each weight group's scale is chosen (activations and the KV cache always take their
+    /// largest magnitude, as the GPU computes them on the fly).
+    pub weight_scales: ScaleRule,
 }
 
 impl Fp8Spec {
     /// What Flint's FP8 GPU path does: per-channel weights, per-token activations, FP8 KV.
-    pub const SERVING: Fp8Spec = Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: true };
+    pub const SERVING: Fp8Spec = Fp8Spec {
+        weights: Some(Granularity::Channel),
+        activations: true,
+        kv_cache: true,
+        weight_scales: ScaleRule::Max,
+    };
 
     pub fn is_active(&self) -> bool {
         self.weights.is_some() || self.activations || self.kv_cache
@@ -694,7 +702,12 @@ impl Llama {
         let rope_inv_freq = backend.upload_f32(&inv_freq, Shape::from([inv_freq.len()]), DType::F32)?;
 
         // An FP8 checkpoint's weights are FP8 values already; its activations are quantized.
-        let fp8 = Fp8Spec { weights: None, activations: source.quant_config().is_some(), kv_cache: false };
+        let fp8 = Fp8Spec {
+            weights: None,
+            activations: source.quant_config().is_some(),
+            kv_cache: false,
+            ..Fp8Spec::default()
+        };
         Ok(Llama { config, shard, dtype, fp8, layer_range, embed_tokens, layers, norm, lm_head, rope_inv_freq })
     }
 
@@ -727,7 +740,7 @@ impl Llama {
                 let dims = t.shape().dims().to_vec();
                 let (rows, cols) = (dims[0], dims[1]);
                 let values = backend.to_f32_vec(t)?;
-                let m = Fp8Matrix::quantize(&values, rows, cols, granularity, Fp8Format::E4M3);
+                let m = Fp8Matrix::quantize_with(&values, rows, cols, granularity, Fp8Format::E4M3, spec.weight_scales);
                 // Kept in f32: `code * scale` exactly, as the FP8 kernels compute it.
                 *t = backend.upload_f32(&m.dequantize(), Shape::new(dims.clone()), DType::F32)?;
                 Ok(())

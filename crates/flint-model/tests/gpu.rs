@@ -384,11 +384,7 @@ fn fp8_model_matches_the_cpu_emulation() {
         for kv_fp8 in [false, true] {
             let backend = CpuBackend::new();
             let mut cpu = Llama::load(&source, config.clone(), &backend, DType::BF16, &mut |_| {}).expect("cpu load");
-            let spec = flint_model::Fp8Spec {
-                weights: Some(flint_quant::Granularity::Channel),
-                activations: true,
-                kv_cache: kv_fp8,
-            };
+            let spec = flint_model::Fp8Spec { kv_cache: kv_fp8, ..flint_model::Fp8Spec::SERVING };
             cpu.quantize_fp8(&backend, spec).expect("fp8");
             let want = run_cpu(&cpu, &backend, &r.prompt, forced);
             drop(cpu);

@@ -145,6 +145,90 @@ pub fn scales_per_block(values: &[f32], rows: usize, cols: usize, block: usize, 
     out
 }
 
+/// Candidate scales [`ScaleRule::Mse`] tries for a group: log-spaced over one octave.
+pub const MSE_CANDIDATES: usize = 64;
+
+/// How the scale of one group of values (a tensor, a row, a block) is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum ScaleRule {
+    /// The group's largest magnitude maps onto the format's largest value (`amax / max`): what
+    /// FP8 checkpoints and dynamic activation scales use.
+    #[default]
+    Max,
+    /// Of the [`MSE_CANDIDATES`] scales `amax / max * 2^(i / MSE_CANDIDATES)`, the one whose
+    /// rounding leaves the least squared error over the group (ties to the smallest). None of
+    /// them clips the largest value; together they place the format's grid at every offset
+    /// against the group's values (a scale twice as large is the same grid one binade over), so
+    /// the error is never above [`ScaleRule::Max`]'s, which is the first candidate.
+    Mse,
+    /// `amax / max` times this factor (at least 1: the largest value lands below the format's
+    /// largest); the same error distribution as `Max` with the grid elsewhere against the values,
+    /// which is how `flint eval` measures how much a perplexity depends on the rounding alone.
+    Headroom(f32),
+}
+
+impl ScaleRule {
+    /// Parses `max` or `mse`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "max" => Some(ScaleRule::Max),
+            "mse" => Some(ScaleRule::Mse),
+            _ => None,
+        }
+    }
+}
+
+/// Values per piece when a group's squared error is summed over threads (pieces summed in
+/// order, so the result does not depend on how the work was split).
+const ERROR_PIECE: usize = 1 << 14;
+
+/// Squared error of rounding `values` to `format` under `scale` (f64, summed in a fixed order).
+pub fn rounding_error(values: &[f32], scale: f32, format: Fp8Format) -> f64 {
+    error_with(values, scale, format, &decode_table(format))
+}
+
+fn error_with(values: &[f32], scale: f32, format: Fp8Format, table: &[f32; 256]) -> f64 {
+    let piece = |part: &[f32]| -> f64 {
+        part.iter()
+            .map(|&v| {
+                let d = (v - table[format.encode_saturating(v / scale) as usize] * scale) as f64;
+                d * d
+            })
+            .sum()
+    };
+    if values.len() <= ERROR_PIECE {
+        return piece(values);
+    }
+    let parts: Vec<f64> = values.par_chunks(ERROR_PIECE).map(piece).collect();
+    parts.iter().sum()
+}
+
+/// The scale `rule` picks for one group of values (1 when the group is all zeros or not finite,
+/// as [`scale_for`]).
+pub fn fit_scale(values: &[f32], rule: ScaleRule, format: Fp8Format) -> f32 {
+    let a = amax(values);
+    let base = scale_for(a, format);
+    if !(a > 0.0 && a.is_finite()) {
+        return base;
+    }
+    match rule {
+        ScaleRule::Max => base,
+        ScaleRule::Headroom(f) => base * f.max(1.0),
+        ScaleRule::Mse => {
+            let table = decode_table(format);
+            let mut best = (error_with(values, base, format, &table), base);
+            for i in 1..MSE_CANDIDATES {
+                let s = base * (i as f32 / MSE_CANDIDATES as f32).exp2();
+                let e = error_with(values, s, format, &table);
+                if e < best.0 {
+                    best = (e, s);
+                }
+            }
+            best.1
+        }
+    }
+}
+
 /// How finely an FP8 matrix's scales are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Granularity {
@@ -194,11 +278,41 @@ impl Fp8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix with scales of the given granularity (each
     /// scale maps its group's largest magnitude onto the format's largest value).
     pub fn quantize(values: &[f32], rows: usize, cols: usize, granularity: Granularity, format: Fp8Format) -> Self {
+        Self::quantize_with(values, rows, cols, granularity, format, ScaleRule::Max)
+    }
+
+    /// [`Fp8Matrix::quantize`] with each group's scale chosen by `rule`.
+    pub fn quantize_with(
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        granularity: Granularity,
+        format: Fp8Format,
+        rule: ScaleRule,
+    ) -> Self {
         assert_eq!(values.len(), rows * cols, "values of a [{rows}, {cols}] matrix");
-        let scales = match granularity {
-            Granularity::Tensor => vec![scale_per_tensor(values, format)],
-            Granularity::Channel => scales_per_row(values, cols, format),
-            Granularity::Block(b) => scales_per_block(values, rows, cols, b, format),
+        let scales = match (granularity, rule) {
+            (Granularity::Tensor, ScaleRule::Max) => vec![scale_per_tensor(values, format)],
+            (Granularity::Channel, ScaleRule::Max) => scales_per_row(values, cols, format),
+            (Granularity::Block(b), ScaleRule::Max) => scales_per_block(values, rows, cols, b, format),
+            (Granularity::Tensor, rule) => vec![fit_scale(values, rule, format)],
+            (Granularity::Channel, rule) => {
+                values.par_chunks(cols.max(1)).map(|row| fit_scale(row, rule, format)).collect()
+            }
+            (Granularity::Block(b), rule) => {
+                let bc = cols.div_ceil(b);
+                (0..rows.div_ceil(b) * bc)
+                    .into_par_iter()
+                    .map(|i| {
+                        let (r0, c0) = ((i / bc) * b, (i % bc) * b);
+                        let c1 = (c0 + b).min(cols);
+                        let tile: Vec<f32> = (r0..(r0 + b).min(rows))
+                            .flat_map(|r| values[r * cols + c0..r * cols + c1].iter().copied())
+                            .collect();
+                        fit_scale(&tile, rule, format)
+                    })
+                    .collect()
+            }
         };
         let mut m = Fp8Matrix { rows, cols, format, granularity, codes: Vec::new(), scales };
         let mut codes = vec![0u8; values.len()];

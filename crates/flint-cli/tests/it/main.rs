@@ -148,6 +148,12 @@ fn invalid_flags_fail_cleanly() {
     assert_clean_failure(&flint(&[&load[..], &["--top-p", "1.5"]].concat()), "top-p in (0, 1]");
     assert_clean_failure(&flint(&[&load[..], &["--top-p", "0"]].concat()), "top-p in (0, 1]");
     assert_clean_failure(&flint(&[&load[..], &["--repetition-penalty", "0"]].concat()), "repetition penalty > 0");
+    assert_clean_failure(&flint(&["quantize", "--fp8", "--scales", "lots", "in", "out"]), "lots");
+    assert_clean_failure(&flint(&["eval", "--rounding-spread", "17"]), "17");
+    assert_clean_failure(
+        &flint(&["eval", "--device", "cuda", "--rounding-spread", "2"]),
+        "--rounding-spread runs on the CPU",
+    );
 }
 
 /// `--tp 3` splits SmolLM2 (9 heads, 3 KV heads) over three CPU ranks and gives the reference's

@@ -8,7 +8,7 @@ use std::path::Path;
 use flint_cpu::CpuBackend;
 use flint_model::fp8_checkpoint::{is_quantized_weight, quantize_checkpoint};
 use flint_model::{Fp8Spec, Llama, ModelSource};
-use flint_quant::{Fp8Format, Fp8Matrix, Granularity};
+use flint_quant::{Fp8Format, Fp8Matrix, Granularity, ScaleRule};
 use flint_tensor::{Backend, DType};
 use safetensors::SafeTensors;
 
@@ -22,20 +22,28 @@ fn logits(model: &Llama, backend: &CpuBackend, tokens: &[u32]) -> Vec<f32> {
 const TOKENS: [u32; 6] = [3, 9, 27, 4, 31, 12];
 
 fn quantized(granularity: Granularity, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    quantized_with(granularity, ScaleRule::Max, name)
+}
+
+fn quantized_with(granularity: Granularity, rule: ScaleRule, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = temp_dir(name);
     let input = dir.join("in");
     let output = dir.join("out");
     std::fs::create_dir_all(&input).expect("dir");
     write_hf_dir(&input, 2);
-    let report = quantize_checkpoint(&input, &output, granularity, &mut |_| {}).expect("quantizes");
+    let report = quantize_checkpoint(&input, &output, granularity, rule, &mut |_| {}).expect("quantizes");
     assert!(report.quantized > 0 && report.copied > 0);
     (input, output)
 }
 
 #[test]
 fn every_granularity_round_trips_to_the_quantized_values() {
-    for (i, g) in [Granularity::Tensor, Granularity::Channel, Granularity::Block(128)].into_iter().enumerate() {
-        let (input, output) = quantized(g, &format!("fp8-roundtrip-{i}"));
+    let cases = [Granularity::Tensor, Granularity::Channel, Granularity::Block(128)]
+        .into_iter()
+        .flat_map(|g| [(g, ScaleRule::Max), (g, ScaleRule::Mse)]);
+    for (i, (g, rule)) in cases.enumerate() {
+        let (input, output) = quantized_with(g, rule, &format!("fp8-roundtrip-{i}"));
+        let mut searched_scales_moved = false;
         let config = std::fs::read_to_string(output.join("config.json")).expect("config");
         let json: serde_json::Value = serde_json::from_str(&config).expect("json");
         assert_eq!(json["quantization_config"]["quant_method"], "fp8");
@@ -49,31 +57,41 @@ fn every_granularity_round_trips_to_the_quantized_values() {
             let got = fp8.tensor(&t.name, &cfg).expect("reads").expect("present");
             assert_eq!(got.dims, want.dims, "{}", t.name);
             if is_quantized_weight(&t.name) {
-                let m = Fp8Matrix::quantize(&want.data, want.dims[0], want.dims[1], g, Fp8Format::E4M3);
-                assert_eq!(got.data, m.dequantize(), "{} ({g:?})", t.name);
+                let m = Fp8Matrix::quantize_with(&want.data, want.dims[0], want.dims[1], g, Fp8Format::E4M3, rule);
+                assert_eq!(got.data, m.dequantize(), "{} ({g:?}, {rule:?})", t.name);
                 let stored = fp8.fp8_tensor(&t.name).expect("reads").expect("fp8");
                 // A matrix within one block has one scale: per tensor, the same thing.
                 let single = m.scales.len() == 1 && stored.granularity == Granularity::Tensor;
                 assert!(stored.granularity == g || single, "{}: {:?}", t.name, stored.granularity);
                 assert_eq!(stored.codes, m.codes);
+                assert_eq!(stored.scales, m.scales, "{}: the scales as chosen", t.name);
+                let max = Fp8Matrix::quantize(&want.data, want.dims[0], want.dims[1], g, Fp8Format::E4M3);
+                searched_scales_moved |= max.scales != m.scales;
             } else {
                 assert_eq!(got.data, want.data, "{} copied as stored", t.name);
                 assert!(fp8.fp8_tensor(&t.name).expect("reads").is_none());
             }
         }
+        // The least-error rule wrote other scales than the largest magnitude's.
+        assert_eq!(searched_scales_moved, rule == ScaleRule::Mse, "{g:?}, {rule:?}");
     }
 }
 
 #[test]
 fn fp8_checkpoint_computes_what_the_emulation_computes() {
-    let (input, output) = quantized(Granularity::Channel, "fp8-emulation");
+    for rule in [ScaleRule::Max, ScaleRule::Mse] {
+        checkpoint_computes_what_the_emulation_computes(rule);
+    }
+}
+
+fn checkpoint_computes_what_the_emulation_computes(rule: ScaleRule) {
+    let (input, output) = quantized_with(Granularity::Channel, rule, &format!("fp8-emulation-{rule:?}"));
     let backend = CpuBackend::new();
     let original = ModelSource::open(&input).expect("opens");
     let mut emulated =
         Llama::load(&original, original.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
-    emulated
-        .quantize_fp8(&backend, Fp8Spec { weights: Some(Granularity::Channel), activations: true, kv_cache: false })
-        .expect("quantizes");
+    let spec = Fp8Spec { kv_cache: false, weight_scales: rule, ..Fp8Spec::SERVING };
+    emulated.quantize_fp8(&backend, spec).expect("quantizes");
     let fp8 = ModelSource::open(&output).expect("opens");
     let from_checkpoint =
         Llama::load(&fp8, fp8.config().expect("config"), &backend, DType::F32, &mut |_| {}).expect("loads");
@@ -195,7 +213,8 @@ fn compressed_tensors_and_modelopt_layouts_load() {
 fn bad_fp8_checkpoints_are_clear_errors() {
     let (_, out) = quantized(Granularity::Channel, "fp8-bad");
     // Quantizing an FP8 checkpoint again is refused.
-    let again = quantize_checkpoint(&out, &out.with_extension("again"), Granularity::Channel, &mut |_| {});
+    let again =
+        quantize_checkpoint(&out, &out.with_extension("again"), Granularity::Channel, ScaleRule::Max, &mut |_| {});
     assert!(again.unwrap_err().to_string().contains("quantized already"));
     // An unknown method is named.
     let config_path = out.join("config.json");
